@@ -418,7 +418,7 @@ def _unpack(batch):
         ) from err
 
 
-def _check_x(net, x, name, b=None):
+def _check_x(net, x, name, b=None, allow_empty=False):
     if (
         not torch.is_tensor(x)
         or x.dim() != 3
@@ -432,7 +432,7 @@ def _check_x(net, x, name, b=None):
         )
     if not x.is_floating_point():
         raise ShapeError(f"{name} must be a floating-point tensor; received dtype {x.dtype}.")
-    if x.shape[1] < 1:
+    if x.shape[1] < 1 and not allow_empty:
         raise ShapeError(f"{name} holds no samples (shape {tuple(x.shape)}).")
 
 
@@ -445,7 +445,7 @@ def run_episodes(
     feedback: Sequence[Tensor] | None = None,
     *,
     seed: int | None = None,
-    t: int = 0,
+    t: int | None = None,
     ks: Sequence[int] | None = None,
     feedback_update=None,
     feedback_params=None,
@@ -484,7 +484,8 @@ def run_episodes(
         Initial weights ``(B, n_post, n_pre)`` and stored feedback; drawn by
         :func:`~rulesearch.networks.init_params` from ``(seed, t, ks)`` when omitted.
     seed, t, ks : int, int, sequence of int
-        Episode identities for initialization; ``ks`` defaults to ``range(B)``.
+        Episode identities for initialization. Default: the batch's own ``seed``, ``t``, ``ks`` attributes
+        (an ``EpisodeBatch`` carries them), else ``t = 0`` and ``ks = range(B)``; ``seed`` has no default.
     feedback_update, feedback_params :
         Under ``feedback="plastic"`` only: the update of the feedback matrices (``dfb`` in W's layout), called
         with the same signal dict as the forward update of the layer; e.g. :data:`kolen_pollack`.
@@ -520,7 +521,7 @@ def run_episodes(
     x_train, y_train, x_query, y_query = _unpack(batch)
     _check_x(net, x_train, "x_train")
     b, n_steps = int(x_train.shape[0]), int(x_train.shape[1])
-    _check_x(net, x_query, "x_query", b)
+    _check_x(net, x_query, "x_query", b, allow_empty=True)
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ConfigError(f"check_every must be an integer >= 1; received {check_every!r}.")
     if not divergence_bound > 0:
@@ -536,6 +537,9 @@ def run_episodes(
         net, update, params, feedback_update, feedback_params, observe, reward, modulator, regression
     )
 
+    seed = getattr(batch, "seed", None) if seed is None else seed
+    t = getattr(batch, "t", 0) if t is None else t
+    ks = getattr(batch, "ks", None) if ks is None else ks
     stored = net.feedback in ("fa", "dfa", "plastic")
     if weights is None or (stored and feedback is None):
         if seed is None:
@@ -699,15 +703,15 @@ def run_baseline(
     lr: float | Tensor,
     *,
     feedback: str | None = None,
-    seed: int,
-    t: int = 0,
+    seed: int | None = None,
+    t: int | None = None,
     ks=None,
     **kwargs,
 ) -> InnerResult:
     """Run ``F0`` at a fixed learning rate ``lr`` under ``feedback`` (default: the network's own mode).
 
-    Extra keyword arguments go to :func:`run_episodes` (e.g. ``curves=True``; ``feedback_update`` under
-    plastic feedback).
+    ``seed, t, ks`` default to the batch's own (see :func:`run_episodes`). Extra keyword arguments go to
+    :func:`run_episodes` (e.g. ``curves=True``; ``feedback_update`` under plastic feedback).
     """
     if feedback is not None:
         net = dataclasses.replace(net, feedback=feedback)
@@ -717,7 +721,15 @@ def run_baseline(
 
 
 def baselines(
-    net: Network, batch, lr: float | Tensor, *, seed: int, t: int = 0, ks=None, modes=("bp", "fa"), **kwargs
+    net: Network,
+    batch,
+    lr: float | Tensor,
+    *,
+    seed: int | None = None,
+    t: int | None = None,
+    ks=None,
+    modes=("bp", "fa"),
+    **kwargs,
 ) -> dict[str, InnerResult]:
     """``F0`` at learning rate ``lr`` under each feedback mode in ``modes`` on the same episodes and initial
     weights (the weights are drawn before the feedback, so they coincide across modes)."""

@@ -544,3 +544,22 @@ def test_baselines(gen):
     frozen = run_baseline(net, batch, 0.0, seed=3)
     for a, b in zip(frozen.weights, w0):
         assert torch.equal(a, b)
+
+
+# ---- with the real episode sampler -----------------------------------------------------------------------
+
+
+def test_episode_batch_from_sampler_supplies_seed_t_ks():
+    from rulesearch.data import load_dataset
+    from rulesearch.episodes import TaskSampler
+
+    sampler = TaskSampler(load_dataset("digits"), M=3, K=4, Q=2)
+    batch = sampler.sample(seed=5, t=2, ks=[4, 1])
+    net = Network(sizes=(64, 20, 10), feedback="fa")
+    res = run_episodes(net, batch, f0, 0.05)
+    explicit = run_episodes(net, batch, f0, 0.05, *init_params(net, 5, 2, [4, 1], dtype=batch.x_train.dtype))
+    torch.testing.assert_close(res.loss, explicit.loss, rtol=0, atol=0)
+    assert res.loss.shape == (2,) and torch.isfinite(res.loss).all()
+    no_query = TaskSampler(load_dataset("digits"), M=3, K=4, Q=0).sample(seed=5, t=2, ks=[4, 1])
+    empty = run_episodes(net, no_query, f0, 0.05, curves=True)
+    assert torch.isnan(empty.loss).all() and empty.train_loss.shape == (2, 12)
