@@ -1,0 +1,733 @@
+r"""Compile rules to batched, differentiable torch updates.
+
+``compile_rule(rule)`` returns a :class:`CompiledRule`, a function ``update(signals, params) -> dW`` of shape
+``(B, n_post, n_pre)`` that declares the signals it ``needs``, so the inner loop computes nothing else.
+
+How a rule is compiled
+----------------------
+1. Derived signals are substituted; every term is expanded into products and each product is factored into
+   ``c * g * u_i * v_j * s_ij``: a number, global factors, a post vector, a pre vector and a synapse factor.
+2. Products without a synapse factor (the whole paper pool but :math:`F^3`) are summed as ONE batched matmul
+
+   .. math:: \Delta W = U \,\mathrm{diag}(\theta_r c\, g)\, V^\top,
+
+   with one column per distinct ``(u, v)`` pair: no per-term ``(n_post, n_pre)`` temporaries, and
+   :math:`y y^\top W` is never formed (:math:`F^9` uses the contraction :math:`W^\top y`).
+3. Products with a synapse factor are grouped by that factor: ``dW += s * (U_s diag(.) V_s^T)`` (``s * c`` when
+   the group has no vectors, e.g. weight decay).
+4. Every distinct subexpression (signal, contraction, layer sum, bilinear form, elementwise function) becomes one
+   instruction of a *tape* and is computed once per call in its natural shape: global ``(B,)``, post
+   ``(B, n_post)``, pre ``(B, n_pre)``, synapse ``(B, n_post, n_pre)``; children are broadcast to the parent's role.
+
+The tape is built by :class:`TorchCompiler`, a printer-style class: ``_compile_<NodeClass>`` methods found by
+walking ``type(expr).__mro__``. To support a new node, add such a method; an unknown node raises
+:class:`~rulesearch.errors.UnsupportedNodeError` naming it. Elementwise functions come from
+:data:`TORCH_FUNCTIONS`, keyed by SymPy class name; ``functions=`` entries are consulted first.
+
+Compiled rules are cached by structure: changing parameters never recompiles.
+
+Examples
+--------
+>>> import torch
+>>> from rulesearch.pools import oja
+>>> upd = compile_rule(oja)
+>>> sorted(upd.needs)
+['err', 'post', 'pre', 'w']
+>>> B, n_post, n_pre = 2, 3, 4
+>>> sig = {"pre": torch.rand(B, n_pre), "post": torch.rand(B, n_post), "err": torch.rand(B, n_post),
+...        "w": torch.rand(B, n_post, n_pre)}
+>>> upd(sig, torch.tensor([1e-3, 0.1])).shape
+torch.Size([2, 3, 4])
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import sympy as sp
+import torch
+
+from .errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
+from .rule import Rule
+from .signals import (
+    Constant,
+    Contract,
+    Signal,
+    expand_derived,
+    role_of,
+    signals_in,
+    state_signals,
+)
+
+__all__ = [
+    "compile_rule",
+    "CompiledRule",
+    "StateSpec",
+    "TorchCompiler",
+    "TORCH_FUNCTIONS",
+    "RuleModule",
+    "lift",
+]
+
+
+def _heaviside(x, h=0.5):
+    return torch.heaviside(x, torch.as_tensor(h, dtype=x.dtype, device=x.device))
+
+
+def _nary(fn):
+    return lambda *xs: functools.reduce(fn, xs)
+
+
+TORCH_FUNCTIONS: dict[str, Callable] = {
+    "exp": torch.exp,
+    "log": torch.log,
+    "tanh": torch.tanh,
+    "sinh": torch.sinh,
+    "cosh": torch.cosh,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "Abs": torch.abs,
+    "sign": torch.sign,
+    "erf": torch.erf,
+    "atan": torch.atan,
+    "Heaviside": _heaviside,
+    "Max": _nary(torch.maximum),
+    "Min": _nary(torch.minimum),
+}
+
+_RELATIONS = {
+    "StrictGreaterThan": torch.gt,
+    "StrictLessThan": torch.lt,
+    "GreaterThan": torch.ge,
+    "LessThan": torch.le,
+}
+
+_SHAPE_DIMS = {"global": 1, "post": 2, "pre": 2, "synapse": 3}
+
+
+def lift(t, frm: str, to: str):
+    """Broadcast a value of role ``frm`` so it combines with role ``to`` (numbers pass through)."""
+    if frm == to or not isinstance(t, torch.Tensor) or to == "global":
+        return t
+    if frm == "global":
+        return t.reshape(-1, 1) if to in ("post", "pre") else t.reshape(-1, 1, 1)
+    return t.unsqueeze(-1) if frm == "post" else t.unsqueeze(-2)
+
+
+def _role(expr) -> str:
+    return "global" if not expr.free_symbols else role_of(expr)
+
+
+class TorchCompiler:
+    """Turns SymPy expressions into a tape of torch instructions with shared subexpressions.
+
+    ``slot(expr)`` returns ``("const", float)`` for constant expressions (folded at compile time) or
+    ``("slot", index)``; ``run(env)`` evaluates the tape into a list of tensors.
+    """
+
+    _default_settings = {"functions": None}
+
+    def __init__(self, settings: Mapping | None = None):
+        settings = dict(settings or {})
+        unknown = set(settings) - set(self._default_settings)
+        if unknown:
+            raise TypeError(f"Unknown setting(s) {sorted(unknown)}; known: {sorted(self._default_settings)}.")
+        self._settings = {**self._default_settings, **settings}
+        self.functions = {**TORCH_FUNCTIONS, **(self._settings["functions"] or {})}
+        self._functions_user = dict(self._settings["functions"] or {})
+        self.tape: list[tuple[Callable, tuple[int, ...]]] = []
+        self.roles: list[str] = []
+        self.kinds: set[str] = set()  # which compile paths were used
+        self._memo: dict[sp.Basic, tuple[str, object]] = {}
+
+    # ---- tape --------------------------------------------------------------------------------------------
+    def _emit(self, fn, args: tuple[int, ...], role: str) -> tuple[str, int]:
+        self.tape.append((fn, args))
+        self.roles.append(role)
+        return ("slot", len(self.tape) - 1)
+
+    def slot(self, expr) -> tuple[str, object]:
+        expr = sp.sympify(expr)
+        if expr in self._memo:
+            return self._memo[expr]
+        if not expr.free_symbols:
+            try:
+                out = ("const", float(expr.evalf()))
+            except TypeError as e:
+                raise InvalidRuleError(f"Constant subexpression {expr} is not a real number.") from e
+        else:
+            out = self._compile(expr)
+        self._memo[expr] = out
+        return out
+
+    def role(self, ref) -> str:
+        return "global" if ref[0] == "const" else self.roles[ref[1]]
+
+    def _compile(self, expr):
+        for cls in type(expr).__mro__:
+            method = getattr(self, f"_compile_{cls.__name__}", None)
+            if method is not None:
+                return method(expr)
+        raise UnsupportedNodeError(
+            f"TorchCompiler cannot compile node {type(expr).__name__} ({expr}). Add a method "
+            f"`_compile_{type(expr).__name__}` to TorchCompiler, or pass functions={{'{type(expr).__name__}': fn}}."
+        )
+
+    def run(self, env: Mapping) -> list:
+        vals: list = [None] * len(self.tape)
+        for i, (fn, args) in enumerate(self.tape):
+            vals[i] = fn(env, *(vals[a] for a in args))
+        return vals
+
+    @staticmethod
+    def value(ref, vals):
+        return ref[1] if ref[0] == "const" else vals[ref[1]]
+
+    # ---- combining children of mixed roles -----------------------------------------------------------------
+    def _combine(self, expr, children, reduce_fn):
+        refs = [self.slot(c) for c in children]
+        role = role_of(expr)
+        consts = [r[1] for r in refs if r[0] == "const"]
+        slots = [r[1] for r in refs if r[0] == "slot"]
+        lifts = tuple((self.roles[s], role) for s in slots)
+        const = functools.reduce(reduce_fn, consts) if consts else None
+
+        def fn(env, *xs):
+            out = functools.reduce(reduce_fn, [lift(x, a, b) for x, (a, b) in zip(xs, lifts)])
+            return out if const is None else reduce_fn(out, const)
+
+        return self._emit(fn, tuple(slots), role)
+
+    def _compile_Add(self, expr):
+        return self._combine(expr, expr.args, lambda a, b: a + b)
+
+    def _compile_Mul(self, expr):
+        return self._combine(expr, expr.args, lambda a, b: a * b)
+
+    def _compile_Pow(self, expr):
+        base, ex = expr.args
+        if not (ex.is_Integer and int(ex) in (1, 2, 3)):
+            self.kinds.add("elementwise")
+        rb, re_ = self.slot(base), self.slot(ex)
+        role = role_of(expr)
+        if re_[0] == "const":
+            e = re_[1]
+            e = int(e) if float(e).is_integer() else e
+            if e == 2:
+                return self._emit(lambda env, x: x * x, (rb[1],), role)
+            return self._emit(lambda env, x: torch.pow(x, e), (rb[1],), role)
+        lb, le = (self.role(rb), role), (self.role(re_), role)
+        if rb[0] == "const":
+            b = rb[1]
+            return self._emit(lambda env, y: torch.pow(torch.as_tensor(b, dtype=y.dtype, device=y.device), y),
+                              (re_[1],), role)  # fmt: skip
+        return self._emit(lambda env, x, y: torch.pow(lift(x, *lb), lift(y, *le)), (rb[1], re_[1]), role)
+
+    def _compile_Application(self, expr):
+        name = type(expr).__name__
+        fn = self.functions.get(name)
+        if fn is None:
+            raise UnsupportedNodeError(
+                f"No torch function for {name} in {expr}. Pass functions={{'{name}': torch_fn}} to compile_rule; "
+                f"known: {sorted(self.functions)}."
+            )
+        self.kinds.add("elementwise")
+        refs = [self.slot(a) for a in expr.args]
+        role = role_of(expr)
+        consts = {i: r[1] for i, r in enumerate(refs) if r[0] == "const"}
+        slots = [r[1] for r in refs if r[0] == "slot"]
+        lifts = [(self.roles[s], role) for s in slots]
+
+        def call(env, *xs):
+            it = iter(lift(x, *lf) for x, lf in zip(xs, lifts))
+            args = [consts[i] if i in consts else next(it) for i in range(len(refs))]
+            if name in ("Max", "Min") and consts:
+                t = next(a for a in args if isinstance(a, torch.Tensor))
+                args = [torch.as_tensor(a, dtype=t.dtype, device=t.device) if not isinstance(a, torch.Tensor) else a
+                        for a in args]  # fmt: skip
+            return fn(*args)
+
+        return self._emit(call, tuple(slots), role)
+
+    def _compile_Piecewise(self, expr):
+        self.kinds.add("elementwise")
+        role = role_of(expr)
+        out = None
+        for e, c in reversed(expr.args):
+            val = self.slot(e)
+            if c is sp.true:
+                out = val
+                continue
+            cond = self._relation(c, role)
+            prev = out if out is not None else ("const", float("nan"))
+            out = self._where(cond, val, prev, role)
+        return out
+
+    def _relation(self, c, role):
+        name = type(c).__name__
+        if name not in _RELATIONS:
+            raise UnsupportedNodeError(
+                f"Piecewise condition {c} ({name}) is not supported; use >, <, >=, <=."
+            )
+        op = _RELATIONS[name]
+        a, b = self.slot(c.lhs), self.slot(c.rhs)
+
+        def fn(env, *xs):
+            it = iter(xs)
+            xa = lift(next(it), self.role(a), role) if a[0] == "slot" else a[1]
+            xb = lift(next(it), self.role(b), role) if b[0] == "slot" else b[1]
+            return op(xa, xb) if isinstance(xa, torch.Tensor) else _flip(op)(xb, xa)
+
+        return self._emit(fn, tuple(r[1] for r in (a, b) if r[0] == "slot"), role)
+
+    def _where(self, cond, a, b, role):
+        def fn(env, c, *xs):
+            it = iter(xs)
+            xa = lift(next(it), self.role(a), role) if a[0] == "slot" else a[1]
+            xb = lift(next(it), self.role(b), role) if b[0] == "slot" else b[1]
+            if not isinstance(xa, torch.Tensor):
+                xa = torch.as_tensor(
+                    xa, dtype=c.dtype if c.is_floating_point() else torch.get_default_dtype()
+                )
+            return torch.where(c, xa, xb)
+
+        return self._emit(fn, (cond[1], *(r[1] for r in (a, b) if r[0] == "slot")), role)
+
+    # ---- leaves and operators ------------------------------------------------------------------------------
+    def _compile_Signal(self, expr):
+        name = expr.name
+        if isinstance(expr, Constant):
+            return self._emit(lambda env: env["params"][name], (), "global")
+        return self._emit(lambda env: env["signals"][name], (), expr.role)
+
+    def _compile_Symbol(self, expr):
+        role_of(expr)  # raises the informative error
+
+    def _compile_Contract(self, expr):
+        self.kinds.add("contraction")
+        M, u = expr.args
+        rm, ru = self.slot(M), self.slot(u)
+        if self.role(ru) == "post":  # (M^T u)_j
+            return self._emit(
+                lambda env, m, x: torch.matmul(x.unsqueeze(-2), m).squeeze(-2), (rm[1], ru[1]), "pre"
+            )
+        return self._emit(
+            lambda env, m, x: torch.matmul(m, x.unsqueeze(-1)).squeeze(-1), (rm[1], ru[1]), "post"
+        )
+
+    def _compile_LayerSum(self, expr):
+        self.kinds.add("contraction")
+        ru = self.slot(expr.args[0])
+        return self._emit(lambda env, x: x.sum(-1), (ru[1],), "global")
+
+    def _compile_Bilinear(self, expr):
+        self.kinds.add("bilinear")
+        u, M, v = expr.args
+        left = self.slot(Contract(M, u))  # (M^T u)_j, shared with any F9-like term
+        rv = self.slot(v)
+        return self._emit(lambda env, a, b: (a * b).sum(-1), (left[1], rv[1]), "global")
+
+    def _compile_OrderedContract(self, expr):
+        self.kinds.add("contraction")
+        u, M = expr.args
+        ru, rm = self.slot(u), self.slot(M)
+        return self._emit(
+            lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse"
+        )
+
+
+def _flip(op):
+    return {torch.gt: torch.lt, torch.lt: torch.gt, torch.ge: torch.le, torch.le: torch.ge}[op]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Factoring a rule into products
+
+
+@dataclass(frozen=True)
+class _Product:
+    r: int | None  # coefficient index (linear rules)
+    c: float
+    g: sp.Expr  # global factor (1 if none)
+    u: sp.Expr  # post vector (1 if none)
+    v: sp.Expr  # pre vector (1 if none)
+    s: sp.Expr  # synapse factor (1 if none)
+
+
+_MAX_EXPANDED = 256
+
+
+def _products(expr, r) -> list[_Product]:
+    expanded = sp.expand(expr, deep=False, power_base=False, power_exp=False, log=False)
+    if len(sp.Add.make_args(expanded)) > _MAX_EXPANDED:
+        expanded = expr
+    out = []
+    for term in sp.Add.make_args(expanded):
+        if term == 0:
+            continue
+        c, factors = term.as_coeff_mul()
+        parts = {"global": [], "post": [], "pre": [], "synapse": []}
+        for f in factors:
+            if not f.free_symbols:
+                c *= f
+            else:
+                parts[role_of(f)].append(f)
+        cval = float(sp.sympify(c).evalf())
+        out.append(_Product(r, cval, *(sp.Mul(*parts[k]) for k in ("global", "post", "pre", "synapse"))))
+    return out
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A derived signal carried across online steps: ``s = step(prev, signals)``; ``prev = init(signals)`` first."""
+
+    name: str
+    role: str
+    init: Callable
+    step: Callable
+    needs: frozenset
+
+
+class CompiledRule:
+    r"""A batched torch update :math:`\Delta W = \sum_r \theta_r T^r` compiled from a :class:`Rule`.
+
+    Call as ``update(signals, params)``: ``signals`` maps names to tensors (post ``(B, n_post)``, pre
+    ``(B, n_pre)``, synapse ``(B, n_post, n_pre)``, global ``(B,)``); ``params`` is ``theta`` of shape ``(R,)`` or
+    ``(B, R)`` for a linear rule, or a dict of constants (shape ``()`` or ``(B,)``) for a general rule. Returns
+    ``dW`` of shape ``(B, n_post, n_pre)``.
+
+    Attributes
+    ----------
+    needs : frozenset of str
+        Base signals read (the inner loop computes only these), states included.
+    states : tuple of StateSpec
+        Stateful derived signals, dependencies first.
+    paths : frozenset of str
+        Compile paths used: ``outer``, ``synapse``, ``contraction``, ``bilinear``, ``elementwise``.
+    """
+
+    def __init__(self, rule: Rule, functions: Mapping | None = None):
+        self.rule = rule
+        self.n_params = rule.n_params
+        comp = TorchCompiler({"functions": functions})
+        if rule.is_linear:
+            prods = [p for r, t in enumerate(rule.terms) for p in _products(expand_derived(t.expr), r)]
+        else:
+            prods = _products(expand_derived(rule.expr), None)
+        self._linear = rule.is_linear
+        self._const_names = tuple(c.name for c in rule.constants)
+
+        # groups by synapse factor; pairs (u, v) within a group; a column per pair
+        groups: dict[sp.Expr, dict[tuple, list[int]]] = {}
+        for k, p in enumerate(prods):
+            groups.setdefault(p.s, {}).setdefault((p.u, p.v), []).append(k)
+        pairs = [(s, uv) for s, d in groups.items() for uv in d]
+        A = torch.zeros(len(prods), len(pairs), dtype=torch.float64)
+        for col, (s, uv) in enumerate(pairs):
+            A[groups[s][uv], col] = 1.0
+        self._A = A
+        self._r_idx = torch.tensor([p.r if p.r is not None else 0 for p in prods], dtype=torch.long)
+        self._c = torch.tensor([p.c for p in prods], dtype=torch.float64)
+        self._g = [(k, comp.slot(p.g)) for k, p in enumerate(prods) if p.g != 1]
+        one = ("const", 1.0)
+        self._groups = []
+        col = 0
+        for s, d in groups.items():
+            cols = list(range(col, col + len(d)))
+            col += len(d)
+            us = [comp.slot(u) if u != 1 else one for (u, _v) in d]
+            vs = [comp.slot(v) if v != 1 else one for (_u, v) in d]
+            self._groups.append((None if s == 1 else comp.slot(s), cols, us, vs))
+            if s == 1:
+                comp.kinds.add("outer")
+            else:
+                comp.kinds.add("synapse")
+        self._comp = comp
+
+        # states and needs
+        self.states = tuple(self._state_spec(s, functions) for s in self._state_signals())
+        base = set()
+        for e in self._exprs():
+            base |= {s.name for s in signals_in(expand_derived(e)) if s.is_base}
+        for st in self.states:
+            base |= st.needs
+        roles = {s.name: s.role for s in signals_in(sp.Add(*self._exprs())) if s.is_base}
+        if not any(r == "post" for r in roles.values()) and not {"err", "post"} & base:
+            base.add("post")
+        if not any(r == "pre" for r in roles.values()) and not {"pre", "pre_err"} & base:
+            base.add("pre")
+        self.needs = frozenset(base)
+        self.paths = frozenset(comp.kinds | {k for st in self.states for k in getattr(st, "_kinds", ())})
+        from .signals import BASE_SIGNALS
+
+        self._roles = {n: BASE_SIGNALS[n].role for n in self.needs}
+        self._roles.update({st.name: st.role for st in self.states})
+
+    def _exprs(self):
+        return [t.expr for t in self.rule.terms] if self._linear else [self.rule.expr]
+
+    def _state_signals(self):
+        seen: list[Signal] = []
+        for e in self._exprs():
+            for s in state_signals(e):
+                if s not in seen:
+                    seen.append(s)
+        return seen
+
+    @staticmethod
+    def _state_spec(sig: Signal, functions) -> StateSpec:
+        comp, comp0 = TorchCompiler({"functions": functions}), TorchCompiler({"functions": functions})
+        upd = comp.slot(expand_derived(sig.definition.update))
+        ini = comp0.slot(expand_derived(sig.definition.init))
+        role, name = sig.role, sig.name
+        needs = frozenset(
+            s.name
+            for e in (sig.definition.update, sig.definition.init)
+            for s in signals_in(expand_derived(e))
+            if s.is_base
+        )
+
+        def shaped(x, signals):
+            ref = _reference_tensor(signals)
+            shape = _role_shape(role, signals)
+            if not isinstance(x, torch.Tensor):
+                return torch.full(shape, float(x), dtype=ref.dtype, device=ref.device)
+            return lift(x, _role_of_value(x, role), role).expand(shape)
+
+        def init(signals):
+            vals = comp0.run({"signals": signals, "params": {}})
+            return shaped(TorchCompiler.value(ini, vals), signals)
+
+        def step(prev, signals):
+            env = {"signals": {**signals, name: prev}, "params": {}}
+            vals = comp.run(env)
+            return shaped(TorchCompiler.value(upd, vals), signals)
+
+        spec = StateSpec(name, role, init, step, needs)
+        object.__setattr__(spec, "_kinds", frozenset(comp.kinds | comp0.kinds))
+        return spec
+
+    # ---- call ----------------------------------------------------------------------------------------------
+    def _check(self, signals: Mapping):
+        missing = sorted(n for n in self._roles if n not in signals)
+        if missing:
+            raise SignalError(
+                f"Rule {self.rule.name!r} needs signals {missing}, which were not given (got {sorted(signals)}). "
+                f"Pass them in the signals dict; the inner loop provides every name in `update.needs`."
+            )
+        B = n_post = n_pre = None
+        for n, role in self._roles.items():
+            t = signals[n]
+            if not isinstance(t, torch.Tensor):
+                raise ShapeError(f"Signal {n!r} must be a torch.Tensor, got {type(t).__name__}.")
+            if t.dim() != _SHAPE_DIMS[role]:
+                raise ShapeError(
+                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}; expected {_SHAPE_NAMES[role]}."
+                )
+            B = t.shape[0] if B is None else B
+            dims = {
+                "post": (t.shape[1:2], None),
+                "pre": (None, t.shape[1:2]),
+                "synapse": (t.shape[1:2], t.shape[2:3]),
+            }
+            p, q = dims.get(role, (None, None))
+            if (
+                t.shape[0] != B
+                or (p is not None and n_post is not None and p[0] != n_post)
+                or (q is not None and n_pre is not None and q[0] != n_pre)
+            ):
+                raise ShapeError(
+                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}, inconsistent with B={B}, n_post={n_post}, "
+                    f"n_pre={n_pre} from the other signals; expected {_SHAPE_NAMES[role]}."
+                )
+            n_post = p[0] if p is not None else n_post
+            n_pre = q[0] if q is not None else n_pre
+        return B, n_post, n_pre
+
+    def _coefficients(self, params, vals, B, ref):
+        if self._linear:
+            theta = params
+            if not isinstance(theta, torch.Tensor):
+                raise ShapeError(f"theta must be a tensor of shape (R,) or (B, R) with R={self.n_params}.")
+            if (
+                theta.shape[-1:] != (self.n_params,)
+                or theta.dim() > 2
+                or (theta.dim() == 2 and theta.shape[0] != B)
+            ):
+                raise ShapeError(
+                    f"theta has shape {tuple(theta.shape)}; expected ({self.n_params},) or ({B}, {self.n_params}) "
+                    f"for rule {self.rule.name!r} with terms {list(self.rule.term_names())}."
+                )
+            _check_finite(theta, "theta")
+            P = theta.index_select(-1, self._r_idx.to(theta.device)) * self._c.to(theta)
+        else:
+            P = self._c.to(ref)
+        if self._g:
+            P = P.expand(B, -1).clone()
+            idx = [k for k, _ in self._g]
+            gv = torch.stack([torch.broadcast_to(TorchCompiler.value(r, vals), (B,)) for _, r in self._g], -1)
+            P[:, idx] = P[:, idx] * gv
+        return P @ self._A.to(P)
+
+    def __call__(self, signals: Mapping, params) -> torch.Tensor:
+        B, n_post, n_pre = self._check(signals)
+        if not self._linear:
+            params = _general_params(params, self._const_names, self.rule.name)
+        vals = self._comp.run({"signals": signals, "params": params})
+        ref = _reference_tensor(signals)
+        C = self._coefficients(params, vals, B, ref)  # [pairs] or [B, pairs]
+        dW = None
+        for s_ref, cols, us, vs in self._groups:
+            c = C[..., cols]
+            if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
+                scale = (c * torch.tensor([u[1] * v[1] for u, v in zip(us, vs)]).to(c)).sum(-1)
+                inner = scale.reshape(-1, 1, 1) if scale.dim() else scale
+            else:
+                U = torch.stack([_col(u, vals, (B, n_post), ref) for u in us], -1)
+                V = torch.stack([_col(v, vals, (B, n_pre), ref) for v in vs], -1)
+                inner = torch.matmul(U * c.unsqueeze(-2), V.transpose(-1, -2))
+            if s_ref is None:
+                term = inner
+            else:
+                s = TorchCompiler.value(s_ref, vals)
+                term = lift(s, self._comp.role(s_ref), "synapse") * inner
+            dW = term if dW is None else dW + term
+        if dW is None:
+            return torch.zeros(B, n_post, n_pre, dtype=ref.dtype, device=ref.device)
+        return dW.expand(B, n_post, n_pre) if dW.shape != (B, n_post, n_pre) else dW
+
+    def __repr__(self):
+        return f"CompiledRule({self.rule.name!r}, needs={sorted(self.needs)}, paths={sorted(self.paths)})"
+
+
+_SHAPE_NAMES = {"global": "(B,)", "post": "(B, n_post)", "pre": "(B, n_pre)", "synapse": "(B, n_post, n_pre)"}
+
+
+def _col(ref, vals, shape, like):
+    x = TorchCompiler.value(ref, vals)
+    if not isinstance(x, torch.Tensor):
+        return torch.full(shape, float(x), dtype=like.dtype, device=like.device)
+    return x if x.shape == shape else torch.broadcast_to(x.reshape(-1, 1) if x.dim() <= 1 else x, shape)
+
+
+def _reference_tensor(signals: Mapping) -> torch.Tensor:
+    for v in signals.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    raise SignalError("No floating-point signal tensor was given; cannot infer dtype and device.")
+
+
+def _role_shape(role, signals):
+    dims = {}
+    for n, t in signals.items():
+        from .signals import BASE_SIGNALS
+
+        sig = BASE_SIGNALS.get(n)
+        if sig is None or not isinstance(t, torch.Tensor):
+            continue
+        dims["B"] = t.shape[0]
+        if sig.role == "post":
+            dims["post"] = t.shape[1]
+        elif sig.role == "pre":
+            dims["pre"] = t.shape[1]
+        elif sig.role == "synapse":
+            dims["post"], dims["pre"] = t.shape[1], t.shape[2]
+    try:
+        return {"global": (dims["B"],), "post": (dims["B"], dims["post"]), "pre": (dims["B"], dims["pre"]),
+                "synapse": (dims["B"], dims["post"], dims["pre"])}[role]  # fmt: skip
+    except KeyError:
+        raise SignalError(
+            f"Cannot infer the shape of a {role} state from signals {sorted(signals)}."
+        ) from None
+
+
+def _role_of_value(x: torch.Tensor, role: str) -> str:
+    return {1: "global", 3: "synapse"}.get(x.dim(), role) if x.dim() != _SHAPE_DIMS[role] else role
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise InvalidRuleError(
+            f"{name} contains NaN or inf ({t.detach().flatten()[:8].tolist()}...). The meta-optimizer diverged or "
+            f"the values were loaded from a corrupt file; restart from a finite checkpoint."
+        )
+
+
+def _general_params(params, names, rule_name):
+    if not isinstance(params, Mapping):
+        raise ShapeError(
+            f"General rule {rule_name!r} takes a dict of constants {list(names)}, got {type(params).__name__}."
+        )
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise SignalError(f"General rule {rule_name!r} needs constants {missing}; got {sorted(params)}.")
+    out = {}
+    for n in names:
+        v = params[n]
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(float(v), dtype=torch.get_default_dtype())
+        _check_finite(v, f"constant {n!r}")
+        out[n] = v
+    return out
+
+
+def _cache_key(rule: Rule) -> str:
+    return json.dumps(Rule.to_json(rule.with_values(None)), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_cached(key: str, functions_key) -> CompiledRule:
+    return CompiledRule(Rule.from_json(json.loads(key)))
+
+
+def compile_rule(rule: Rule, functions: Mapping[str, Callable] | None = None) -> CompiledRule:
+    """Compile a rule to a batched torch update; cached by structure (values never recompile).
+
+    ``functions`` maps SymPy function class names to torch callables and is consulted before the built-ins.
+    """
+    if not isinstance(rule, Rule):
+        raise InvalidRuleError(f"compile_rule expects a Rule, got {type(rule).__name__}.")
+    if functions:
+        return CompiledRule(rule, functions)
+    return _compile_cached(_cache_key(rule), None)
+
+
+class RuleModule(torch.nn.Module):
+    """A rule as a ``torch.nn.Module``: coefficients are Parameters; ``sympy()`` returns trained values."""
+
+    def __init__(self, rule: Rule, values=None):
+        super().__init__()
+        self.rule = rule
+        self.update = compile_rule(rule)
+        vals = values if values is not None else rule.values
+        if rule.is_linear:
+            init = torch.as_tensor(
+                vals if vals is not None else [0.0] * rule.n_terms, dtype=torch.get_default_dtype()
+            )
+            self.theta = torch.nn.Parameter(init.clone())
+        else:
+            vals = dict(vals) if vals is not None else {c.name: 1.0 for c in rule.constants}
+            self.constants = torch.nn.ParameterDict(
+                {k: torch.nn.Parameter(torch.as_tensor(float(v))) for k, v in vals.items()}
+            )
+
+    @property
+    def needs(self):
+        return self.update.needs
+
+    @property
+    def states(self):
+        return self.update.states
+
+    def forward(self, signals: Mapping) -> torch.Tensor:
+        return self.update(signals, self.theta if self.rule.is_linear else dict(self.constants))
+
+    def trained_rule(self) -> Rule:
+        if self.rule.is_linear:
+            return self.rule.with_values(self.theta)
+        return self.rule.with_values({k: float(v) for k, v in self.constants.items()})
+
+    def sympy(self) -> sp.Expr:
+        return self.trained_rule().sympy()

@@ -1,0 +1,416 @@
+r"""Exports of rules: SymPy, LaTeX (index notation), JSON trees, coefficient tables.
+
+Pure functions, one concern each; :class:`~rulesearch.rule.Rule` methods are thin wrappers. Exports never mutate
+a rule and never touch disk.
+
+JSON stores expressions as trees of whitelisted node types (``Add``, ``Mul``, ``Pow``, ``Integer``, ``Rational``,
+``Float`` as a decimal string, ``NumberSymbol``, ``Signal``, ``Constant``, the operators and the elementwise
+functions of :data:`~rulesearch.signals.ELEMENTWISE_FUNCTIONS`). Loading never evaluates strings; a hostile or
+malformed file raises :class:`~rulesearch.errors.InvalidRuleError`.
+
+Examples
+--------
+>>> from rulesearch.signals import pre, err
+>>> from rulesearch.rule import Rule, Term
+>>> print(Rule([Term("F0", -err * pre)]).latex(values=[0.001]))
+\Delta W_{ij} = - 0.001 \, e_{i} x_{j}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+
+from .errors import InvalidRuleError, UnsupportedNodeError
+from .signals import (
+    BASE_SIGNALS,
+    ELEMENTWISE_FUNCTIONS,
+    OPERATORS,
+    Constant,
+    Signal,
+    StateDef,
+    signals_in,
+)
+
+__all__ = [
+    "RuleLatexPrinter",
+    "expr_latex",
+    "rule_to_sympy",
+    "rule_to_latex",
+    "latex_table",
+    "markdown_table",
+    "expr_to_json",
+    "expr_from_json",
+    "rule_to_json",
+    "rule_from_json",
+    "FORMAT",
+]
+
+FORMAT = "rulesearch.rule/1"
+_INDEX = {"post": "i", "pre": "j", "synapse": "ij", "global": ""}
+
+
+class RuleLatexPrinter(LatexPrinter):
+    """LaTeX in index notation: :math:`x_j, y_i, e_i, e'_j, W_{ij}, B_{ji}`; floats at a fixed precision."""
+
+    _default_settings = {**LatexPrinter._default_settings, "precision": 3, "vector": False}
+
+    def _print_Float(self, expr):
+        s = np.format_float_positional(
+            float(expr), precision=self._settings["precision"], unique=True, trim="-"
+        )
+        if abs(float(expr)) < 10 ** (-self._settings["precision"]) and float(expr) != 0:
+            s = np.format_float_scientific(float(expr), precision=self._settings["precision"] - 1, trim="-")
+            mant, exp = s.split("e")
+            return rf"{mant} \cdot 10^{{{int(exp)}}}"
+        return s
+
+    def _glyph(self, sig: Signal) -> str:
+        if sig.latex:
+            return sig.latex
+        return r"\mathrm{" + sig.name.replace("_", r"\_") + "}"
+
+    def _print_Signal(self, sig):
+        glyph = self._glyph(sig)
+        if self._settings["vector"] or sig.role == "global":
+            return glyph
+        idx = "ji" if sig.name == "fb" else _INDEX[sig.role]
+        return f"{glyph}_{{{idx}}}"
+
+    _print_Constant = _print_Signal
+
+    def _vec(self, expr) -> str:
+        p = RuleLatexPrinter({"precision": self._settings["precision"], "vector": True})
+        s = p.doprint(expr)
+        return s if isinstance(expr, Signal) else rf"\left({s}\right)"
+
+    def _print_Contract(self, expr):
+        M, u = expr.args
+        from .signals import role_of
+
+        if role_of(u) == "post":
+            return rf"\left({self._glyph(M)}^\top {self._vec(u)}\right)_{{j}}"
+        return rf"\left({self._glyph(M)} {self._vec(u)}\right)_{{i}}"
+
+    def _print_LayerSum(self, expr):
+        (u,) = expr.args
+        return rf"\textstyle\sum_k {self._vec(u)}_k"
+
+    def _print_Bilinear(self, expr):
+        u, M, v = expr.args
+        return rf"{self._vec(u)}^\top {self._glyph(M)} {self._vec(v)}"
+
+    def _print_OrderedContract(self, expr):
+        u, M = expr.args
+        return rf"\textstyle\sum_{{k \le i}} {self._vec(u)}_k {self._glyph(M)}_{{kj}}"
+
+
+def expr_latex(expr, precision: int = 3) -> str:
+    """LaTeX of one expression over signals."""
+    return RuleLatexPrinter({"precision": precision}).doprint(expr)
+
+
+def _values(rule, values):
+    if values is None:
+        values = rule.values
+    if values is None:
+        return None
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().reshape(-1).tolist()
+    if rule.is_linear:
+        values = list(values)
+        if len(values) != rule.n_terms:
+            raise InvalidRuleError(f"Got {len(values)} values for a rule with {rule.n_terms} terms.")
+        return values
+    return dict(values)
+
+
+def rule_to_sympy(rule, values=None) -> sp.Expr:
+    r"""The update :math:`\sum_r \theta_r T^r` with theta symbols, or with trained values substituted."""
+    vals = _values(rule, values)
+    if rule.is_linear:
+        coefs = [sp.Float(v) for v in vals] if vals is not None else None
+        if coefs is None:
+            return rule.structure()
+        return sp.Add(*(c * t.expr for c, t in zip(coefs, rule.terms)))
+    if vals is None:
+        return rule.expr
+    return rule.expr.xreplace({c: sp.Float(vals[c.name]) for c in rule.constants})
+
+
+def rule_to_latex(rule, precision: int = 3, values=None, table: bool = False) -> str:
+    r"""``\Delta W_{ij} = ...`` in index notation; with ``table=True`` a booktabs coefficient table follows."""
+    body = expr_latex(rule_to_sympy(rule, values), precision)
+    out = rf"\Delta W_{{ij}} = {body}"
+    if table:
+        out += "\n\n" + latex_table([rule], [values] if values is not None else None, precision=precision)
+    return out
+
+
+def latex_table(rules: Sequence, values: Sequence | None = None, precision: int = 3, intervals=None) -> str:
+    r"""A booktabs table: one row per term (LaTeX, locality) and one column of values per rule.
+
+    ``intervals[k][r] = (lo, hi)`` adds a 95% interval to the value of rule ``k``, term ``r`` (multi-seed).
+    """
+    rules = list(rules)
+    vals = [_values(r, v) for r, v in zip(rules, values or [None] * len(rules))]
+    ref = rules[0]
+    if not ref.is_linear:
+        raise InvalidRuleError("latex_table needs linear rules (named terms).")
+    fmt = f"{{:.{precision}g}}"
+    cols = "ll" + "r" * len(rules)
+    head = " & ".join(["term", "$T_{ij}$"] + [rf"$\theta$ ({r.name})" for r in rules])
+    lines = [rf"\begin{{tabular}}{{{cols}}}", r"\toprule", head + r" \\", r"\midrule"]
+    for i, t in enumerate(ref.terms):
+        cells = [t.name.replace("_", r"\_"), f"${expr_latex(t.expr, precision)}$"]
+        for k, v in enumerate(vals):
+            if v is None:
+                cells.append(rf"$\theta_{{{i}}}$")
+                continue
+            c = fmt.format(v[i])
+            if intervals is not None:
+                lo, hi = intervals[k][i]
+                c += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+            cells.append(c)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def markdown_table(rule, values=None, precision: int = 4) -> str:
+    """A Markdown table of a linear rule's terms, locality and values."""
+    vals = _values(rule, values)
+    lines = ["| term | expression | locality | value |", "|---|---|---|---|"]
+    for i, t in enumerate(rule.terms):
+        v = f"{vals[i]:.{precision}g}" if vals is not None else "-"
+        lines.append(f"| {t.name} | `{t.expr}` | {t.locality} | {v} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# JSON trees
+
+_FUNCS = {name: getattr(sp, name) for name in ELEMENTWISE_FUNCTIONS if name not in ("sqrt",)}
+_OPS = {op.__name__: op for op in OPERATORS}
+_RELS = {
+    "StrictGreaterThan": sp.StrictGreaterThan,
+    "StrictLessThan": sp.StrictLessThan,
+    "GreaterThan": sp.GreaterThan,
+    "LessThan": sp.LessThan,
+}
+_NUMBER_SYMBOLS = {"pi": sp.pi, "E": sp.E}
+
+
+def expr_to_json(expr) -> dict:
+    """Encode an expression as a tree of whitelisted node types."""
+    if isinstance(expr, Constant):
+        return {"type": "Constant", "name": expr.name}
+    if isinstance(expr, Signal):
+        return {"type": "Signal", "name": expr.name, "role": expr.role}
+    if isinstance(expr, sp.Integer):
+        return {"type": "Integer", "value": int(expr)}
+    if isinstance(expr, sp.Rational):
+        return {"type": "Rational", "p": int(expr.p), "q": int(expr.q)}
+    if isinstance(expr, sp.Float):
+        return {"type": "Float", "value": sp.srepr(expr).split("'")[1]}
+    if isinstance(expr, sp.NumberSymbol) and str(expr) in _NUMBER_SYMBOLS:
+        return {"type": "NumberSymbol", "name": str(expr)}
+    if expr is sp.true:
+        return {"type": "true"}
+    if isinstance(expr, sp.Piecewise):
+        return {"type": "Piecewise", "args": [[expr_to_json(e), expr_to_json(c)] for e, c in expr.args]}
+    name = type(expr).__name__
+    if isinstance(expr, (sp.Add, sp.Mul, sp.Pow)) or name in _OPS or name in _FUNCS or name in _RELS:
+        return {"type": name, "args": [expr_to_json(a) for a in expr.args]}
+    raise UnsupportedNodeError(
+        f"Cannot export node {name} ({expr}) to JSON: supported are Add, Mul, Pow, numbers, signals, constants, "
+        f"{', '.join(_OPS)}, {', '.join(_FUNCS)}."
+    )
+
+
+def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
+    """Decode a tree written by :func:`expr_to_json`; ``signals`` maps names to (derived) signals."""
+    if not isinstance(node, Mapping) or not isinstance(node.get("type"), str):
+        raise InvalidRuleError(
+            f"Malformed expression node {str(node)[:80]!r}: expected an object with a 'type'."
+        )
+    t = node["type"]
+    try:
+        if t == "Signal":
+            name = node["name"]
+            if name not in signals:
+                raise InvalidRuleError(
+                    f"Unknown signal {name!r} in JSON; known: {sorted(signals)}. Declare derived signals in 'signals'."
+                )
+            sig = signals[name]
+            if sig.role != node["role"]:
+                raise InvalidRuleError(
+                    f"Signal {name!r} has role {sig.role!r} but the file says {node['role']!r}."
+                )
+            return sig
+        if t == "Constant":
+            return Constant(_str(node["name"]))
+        if t == "Integer":
+            return sp.Integer(_int(node["value"]))
+        if t == "Rational":
+            return sp.Rational(_int(node["p"]), _int(node["q"]))
+        if t == "Float":
+            v = node["value"]
+            if not isinstance(v, str) or not all(ch in "0123456789.-+eE" for ch in v):
+                raise InvalidRuleError(f"Float value must be a decimal string, got {v!r}.")
+            return sp.Float(v, max(15, len(v.strip("-+").replace(".", "").split("e")[0])))
+        if t == "NumberSymbol":
+            return _NUMBER_SYMBOLS[_str(node["name"])]
+        if t == "true":
+            return sp.true
+        args = node["args"]
+        if not isinstance(args, list):
+            raise InvalidRuleError(f"Node {t}: 'args' must be a list.")
+        if t == "Piecewise":
+            return sp.Piecewise(*[(expr_from_json(e, signals), expr_from_json(c, signals)) for e, c in args])
+        kids = [expr_from_json(a, signals) for a in args]
+        if t in ("Add", "Mul", "Pow"):
+            return getattr(sp, t)(*kids)
+        if t in _OPS:
+            return _OPS[t](*kids)
+        if t in _FUNCS:
+            return _FUNCS[t](*kids)
+        if t in _RELS:
+            return _RELS[t](*kids)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, InvalidRuleError):
+            raise
+        raise InvalidRuleError(f"Malformed {t} node {str(node)[:80]!r}: {e!r}.") from None
+    raise InvalidRuleError(
+        f"Node type {t!r} is not allowed in rule files (allowed: Add, Mul, Pow, numbers, ...)."
+    )
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRuleError(f"Expected an integer, got {v!r}.")
+    return v
+
+
+def _str(v) -> str:
+    if not isinstance(v, str):
+        raise InvalidRuleError(f"Expected a string, got {v!r}.")
+    return v
+
+
+def _derived_signals(exprs) -> list[Signal]:
+    out: dict[str, Signal] = {}
+    stack = list(exprs)
+    while stack:
+        for s in signals_in(stack.pop()):
+            if s.definition is None or s.name in out:
+                continue
+            out[s.name] = s
+            d = s.definition
+            stack += [d.update, d.init] if isinstance(d, StateDef) else [d]
+    return list(out.values())
+
+
+def _signal_to_json(s: Signal) -> dict:
+    d = s.definition
+    out = {"role": s.role, "description": s.description, "latex": s.latex}
+    if isinstance(d, StateDef):
+        out.update(kind="state", update=expr_to_json(d.update), init=expr_to_json(d.init))
+    else:
+        out.update(kind="derived", expr=expr_to_json(d))
+    return out
+
+
+def rule_to_json(rule) -> dict:
+    """The rule as a JSON-able dict (format ``rulesearch.rule/1``)."""
+    exprs = [t.expr for t in rule.terms] if rule.is_linear else [rule.expr]
+    out = {
+        "format": FORMAT,
+        "name": rule.name,
+        "kind": "linear" if rule.is_linear else "general",
+        "signals": {s.name: _signal_to_json(s) for s in _derived_signals(exprs)},
+    }
+    if rule.is_linear:
+        out["terms"] = [
+            {"name": t.name, "description": t.description, "expr": expr_to_json(t.expr)} for t in rule.terms
+        ]
+        out["values"] = list(rule.values) if rule.values is not None else None
+    else:
+        out["expr"] = expr_to_json(rule.expr)
+        out["constants"] = [c.name for c in rule.constants]
+        out["values"] = dict(rule.values) if rule.values is not None else None
+    return out
+
+
+def _signals_from_json(spec: Mapping) -> dict[str, Signal]:
+    if not isinstance(spec, Mapping):
+        raise InvalidRuleError("'signals' must be an object mapping names to definitions.")
+    known: dict[str, Signal] = dict(BASE_SIGNALS)
+    pending = dict(spec)
+    for _ in range(len(pending) + 1):
+        progressed = False
+        for name, d in list(pending.items()):
+            if name in BASE_SIGNALS:
+                raise InvalidRuleError(f"Derived signal {name!r} shadows a built-in signal.")
+            try:
+                if d.get("kind") == "state":
+                    sig = Signal(name, _str(d["role"]), None, d.get("description", ""), d.get("latex"))
+                    known[name] = sig  # the update refers to the signal itself
+                    sig.definition = StateDef(
+                        expr_from_json(d["update"], known), expr_from_json(d["init"], known)
+                    )
+                elif d.get("kind") == "derived":
+                    sig = Signal(
+                        name, _str(d["role"]), expr_from_json(d["expr"], known), d.get("description", ""),
+                        d.get("latex"),
+                    )  # fmt: skip
+                else:
+                    raise InvalidRuleError(f"Signal {name!r}: kind must be 'state' or 'derived'.")
+            except InvalidRuleError as e:
+                known.pop(name, None)
+                if "Unknown signal" in str(e):
+                    continue
+                raise
+            known[name] = sig
+            del pending[name]
+            progressed = True
+        if not pending:
+            return known
+        if not progressed:
+            break
+    raise InvalidRuleError(
+        f"Cannot resolve derived signals {sorted(pending)} (unknown dependencies or a cycle)."
+    )
+
+
+def rule_from_json(data) -> object:
+    """Rebuild a rule from :func:`rule_to_json` output (a dict or a JSON string); exact round trip."""
+    from .rule import Rule, Term
+
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise InvalidRuleError(f"Rule file is not valid JSON: {e}.") from None
+    if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+        raise InvalidRuleError(f"Not a rulesearch rule: expected format {FORMAT!r}, got {got!r}.")
+    signals = _signals_from_json(data.get("signals", {}))
+    try:
+        if data["kind"] == "linear":
+            terms = [
+                Term(_str(t["name"]), expr_from_json(t["expr"], signals), t.get("description", ""))
+                for t in data["terms"]
+            ]
+            return Rule(tuple(terms), _str(data["name"]), values=data.get("values"))
+        if data["kind"] == "general":
+            consts = [Constant(_str(c)) for c in data["constants"]]
+            return Rule(name=_str(data["name"]), expr=expr_from_json(data["expr"], signals), constants=tuple(consts),
+                        values=data.get("values"))  # fmt: skip
+    except (KeyError, TypeError) as e:
+        raise InvalidRuleError(f"Malformed rule file: missing or wrong field {e!r}.") from None
+    raise InvalidRuleError(f"Rule kind must be 'linear' or 'general', got {data.get('kind')!r}.")

@@ -1,0 +1,65 @@
+r"""The paper's 10-term pool and named rules (Shervani-Tabar & Rosenbaum 2023, Methods Eqs. 14-23 and 7-10).
+
+With :math:`x = y_{\ell-1}`, :math:`y = y_\ell`, :math:`e = e_\ell`, :math:`e' = e_{\ell-1}` (index notation,
+:math:`i` post, :math:`j` pre):
+
+====  ======================================================  ================
+r     :math:`F^r_{ij}`                                        locality
+====  ======================================================  ================
+0     :math:`-e_i x_j` (pseudo-gradient)                      synapse-local
+1     :math:`-y_i e'_j`                                       synapse-local
+2     :math:`-e_i e'_j` (eHebb)                               synapse-local
+3     :math:`-W_{ij}` (decay)                                 synapse-local
+4     :math:`-e'_j`                                           synapse-local
+5     :math:`-(\sum_k y_k)\, e_i x_j`                         layer-nonlocal
+6     :math:`-(y^\top W e')\, y_i e'_j`                       layer-nonlocal
+7     :math:`-(y^\top W e')\, e_i x_j`                        layer-nonlocal
+8     :math:`-(e^\top W x)\, y_i e'_j`                        layer-nonlocal
+9     :math:`y_i (x_j - (W^\top y)_j)` (Oja, subspace)         layer-nonlocal
+====  ======================================================  ================
+
+Expect :math:`\theta_2 < 0` (eHebb pulls W toward the feedback's transpose only then); signs are never
+constrained.
+"""
+
+from __future__ import annotations
+
+from .errors import InvalidRuleError
+from .rule import Pool, Rule, Term
+from .signals import bilinear, err, layer_sum, post, pre, pre_err, w, wT
+
+__all__ = ["PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio", "NAMED_RULES", "named_rule"]
+
+PAPER_POOL = Pool(
+    (
+        Term("F0", -err * pre, "pseudo-gradient -e x^T"),
+        Term("F1", -post * pre_err, "-y e'^T"),
+        Term("F2", -err * pre_err, "eHebb -e e'^T"),
+        Term("F3", -w, "weight decay -W"),
+        Term("F4", -pre_err, "-1 e'^T"),
+        Term("F5", -layer_sum(post) * err * pre, "-(sum y) e x^T"),
+        Term("F6", -bilinear(post, pre_err) * post * pre_err, "-y y^T W e' e'^T"),
+        Term("F7", -bilinear(post, pre_err) * err * pre, "-e y^T W e' x^T"),
+        Term("F8", -bilinear(err, pre) * post * pre_err, "-y x^T W^T e e'^T"),
+        Term("F9", post * (pre - wT(post)), "Oja (subspace) y x^T - y y^T W"),
+    )
+)
+
+pool = PAPER_POOL.rule("pool")
+f0 = pool.select(["F0"])
+ehebb = pool.select(["F0", "F2"])
+oja = pool.select(["F0", "F9"])
+bio = pool.select(["F0", "F2", "F9"])
+f0, ehebb, oja, bio = (
+    Rule(r.terms, n) for r, n in ((f0, "f0"), (ehebb, "ehebb"), (oja, "oja"), (bio, "bio"))
+)
+
+NAMED_RULES = {"pool": pool, "f0": f0, "ehebb": ehebb, "oja": oja, "bio": bio}
+
+
+def named_rule(name: str) -> Rule:
+    """One of ``pool``, ``f0``, ``ehebb``, ``oja``, ``bio``."""
+    try:
+        return NAMED_RULES[name]
+    except KeyError:
+        raise InvalidRuleError(f"Unknown rule {name!r}; named rules are {sorted(NAMED_RULES)}.") from None
