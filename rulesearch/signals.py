@@ -417,7 +417,7 @@ def state(
     ``update`` is a function of the previous value (a symbol) returning a SymPy expression over it and other
     signals. The role is inferred from the other signals and ``init``.
     """
-    probe = Signal(name, "global")
+    probe = Signal(f"_{name}_probe", "global")  # distinct name: SymPy's cache would reuse expressions with it
     role = join_roles(role_of(update(probe)), role_of(sp.sympify(init)))
     sig = Signal(name, role, None, description, latex)
     sig.definition = StateDef(sp.sympify(update(sig)), sp.sympify(init))
