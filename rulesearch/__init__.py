@@ -1,3 +1,63 @@
-"""rulesearch: discover biologically plausible synaptic plasticity rules."""
+"""rulesearch: discover biologically plausible synaptic plasticity rules.
+
+The data path: grammar -> rule -> compiled update -> inner loop -> meta-loss -> rule -> distilled formula -> LaTeX.
+"""
+
+from .compile import CompiledRule, RuleModule, compile_rule
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DatasetError,
+    DivergenceError,
+    InvalidRuleError,
+    NotFittedError,
+    RuleSearchError,
+    RunDirectoryError,
+    ShapeError,
+    SignalError,
+    UnsupportedNodeError,
+)
+from .export import latex_table
+from .grammar import Grammar
+from .pools import PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
+from .rule import NetworkRule, Pool, Rule, Term
+from .signals import (
+    Constant,
+    Signal,
+    bcm_threshold,
+    bilinear,
+    derived,
+    err,
+    fb,
+    layer_sum,
+    loss,
+    mod,
+    post,
+    pre,
+    pre_err,
+    reward,
+    reward_baseline,
+    sanger,
+    state,
+    trace,
+    w,
+    wT,
+    wv,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # signals and operators
+    "Signal", "Constant", "pre", "post", "err", "pre_err", "w", "fb", "mod", "reward", "loss",
+    "derived", "state", "trace", "bcm_threshold", "reward_baseline", "wT", "wv", "layer_sum", "bilinear", "sanger",
+    # rules
+    "Term", "Rule", "Pool", "NetworkRule", "Grammar", "PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio",
+    "named_rule", "latex_table",
+    # compiler
+    "compile_rule", "CompiledRule", "RuleModule",
+    # errors
+    "RuleSearchError", "InvalidRuleError", "UnsupportedNodeError", "SignalError", "ShapeError", "ConfigError",
+    "DatasetError", "DivergenceError", "BackendUnavailableError", "NotFittedError", "RunDirectoryError",
+]  # fmt: skip
