@@ -64,14 +64,19 @@ from torch import Tensor
 from .errors import ConfigError, DivergenceError, ShapeError, SignalError
 from .networks import (
     Network,
+    _activate,
     _alignment,
     _check_feedback,
     _check_weights,
+    _derivative,
     _feedback_mats,
     _forward,
+    _input_derivative,
     _orthonormality,
+    _output,
     _propagate,
     _sample_loss,
+    _sign_fb,
     init_params,
     make_targets,
 )
@@ -403,6 +408,585 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
     return torch.stack(cols, dim=1)
 
 
+# ---- the fast path: low-rank compiled rules, in-place online steps, a hand-written adjoint ---------------------
+#
+# For compiled rules whose update is  dW = a W + U diag(c) V^T  (a sum of outer products, plus an optional
+# weight-decay term ``a W``; the whole paper pool), the online steps run in place (one ``baddbmm_`` per layer)
+# and the meta-gradient is computed by a hand-written adjoint instead of autograd through the unrolled loop:
+#
+# * forward: every product of a weight/feedback matrix with a vector (``W y``, ``e^T fb``, ``W^T y`` inside the
+#   rule) is recorded (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
+# * backward, step ``s = N-1 .. 0``: the step's vector computations are replayed under autograd from the recorded
+#   products (no matrix is read), which gives ``U, c, V, a``; the weights are reversed in place,
+#   ``W_s = (W_{s+1} - U diag(c) V^T) / (1 + a)`` (or restored from a snapshot); with ``G = dL/dW_{s+1}``:
+#   ``dU = G V diag(c)``, ``dV = G^T U diag(c)``, ``dc = diag(U^T G V)``, ``da = <G, W_s>``; autograd carries these
+#   back through the step's vector graph to ``theta``, and every replayed product ``W v`` sends its weight-gradient
+#   as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
+#
+# Memory: O(B (N * sum(n_l) + N / checkpoint_every * |W|)) instead of O(B N |W|) for autograd.
+
+
+class _Unsupported(Exception):
+    """Raised inside a rule's tape when the weight matrix is used other than by a matrix-vector product."""
+
+
+_OFF, _RECORD, _REPLAY = 0, 1, 2
+
+
+class _Recorder:
+    """Recorded matrix-vector products, one list per online step (record mode), replayed in the same order."""
+
+    __slots__ = ("mode", "steps", "cur", "pos", "anchor")
+
+    def __init__(self, mode: int):
+        self.mode, self.steps, self.cur, self.pos, self.anchor = mode, [], None, 0, None
+
+    def begin(self, s: int) -> None:
+        if self.mode == _RECORD:
+            self.cur = []
+            self.steps.append(self.cur)
+        elif self.mode == _REPLAY:
+            self.cur, self.pos = self.steps[s], 0
+
+
+class _MatRef:
+    """A weight or feedback matrix ``(B, n_post, n_pre)`` as seen by the online step.
+
+    Products with it (``M v``, ``M^T u``) are computed (and recorded) in the forward sweep and replayed in the
+    adjoint sweep, where each replayed product sends its gradient w.r.t. ``M`` as a rank-1 factor
+    ``(post, pre)`` to ``sink`` (``None``: a constant matrix). ``fn`` maps the stored tensor to the matrix used
+    (``sign`` feedback). Inside a compiled rule's tape it stands for the ``w`` signal: ``torch.matmul`` with it is
+    routed here, and any other use raises :class:`_Unsupported` (such rules take the autograd path).
+    """
+
+    __slots__ = ("mat", "rec", "sink", "fn")
+
+    def __init__(self, mat, rec, sink=None, fn=None):
+        self.mat, self.rec, self.sink, self.fn = mat, rec, sink, fn
+
+    def matrix(self) -> Tensor:
+        return self.mat if self.fn is None else self.fn(self.mat)
+
+    def mv(self, v: Tensor) -> Tensor:
+        """``M v`` for ``v`` of shape ``(B, n_pre)``."""
+        return self._product(v, False)
+
+    def vm(self, u: Tensor) -> Tensor:
+        """``M^T u`` (= ``u^T M``) for ``u`` of shape ``(B, n_post)``."""
+        return self._product(u, True)
+
+    def _product(self, v: Tensor, transpose: bool) -> Tensor:
+        rec = self.rec
+        if rec.mode == _REPLAY:
+            out = rec.cur[rec.pos]
+            rec.pos += 1
+            return _Replayed.apply(v, rec.anchor, out, self, transpose)
+        m = self.matrix()
+        out = torch.bmm(v.unsqueeze(1), m).squeeze(1) if transpose else torch.bmm(m, v.unsqueeze(2)).squeeze(2)
+        if rec.mode == _RECORD:
+            rec.cur.append(out)
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.matmul and not kwargs and len(args) == 2:
+            a, b = args
+            if isinstance(b, _MatRef) and torch.is_tensor(a) and a.dim() == 3 and a.shape[1] == 1:
+                return b.vm(a.squeeze(1)).unsqueeze(1)
+            if isinstance(a, _MatRef) and torch.is_tensor(b) and b.dim() == 3 and b.shape[2] == 1:
+                return a.mv(b.squeeze(2)).unsqueeze(2)
+        raise _Unsupported(getattr(func, "__name__", str(func)))
+
+
+class _Replayed(torch.autograd.Function):
+    """A recorded product ``M v`` (or ``M^T u``) in the replayed step graph; its backward reads the current ``M``
+    (reversed to this step by then) and hands ``dL/dM`` to the matrix's sink as a rank-1 factor."""
+
+    @staticmethod
+    def forward(ctx, v, anchor, out, ref, transpose):
+        ctx.ref, ctx.transpose = ref, transpose
+        ctx.save_for_backward(v)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        ref, transpose = ctx.ref, ctx.transpose
+        gv = None
+        if ctx.needs_input_grad[0]:
+            m = ref.matrix()
+            gv = torch.bmm(m, g.unsqueeze(2)).squeeze(2) if transpose else torch.bmm(g.unsqueeze(1), m).squeeze(1)
+        if ref.sink is not None:
+            ref.sink.append((v.detach(), g) if transpose else (g, v.detach()))
+        return gv, None, None, None, None
+
+
+class _LowRank:
+    """The factored form ``dW = a W + U diag(c) V^T`` of one layer's compiled rule (fast path only).
+
+    Reads the compiled rule's tape and column groups directly (no per-call validation: the inner loop validated
+    shapes and parameters once per run).
+    """
+
+    __slots__ = ("rule", "consts", "uv_scale")
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.consts: dict = {}
+
+    def _const(self, like: Tensor):
+        key = (like.dtype, like.device)
+        hit = self.consts.get(key)
+        if hit is None:
+            r = self.rule
+            hit = (r._A.to(dtype=like.dtype, device=like.device), r._r_idx.to(like.device),
+                   r._c.to(dtype=like.dtype, device=like.device))  # fmt: skip
+            self.consts[key] = hit
+        return hit
+
+    def base(self, params, like: Tensor):
+        """Per-product coefficients before global factors: ``theta[r] * c`` (linear) or ``c``."""
+        A, r_idx, c = self._const(like)
+        if self.rule._linear:
+            return params.index_select(-1, r_idx) * c
+        return c
+
+    def factors(self, signals, params, base, wref, b, n_post, n_pre, like):
+        """``(a, [(U, c, V), ...])``: ``a`` ``(B,)``/``()``/None and outer-product groups; raises _Unsupported."""
+        from .compile import TorchCompiler, _col
+
+        r = self.rule
+        A = self._const(like)[0]
+        vals = r._comp.run({"signals": signals, "params": params})
+        P = base
+        if r._g:
+            P = P.expand(b, -1)
+            idx = [k for k, _ in r._g]
+            gv = torch.stack([torch.broadcast_to(TorchCompiler.value(ref, vals), (b,)) for _, ref in r._g], -1)
+            P = P.index_put((torch.arange(b, device=like.device)[:, None], torch.tensor(idx, device=like.device)),
+                            P[:, idx] * gv)  # fmt: skip
+        C = P @ A
+        decay, outer = None, []
+        for grp in r._groups:
+            s_ref, cols, us, vs = grp[:4]
+            c = C[..., cols]
+            if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
+                if s_ref is None or TorchCompiler.value(s_ref, vals) is not wref:
+                    raise _Unsupported("a synapse factor other than the weights")
+                uv = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=like.dtype, device=like.device)
+                a = (c * uv).sum(-1)
+                decay = a if decay is None else decay + a
+                continue
+            if s_ref is not None:
+                raise _Unsupported("a synapse factor times outer products")
+            U = torch.stack([_col(u, vals, (b, n_post), like) for u in us], -1)
+            V = torch.stack([_col(v, vals, (b, n_pre), like) for v in vs], -1)
+            outer.append((U, c, V))
+        return decay, outer
+
+
+_ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
+
+
+def _low_rank_of(update) -> tuple[_LowRank | None, str]:
+    """The fast factored form of ``update`` if it is a compiled rule of the supported shape, else a reason."""
+    from .compile import CompiledRule
+
+    if not isinstance(update, CompiledRule):
+        return None, f"update {type(update).__name__} is not a CompiledRule"
+    hit = _ELIGIBLE.get(id(update))
+    if hit is not None and hit[0] is update:
+        return hit[1], hit[2]
+    lr, why = _LowRank(update), ""
+    try:
+        if update.states:
+            raise _Unsupported("stateful derived signals")
+        for attr in ("_comp", "_groups", "_g", "_A", "_r_idx", "_c", "_linear"):
+            if not hasattr(update, attr):
+                raise _Unsupported(f"compiled rule without {attr}")
+        g = torch.Generator().manual_seed(0)
+        b, n_post, n_pre = 2, 3, 4
+        roles = {"pre": (b, n_pre), "pre_err": (b, n_pre), "post": (b, n_post), "err": (b, n_post),
+                 "fb": (b, n_post, n_pre), "reward": (b,), "loss": (b,), "mod": (b,)}  # fmt: skip
+        rec = _Recorder(_OFF)
+        wref = _MatRef(torch.rand(b, n_post, n_pre, generator=g, dtype=torch.float64), rec)
+        sig = {k: torch.rand(shape, generator=g, dtype=torch.float64) for k, shape in roles.items()}
+        sig["w"] = wref
+        like = sig["pre"]
+        if update._linear:
+            params = torch.rand(update.n_params, generator=g, dtype=torch.float64)
+        else:
+            params = {n: torch.tensor(0.5, dtype=torch.float64) for n in update._const_names}
+        with torch.no_grad():
+            lr.factors(sig, params, lr.base(params, like), wref, b, n_post, n_pre, like)
+    except Exception as err:  # noqa: BLE001 - any failure means: use the general autograd path
+        lr, why = None, f"{type(err).__name__}: {err}"
+    _ELIGIBLE[id(update)] = (update, lr, why)
+    return lr, why
+
+
+class _Tracker:
+    """Per-step bookkeeping shared by every path: curves and divergence checks."""
+
+    def __init__(self, net, b, n_steps, device, check_every, bound, curves, raise_on_divergence, ks):
+        self.net, self.n_steps, self.check_every, self.bound = net, n_steps, check_every, bound
+        self.curves, self.raise_on_divergence, self.ks = curves, raise_on_divergence, ks
+        self.diverged = torch.zeros(b, dtype=torch.bool, device=device)
+        self.div_step = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.div_layer = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.train_loss: list = []
+        self.train_acc: list = []
+
+    def is_check(self, s: int) -> bool:
+        return (s + 1) % self.check_every == 0 or s == self.n_steps - 1
+
+    def after_step(self, s, ws, fbs, es, loss_s, correct_s) -> None:
+        if self.curves:
+            self.train_loss.append(loss_s.detach())
+            self.train_acc.append(correct_s.detach())
+        if self.is_check(s):
+            with torch.no_grad():
+                self.record_bad(s, _bad_layers(self.net, ws, fbs, es, self.bound))
+
+    def record_bad(self, s, bad) -> None:
+        newly = bad.any(dim=1) & ~self.diverged
+        first = bad.to(torch.int8).argmax(dim=1)
+        self.div_step = torch.where(newly, torch.full_like(self.div_step, s), self.div_step)
+        self.div_layer = torch.where(newly, first, self.div_layer)
+        self.diverged = self.diverged | newly
+        if self.raise_on_divergence and bool(newly.any()):
+            e = int(newly.nonzero()[0, 0])
+            k = f" (k = {self.ks[e]})" if self.ks is not None else ""
+            raise DivergenceError(
+                f"Episode {e}{k} diverged by step {s}, layer {int(first[e])}: weights exceeded "
+                f"divergence_bound = {self.bound:g} or weights/errors became non-finite. Lower the "
+                f"rule's coefficients (learning rate), or raise divergence_bound."
+            )
+
+
+class _FastRun:
+    """The in-place online loop of low-rank compiled rules and its hand-written adjoint (see above)."""
+
+    def __init__(self, net, plan, lows, x, target, labels, fbs, reward, tracker, snap_every):
+        self.net, self.plan, self.lows, self.x, self.target, self.labels = net, plan, lows, x, target, labels
+        self.fbs, self.reward, self.tracker, self.snap_every = fbs, reward, tracker, snap_every
+        self.b, self.n_steps = int(x.shape[0]), int(x.shape[1])
+        self.dx = _input_derivative(net, x) if 0 in plan.err_layers else None
+        self.param_slots: list = []  # per layer: ("t", j) tensor, ("d", {name: j}) dict, ("v", value) other
+        self.param_tensors: list[Tensor] = []
+
+    # ---- parameters: unique tensors (the autograd.Function's inputs) and per-layer structure ----------------
+    def set_params(self, params_per_layer) -> None:
+        index: dict[int, int] = {}
+
+        def slot(t):
+            if id(t) not in index:
+                index[id(t)] = len(self.param_tensors)
+                self.param_tensors.append(t)
+            return index[id(t)]
+
+        for p in params_per_layer:
+            if torch.is_tensor(p):
+                self.param_slots.append(("t", slot(p)))
+            elif isinstance(p, dict):
+                self.param_slots.append(("d", {k: slot(v) for k, v in p.items()}))
+            else:
+                self.param_slots.append(("v", p))
+
+    def layer_params(self, tensors) -> list:
+        out = []
+        for kind, v in self.param_slots:
+            if kind == "t":
+                out.append(tensors[v])
+            elif kind == "d":
+                out.append({k: tensors[j] for k, j in v.items()})
+            else:
+                out.append(v)
+        return out
+
+    # ---- one step, all layers ------------------------------------------------------------------------------
+    def _refs(self, ws, rec, sinks):
+        net = self.net
+        wrefs = [_MatRef(w, rec, None if sinks is None else sinks[i]) for i, w in enumerate(ws)]
+        mrefs: list = [None] * net.n_layers
+        for i in self.plan.mat_layers:
+            if net.feedback == "bp":
+                mrefs[i] = wrefs[i]
+            elif net.feedback == "sign":
+                mrefs[i] = _MatRef(ws[i], rec, None, lambda m, i=i: _sign_fb(net, m, i))
+            else:
+                mrefs[i] = _MatRef(self.fbs[i], rec)
+        fbsig = [wrefs[i] if net.feedback == "bp" else (self.fbs[i] if self.fbs else None) for i in range(len(ws))]
+        return wrefs, mrefs, fbsig
+
+    def step(self, s, wrefs, mrefs, fbsig, params, bases):
+        net, plan, n, b = self.net, self.plan, self.net.n_layers, self.b
+        x, target = self.x[:, s], self.target[:, s]
+        ys, zs = [x], [None]
+        for i in range(n):
+            z = wrefs[i].mv(ys[-1])
+            zs.append(z)
+            ys.append(_activate(net, z) if i < n - 1 else _output(net, z))
+        y_out = ys[-1]
+        loss = correct = rew = None
+        if plan.need_loss or self.tracker.curves:
+            loss = _sample_loss(net, zs[-1], y_out, target)
+        if plan.need_correct or self.tracker.curves:
+            label = None if self.labels is None else self.labels[:, s]
+            correct = (
+                (y_out.argmax(-1) == label).to(y_out.dtype)
+                if label is not None
+                else torch.full_like(y_out[:, 0], float("nan"))
+            )
+        if plan.need_reward:
+            rew = correct if self.reward == "correct" else -loss
+        es: list = [None] * (n + 1)
+        if plan.any_err:
+            e_out = y_out - target
+            es[n] = e_out
+            direct = net.feedback == "dfa"
+            for i in plan.err_layers:
+                back = mrefs[i].vm(e_out if direct else es[i + 1])
+                d = self.dx[:, s] if i == 0 else _derivative(net, ys[i], zs[i])
+                es[i] = back * d
+        facs = []
+        for i in range(n):
+            nd = plan.needs[i]
+            sig = {}
+            if "pre" in nd:
+                sig["pre"] = ys[i]
+            if "post" in nd:
+                sig["post"] = ys[i + 1]
+            if "err" in nd:
+                sig["err"] = es[i + 1]
+            if "pre_err" in nd:
+                sig["pre_err"] = es[i]
+            if "w" in nd:
+                sig["w"] = wrefs[i]
+            if "fb" in nd:
+                sig["fb"] = fbsig[i]
+            if "reward" in nd:
+                sig["reward"] = rew
+            if "loss" in nd:
+                sig["loss"] = loss
+            if "mod" in nd:
+                sig["mod"] = rew
+            n_post, n_pre = net.sizes[i + 1], net.sizes[i]
+            facs.append(self.lows[i].factors(sig, params[i], bases[i], wrefs[i], b, n_post, n_pre, x))
+        return facs, es, loss, correct
+
+    @staticmethod
+    def _scaled(U, c):
+        return U * (c.unsqueeze(-2) if c.dim() == 2 else c)
+
+    # ---- forward sweep -------------------------------------------------------------------------------------
+    def forward(self, ws0, record: bool):
+        """Run the online steps in place on copies of ``ws0``; returns the final weights."""
+        ws = [w.detach().clone(memory_format=torch.contiguous_format) for w in ws0]
+        rec = _Recorder(_RECORD if record else _OFF)
+        wrefs, mrefs, fbsig = self._refs(ws, rec, None)
+        params = self.layer_params([p.detach() for p in self.param_tensors])
+        bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
+        snaps: dict = {}
+        for s in range(self.n_steps):
+            if record and s % self.snap_every == 0:
+                snaps[s] = [w.clone() for w in ws]
+            rec.begin(s)
+            facs, es, loss, correct = self.step(s, wrefs, mrefs, fbsig, params, bases)
+            for w, (a, outer) in zip(ws, facs):
+                if a is not None:
+                    w.mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+                for U, c, V in outer:
+                    w.baddbmm_(self._scaled(U, c), V.transpose(1, 2))
+            self.tracker.after_step(s, ws, self.fbs, es, loss, correct)
+        self.rec, self.snaps = rec, snaps
+        return ws
+
+    # ---- adjoint sweep -------------------------------------------------------------------------------------
+    def adjoint(self, ws_final, grads):
+        """``dL/dparams`` (one per param tensor) and ``dL/dW_0`` from ``grads = dL/dW_N``."""
+        rec, snaps = self.rec, self.snaps
+        self.rec = self.snaps = None
+        if rec is None:
+            raise RuntimeError("run_episodes' adjoint was already used; backward through it only once.")
+        n = self.net.n_layers
+        ws = [w.detach().clone() for w in ws_final]
+        G = [torch.zeros_like(w) if g is None else g.detach().clone() for w, g in zip(ws, grads)]
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.param_tensors]
+        params = self.layer_params(leaves)
+        sinks: list[list] = [[] for _ in range(n)]
+        rec.mode = _REPLAY
+        rec.anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True)
+        wrefs, mrefs, fbsig = self._refs(ws, rec, sinks)
+        for s in range(self.n_steps - 1, -1, -1):
+            rec.begin(s)
+            with torch.enable_grad():
+                bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
+                facs = self.step(s, wrefs, mrefs, fbsig, params, bases)[0]
+            rec.steps[s] = None
+            with torch.no_grad():
+                snap = snaps.pop(s, None)
+                for i, (a, outer) in enumerate(facs):  # W_{s+1} -> W_s
+                    if snap is not None:
+                        ws[i].copy_(snap[i])
+                        continue
+                    for U, c, V in outer:
+                        ws[i].baddbmm_(self._scaled(U.detach(), c.detach()), V.detach().transpose(1, 2), alpha=-1)
+                    if a is not None:
+                        a = a.detach()
+                        ws[i].div_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+                outs, cots = [], []
+                for i, (a, outer) in enumerate(facs):
+                    g = G[i]
+                    for U, c, V in outer:
+                        Ud, cd, Vd = U.detach(), c.detach(), V.detach()
+                        cb = cd.unsqueeze(-2) if cd.dim() == 2 else cd
+                        GV = torch.bmm(g, Vd)
+                        GtU = torch.bmm(Ud.transpose(1, 2), g).transpose(1, 2)
+                        dc = (Ud * GV).sum(-2)
+                        for t, ct in ((U, GV * cb), (V, GtU * cb), (c, dc if cd.dim() == 2 else dc.sum(0))):
+                            if t.requires_grad:
+                                outs.append(t)
+                                cots.append(ct)
+                    if a is not None and a.requires_grad:
+                        da = (g * ws[i]).sum((1, 2))
+                        outs.append(a)
+                        cots.append(da if a.dim() else da.sum())
+            if outs:
+                torch.autograd.backward(outs, cots)
+            with torch.no_grad():
+                for i, (a, _outer) in enumerate(facs):
+                    if a is not None:
+                        a = a.detach()
+                        G[i].mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+                    if sinks[i]:
+                        P = torch.stack([p for p, _ in sinks[i]], -1)
+                        Q = torch.stack([q for _, q in sinks[i]], -2)
+                        G[i].baddbmm_(P, Q)
+                        sinks[i].clear()
+        pgrads = [None if leaf.grad is None else leaf.grad for leaf in leaves]
+        return pgrads, G
+
+
+class _Adjoint(torch.autograd.Function):
+    """``(params..., W_0...) -> W_N`` by the fast in-place loop, with the hand-written adjoint as backward."""
+
+    @staticmethod
+    def forward(ctx, run, n_params, *tensors):
+        ws = run.forward(tensors[n_params:], record=True)
+        ctx.run, ctx.n_params = run, n_params
+        ctx.save_for_backward(*ws)
+        return tuple(ws)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        run, n_params = ctx.run, ctx.n_params
+        ctx.run = None
+        if run is None:
+            raise RuntimeError("run_episodes' adjoint was already used; backward through it only once.")
+        pgrads, wgrads = run.adjoint(ctx.saved_tensors, grads)
+        wg = [g if ctx.needs_input_grad[2 + n_params + i] else None for i, g in enumerate(wgrads)]
+        return (None, None, *pgrads, *wg)
+
+
+_SNAPSHOT_EVERY = 50
+"""Default interval of exact weight snapshots in the adjoint (``checkpoint_every=None``)."""
+
+
+def _fast_layers(net, plan, observe, modulator, fbs):
+    """Per-layer :class:`_LowRank` forms if the whole run can take the fast path, else ``(None, reason)``."""
+    if observe is not None:
+        return None, "an observer needs every dW"
+    if modulator is not None:
+        return None, "a modulator may hold its own parameters"
+    if plan.fb_updates is not None:
+        return None, "plastic feedback"
+    if any(f.requires_grad for f in fbs):
+        return None, "the feedback matrices require grad"
+    lows = []
+    for i, u in enumerate(plan.updates):
+        low, why = _low_rank_of(u)
+        if low is None:
+            return None, f"layer {i}: {why}"
+        if "fb" in plan.needs[i] and net.feedback not in ("fa", "bp"):
+            return None, f"layer {i} reads 'fb' under feedback={net.feedback!r}"
+        lows.append(low)
+    return lows, ""
+
+
+def _fast_params(low, params, b):
+    """Validate a layer's parameters once per run (the fast path skips the per-call checks)."""
+    from .compile import _check_finite, _general_params
+
+    rule = low.rule
+    if not rule._linear:
+        return _general_params(params, rule._const_names, rule.rule.name)
+    r = rule.n_params
+    if not torch.is_tensor(params) or params.shape[-1:] != (r,) or params.dim() > 2 or (
+        params.dim() == 2 and params.shape[0] != b
+    ):
+        shape = tuple(params.shape) if torch.is_tensor(params) else type(params).__name__
+        raise ShapeError(
+            f"theta has shape {shape}; expected ({r},) or ({b}, {r}) for rule {rule.rule.name!r} with terms "
+            f"{list(rule.rule.term_names())}."
+        )
+    _check_finite(params, "theta")
+    return params
+
+
+def _run_checkpointed(net, plan, ws, fbs, x, target, labels, modulator, reward, observe, tracker, every):
+    """The autograd loop with ``torch.utils.checkpoint`` over segments of ``every`` online steps: only the
+    segment boundaries are kept for the backward pass, each segment is recomputed once during it."""
+    from torch.utils.checkpoint import checkpoint
+
+    n_steps, n, n_fb = int(x.shape[1]), net.n_layers, len(fbs)
+    states: list[dict] = [{} for _ in range(n)]
+    for s0 in range(0, n_steps, every):
+        s1 = min(n_steps, s0 + every)
+        keys_in = [list(st) for st in states]
+        keys_out: list = []
+        first = [True]
+
+        def segment(*flat, s0=s0, s1=s1, keys_in=keys_in, keys_out=keys_out, first=first):
+            it = iter(flat)
+            w = [next(it) for _ in range(n)]
+            f = [next(it) for _ in range(n_fb)]
+            st = [{k: next(it) for k in keys} for keys in keys_in]
+            obs = observe if first[0] else None
+            first[0] = False
+            losses, corrects, bads = [], [], []
+            for s in range(s0, s1):
+                label = None if labels is None else labels[:, s]
+                w, f, st, es, loss_s, correct_s = _step(
+                    net, plan, w, f, st, x[:, s], target[:, s], label, s, modulator, reward, obs, tracker.curves
+                )
+                if tracker.curves:
+                    losses.append(loss_s.detach())
+                    corrects.append(correct_s.detach())
+                if tracker.is_check(s):
+                    with torch.no_grad():
+                        bads.append(_bad_layers(net, w, f, es, tracker.bound))
+            keys_out[:] = [list(d) for d in st]
+            extra = [torch.stack(v, 1) for v in (losses, corrects, bads) if v]
+            return (*w, *f, *[d[k] for d in st for k in d], *extra)
+
+        flat = [*ws, *fbs, *[st[k] for st, keys in zip(states, keys_in) for k in keys]]
+        out = checkpoint(segment, *flat, use_reentrant=False, preserve_rng_state=False)
+        it = iter(out)
+        ws = [next(it) for _ in range(n)]
+        fbs = [next(it) for _ in range(n_fb)]
+        states = [{k: next(it) for k in keys} for keys in keys_out]
+        if tracker.curves:
+            tracker.train_loss.extend(next(it).unbind(1))
+            tracker.train_acc.extend(next(it).unbind(1))
+        checks = [s for s in range(s0, s1) if tracker.is_check(s)]
+        if checks:
+            bads = next(it)
+            for j, s in enumerate(checks):
+                tracker.record_bad(s, bads[:, j])
+    return ws, fbs, states
+
+
 # ---- the loop ----------------------------------------------------------------------------------------------
 
 
@@ -457,6 +1041,8 @@ def run_episodes(
     curves: bool = False,
     metrics: bool = True,
     raise_on_divergence: bool = False,
+    method: str = "auto",
+    checkpoint_every: int | None = None,
 ) -> InnerResult:
     """Adapt ``B`` networks online with ``update`` on their training samples, then score them on queries.
 
@@ -506,6 +1092,21 @@ def run_episodes(
         Compute alignment angles and ``E_W`` (under ``no_grad``) after adaptation.
     raise_on_divergence : bool
         Raise :class:`~rulesearch.errors.DivergenceError` naming episode, step and layer (standalone use).
+    method : str
+        How the steps run and how the meta-gradient is computed (all give the same values up to rounding):
+        ``"auto"`` (default) takes the fast path whenever it applies, else ``"autograd"``. ``"adjoint"`` (the
+        fast path; a :class:`~rulesearch.errors.ConfigError` if it does not apply) needs compiled rules of the
+        form ``dW = a W + U diag(c) V^T`` (every rule of the paper pool) and no derived states, observer,
+        modulator or plastic feedback: the online steps then run in place (one fused ``baddbmm_`` per layer),
+        and when a gradient is needed it comes from a hand-written adjoint sweep that replays the recorded
+        matrix-vector products and reverses the weights in place (memory ``O(N sum(n_l))`` per episode, plus
+        the snapshots below, instead of ``O(N |W|)``). ``"autograd"``: plain autograd through the unrolled
+        loop (any update object).
+    checkpoint_every : int, optional
+        Bound on meta-gradient memory. Autograd path: ``torch.utils.checkpoint`` over segments of this many
+        online steps (only segment boundaries are stored; each segment is recomputed once in the backward
+        pass). Adjoint path: the interval of exact weight snapshots that bound the rounding drift of the
+        in-place reversal (default 50).
 
     Returns
     -------
@@ -526,6 +1127,12 @@ def run_episodes(
         raise ConfigError(f"check_every must be an integer >= 1; received {check_every!r}.")
     if not divergence_bound > 0:
         raise ConfigError(f"divergence_bound must be > 0; received {divergence_bound!r}.")
+    if method not in ("auto", "adjoint", "autograd"):
+        raise ConfigError(f"Unknown method {method!r}; allowed: 'auto', 'adjoint', 'autograd'.")
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+    ):
+        raise ConfigError(f"checkpoint_every must be an integer >= 1 or None; received {checkpoint_every!r}.")
     dtype, device = x_train.dtype, x_train.device
     if x_query.dtype != dtype:
         raise ShapeError(f"x_query has dtype {x_query.dtype} but x_train has {dtype}; use one dtype.")
@@ -563,48 +1170,52 @@ def run_episodes(
     if stored:
         _check_feedback(net, feedback, b)
     ws, fbs = list(weights), feedback
+    tracker = _Tracker(net, b, n_steps, device, check_every, divergence_bound, curves, raise_on_divergence, ks)
     states: list[dict] = [{} for _ in range(net.n_layers)]
-
-    diverged = torch.zeros(b, dtype=torch.bool, device=device)
-    div_step = torch.full((b,), -1, dtype=torch.long, device=device)
-    div_layer = torch.full((b,), -1, dtype=torch.long, device=device)
-    train_loss, train_acc = [], []
-    for s in range(n_steps):
-        label = None if labels_train is None else labels_train[:, s]
-        ws, fbs, states, es, loss_s, correct_s = _step(
-            net,
-            plan,
-            ws,
-            fbs,
-            states,
-            x_train[:, s],
-            target_train[:, s],
-            label,
-            s,
-            modulator,
-            reward,
-            observe,
-            curves,
+    lows, why = _fast_layers(net, plan, observe, modulator, fbs) if method != "autograd" else (None, "")
+    if method == "adjoint" and lows is None:
+        raise ConfigError(
+            f"method='adjoint' needs compiled rules of the form dW = a W + U diag(c) V^T without derived states, "
+            f"observers, modulators or plastic feedback; here: {why}. Use method='auto' or 'autograd'."
         )
-        if curves:
-            train_loss.append(loss_s.detach())
-            train_acc.append(correct_s.detach())
-        if (s + 1) % check_every == 0 or s == n_steps - 1:
+    if lows is not None:
+        run = _FastRun(
+            net, plan, lows, x_train, target_train, labels_train, fbs, reward, tracker,
+            checkpoint_every or _SNAPSHOT_EVERY,
+        )  # fmt: skip
+        run.set_params([_fast_params(low, p, b) for low, p in zip(lows, plan.params)])
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*run.param_tensors, *ws])
+        if needs_grad:
+            ws = list(_Adjoint.apply(run, len(run.param_tensors), *run.param_tensors, *ws))
+        else:
             with torch.no_grad():
-                bad = _bad_layers(net, ws, fbs, es, divergence_bound)
-                newly = bad.any(dim=1) & ~diverged
-                first = bad.to(torch.int8).argmax(dim=1)
-                div_step = torch.where(newly, torch.full_like(div_step, s), div_step)
-                div_layer = torch.where(newly, first, div_layer)
-                diverged = diverged | newly
-            if raise_on_divergence and bool(newly.any()):
-                e = int(newly.nonzero()[0, 0])
-                k = f" (k = {ks[e]})" if ks is not None else ""
-                raise DivergenceError(
-                    f"Episode {e}{k} diverged by step {s}, layer {int(first[e])}: weights exceeded "
-                    f"divergence_bound = {divergence_bound:g} or weights/errors became non-finite. Lower the "
-                    f"rule's coefficients (learning rate), or raise divergence_bound."
-                )
+                ws = run.forward(ws, record=False)
+    elif checkpoint_every is not None and checkpoint_every < n_steps and torch.is_grad_enabled():
+        ws, fbs, states = _run_checkpointed(
+            net, plan, ws, fbs, x_train, target_train, labels_train, modulator, reward, observe, tracker,
+            checkpoint_every,
+        )  # fmt: skip
+    else:
+        for s in range(n_steps):
+            label = None if labels_train is None else labels_train[:, s]
+            ws, fbs, states, es, loss_s, correct_s = _step(
+                net,
+                plan,
+                ws,
+                fbs,
+                states,
+                x_train[:, s],
+                target_train[:, s],
+                label,
+                s,
+                modulator,
+                reward,
+                observe,
+                curves,
+            )
+            tracker.after_step(s, ws, fbs, es, loss_s, correct_s)
+    diverged, div_step, div_layer = tracker.diverged, tracker.div_step, tracker.div_layer
+    train_loss, train_acc = tracker.train_loss, tracker.train_acc
 
     ys, zs = _forward(net, ws, x_query)
     loss = _sample_loss(net, zs[-1], ys[-1], target_query).mean(-1)
