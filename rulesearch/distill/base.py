@@ -17,7 +17,7 @@ Examples
 >>> y = 0.5 * X[:, 0] * X[:, 1] - 2.0 * X[:, 2] ** 2
 >>> backend = SparseBackend(degree=2).fit(X, y, ["a", "b", "c"])
 >>> backend.best_.expr
--2*c**2 + a*b/2
+a*b/2 - 2*c**2
 """
 
 from __future__ import annotations
@@ -32,17 +32,20 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from ..errors import InvalidRuleError, NotFittedError, RuleSearchError, ShapeError
+from ..errors import ConfigError, InvalidRuleError, NotFittedError, RuleSearchError, ShapeError
 from ..rule import Rule, Term
 from ..signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_derived
 
 __all__ = [
+    "BACKENDS",
     "Candidate",
     "DistillBackend",
     "DistillDataError",
     "evaluate",
     "expr_complexity",
+    "clean_formula",
     "feature_exprs",
+    "get_backend",
     "formula_to_rule",
     "term_name",
 ]
@@ -279,6 +282,105 @@ def _uses_signals(exprs) -> bool:
 # The backend ABC
 
 
+BACKENDS: dict[str, type] = {}
+"""Backend classes by name (``sparse``, ``operon``, ``pysr``); filled as the backend modules are imported."""
+
+
+def get_backend(backend="sparse", **params) -> DistillBackend:
+    """A backend instance from a name in :data:`BACKENDS` (with ``params``) or an instance (returned as is)."""
+    if isinstance(backend, DistillBackend):
+        if params:
+            raise ConfigError("Pass backend parameters either in the instance or as keywords, not both.")
+        return backend
+    if isinstance(backend, type) and issubclass(backend, DistillBackend):
+        return backend(**params)
+    cls = BACKENDS.get(str(backend).lower())
+    if cls is None:
+        import difflib
+
+        close = difflib.get_close_matches(str(backend), list(BACKENDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown distillation backend {backend!r}; known: {sorted(BACKENDS)}.{hint}")
+    return cls(**params)
+
+
+def clean_formula(
+    expr, features: Sequence, X: np.ndarray, y: np.ndarray, w: np.ndarray, drop_tol: float = 1e-3
+) -> tuple[sp.Expr, float]:
+    """Clean a formula found by genetic programming: expand, drop negligible terms, refit constants.
+
+    1. ``sympy.expand``; terms whose weighted RMS on the data is below ``drop_tol * rms(y)`` are dropped.
+    2. The outer coefficients of the remaining terms are refitted by weighted least squares (and negligible terms
+       dropped again); constants inside non-linear parts are then refitted jointly by Levenberg-Marquardt
+       (``scipy.optimize.least_squares``) when that lowers the loss.
+
+    Returns the cleaned formula and its weighted mean squared error.
+    """
+    W = w.sum()
+    y_rms = float(np.sqrt(np.sum(w * y**2) / W))
+
+    def loss_of(pred):
+        return float(np.sum(w * (y - pred) ** 2) / W)
+
+    expr = sp.expand(sp.sympify(expr))
+    parts = []
+    memo: dict = {}
+    for t in sp.Add.make_args(expr):
+        c, rest = t.as_coeff_Mul()
+        col = evaluate(rest, features, X, memo)
+        if not np.isfinite(col).all():
+            continue
+        parts.append([rest, col])
+    while True:  # terminates: every pass that does not break drops a term
+        if not parts:
+            return sp.Integer(0), loss_of(np.zeros_like(y))
+        A = np.stack([col for _, col in parts], axis=1)
+        sw = np.sqrt(w)
+        coef, *_ = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=None)
+        size = np.abs(coef) * np.sqrt((w[:, None] * A**2).sum(0) / W)
+        keep = size >= drop_tol * y_rms
+        if keep.all():
+            break
+        parts = [p for p, k in zip(parts, keep) if k]
+    out = sp.Add(*(sp.Float(float(c)) * rest for c, (rest, _) in zip(coef, parts)))
+    loss = loss_of(A @ coef)
+    inner = sorted(out.atoms(sp.Float) - {sp.Float(float(c)) for c in coef}, key=str)
+    if inner:
+        out, loss = _refit_constants(out, features, X, y, w, loss)
+    return out, loss
+
+
+def _refit_constants(expr, features, X, y, w, loss):
+    import scipy.optimize
+
+    floats = sorted(expr.atoms(sp.Float), key=str)
+    syms = [sp.Dummy(f"c{k}") for k in range(len(floats))]
+    templ = expr.xreplace(dict(zip(floats, syms)))
+    fsyms = [sp.Dummy(f"x{k}") for k in range(len(features))]
+    templ = templ.xreplace(dict(zip(features, fsyms)))
+    try:
+        fn = sp.lambdify(fsyms + syms, templ, "numpy")
+    except Exception:  # pragma: no cover - exotic nodes: keep the linear refit
+        return expr, loss
+    sw = np.sqrt(w / w.sum())
+    cols = [X[:, k] for k in range(X.shape[1])]
+
+    def resid(c):
+        with np.errstate(all="ignore"):
+            r = (np.broadcast_to(fn(*cols, *c), y.shape) - y) * sw
+        return np.nan_to_num(r, nan=1e6, posinf=1e6, neginf=-1e6)
+
+    x0 = np.array([float(f) for f in floats])
+    try:
+        sol = scipy.optimize.least_squares(resid, x0, method="lm", max_nfev=200 * (len(x0) + 1))
+    except (ValueError, np.linalg.LinAlgError):
+        return expr, loss
+    new = float(np.sum(resid(sol.x) ** 2))
+    if np.isfinite(new) and new < loss:
+        return templ.xreplace({**dict(zip(syms, map(sp.Float, sol.x))), **dict(zip(fsyms, features))}), new
+    return expr, loss
+
+
 class DistillBackend(abc.ABC):
     """Base class of symbolic-regression backends (template method :meth:`fit`).
 
@@ -307,6 +409,12 @@ class DistillBackend(abc.ABC):
 
     extra: str | None = None
     """The pip extra that provides the backend's dependency (``rulesearch[<extra>]``)."""
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            BACKENDS[name] = cls
+            cls.name = name
 
     # ---- capabilities ------------------------------------------------------------------------------------
     @property

@@ -233,11 +233,37 @@ def _refit(cols, y, w, fixed: dict[int, float]):
 # Near-collinear columns
 
 
+def _sparse_combination(G, kept, k, tol, max_atoms: int = 8):
+    """Orthogonal matching pursuit on the Gram matrix: a short combination of kept columns equal to column ``k``
+    (relative residual below ``tol``), or None. Identities read best with few terms (``x*r^2 = x*r``)."""
+    S: list[int] = []
+    beta = np.zeros(0)
+    for _ in range(min(max_atoms, len(kept))):
+        corr = G[kept, k] - (G[np.ix_(kept, S)] @ beta if S else 0.0)
+        order = np.argsort(-np.abs(corr))
+        nxt = next((kept[i] for i in order if kept[i] not in S), None)
+        if nxt is None:
+            return None
+        S.append(nxt)
+        Gs = G[np.ix_(S, S)]
+        try:
+            beta = np.linalg.solve(Gs, G[S, k])
+        except np.linalg.LinAlgError:
+            return None
+        r2 = G[k, k] - float(G[S, k] @ beta)
+        if r2 < tol * tol:
+            return S, beta
+    return None
+
+
 @dataclass(frozen=True)
 class Identity:
     """A column that equals a combination of simpler kept columns on the data: ``term = sum c_k kept_k``.
 
-    ``index`` is the dropped column, ``kept_indices`` the columns of ``combination`` (aligned with it).
+    ``index`` is the dropped column, ``kept_indices`` the columns of ``combination`` (aligned with it). ``kind`` is
+    ``"identity"`` when a short combination (at most 8 columns) explains the column, as for algebraic identities of
+    the network (``r^2 = r``), and ``"degenerate"`` otherwise: too few informative rows (e.g. a reward that is
+    rarely 1) make many columns dependent; collecting more samples removes those.
     """
 
     term: str
@@ -245,6 +271,7 @@ class Identity:
     residual: float
     index: int = -1
     kept_indices: tuple[int, ...] = field(default=())
+    kind: str = "identity"
 
     def __str__(self) -> str:
         if not self.combination:
@@ -267,10 +294,20 @@ class CollinearityReport:
     kept: tuple[int, ...]
     identities: tuple[Identity, ...]
 
+    @property
+    def n_degenerate(self) -> int:
+        return sum(i.kind == "degenerate" for i in self.identities)
+
     def __str__(self) -> str:
         if not self.identities:
             return "no near-collinear columns"
-        return "\n".join(map(str, self.identities))
+        lines = [str(i) for i in self.identities if i.kind == "identity"]
+        if self.n_degenerate:
+            lines.append(
+                f"{self.n_degenerate} further columns are dependent on the data without a short identity (too few "
+                "informative rows; collect more samples)"
+            )
+        return "\n".join(lines)
 
 
 def find_collinear(
@@ -306,7 +343,7 @@ def find_collinear(
     identities: list[Identity] = []
     for k in order:
         if norms[k] == 0 or not np.isfinite(norms[k]):
-            identities.append(Identity(names[k], (), 0.0, k, ()))
+            identities.append(Identity(names[k], (), 0.0, k, (), "identity"))
             continue
         m = len(kept)
         g = G[kept, k] if m else np.zeros(0)
@@ -314,11 +351,17 @@ def find_collinear(
         d = G[k, k] - float(lvec @ lvec)
         resid = math.sqrt(max(d, 0.0))
         if resid < tol:
-            a = scipy.linalg.solve_triangular(L[:m, :m].T, lvec, lower=False, check_finite=False) if m else lvec
-            coefs = a * norms[k] / safe[kept]
-            big = [(j, float(c)) for j, c in zip(kept, coefs) if abs(c) * safe[j] > 1e-8 * norms[k]]
+            sparse = _sparse_combination(G, kept, k, tol)
+            kind = "identity" if sparse is not None else "degenerate"
+            if sparse is not None:
+                idx, a = sparse
+            else:
+                idx = kept
+                a = scipy.linalg.solve_triangular(L[:m, :m].T, lvec, lower=False, check_finite=False) if m else lvec
+            coefs = np.asarray(a) * norms[k] / safe[idx]
+            big = [(j, float(c)) for j, c in zip(idx, coefs) if abs(c) * safe[j] > 1e-8 * norms[k]]
             combo = tuple((names[j], c) for j, c in big)
-            identities.append(Identity(names[k], combo, resid, k, tuple(j for j, _ in big)))
+            identities.append(Identity(names[k], combo, resid, k, tuple(j for j, _ in big), kind))
             continue
         L[m, :m] = lvec
         L[m, m] = resid

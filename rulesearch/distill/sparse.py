@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -90,12 +91,14 @@ def _solve(G, c):
     if G.shape[0] == 0:
         return np.zeros(0)
     try:
-        return scipy.linalg.solve(G, c, assume_a="pos", check_finite=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # near-collinear columns are expected
+            return scipy.linalg.solve(G, c, assume_a="pos", check_finite=False)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
         return np.linalg.lstsq(G, c, rcond=None)[0]
 
 
-class SparseBackend(DistillBackend):
+class SparseBackend(DistillBackend, name="sparse"):
     r"""Sparse regression over a term library: STLSQ + L1 path + backward elimination, weighted.
 
     Parameters
