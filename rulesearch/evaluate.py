@@ -1,0 +1,386 @@
+r"""Evaluate a learned rule against the baselines on fresh tasks, with bootstrap confidence intervals.
+
+A rule (from a run directory, a JSON file, or a named rule) adapts fresh networks online on fresh episodes under a
+feedback mode; so does the pseudo-gradient rule :math:`F^0 = -\eta\, e_i x_j` under feedback alignment and under
+backprop, on the same episodes and initial weights. Each of ``seeds`` independent evaluation seeds contributes the
+mean over its ``episodes`` episodes; the table gives the mean over seeds and a 95% percentile-bootstrap interval
+(:func:`rulesearch.stats.bootstrap_ci`).
+
+Evaluation episodes are ``(seed, 0, k)`` with seeds starting at ``EvalConfig.seed`` (10000), far from the
+training seeds (0, 1, ...), so the tasks are fresh draws; ``classes="held-out"`` restricts them to the classes
+the task split kept out of meta-training, and another ``dataset`` tests transfer.
+
+Examples
+--------
+>>> from rulesearch.evaluate import evaluate, EvalConfig
+>>> from rulesearch.meta import NetworkConfig, TaskConfig
+>>> from rulesearch.pools import f0
+>>> ev = evaluate(f0.with_values([0.05]), network=NetworkConfig(sizes=(8, 6, 3)),
+...               task=TaskConfig(dataset="teacher", options={"n_in": 8, "n_classes": 3}, M=3, K=5, Q=2),
+...               config=EvalConfig(seeds=3, episodes=2, dtype="float64"))
+>>> list(ev.table["method"])
+['rule (fa)', 'f0 (fa)', 'f0 (bp)']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, option
+from .errors import ConfigError, InvalidRuleError
+from .meta import (
+    DiscoverConfig,
+    NetworkConfig,
+    TaskConfig,
+    _device,
+    _pseudo_gradient_lr,
+    load_rule,
+    resolve_rule,
+)
+from .networks import init_params
+from .neural import NeuralRule
+from .rule import NetworkRule, Rule
+from .runs import RunDir, atomic_open, atomic_write_text
+from .stats import bootstrap_ci
+
+__all__ = ["EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation"]
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """How a rule is evaluated: seeds, episodes, classes, the baselines, device."""
+
+    seeds: int = option(10, help="Independent evaluation seeds (the unit of the bootstrap).")
+    episodes: int = option(5, help="Episodes per seed (fresh tasks and initial weights).")
+    seed: int = option(10_000, help="First evaluation seed (training uses seeds 0, 1, ...).")
+    classes: str = option(
+        "train",
+        help="Which classes tasks draw from: 'train' (the meta-training side of the task split) or 'held-out'.",
+        choices=("train", "held-out"),
+    )
+    baselines: bool = option(True, help="Also evaluate f0 under fa and under bp on the same episodes.")
+    baseline_lr: float | None = option(
+        None,
+        help="Learning rate of the f0 baselines; default: the rule's learned -e_i x_j coefficient, else theta0.",
+    )
+    theta0: float = option(1e-3, help="Coefficient of the first term when the rule carries no trained values.")
+    ci: float = option(0.95, help="Coverage of the bootstrap intervals.")
+    resamples: int = option(1000, help="Bootstrap resamples.")
+    dtype: str = option("float32", help="Floating-point type.", choices=("float32", "float64"))
+    device: str = option("cpu", help="Torch device, e.g. 'cpu' or 'cuda'.")
+    chunk: int = option(64, help="Episodes per inner-loop call (memory bound).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("seeds", "episodes", "resamples", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"Config key 'evaluate.{name}' must be >= 1; received {getattr(self, name)}.")
+        if not 0.0 < self.ci < 1.0:
+            raise ConfigError(f"Config key 'evaluate.ci' must lie in (0, 1); received {self.ci}.")
+        if self.baseline_lr is not None and not (math.isfinite(self.baseline_lr) and self.baseline_lr > 0):
+            raise ConfigError(f"Config key 'evaluate.baseline_lr' must be > 0; received {self.baseline_lr}.")
+
+
+def rule_params(rule, n_layers: int, theta0: float = 1e-3, dtype=torch.float64, device=None):
+    """The ``update`` and ``params`` for :func:`rulesearch.inner.run_episodes` of a trained rule object.
+
+    A rule without trained values gets ``theta0`` for its first term and 0 for the others (with a warning).
+    """
+    from .compile import compile_rule
+
+    def theta(r: Rule):
+        vals = r.values
+        if vals is None:
+            warnings.warn(
+                f"Rule {r.name!r} carries no trained coefficients; evaluating it with theta_0 = {theta0:g} and the "
+                f"other coefficients 0. Pass a trained rule (a run directory or rule.json) or set its values.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            vals = [theta0] + [0.0] * (r.n_terms - 1)
+        return torch.tensor(vals, dtype=dtype, device=device)
+
+    if isinstance(rule, NeuralRule):
+        if rule.params is None:
+            raise InvalidRuleError(f"Neural rule {rule.name!r} has no trained parameters to evaluate.")
+        return rule, {k: v.to(dtype=dtype, device=device) for k, v in rule.params.items()}
+    if isinstance(rule, NetworkRule):
+        rules = rule.rules_per_layer(n_layers)
+        return [compile_rule(r) for r in rules], [theta(r) for r in rules]
+    if isinstance(rule, Rule):
+        return compile_rule(rule), theta(rule)
+    raise InvalidRuleError(f"Cannot evaluate a {type(rule).__name__}; expected a Rule, NetworkRule or NeuralRule.")
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per method: ``method``, ``feedback``, ``lr``, ``accuracy`` with ``accuracy_lo`` /
+        ``accuracy_hi`` (bootstrap interval over seeds), ``loss`` (with interval), ``angle`` (mean alignment angle
+        of the hidden layers), ``diverged`` (fraction of episodes), ``seeds``, ``episodes``.
+    per_seed : pandas.DataFrame
+        One row per method and seed.
+    info : dict
+        The rule, network, task and evaluation settings.
+    """
+
+    table: Any
+    per_seed: Any
+    info: dict
+
+    def to_markdown(self, precision: int = 3) -> str:
+        ci = int(round(100 * self.info.get("ci", 0.95)))
+        lines = [
+            f"| method | accuracy | {ci}% interval | loss | {ci}% interval | angle (deg) | diverged |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for _, r in self.table.iterrows():
+            lines.append(
+                f"| {r['method']} | {r['accuracy']:.{precision}f} | [{r['accuracy_lo']:.{precision}f}, "
+                f"{r['accuracy_hi']:.{precision}f}] | {r['loss']:.{precision}f} | [{r['loss_lo']:.{precision}f}, "
+                f"{r['loss_hi']:.{precision}f}] | {r['angle']:.1f} | {r['diverged']:.2f} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        i = self.info
+        head = (
+            f"{i['rule']} on {i['dataset']} ({i['classes']} classes), {i['seeds']} seeds x {i['episodes']} episodes, "
+            f"{int(round(100 * i['ci']))}% bootstrap intervals over seeds"
+        )
+        return head + "\n" + self.to_markdown()
+
+    def save(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """Write ``evaluation.csv``, ``evaluation_per_seed.csv``, ``evaluation.md``, ``evaluation.json`` and
+        ``evaluation.png`` into ``directory`` (atomically)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        out = {
+            "table": atomic_write_text(d / "evaluation.csv", self.table.to_csv(index=False)),
+            "per_seed": atomic_write_text(d / "evaluation_per_seed.csv", self.per_seed.to_csv(index=False)),
+            "markdown": atomic_write_text(d / "evaluation.md", str(self) + "\n"),
+            "info": atomic_write_text(d / "evaluation.json", json.dumps(self.info, indent=2, default=str) + "\n"),
+        }
+        out["plot"] = plot_evaluation(self, d / "evaluation.png")
+        return out
+
+
+def plot_evaluation(evaluation: Evaluation, path: str | os.PathLike) -> Path:
+    """Bar chart of the mean query accuracy per method with its bootstrap interval (matplotlib, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    t = evaluation.table
+    fig = Figure(figsize=(1.6 + 1.3 * len(t), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(t))
+    acc = t["accuracy"].to_numpy(dtype=float)
+    err = np.stack([acc - t["accuracy_lo"].to_numpy(dtype=float), t["accuracy_hi"].to_numpy(dtype=float) - acc])
+    ax.bar(x, acc, yerr=np.nan_to_num(err), capsize=4, color=[f"C{i}" for i in range(len(t))])
+    ax.set_xticks(x, list(t["method"]))
+    ax.set_ylabel("query accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ci = int(round(100 * evaluation.info.get("ci", 0.95)))
+    ax.set_title(f"{evaluation.info['rule']}: mean of {evaluation.info['seeds']} seeds, {ci}% bootstrap CI", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150)
+    return path
+
+
+def evaluate(
+    rule,
+    *,
+    network: NetworkConfig | None = None,
+    task: TaskConfig | None = None,
+    config: EvalConfig | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a trained rule object (and the f0 baselines) on fresh episodes.
+
+    Parameters
+    ----------
+    rule : Rule, NetworkRule or NeuralRule
+        With trained values (see :func:`rule_params` for rules without).
+    network : NetworkConfig
+        The network; its ``feedback`` is the mode the rule runs under.
+    task : TaskConfig
+        Dataset and episodes (``M``, ``K``, ``Q``, split).
+    config : EvalConfig
+        Seeds, episodes, classes, baselines.
+
+    Returns
+    -------
+    Evaluation
+    """
+    import pandas as pd
+
+    from .inner import f0 as f0_update
+    from .inner import run_episodes
+
+    network = network or NetworkConfig()
+    task = task or TaskConfig()
+    cfg = config or EvalConfig()
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    device = _device(cfg.device)
+    dataset = task.load()
+    side = "test" if cfg.classes == "held-out" else "train"
+    sampler = task.sampler(dataset, side)
+    net = network.build(dataset.n_features, sampler.n_outputs)
+    update, params = rule_params(rule, net.n_layers, cfg.theta0, dtype, device)
+    lr = cfg.baseline_lr
+    if lr is None:
+        lr = _pseudo_gradient_lr(rule) if not isinstance(rule, NeuralRule) else None
+        if lr is None and isinstance(rule, NeuralRule) and rule.params is not None and "skip" in rule.params:
+            idx = [i for i, f in enumerate(rule.features) if set(f.split("*")) == {"err", "pre"}]
+            lr = float(-rule.params["skip"][idx[0]]) if idx else None
+        if lr is None or not lr > 0:
+            lr = cfg.theta0
+    methods = [(f"rule ({net.feedback})", net, update, params)]
+    if cfg.baselines:
+        for mode in ("fa", "bp"):
+            methods.append(
+                (f"f0 ({mode})", dataclasses.replace(net, feedback=mode), f0_update, torch.tensor(lr, dtype=dtype))
+            )
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    E = cfg.episodes
+    per_chunk = max(1, cfg.chunk // E)
+    rows = []
+    for name, mnet, upd, prm in methods:
+        prm = {k: v.to(device) for k, v in prm.items()} if isinstance(prm, dict) else prm
+        if torch.is_tensor(prm):
+            prm = prm.to(device)
+        elif isinstance(prm, list):
+            prm = [p.to(device) for p in prm]
+        for i in range(0, len(seeds), per_chunk):
+            chunk = seeds[i : i + per_chunk]
+            batches = [sampler.sample(s, 0, range(E)) for s in chunk]
+            inits = [init_params(mnet, s, 0, range(E), dtype=dtype) for s in chunk]
+
+            def cat(name, batches=batches):
+                x = torch.cat([getattr(b, name) for b in batches])
+                return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+            batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
+            weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
+            feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
+            with torch.no_grad():
+                res = run_episodes(mnet, batch, upd, prm, weights, feedback)
+            acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu()
+            loss = res.loss.double().cpu()
+            ang = res.angles.double().cpu()
+            for j, s in enumerate(chunk):
+                sl = slice(j * E, (j + 1) * E)
+                row = {
+                    "method": name,
+                    "feedback": mnet.feedback,
+                    "seed": s,
+                    "accuracy": float(acc[sl].mean()),
+                    "loss": float(loss[sl][torch.isfinite(loss[sl])].mean())
+                    if torch.isfinite(loss[sl]).any()
+                    else math.nan,
+                    "diverged": float(res.diverged[sl].double().mean()),
+                }
+                for layer in range(ang.shape[1]):
+                    row[f"angle.{layer + 1}"] = float(torch.nanmean(ang[sl, layer]))
+                rows.append(row)
+    per_seed = pd.DataFrame(rows)
+    table_rows = []
+    for name, mnet, _, _ in methods:
+        d = per_seed[per_seed["method"] == name]
+        acc, acc_lo, acc_hi = bootstrap_ci(d["accuracy"].to_numpy(), cfg.resamples, cfg.ci, nan_policy="omit")
+        loss, loss_lo, loss_hi = bootstrap_ci(d["loss"].to_numpy(), cfg.resamples, cfg.ci, nan_policy="omit")
+        angle_cols = [c for c in d.columns if c.startswith("angle.")]
+        table_rows.append(
+            {
+                "method": name,
+                "feedback": mnet.feedback,
+                "lr": lr if name.startswith("f0") else math.nan,
+                "accuracy": acc,
+                "accuracy_lo": acc_lo,
+                "accuracy_hi": acc_hi,
+                "loss": loss,
+                "loss_lo": loss_lo,
+                "loss_hi": loss_hi,
+                "angle": float(np.nanmean(d[angle_cols].to_numpy())) if angle_cols else math.nan,
+                "diverged": float(d["diverged"].mean()),
+                "seeds": len(d),
+                "episodes": E,
+            }
+        )
+    info = {
+        "rule": getattr(rule, "name", type(rule).__name__),
+        "dataset": task.dataset,
+        "classes": cfg.classes,
+        "seeds": cfg.seeds,
+        "episodes": E,
+        "ci": cfg.ci,
+        "baseline_lr": lr,
+        "network": network.to_dict(),
+        "task": task.to_dict(),
+        "evaluate": cfg.to_dict(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Evaluation(pd.DataFrame(table_rows), per_seed, info)
+
+
+def evaluate_spec(
+    spec: str | os.PathLike,
+    *,
+    network: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None,
+    config: EvalConfig | None = None,
+    run: int | None = None,
+    out: str | os.PathLike | None = None,
+) -> tuple[Evaluation, Path | None]:
+    """Evaluate a rule given as a run directory, a rule JSON file or a named rule (``f0``, ``pool``, ...).
+
+    The network and task default to the run's own (a run directory) or to :class:`NetworkConfig` /
+    :class:`TaskConfig`; ``network`` and ``task`` override single keys (e.g. ``{"feedback": "bp"}``,
+    ``{"dataset": "emnist"}``). ``run`` picks one run of a multi-run result. Results are saved in ``out``
+    (default: ``<run>/evaluation`` for a run directory, else nothing is written).
+    """
+    path = Path(spec)
+    base_net, base_task = NetworkConfig(), TaskConfig()
+    if path.is_dir():
+        rd = RunDir.open(path)
+        cfg = DiscoverConfig.from_dict(rd.config())
+        base_net, base_task = cfg.network, cfg.task
+        rule = load_rule(path, run=run)
+        default_out = path / "evaluation"
+        if cfg.meta.device != "cpu" and config is None:
+            config = EvalConfig(device=cfg.meta.device)
+    elif path.is_file() or str(spec).endswith(".json"):
+        rule = load_rule(path, run=run)
+        default_out = None
+    else:
+        rule = resolve_rule(str(spec))
+        default_out = None
+    network, task = dict(network or {}), dict(task or {})
+    if "dataset" in task and task["dataset"] != base_task.dataset and "sizes" not in network:
+        network["sizes"] = None  # another dataset: derive the input and output sizes from it
+        task.setdefault("options", {})
+    net_cfg = base_net.replace(**network)
+    task_cfg = base_task.replace(**task)
+    ev = evaluate(rule, network=net_cfg, task=task_cfg, config=config)
+    ev.info["source"] = str(spec)
+    target = Path(out) if out is not None else default_out
+    if target is not None:
+        ev.save(target)
+    return ev, target

@@ -1,0 +1,1652 @@
+r"""The meta-trainer: meta-learn a plasticity rule by backpropagating through the unrolled online inner loop.
+
+For every meta-step ``t`` each run ``s`` draws ``B`` (``meta_batch``) fresh episodes ``(seed_s, t, k)``, adapts a
+fresh network on each with the rule (:func:`rulesearch.inner.run_episodes`), and takes one Adam step on
+
+.. math::
+
+    \mathcal{L}_{meta}(\theta) = \frac{1}{B} \sum_{k} \mathrm{CE}\big(f_{W_k(\theta)}(X^{query}_k), Y^{query}_k\big)
+    + \lambda \lVert\theta\rVert_1
+
+(Shervani-Tabar & Rosenbaum 2023, Eq. 6, Alg. 1). The defaults are the paper's: Adam with learning rate
+``1e-3``, :math:`\theta_0 = 10^{-3}` and the other coefficients 0, no gradient clipping, the L1 term as a
+subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step so that coefficients reach exactly
+zero, ``B > 1``, per-layer coefficients ``(L, R)``, several independent runs trained together as one batch, neural
+rules (:class:`rulesearch.neural.NeuralRule`).
+
+Runs
+----
+Run ``s`` has seed ``seed + s``, its own parameters, Adam moments and step count; its episodes depend only on
+``(seed + s, t, k)``. ``S`` runs are trained as one batch of ``S * B`` episodes (the parameters ``[S, ...]`` are
+expanded to one row per episode), and each equals the same run trained alone. The Adam update is written out
+per run (not ``torch.optim.Adam``, whose step count is shared by a tensor's rows).
+
+Divergence
+----------
+If an episode of run ``s`` diverges (:attr:`InnerResult.diverged`, or a non-finite loss or gradient), run ``s``
+skips the meta-step (parameters and Adam state untouched; the step is logged with ``skipped = 1``). NaNs poison
+gradients even when masked, so when some runs diverge the step is recomputed for the others alone. After
+``max_skips`` consecutive skips the run stops; when every run has stopped, :meth:`RuleSearch.fit` raises
+:class:`~rulesearch.errors.DivergenceError`. Parameters are never updated with NaN.
+
+Run directory
+-------------
+With ``out=`` (or ``name=``) a :class:`~rulesearch.runs.RunDir` records the resolved config, a manifest,
+``metrics.csv`` (one row per meta-step and run: ``step`` (1-based, the state after that step), ``run``,
+``seed``, ``meta_loss``, ``query_loss``, ``l1``, ``meta_accuracy``, ``skipped``, ``diverged``, ``grad_norm``,
+``angle.1..`` (alignment angles of the hidden layers), ``theta.<term>`` (after the step), ``seconds``),
+checkpoints every ``checkpoint_every`` steps, and at the end ``rule.json``, ``rule.tex``, ``summary.md`` and
+``figures/``; ``finished.json`` is written last. Resuming (``resume=True``) continues from the newest readable
+checkpoint and is bitwise identical to an uninterrupted run on the same device and thread count.
+
+Examples
+--------
+>>> from rulesearch.meta import RuleSearch, TaskConfig, NetworkConfig, MetaConfig
+>>> search = RuleSearch(
+...     rule="ehebb",
+...     network=NetworkConfig(sizes=(8, 6, 3), feedback="fa"),
+...     task=TaskConfig(dataset="teacher", options={"n_in": 8, "n_classes": 3}, M=3, K=4, Q=2),
+...     meta=MetaConfig(episodes=3, runs=2, l1=0.0, compare=False, dtype="float64"),
+...     progress=False,
+... ).fit()
+>>> search.theta_.shape
+torch.Size([2, 2])
+>>> len(search.history_)
+6
+
+References
+----------
+Shervani-Tabar, N. & Rosenbaum, R. Meta-learning biologically plausible plasticity rules with random feedback
+pathways. Nat. Commun. 14, 1805 (2023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy as sp
+import torch
+from torch import Tensor
+
+from .config import Config, option
+from .data import DATASETS, Dataset, load_dataset, split_classes
+from .episodes import TaskSampler, episode_generator
+from .errors import ConfigError, DivergenceError, InvalidRuleError, NotFittedError, RunDirectoryError
+from .export import FORMAT as RULE_FORMAT
+from .export import latex_table, markdown_table
+from .inner import InnerResult, run_episodes
+from .networks import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network, init_params
+from .neural import DEFAULT_FEATURES, NEURAL_ACTIVATIONS, NeuralRule
+from .neural import FORMAT as NEURAL_FORMAT
+from .rule import NetworkRule, Pool, Rule
+from .runs import RunDir, run_path
+from .stats import bootstrap_ci
+
+__all__ = [
+    "TaskConfig",
+    "NetworkConfig",
+    "MetaConfig",
+    "NeuralConfig",
+    "DiscoverConfig",
+    "RuleSearch",
+    "discover",
+    "resolve_rule",
+    "load_rule",
+    "rule_to_json",
+    "rule_latex",
+    "rule_markdown",
+    "coefficient_table",
+    "terms_table",
+    "export_run",
+    "NETWORK_RULE_FORMAT",
+    "DEFAULT_HIDDEN",
+]
+
+NETWORK_RULE_FORMAT = "rulesearch.network_rule/1"
+DEFAULT_HIDDEN = (170, 130, 100, 70)
+"""Hidden widths of the paper's network (Shervani-Tabar & Rosenbaum 2023)."""
+
+_RULE_HELP = (
+    "The rule to meta-learn: a named rule (pool, f0, ehebb, oja, bio), 'neural' (a NeuralRule, see the neural "
+    "section), 'grammar:default' / 'grammar:classic' (every term of that grammar), or the path of a rule JSON file."
+)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskConfig(Config):
+    """Which tasks the inner loop learns: the dataset and the M-way K-shot Q-query episodes."""
+
+    dataset: str = option("digits", help="Dataset name.", choices=tuple(DATASETS))
+    data_dir: str | None = option(
+        None, help="Folder (or file) of file datasets such as EMNIST; default $RULESEARCH_DATA or ../shared/data."
+    )
+    options: dict[str, Any] = option(
+        default_factory=dict,
+        help="Extra keywords of the dataset loader, e.g. {per_class: 400} for EMNIST or {n_in: 8} for teacher.",
+    )
+    M: int = option(5, help="Classes per episode (M-way).")
+    K: int = option(50, help="Training samples per class (K-shot); an episode has M*K online steps.")
+    Q: int = option(10, help="Query samples per class; the meta-loss is the mean query loss.")
+    split: str = option(
+        "all",
+        help="Class split: 'all', 'digits' / 'letters' (47-class EMNIST), or a fraction such as '0.8' of the "
+        "classes for meta-training (the rest are held out for evaluation).",
+    )
+    split_seed: int = option(0, help="Seed of a fractional class split.")
+    replacement: bool = option(False, help="Draw the M classes of an episode with replacement (the paper's code).")
+    fixed_images: bool = option(
+        False, help="Use the first K images of a class for training and the next Q as queries (the paper's code)."
+    )
+    remap_labels: bool = option(False, help="Label an episode's classes 0..M-1 (M outputs) instead of raw ids.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, low in (("M", 1), ("K", 1), ("Q", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"Config key 'task.{name}' must be >= {low}; received {getattr(self, name)}.")
+        _split_spec(self.split)
+
+    def load(self) -> Dataset:
+        """The dataset (loaded from disk or generated)."""
+        return load_dataset(self.dataset, self.data_dir, **self.options)
+
+    def classes(self, dataset: Dataset, side: str = "train") -> list[int] | None:
+        """Allowed class ids: the meta-train (``side="train"``) or held-out (``"test"``) side of the split."""
+        if dataset.task != "classification":
+            return None
+        spec = _split_spec(self.split)
+        split = split_classes(dataset, spec, seed=self.split_seed)
+        if side == "test" and spec == "all":
+            raise ConfigError(
+                "Held-out classes need a class split: the split is 'all' (meta-train and test classes coincide). "
+                "Pass a split such as '0.5', 'digits' or 'letters'."
+            )
+        return split.meta_train if side == "train" else split.meta_test
+
+    def sampler(self, dataset: Dataset, side: str = "train") -> TaskSampler:
+        """A :class:`TaskSampler` over ``dataset`` with these options."""
+        return TaskSampler(
+            dataset,
+            self.M,
+            self.K,
+            self.Q,
+            classes=self.classes(dataset, side),
+            replacement=self.replacement,
+            remap_labels=self.remap_labels,
+            fixed_images=self.fixed_images,
+        )
+
+
+def _split_spec(split: str):
+    try:
+        x = float(split)
+    except ValueError:
+        if split not in ("all", "digits", "letters"):
+            raise ConfigError(
+                f"Config key 'task.split': received {split!r}, expected 'all', 'digits', 'letters' or a fraction "
+                f"in (0, 1) such as '0.8'."
+            ) from None
+        return split
+    if not 0.0 < x < 1.0:
+        raise ConfigError(f"Config key 'task.split': a fractional split must lie in (0, 1); received {split!r}.")
+    return x
+
+
+@dataclass(frozen=True)
+class NetworkConfig(Config):
+    """The inner-loop network: sizes, activation and feedback pathway (see :class:`rulesearch.networks.Network`)."""
+
+    sizes: tuple[int, ...] | None = option(
+        None,
+        help="Layer widths input,...,output; default: the dataset's input size, 170,130,100,70, and its number of "
+        "outputs (64-170-130-100-70-10 on digits, 784-170-130-100-70-47 on EMNIST).",
+    )
+    activation: str = option("softplus", help="Hidden nonlinearity.", choices=ACTIVATIONS)
+    beta: float = option(10.0, help="Softplus sharpness beta.")
+    feedback: str = option("fa", help="Error pathway: backprop, feedback alignment, ...", choices=FEEDBACK_MODES)
+    loss: str = option("ce", help="Inner and query loss: cross-entropy or mean squared error.", choices=LOSSES)
+    init: str = option("xavier", help="Initialization of weights and feedback.", choices=INITS)
+    gain: float = option(1.0, help="Scale of the initial forward weights.")
+    feedback_gain: float = option(1.0, help="Scale of the random feedback matrices.")
+
+    def build(self, n_in: int, n_out: int) -> Network:
+        """The :class:`Network` for a dataset with ``n_in`` inputs and ``n_out`` outputs."""
+        sizes = self.sizes if self.sizes is not None else (n_in, *DEFAULT_HIDDEN, n_out)
+        if sizes[0] != n_in or sizes[-1] != n_out:
+            raise ConfigError(
+                f"Config key 'network.sizes': received {list(sizes)}, but the task has {n_in} inputs and {n_out} "
+                f"outputs; the sizes must start with {n_in} and end with {n_out} (e.g. "
+                f"{[n_in, *DEFAULT_HIDDEN, n_out]})."
+            )
+        return Network(
+            sizes=tuple(sizes),
+            activation=self.activation,
+            beta=self.beta,
+            feedback=self.feedback,
+            loss=self.loss,
+            init=self.init,
+            gain=self.gain,
+            feedback_gain=self.feedback_gain,
+        )
+
+
+@dataclass(frozen=True)
+class MetaConfig(Config):
+    """The outer loop: episodes, runs, Adam, L1, divergence handling, checkpoints, device."""
+
+    episodes: int = option(100, help="Meta-steps per run (each draws meta_batch fresh episodes).")
+    meta_batch: int = option(1, help="Episodes per meta-step and run (B; the paper uses 1).")
+    runs: int = option(1, help="Independent runs (seeds seed, seed+1, ...) trained together as one batch.")
+    seed: int = option(0, help="Seed of the first run; episodes are pure functions of (seed, step, k).")
+    lr: float = option(1e-3, help="Adam learning rate of the rule parameters.")
+    betas: tuple[float, float] = option((0.9, 0.999), help="Adam betas.")
+    eps: float = option(1e-8, help="Adam epsilon.")
+    l1: float = option(
+        0.5, help="L1 strength lambda on the coefficients of linear rules (meta-loss = query CE + lambda*|theta|_1)."
+    )
+    l1_mode: str = option(
+        "subgradient",
+        help="'subgradient': L1 in the meta-loss (the paper); 'proximal': soft-threshold after each Adam step by "
+        "lr*lambda, so coefficients reach exactly zero.",
+        choices=("subgradient", "proximal"),
+    )
+    clip: float | None = option(None, help="Clip each run's meta-gradient to this L2 norm (default: no clipping).")
+    theta0: float = option(1e-3, help="Initial value of the first coefficient (the others start at 0).")
+    init: tuple[float, ...] | None = option(
+        None, help="Initial coefficients, one per term (overrides theta0); per-layer rules repeat them per layer."
+    )
+    per_layer: bool = option(False, help="One coefficient vector per layer ([L, R]) instead of one shared ([R]).")
+    dtype: str = option("float32", help="Floating-point type of the inner loop.", choices=("float32", "float64"))
+    device: str = option("cpu", help="Torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
+    threads: int | None = option(None, help="CPU threads for torch (default: torch's own setting).")
+    checkpoint_every: int = option(10, help="Save a checkpoint every this many meta-steps (and at the end).")
+    max_skips: int = option(5, help="Stop a run after this many consecutive skipped (diverged) meta-steps.")
+    divergence_bound: float = option(1e3, help="An episode diverges when max |W| exceeds this bound.")
+    check_every: int = option(25, help="Check for divergence every this many inner steps.")
+    method: str = option(
+        "auto",
+        help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
+        "'adjoint' or 'autograd' (see rulesearch.inner.run_episodes).",
+        choices=("auto", "adjoint", "autograd"),
+    )
+    segment: int | None = option(
+        None,
+        help="Checkpoint the inner loop in segments of this many online steps (bounded memory; autograd path) or "
+        "the snapshot interval of the adjoint path.",
+    )
+    compare: bool = option(
+        True,
+        help="At the end, run f0 under fa and under bp on the tasks of the first and last 10% of meta-steps.",
+    )
+    compare_lr: float | None = option(
+        None,
+        help="Learning rate of the f0 comparison; default: the learned coefficient of the rule's -e_i x_j term "
+        "(theta0 if it has none).",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("episodes", "meta_batch", "runs", "checkpoint_every", "max_skips", "check_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"Config key 'meta.{name}' must be >= 1; received {getattr(self, name)}.")
+        for name in ("lr", "eps", "divergence_bound"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"Config key 'meta.{name}' must be a finite number > 0; received {v}.")
+        if not (math.isfinite(self.l1) and self.l1 >= 0):
+            raise ConfigError(f"Config key 'meta.l1' must be a finite number >= 0; received {self.l1}.")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"Config key 'meta.clip' must be a number > 0 or null; received {self.clip}.")
+        if self.segment is not None and self.segment < 1:
+            raise ConfigError(f"Config key 'meta.segment' must be >= 1 or null; received {self.segment}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"Config key 'meta.threads' must be >= 1 or null; received {self.threads}.")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"Config key 'meta.betas' must lie in [0, 1); received {list(self.betas)}.")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(
+                f"Config key 'meta.device': received {self.device!r}, expected a torch device such as 'cpu', "
+                f"'cuda' or 'cuda:0'."
+            ) from err
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+@dataclass(frozen=True)
+class NeuralConfig(Config):
+    """The neural rule (used when ``rule`` is ``'neural'``); see :class:`rulesearch.neural.NeuralRule`."""
+
+    features: tuple[str, ...] = option(
+        DEFAULT_FEATURES, help="Synapse features: signal names, contractions (wTpost) or products 'a*b'."
+    )
+    hidden: tuple[int, ...] = option((16,), help="Hidden widths of the MLP.")
+    activation: str = option("tanh", help="Hidden nonlinearity of the MLP.", choices=tuple(NEURAL_ACTIVATIONS))
+    skip: bool = option(True, help="Add a linear skip part over the features (starts as -theta0 e_i x_j).")
+    checkpoint: bool = option(True, help="Recompute the MLP in the backward pass (bounded memory).")
+    init_scale: float = option(1.0, help="Scale of the MLP's initial hidden weights.")
+
+    def build(self) -> NeuralRule:
+        return NeuralRule(
+            features=self.features,
+            hidden=self.hidden,
+            activation=self.activation,
+            skip=self.skip,
+            checkpoint=self.checkpoint,
+            init_scale=self.init_scale,
+        )
+
+
+@dataclass(frozen=True)
+class DiscoverConfig(Config):
+    """Everything a discovery run needs (``rulesearch discover`` and :class:`RuleSearch`)."""
+
+    rule: str = option("pool", help=_RULE_HELP)
+    terms: tuple[str, ...] | None = option(None, help="Keep only these terms of the rule (in this order).")
+    rule_json: dict[str, Any] | None = option(
+        None, help="The rule as JSON (set when a Rule object is given in Python; overrides 'rule')."
+    )
+    task: TaskConfig = option(default_factory=TaskConfig, help="Tasks: dataset and episodes.")
+    network: NetworkConfig = option(default_factory=NetworkConfig, help="The inner-loop network.")
+    meta: MetaConfig = option(default_factory=MetaConfig, help="The outer loop.")
+    neural: NeuralConfig = option(default_factory=NeuralConfig, help="The neural rule (rule = 'neural').")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rules: resolution, JSON
+# ------------------------------------------------------------------------------------------------------------
+
+
+def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig | None = None):
+    """A rule object from a spec: a :class:`Rule`, :class:`NetworkRule`, :class:`NeuralRule`, :class:`Pool`,
+    :class:`~rulesearch.grammar.Grammar`, a named rule, ``'neural'``, ``'grammar:<name>'`` or a JSON file path.
+
+    ``terms`` keeps only the named terms of a linear rule.
+    """
+    from .grammar import Grammar
+    from .pools import NAMED_RULES
+
+    rule = spec
+    if isinstance(spec, str):
+        if spec == "neural":
+            rule = (neural or NeuralConfig()).build()
+        elif spec.startswith("grammar:"):
+            kind = spec.split(":", 1)[1]
+            makers = {"default": Grammar.default, "classic": Grammar.classic}
+            if kind not in makers:
+                raise ConfigError(
+                    f"Config key 'rule': unknown grammar {kind!r} in {spec!r}; allowed: "
+                    f"{', '.join('grammar:' + k for k in makers)}."
+                )
+            rule = makers[kind]().rule(f"grammar-{kind}")
+        elif spec in NAMED_RULES:
+            rule = NAMED_RULES[spec]
+        elif _is_rule_file(spec):
+            rule = load_rule(spec)
+        else:
+            allowed = ", ".join([*NAMED_RULES, "neural", "grammar:default", "grammar:classic", "<file>.json"])
+            import difflib
+
+            close = difflib.get_close_matches(spec, [*NAMED_RULES, "neural"], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Config key 'rule': received {spec!r}, expected one of {allowed}.{hint}")
+    elif isinstance(spec, Grammar):
+        rule = spec.rule()
+    elif isinstance(spec, Pool):
+        rule = spec.rule()
+    if not isinstance(rule, (Rule, NetworkRule, NeuralRule)):
+        raise ConfigError(
+            f"rule must be a Rule, NetworkRule, NeuralRule, Pool, Grammar or a name; received {type(spec).__name__}."
+        )
+    if terms:
+        if not isinstance(rule, Rule):
+            raise ConfigError("terms= selects terms of a linear Rule; this rule is a " + type(rule).__name__ + ".")
+        rule = rule.select(list(terms))
+    if isinstance(rule, Rule) and not rule.is_linear:
+        raise ConfigError(
+            f"Rule {rule.name!r} is a general expression with free constants; the meta-trainer learns linear rules "
+            f"(named terms) and neural rules."
+        )
+    return rule
+
+
+def rule_to_json(rule, runs=None, intervals=None) -> dict:
+    """JSON of a trained rule object: a :class:`Rule` (``rulesearch.rule/1``), a :class:`NetworkRule` or a
+    :class:`NeuralRule`; ``runs`` (per-run values) and ``intervals`` are stored alongside."""
+    if isinstance(rule, NeuralRule):
+        return rule.to_json(runs=runs)
+    if isinstance(rule, NetworkRule):
+        out = {
+            "format": NETWORK_RULE_FORMAT,
+            "groups": [{"layers": list(layers), "rule": r.to_json()} for layers, r in rule.groups],
+        }
+    else:
+        out = rule.to_json()
+    if runs is not None:
+        out["runs"] = _plain(runs)
+    if intervals is not None:
+        out["intervals"] = _plain(intervals)
+    return out
+
+
+def _plain(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu().double().tolist()
+    if isinstance(x, np.ndarray):
+        return x.astype(float).tolist()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def load_rule(source, run: int | None = None):
+    """A rule from a JSON file, a dict, or a run directory (its ``rule.json``).
+
+    ``run`` picks the parameters of one run of a multi-run result (default: the mean for linear rules, the first
+    run for neural rules).
+    """
+    data = source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "rule.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise InvalidRuleError(f"Rule file {str(path)!r} does not exist.") from err
+        except json.JSONDecodeError as err:
+            raise InvalidRuleError(f"Rule file {str(path)!r} is not valid JSON: {err}.") from err
+    if not isinstance(data, Mapping):
+        raise InvalidRuleError(f"A rule file holds a JSON object; received {type(data).__name__}.")
+    fmt = data.get("format")
+    if fmt == NEURAL_FORMAT:
+        return NeuralRule.from_json(data, run=run if run is not None else (0 if data.get("runs") else None))
+    runs = data.get("runs")
+    if fmt == NETWORK_RULE_FORMAT:
+        groups = []
+        for g, item in enumerate(data["groups"]):
+            r = Rule.from_json(item["rule"])
+            if run is not None:
+                r = r.with_values(_run_values(runs, run)[g])
+            groups.append((tuple(item["layers"]), r))
+        return NetworkRule(groups)
+    if fmt == RULE_FORMAT:
+        rule = Rule.from_json(data)
+        if run is not None:
+            rule = rule.with_values(_run_values(runs, run))
+        return rule
+    raise InvalidRuleError(
+        f"Unknown rule file format {fmt!r}; expected {RULE_FORMAT!r}, {NETWORK_RULE_FORMAT!r} or a neural rule."
+    )
+
+
+def _run_values(runs, run):
+    if not runs or not 0 <= run < len(runs):
+        raise InvalidRuleError(f"The rule file holds {len(runs or [])} runs; run {run} does not exist.")
+    return runs[run]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Learners: how a rule's parameters are laid out, expanded per episode, penalized and logged
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _Linear:
+    """Linear rules: ``theta`` of shape ``[S, R]`` (shared), ``[S, L, R]`` (per layer) or one ``[S, R_g]`` per
+    group of a :class:`NetworkRule`."""
+
+    linear = True
+
+    def __init__(self, rule, n_layers: int, meta: MetaConfig):
+        from .compile import compile_rule
+
+        self.rule = rule
+        self.n_layers = n_layers
+        if isinstance(rule, NetworkRule):
+            for layer in range(n_layers):
+                rule.group_of(layer)  # every layer covered
+            self.kind = "groups"
+            self.groups = [r for _, r in rule.groups]
+            self.names = [f"theta_g{g}" for g in range(len(self.groups))]
+            self.updates = [compile_rule(r) for r in self.groups]
+        else:
+            self.kind = "per_layer" if meta.per_layer else "shared"
+            self.groups = [rule]
+            self.names = ["theta"]
+            self.updates = [compile_rule(rule)]
+        self.meta = meta
+
+    def _init_vector(self, rule: Rule) -> list[float]:
+        init = self.meta.init
+        if init is not None:
+            if len(init) != rule.n_terms:
+                raise ConfigError(
+                    f"Config key 'meta.init' has {len(init)} values but rule {rule.name!r} has {rule.n_terms} terms "
+                    f"{list(rule.term_names())}; give one value per term."
+                )
+            return [float(v) for v in init]
+        return [self.meta.theta0] + [0.0] * (rule.n_terms - 1)
+
+    def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
+        S = len(seeds)
+        out = {}
+        for name, rule in zip(self.names, self.groups):
+            v = torch.tensor(self._init_vector(rule), dtype=torch.float64)
+            if self.kind == "per_layer":
+                v = v.expand(self.n_layers, -1)
+            out[name] = v.expand(S, *v.shape).clone().to(dtype=dtype, device=device)
+        return out
+
+    def update(self, net: Network):
+        if self.kind == "groups":
+            return [self.updates[self.rule.group_of(layer)] for layer in range(self.n_layers)]
+        return self.updates[0]
+
+    def layer_params(self, expanded: dict[str, Tensor]):
+        if self.kind == "shared":
+            return expanded["theta"]
+        if self.kind == "per_layer":
+            return [expanded["theta"][:, layer] for layer in range(self.n_layers)]
+        return [expanded[self.names[self.rule.group_of(layer)]] for layer in range(self.n_layers)]
+
+    def l1(self, params: dict[str, Tensor]) -> Tensor:
+        """Per-run ``sum |theta|`` (shape ``(S,)``)."""
+        return sum(p.abs().flatten(1).sum(1) for p in params.values())
+
+    def prox(self, p: Tensor, amount: float) -> Tensor:
+        return torch.sign(p) * torch.clamp(p.abs() - amount, min=0.0)
+
+    def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
+        out = {}
+        for name, rule in zip(self.names, self.groups):
+            v = params[name][s].detach().cpu().double()
+            prefix = "theta." if self.kind != "groups" else f"theta.g{self.names.index(name)}."
+            if self.kind == "per_layer":
+                for layer in range(self.n_layers):
+                    for r, term in enumerate(rule.term_names()):
+                        out[f"theta.{layer}.{term}"] = float(v[layer, r])
+            else:
+                for r, term in enumerate(rule.term_names()):
+                    out[prefix + term] = float(v[r])
+        return out
+
+    def trained(self, params: dict[str, Tensor], s: int | None = None):
+        """The rule with the values of run ``s`` (None: the mean over runs)."""
+
+        def pick(p):
+            p = p.detach().cpu().double()
+            return p.mean(0) if s is None else p[s]
+
+        if self.kind == "shared":
+            return self.rule.with_values(pick(params["theta"]))
+        if self.kind == "per_layer":
+            th = pick(params["theta"])
+            return NetworkRule(
+                {
+                    (layer,): Rule(self.rule.terms, f"layer {layer + 1}", values=th[layer].tolist())
+                    for layer in range(self.n_layers)
+                }
+            )
+        return NetworkRule(
+            [(layers, r.with_values(pick(params[name]))) for (layers, r), name in zip(self.rule.groups, self.names)]
+        )
+
+
+class _Neural:
+    """Neural rules: a dict of MLP parameters, each ``[S, ...]``."""
+
+    linear = False
+
+    def __init__(self, rule: NeuralRule, n_layers: int, meta: MetaConfig):
+        self.rule = rule
+        self.n_layers = n_layers
+        self.meta = meta
+        self.names = list(rule.param_shapes())
+
+    def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
+        per_run = [self.rule.init_params(episode_generator(s, 0, 0, "neural"), self.meta.theta0) for s in seeds]
+        return {k: torch.stack([p[k] for p in per_run]).to(dtype=dtype, device=device) for k in self.names}
+
+    def update(self, net: Network):
+        return self.rule
+
+    def layer_params(self, expanded: dict[str, Tensor]):
+        return expanded
+
+    def l1(self, params):
+        return None
+
+    def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
+        out = {}
+        if "skip" in params:
+            for f, v in zip(self.rule.features, params["skip"][s].detach().cpu().double().tolist()):
+                out[f"skip.{f}"] = v
+        mlp = [params[k][s].detach().cpu().double() for k in self.names if k != "skip"]
+        if mlp:
+            out["mlp_norm"] = float(torch.sqrt(sum((p**2).sum() for p in mlp)))
+        return out
+
+    def trained(self, params: dict[str, Tensor], s: int | None = None):
+        return self.rule.with_params({k: v[0 if s is None else s] for k, v in params.items()})
+
+
+def _learner(rule, n_layers: int, meta: MetaConfig):
+    if isinstance(rule, NeuralRule):
+        if meta.per_layer:
+            raise ConfigError("meta.per_layer applies to linear rules; a neural rule is shared by all layers.")
+        return _Neural(rule, n_layers, meta)
+    return _Linear(rule, n_layers, meta)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training state and the trainer
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    t: int  # meta-steps done
+    params: dict[str, Tensor]
+    m: dict[str, Tensor]
+    v: dict[str, Tensor]
+    steps: Tensor  # (S,) Adam steps taken per run
+    skips: Tensor  # (S,) consecutive skips
+    stopped: Tensor  # (S,) bool
+    stop_step: Tensor  # (S,) step at which the run stopped, -1 if running
+
+    def to_checkpoint(self) -> dict:
+        def cpu(d):
+            return {k: v.detach().cpu().clone() for k, v in d.items()}
+
+        return {
+            "t": self.t,
+            "params": cpu(self.params),
+            "adam_m": cpu(self.m),
+            "adam_v": cpu(self.v),
+            "adam_steps": self.steps.cpu().clone(),
+            "skips": self.skips.cpu().clone(),
+            "stopped": self.stopped.cpu().clone(),
+            "stop_step": self.stop_step.cpu().clone(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: Mapping, like: _State, device) -> _State:
+        def dev(d, ref):
+            if set(d) != set(ref):
+                raise RunDirectoryError(
+                    f"Checkpoint parameters {sorted(d)} do not match the rule's {sorted(ref)}; the run directory "
+                    f"belongs to another rule."
+                )
+            out = {}
+            for k, v in d.items():
+                if tuple(v.shape) != tuple(ref[k].shape):
+                    raise RunDirectoryError(
+                        f"Checkpoint parameter {k!r} has shape {tuple(v.shape)}, expected {tuple(ref[k].shape)}."
+                    )
+                out[k] = v.to(device=device, dtype=ref[k].dtype)
+            return out
+
+        return cls(
+            t=int(data["t"]),
+            params=dev(data["params"], like.params),
+            m=dev(data["adam_m"], like.params),
+            v=dev(data["adam_v"], like.params),
+            steps=data["adam_steps"].to(device),
+            skips=data["skips"].to(device),
+            stopped=data["stopped"].to(device),
+            stop_step=data["stop_step"].to(device),
+        )
+
+
+class _Problem:
+    """Everything fixed for a fit: data, sampler, network, learner, seeds."""
+
+    def __init__(self, cfg: DiscoverConfig, rule):
+        self.cfg = cfg
+        meta = cfg.meta
+        self.dataset = cfg.task.load()
+        self.sampler = cfg.task.sampler(self.dataset, "train")
+        self.net = cfg.network.build(self.dataset.n_features, self.sampler.n_outputs)
+        self.rule = rule
+        self.learner = _learner(rule, self.net.n_layers, meta)
+        self.update = self.learner.update(self.net)
+        self._check_signals()
+        self.dtype = meta.torch_dtype
+        self.device = _device(meta.device)
+        self.seeds = [meta.seed + s for s in range(meta.runs)]
+        self.B = meta.meta_batch
+
+    def _check_signals(self):
+        ups = self.update if isinstance(self.update, list) else [self.update]
+        needs = set().union(*(u.needs for u in ups))
+        if "fb" in needs and not self.net.has_fb:
+            raise ConfigError(
+                f"The rule reads the feedback matrix 'fb', which feedback mode {self.net.feedback!r} does not have; "
+                f"use network.feedback 'fa', 'sign' or 'bp'."
+            )
+
+    def episodes(self, t: int | Sequence[int], runs: Sequence[int], net: Network | None = None):
+        """The batch and initial weights/feedback of the episodes ``(seed_s, t, k)`` for ``s in runs``, ``k < B``
+        (rows ordered by step, then run, then k); ``t`` may be a list of meta-steps."""
+        net = net or self.net
+        pairs = [(tt, s) for tt in ([t] if isinstance(t, int) else t) for s in runs]
+        batches = [self.sampler.sample(self.seeds[s], tt, range(self.B)) for tt, s in pairs]
+        inits = [init_params(net, self.seeds[s], tt, range(self.B), dtype=self.dtype) for tt, s in pairs]
+        dev, dt = self.device, self.dtype
+
+        def cat(name):
+            x = torch.cat([getattr(b, name) for b in batches])
+            return x.to(device=dev, dtype=dt if x.is_floating_point() else None)
+
+        batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
+        weights = [torch.cat(ws).to(dev) for ws in zip(*(w for w, _ in inits))]
+        feedback = [torch.cat(fs).to(dev) for fs in zip(*(f for _, f in inits))]
+        return batch, weights, feedback
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"Config key 'meta.device' is {name!r} but CUDA is not available (torch {torch.__version__}, "
+            f"cuda {torch.version.cuda}). Install a CUDA build of torch (pip install torch without "
+            f"-c constraints.txt) on a machine with a GPU, or use --device cpu."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"Config key 'meta.device' is {name!r} but MPS is not available; use cpu.")
+    return dev
+
+
+class _Trainer:
+    """The meta-training loop over a :class:`_Problem` (state in :class:`_State`)."""
+
+    def __init__(self, problem: _Problem):
+        self.p = problem
+        self.meta = problem.cfg.meta
+
+    def fresh_state(self) -> _State:
+        p = self.p
+        params = p.learner.init(p.seeds, p.dtype, p.device)
+        S = len(p.seeds)
+        dev = p.device
+        return _State(
+            t=0,
+            params=params,
+            m={k: torch.zeros_like(v) for k, v in params.items()},
+            v={k: torch.zeros_like(v) for k, v in params.items()},
+            steps=torch.zeros(S, dtype=torch.long, device=dev),
+            skips=torch.zeros(S, dtype=torch.long, device=dev),
+            stopped=torch.zeros(S, dtype=torch.bool, device=dev),
+            stop_step=torch.full((S,), -1, dtype=torch.long, device=dev),
+        )
+
+    def validate(self, st: _State) -> None:
+        """Two online steps of one episode (no gradients): surfaces signal, shape and device errors before a run
+        directory is created."""
+        p = self.p
+        batch, weights, feedback = p.episodes(0, [0])
+        small = (batch[0][:, :2], batch[1][:, :2], batch[2][:, :1], batch[3][:, :1])
+        expanded = {k: v[:1].repeat_interleave(p.B, dim=0) for k, v in st.params.items()}
+        with torch.no_grad():
+            run_episodes(p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False)
+
+    def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
+        p = self.p
+        batch, weights, feedback = p.episodes(t, runs)
+        idx = torch.tensor(runs, device=p.device)
+        leaves = {k: v.index_select(0, idx).detach().requires_grad_(grad) for k, v in params.items()}
+        expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in leaves.items()}
+        with torch.set_grad_enabled(grad):
+            res = run_episodes(
+                p.net,
+                batch,
+                p.update,
+                p.learner.layer_params(expanded),
+                weights,
+                feedback,
+                divergence_bound=self.meta.divergence_bound,
+                check_every=self.meta.check_every,
+                method=self.meta.method,
+                checkpoint_every=self.meta.segment,
+            )
+        return res, leaves
+
+    def _per_run(self, res: InnerResult, n: int):
+        B = self.p.B
+        loss = res.loss.reshape(n, B)
+        div = res.diverged.reshape(n, B).any(1) | ~torch.isfinite(loss.detach()).all(1)
+        return loss.mean(1), div
+
+    def step(self, st: _State) -> list[dict]:
+        """One meta-step for every running run; returns the metric rows."""
+        meta, p = self.meta, self.p
+        t0 = time.perf_counter()
+        t = st.t
+        active = [s for s in range(len(p.seeds)) if not bool(st.stopped[s])]
+        results: dict[int, tuple[InnerResult, int]] = {}
+        bad: set[int] = set()
+        current = active
+        while current:  # diverged runs are dropped and the rest recomputed: NaNs would poison the gradient
+            res, leaves = self._inner(t, current, st.params, grad=True)
+            loss_run, div = self._per_run(res, len(current))
+            results.update({s: (res, i) for i, s in enumerate(current)})
+            new_bad = {s for s, d in zip(current, div.tolist()) if d}
+            if not new_bad:
+                break
+            bad |= new_bad
+            current = [s for s in current if s not in new_bad]
+            del res, leaves, loss_run
+        grads: dict[int, dict[str, Tensor]] = {}
+        grad_norm: dict[int, float] = {}
+        if current:
+            total = loss_run.sum()
+            l1 = p.learner.l1(leaves)
+            if l1 is not None and meta.l1 > 0 and meta.l1_mode == "subgradient":
+                total = total + meta.l1 * l1.sum()
+            names = list(leaves)
+            g = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)
+            g = {k: (torch.zeros_like(leaves[k]) if gi is None else gi.detach()) for k, gi in zip(names, g)}
+            norms = torch.sqrt(sum(gi.flatten(1).pow(2).sum(1) for gi in g.values()))
+            for i, s in enumerate(current):
+                gs = {k: gi[i] for k, gi in g.items()}
+                if not all(bool(torch.isfinite(x).all()) for x in gs.values()):
+                    continue
+                grads[s] = gs
+                grad_norm[s] = float(norms[i])
+            del total, leaves, loss_run
+        updated = self._adam(st, grads)
+        rows = []
+        seconds = time.perf_counter() - t0
+        for s in active:
+            r, i = results[s]
+            skipped = s not in updated
+            if skipped:
+                st.skips[s] += 1
+                if int(st.skips[s]) >= meta.max_skips:
+                    st.stopped[s] = True
+                    st.stop_step[s] = t + 1
+            else:
+                st.skips[s] = 0
+            rows.append(self._row(st, t, s, r, i, skipped, grad_norm.get(s, float("nan")), seconds))
+        st.t = t + 1
+        return rows
+
+    def _adam(self, st: _State, grads: dict[int, dict[str, Tensor]]) -> set[int]:
+        """Per-run Adam (and proximal L1) on the runs in ``grads``; returns the runs actually updated (a run whose
+        new parameters would not be finite keeps its old state)."""
+        if not grads:
+            return set()
+        meta = self.meta
+        runs = sorted(grads)
+        dev = self.p.device
+        idx = torch.tensor(runs, device=dev)
+        b1, b2 = meta.betas
+        if meta.clip is not None:
+            norm = torch.stack([torch.sqrt(sum(x.pow(2).sum() for x in grads[s].values())) for s in runs])
+            scale = torch.clamp(meta.clip / (norm + 1e-6), max=1.0)
+        steps = st.steps[idx] + 1
+        new: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        ok = torch.ones(len(runs), dtype=torch.bool, device=dev)
+        for k in st.params:
+            g = torch.stack([grads[s][k] for s in runs]).to(st.params[k].dtype)
+            shape = (-1, *([1] * (g.dim() - 1)))
+            if meta.clip is not None:
+                g = g * scale.to(g.dtype).reshape(shape)
+            m = st.m[k][idx] * b1 + g * (1 - b1)
+            v = st.v[k][idx] * b2 + g * g * (1 - b2)
+            tt = steps.to(g.dtype).reshape(shape)
+            bc1 = 1 - b1**tt
+            bc2 = 1 - b2**tt
+            denom = v.sqrt() / bc2.sqrt() + meta.eps
+            p = st.params[k][idx] - (meta.lr / bc1) * m / denom
+            if self.p.learner.linear and meta.l1_mode == "proximal" and meta.l1 > 0:
+                p = self.p.learner.prox(p, meta.lr * meta.l1)
+            ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
+            new[k] = (m, v, p)
+        keep = idx[ok]
+        for k, (m, v, p) in new.items():
+            st.m[k][keep] = m[ok]
+            st.v[k][keep] = v[ok]
+            st.params[k][keep] = p[ok]
+        st.steps[keep] = steps[ok]
+        return {s for s, o in zip(runs, ok.tolist()) if o}
+
+    def _row(self, st, t, s, res: InnerResult, i: int, skipped: bool, grad_norm: float, seconds: float) -> dict:
+        B, meta = self.p.B, self.meta
+        sl = slice(i * B, (i + 1) * B)
+        with torch.no_grad():
+            query = float(res.loss[sl].detach().double().mean())
+            acc = float(res.accuracy[sl].double().mean())
+            l1v = self.p.learner.l1({k: v[s : s + 1] for k, v in st.params.items()})
+        l1 = float(meta.l1 * l1v[0]) if l1v is not None else 0.0
+        row = {
+            "step": t + 1,
+            "run": s,
+            "seed": self.p.seeds[s],
+            "meta_loss": query + l1,
+            "query_loss": query,
+            "l1": l1,
+            "meta_accuracy": acc,
+            "skipped": int(skipped),
+            "diverged": int(res.diverged[sl].sum()),
+            "grad_norm": grad_norm,
+        }
+        if res.angles.numel():
+            ang = res.angles[sl].double()
+            for layer in range(ang.shape[1]):
+                row[f"angle.{layer + 1}"] = float(torch.nanmean(ang[:, layer])) if ang.shape[0] else float("nan")
+        row.update(self.p.learner.columns(st.params, s))
+        row["seconds"] = seconds
+        return row
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The estimator
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _as_config(value, cls, name: str):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls.from_dict(value)
+    if cls is NetworkConfig and isinstance(value, Network):
+        return NetworkConfig(**{f.name: getattr(value, f.name) for f in dataclasses.fields(NetworkConfig)})
+    raise ConfigError(f"{name} must be a {cls.__name__} (or a dict of its keys); received {type(value).__name__}.")
+
+
+class RuleSearch:
+    r"""Meta-learn a plasticity rule: ``RuleSearch(rule, network, task, meta).fit()``.
+
+    Parameters
+    ----------
+    rule : str, Rule, NetworkRule, NeuralRule, Pool or Grammar
+        What to meta-learn (see :func:`resolve_rule`); default ``"pool"`` (the paper's 10 terms).
+    network : NetworkConfig, Network or dict, optional
+        The inner-loop network; default :class:`NetworkConfig` (softplus beta=10, feedback alignment).
+    task : TaskConfig or dict, optional
+        The tasks; default digits, 5-way, K=50, Q=10.
+    meta : MetaConfig or dict, optional
+        The outer loop; default :class:`MetaConfig`.
+    neural : NeuralConfig or dict, optional
+        The neural rule's structure when ``rule="neural"``.
+    terms : sequence of str, optional
+        Keep only these terms of a linear rule.
+    out : path, optional
+        Run directory. Default: ``./runs/<name>`` when ``name`` is given, else no run directory.
+    name : str, optional
+        Run name (``./runs/<name>``).
+    resume : bool
+        Continue the run in ``out`` from its newest checkpoint (bitwise identical to an uninterrupted run).
+    progress : bool
+        Show a tqdm progress bar with the live meta-accuracy.
+    callback : callable, optional
+        ``callback(step, rows)`` after every meta-step (after its checkpoint, if any).
+
+    Attributes
+    ----------
+    theta_ : Tensor, shape (S, R) or (S, L, R)
+        Learned coefficients of every run (linear rules; a list per group for a :class:`NetworkRule`).
+    params_ : dict of Tensor
+        Learned parameters of every run, each with a leading run dimension ``S``.
+    rule_ : Rule, NetworkRule or NeuralRule
+        The learned rule: mean coefficients over runs (linear), the first run's parameters (neural).
+    rules_ : list
+        The learned rule of every run.
+    intervals_ : array, shape (R, 2) or (L, R, 2), or None
+        95% bootstrap intervals of the coefficients across runs (linear rules, ``S > 1``).
+    history_ : pandas.DataFrame
+        One row per meta-step and run (the columns of ``metrics.csv``).
+    summary_ : dict
+        Mean meta-accuracy of the first and last 10% of meta-steps, the f0 comparison, stopped runs.
+    run_ : RunDir or None
+        The run directory.
+    n_runs_, n_steps_ : int
+        Runs and meta-steps trained.
+
+    Examples
+    --------
+    >>> from rulesearch.meta import RuleSearch, MetaConfig, TaskConfig
+    >>> search = RuleSearch(rule="f0", meta=MetaConfig(episodes=300, runs=5, l1=0.0),
+    ...                     task=TaskConfig(dataset="emnist", options={"per_class": 400}), name="fig3-fa")
+    >>> # search.fit(); print(search)  # 784-170-130-100-70-47, fa, 300 episodes x 5 runs batched
+    """
+
+    def __init__(
+        self,
+        rule="pool",
+        network=None,
+        task=None,
+        meta=None,
+        neural=None,
+        *,
+        terms: Sequence[str] | None = None,
+        out: str | os.PathLike | None = None,
+        name: str | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        callback: Callable | None = None,
+    ):
+        self.rule = rule
+        self.network = network
+        self.task = task
+        self.meta = meta
+        self.neural = neural
+        self.terms = terms
+        self.out = out
+        self.name = name
+        self.resume = resume
+        self.progress = progress
+        self.callback = callback
+
+    # ---- sklearn-style parameters -------------------------------------------------------------------------
+    _PARAMS = ("rule", "network", "task", "meta", "neural", "terms", "out", "name", "resume", "progress", "callback")
+
+    def get_params(self, deep: bool = False) -> dict:
+        return {k: getattr(self, k) for k in self._PARAMS}
+
+    def set_params(self, **params) -> RuleSearch:
+        for k, v in params.items():
+            if k not in self._PARAMS:
+                raise ConfigError(f"RuleSearch has no parameter {k!r}; parameters: {', '.join(self._PARAMS)}.")
+            setattr(self, k, v)
+        return self
+
+    def clone(self) -> RuleSearch:
+        """An unfitted copy with the same parameters."""
+        return type(self)(**self.get_params())
+
+    @classmethod
+    def from_config(cls, config: DiscoverConfig | Mapping, **kwargs) -> RuleSearch:
+        """A search from a :class:`DiscoverConfig` (or its dict); ``kwargs`` as in the constructor."""
+        cfg = config if isinstance(config, DiscoverConfig) else DiscoverConfig.from_dict(config)
+        rule = cfg.rule_json if cfg.rule_json is not None else cfg.rule
+        if isinstance(rule, Mapping):
+            rule = load_rule(rule)
+        return cls(rule, cfg.network, cfg.task, cfg.meta, cfg.neural, terms=cfg.terms, **kwargs)
+
+    # ---- resolution -----------------------------------------------------------------------------------------
+    def config(self) -> DiscoverConfig:
+        """The fully resolved configuration (what ``config.yaml`` holds)."""
+        neural = _as_config(self.neural, NeuralConfig, "neural")
+        rule_name, rule_json = "pool", None
+        if isinstance(self.rule, str) and not _is_rule_file(self.rule):
+            rule_name = self.rule
+        else:
+            obj = resolve_rule(self.rule, None, neural)
+            if isinstance(obj, NeuralRule):
+                rule_name = "neural"
+                neural = NeuralConfig(
+                    features=obj.features,
+                    hidden=obj.hidden,
+                    activation=obj.activation,
+                    skip=obj.skip,
+                    checkpoint=obj.checkpoint,
+                    init_scale=obj.init_scale,
+                )
+            else:
+                rule_name = getattr(obj, "name", type(obj).__name__)
+                rule_json = _strip_values(rule_to_json(obj))
+        return DiscoverConfig(
+            rule=rule_name,
+            terms=tuple(self.terms) if self.terms else None,
+            rule_json=rule_json,
+            task=_as_config(self.task, TaskConfig, "task"),
+            network=_as_config(self.network, NetworkConfig, "network"),
+            meta=_as_config(self.meta, MetaConfig, "meta"),
+            neural=neural,
+        )
+
+    def _run_path(self) -> Path | None:
+        if self.out is not None:
+            return Path(self.out)
+        if self.name is not None:
+            return run_path(self.name)
+        return None
+
+    # ---- fit --------------------------------------------------------------------------------------------------
+    def fit(self) -> RuleSearch:
+        """Meta-train; returns ``self`` with the fitted attributes set (see the class docstring).
+
+        Raises
+        ------
+        ConfigError, DatasetError, InvalidRuleError
+            A bad configuration (raised before any run directory is created).
+        RunDirectoryError
+            The run directory holds another run (pass ``resume=True`` to continue it).
+        DivergenceError
+            Every run stopped after ``max_skips`` consecutive diverged meta-steps (the run is not marked finished).
+        """
+        cfg = self.config()
+        rule = resolve_rule(load_rule(cfg.rule_json) if cfg.rule_json else cfg.rule, cfg.terms, cfg.neural)
+        problem = _Problem(cfg, rule)
+        trainer = _Trainer(problem)
+        meta = cfg.meta
+        path = self._run_path()
+        run = None
+        old_threads = torch.get_num_threads()
+        with contextlib.ExitStack() as stack:
+            if meta.threads is not None:
+                torch.set_num_threads(meta.threads)
+                stack.callback(torch.set_num_threads, old_threads)
+            state = trainer.fresh_state()
+            trainer.validate(state)
+            rows: list[dict] = []
+            if path is not None:
+                run = RunDir.create(
+                    path,
+                    cfg,
+                    resume=self.resume,
+                    seed=meta.seed,
+                    device=meta.device,
+                    manifest_extra={"runs": meta.runs, "seeds": problem.seeds, "threads_requested": meta.threads},
+                )
+                if self.resume:
+                    loaded = run.resume(map_location="cpu")
+                    if loaded is not None:
+                        state = _State.from_checkpoint(loaded[1], state, problem.device)
+                        df = run.read_metrics()
+                        rows = df.to_dict("records") if not df.empty else []
+            self.run_ = run
+            self._problem = problem
+            self._fit_loop(trainer, state, rows, run)
+        return self
+
+    def _fit_loop(self, trainer: _Trainer, state: _State, rows: list[dict], run: RunDir | None):
+        meta = trainer.meta
+        problem = trainer.p
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=meta.episodes,
+                initial=state.t,
+                desc=f"discover {problem.rule.name}",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        try:
+            while state.t < meta.episodes and not bool(state.stopped.all()):
+                new = trainer.step(state)
+                rows.extend(new)
+                if run is not None:
+                    run.append_metrics(new)
+                stopped_now = [r["run"] for r in new if bool(state.stopped[r["run"]]) and r["skipped"]]
+                done = state.t >= meta.episodes or bool(state.stopped.all())
+                if run is not None and (state.t % meta.checkpoint_every == 0 or done or stopped_now):
+                    run.save_checkpoint(state.t, state.to_checkpoint())
+                for s in stopped_now:
+                    warnings.warn(
+                        f"Run {s} (seed {problem.seeds[s]}) stopped at meta-step {state.t}: {meta.max_skips} "
+                        f"consecutive meta-steps diverged and were skipped. Lower meta.lr or the initial "
+                        f"coefficients, or raise meta.divergence_bound.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                if bar is not None:
+                    recent = [r["meta_accuracy"] for r in rows[-10 * len(new) :] if not r["skipped"]]
+                    bar.set_postfix(acc=f"{np.nanmean(recent):.3f}" if recent else "nan", refresh=False)
+                    bar.update(1)
+                if self.callback is not None:
+                    self.callback(state.t, new)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._set_fitted(state, rows, problem)
+        if bool(state.stopped.all()):
+            where = f" Metrics and the last good checkpoint are in {run.path}." if run is not None else ""
+            raise DivergenceError(
+                f"Every run stopped: {meta.max_skips} consecutive meta-steps diverged (steps "
+                f"{state.stop_step.tolist()}); no parameters were updated with NaN.{where} Lower meta.lr, "
+                f"meta.theta0 or the initial coefficients, use meta.clip, or raise meta.divergence_bound."
+            )
+        if meta.compare:
+            self.summary_.update(self._compare(state, problem))
+        if run is not None:
+            self._write_outputs(run)
+            run.mark_finished(_plain(self.summary_))
+
+    # ---- fitted state ---------------------------------------------------------------------------------------
+    def _set_fitted(self, state: _State, rows: list[dict], problem: _Problem):
+        import pandas as pd
+
+        learner = problem.learner
+        params = {k: v.detach().cpu() for k, v in state.params.items()}
+        S = len(problem.seeds)
+        self.params_ = params
+        self.theta_ = None
+        self.intervals_ = None
+        if learner.linear:
+            self.theta_ = params["theta"] if "theta" in params else [params[k] for k in learner.names]
+            if S > 1:
+                if "theta" in params:
+                    _, lo, hi = bootstrap_ci(params["theta"].double().numpy(), axis=0)
+                    self.intervals_ = np.stack([lo, hi], -1)
+                else:
+                    self.intervals_ = [
+                        np.stack(bootstrap_ci(params[k].double().numpy(), axis=0)[1:], -1) for k in learner.names
+                    ]
+        self.rule_ = learner.trained(params, None)
+        self.rules_ = [learner.trained(params, s) for s in range(S)]
+        self.history_ = pd.DataFrame(rows)
+        self.n_runs_ = S
+        self.n_steps_ = state.t
+        self.stopped_runs_ = [s for s in range(S) if bool(state.stopped[s])]
+        self.summary_ = self._summary(rows, state)
+
+    def _check_fitted(self):
+        if not hasattr(self, "rule_"):
+            raise NotFittedError(
+                "This RuleSearch is not fitted yet; call .fit() first (or RuleSearch.from_run(path) for a saved run)."
+            )
+
+    def _windows(self, n_steps: int) -> tuple[range, range]:
+        n = max(1, int(round(0.1 * n_steps)))
+        return range(0, n), range(max(0, n_steps - n), n_steps)
+
+    def _summary(self, rows, state: _State) -> dict:
+        meta = self._problem.cfg.meta
+        first, last = self._windows(state.t)
+        out: dict[str, Any] = {
+            "steps": state.t,
+            "runs": len(self._problem.seeds),
+            "window": len(first),
+            "stopped_runs": [s for s in range(len(self._problem.seeds)) if bool(state.stopped[s])],
+        }
+
+        def mean_acc(window):
+            vals = [r["meta_accuracy"] for r in rows if (int(r["step"]) - 1) in window and not int(r.get("skipped", 0))]
+            return float(np.nanmean(vals)) if vals else float("nan")
+
+        out["rule_first"] = mean_acc(first)
+        out["rule_last"] = mean_acc(last)
+        out["meta_batch"] = meta.meta_batch
+        return out
+
+    def compare_lr(self) -> float:
+        """Learning rate of the f0 comparison: ``meta.compare_lr``, else the learned coefficient of the rule's
+        :math:`-e_i x_j` term (mean over runs and layers), else ``meta.theta0``."""
+        self._check_fitted()
+        meta = self._problem.cfg.meta
+        if meta.compare_lr is not None:
+            return meta.compare_lr
+        lr = _pseudo_gradient_lr(self.rule_)
+        return lr if lr is not None and lr > 0 else meta.theta0
+
+    def _compare(self, state: _State, problem: _Problem) -> dict:
+        """f0 under fa and under bp on the episodes of the first and last 10% of meta-steps (no gradients)."""
+        from .inner import f0 as f0_update
+
+        lr = self.compare_lr()
+        first, last = self._windows(state.t)
+        runs = [s for s in range(len(problem.seeds)) if not bool(state.stopped[s])]
+        out: dict[str, Any] = {"compare_lr": lr}
+        theta = torch.tensor(lr, dtype=problem.dtype, device=problem.device)
+        for label, window in (("first", first), ("last", last)):
+            for mode in ("fa", "bp"):
+                net = dataclasses.replace(problem.net, feedback=mode)
+                accs = []
+                for chunk in _chunks(list(window), max(1, 64 // max(1, len(runs) * problem.B))):
+                    batch, weights, feedback = problem.episodes(chunk, runs, net)
+                    with torch.no_grad():
+                        res = run_episodes(
+                            net, batch, f0_update, theta, weights, feedback, metrics=False,
+                            divergence_bound=problem.cfg.meta.divergence_bound,
+                        )  # fmt: skip
+                    accs.append(torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu())
+                out[f"f0_{mode}_{label}"] = float(torch.cat(accs).mean()) if accs else float("nan")
+        return out
+
+    def _write_outputs(self, run: RunDir):
+        from .plots import plot_run
+
+        run.write_json("rule.json", rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_))
+        run.write_text("rule.tex", self.to_latex() + "\n")
+        run.write_text("summary.md", self.report(markdown=True) + "\n")
+        plot_run(run)
+
+    def _run_values(self):
+        learner = self._problem.learner if hasattr(self, "_problem") else None
+        if isinstance(self.rule_, NeuralRule):
+            return [{k: v[s] for k, v in self.params_.items()} for s in range(self.n_runs_)]
+        if learner is not None and learner.kind == "groups":
+            return [[self.params_[k][s] for k in learner.names] for s in range(self.n_runs_)]
+        return self.params_["theta"]
+
+    # ---- reload -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, *, progress: bool = False) -> RuleSearch:
+        """Reload a run directory: its config, the newest checkpoint's parameters and the metrics.
+
+        A finished run gives the final result; an unfinished one the state at its newest checkpoint.
+        """
+        run = RunDir.open(path)
+        cfg = DiscoverConfig.from_dict(run.config())
+        search = cls.from_config(cfg, out=run.path, progress=progress)
+        rule = resolve_rule(load_rule(cfg.rule_json) if cfg.rule_json else cfg.rule, cfg.terms, cfg.neural)
+        problem = _Problem(cfg, rule)
+        state = _Trainer(problem).fresh_state()
+        loaded = run.load_checkpoint(map_location="cpu")
+        if loaded is None:
+            raise RunDirectoryError(f"Run {str(run.path)!r} has no checkpoint yet; nothing to load.")
+        state = _State.from_checkpoint(loaded[1], state, problem.device)
+        df = run.read_metrics()
+        rows = [r for r in (df.to_dict("records") if not df.empty else []) if r["step"] <= state.t]
+        search.run_ = run
+        search._problem = problem
+        search._set_fitted(state, rows, problem)
+        if run.is_finished:
+            search.summary_.update({k: v for k, v in run.summary().items() if k not in search.summary_})
+        return search
+
+    # ---- exports and display ----------------------------------------------------------------------------------
+    def _intervals(self):
+        """Intervals normalized for the export functions: ``(R, 2)`` for a Rule, a list per group otherwise."""
+        ivs = self.intervals_
+        if ivs is None or isinstance(self.rule_, Rule):
+            return ivs
+        if isinstance(ivs, np.ndarray) and ivs.ndim == 3:
+            return list(ivs)
+        return ivs
+
+    def to_latex(self, precision: int = 3) -> str:
+        """The learned rule as LaTeX, with a booktabs coefficient table (mean and 95% interval across runs)."""
+        self._check_fitted()
+        return rule_latex(self.rule_, self._intervals(), precision)
+
+    def to_markdown(self, precision: int = 4) -> str:
+        """The coefficient table as Markdown (with 95% intervals across runs)."""
+        self._check_fitted()
+        return rule_markdown(self.rule_, self._intervals(), precision)
+
+    def to_json(self) -> dict:
+        """The learned rule as JSON (with every run's values)."""
+        self._check_fitted()
+        return rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_)
+
+    def coefficient_table(self, precision: int = 4) -> str:
+        """Plain-text table of the learned coefficients: term, locality, value, 95% interval across runs."""
+        self._check_fitted()
+        return coefficient_table(self.rule_, self._intervals(), precision)
+
+    def formula(self, precision: int = 3) -> str:
+        """The learned update as plain text, e.g. ``dW = -0.01*err*pre + ...``."""
+        self._check_fitted()
+        rule = self.rule_
+        if isinstance(rule, NeuralRule):
+            return rule.describe()
+        groups = rule.groups if isinstance(rule, NetworkRule) else [((), rule)]
+        out = []
+        for layers, r in groups:
+            expr = sp.sstr(r.sympy().evalf(precision))
+            prefix = f"layers {', '.join(str(i + 1) for i in layers)}: " if layers else ""
+            out.append(f"{prefix}dW_ij = {expr}")
+        return "\n".join(out)
+
+    def report(self, markdown: bool = False) -> str:
+        """What ``rulesearch discover`` prints: the rule, its coefficients, first/last 10% meta-accuracy beside
+        f0 under fa and bp on the same tasks, and the run directory."""
+        self._check_fitted()
+        s = self.summary_
+        runs = f"mean of {self.n_runs_} runs" if self.n_runs_ > 1 else "1 run"
+        lines = [f"Discovered rule ({runs}, {self.n_steps_} meta-steps):", "  " + self.formula(), ""]
+        table = self.coefficient_table()
+        lines += ["  " + ln for ln in table.split("\n")] + [""]
+        w = s.get("window", 0)
+        fb = self._problem.net.feedback if hasattr(self, "_problem") else "?"
+        hdr = f"{'meta-accuracy':<22} {'rule (' + fb + ')':>12} {'f0 (fa)':>9} {'f0 (bp)':>9}"
+        lines.append(hdr)
+        for label in ("first", "last"):
+            name = f"{label} 10% ({w} steps)"
+            vals = [s.get(f"rule_{label}"), s.get(f"f0_fa_{label}"), s.get(f"f0_bp_{label}")]
+            cells = [f"{v:>9.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>9}" for v in vals]
+            lines.append(f"{name:<22} {cells[0]:>12} {cells[1]} {cells[2]}")
+        if "compare_lr" in s:
+            lines.append(f"f0 learning rate: {s['compare_lr']:.4g} (same tasks and initial weights)")
+        if s.get("stopped_runs"):
+            lines.append(f"stopped (diverged) runs: {s['stopped_runs']}")
+        if getattr(self, "run_", None) is not None:
+            lines.append(f"run directory: {self.run_.path}")
+        text = "\n".join(lines)
+        return f"```\n{text}\n```" if markdown else text
+
+    def __repr__(self) -> str:
+        if not hasattr(self, "rule_"):
+            name = self.rule if isinstance(self.rule, str) else getattr(self.rule, "name", type(self.rule).__name__)
+            return f"RuleSearch(rule={name!r}, unfitted)"
+        return f"RuleSearch(rule={self.rule_.name!r}, runs={self.n_runs_}, steps={self.n_steps_})\n" + (
+            self.formula() + "\n" + self.coefficient_table()
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text exports of trained rules (also used by `rulesearch export` on a run directory)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _groups(rule) -> list[tuple[tuple[int, ...], Rule]]:
+    return list(rule.groups) if isinstance(rule, NetworkRule) else [((), rule)]
+
+
+def _group_intervals(rule, intervals, g: int):
+    if intervals is None:
+        return None
+    iv = intervals[g] if isinstance(rule, NetworkRule) else intervals
+    return np.asarray(iv, dtype=float)
+
+
+def _layers_label(layers) -> str:
+    return f"layers {', '.join(str(i + 1) for i in layers)}" if len(layers) > 1 else f"layer {layers[0] + 1}"
+
+
+def rule_latex(rule, intervals=None, precision: int = 3) -> str:
+    """LaTeX of a trained rule: the update and a booktabs coefficient table (``intervals``: ``(R, 2)`` for a
+    Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``)."""
+    if isinstance(rule, NeuralRule):
+        return f"% {rule.describe()}\n% A neural rule has no closed form; distill it to get one."
+    groups = _groups(rule)
+    if not isinstance(rule, NetworkRule):
+        ivs = (
+            [intervals.tolist() if isinstance(intervals, np.ndarray) else intervals] if intervals is not None else None
+        )
+        return rule.latex(precision) + "\n\n" + latex_table([rule], precision=precision, intervals=ivs)
+    eqs = [rf"\text{{{_layers_label(layers)}}}:\quad " + r.latex(precision) for layers, r in groups]
+    rules = [Rule(r.terms, _layers_label(layers), values=r.values) for layers, r in groups]
+    if not all(r.terms == rules[0].terms for r in rules):
+        return (
+            "\n".join(eqs)
+            + "\n\n"
+            + "\n\n".join(
+                latex_table(
+                    [r],
+                    precision=precision,
+                    intervals=None if intervals is None else [_group_intervals(rule, intervals, g).tolist()],
+                )
+                for g, r in enumerate(rules)
+            )
+        )
+    ivs = None if intervals is None else [_group_intervals(rule, intervals, g).tolist() for g in range(len(rules))]
+    return "\n".join(eqs) + "\n\n" + latex_table(rules, precision=precision, intervals=ivs)
+
+
+def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
+    """Markdown coefficient table(s) of a trained rule, with a 95% interval column when ``intervals`` is given."""
+    if isinstance(rule, NeuralRule):
+        return rule.describe()
+    blocks = []
+    for g, (layers, r) in enumerate(_groups(rule)):
+        table = markdown_table(r, precision=precision)
+        iv = _group_intervals(rule, intervals, g)
+        if iv is not None:
+            lines = table.split("\n")
+            lines[0] += " 95% interval |"
+            lines[1] += "---|"
+            for i, (lo, hi) in enumerate(iv):
+                lines[2 + i] += f" [{lo:.{precision}g}, {hi:.{precision}g}] |"
+            table = "\n".join(lines)
+        blocks.append((f"**{_layers_label(layers)}**\n\n" if layers else "") + table)
+    return "\n\n".join(blocks)
+
+
+def coefficient_table(rule, intervals=None, precision: int = 4) -> str:
+    """Plain-text coefficient table: term, locality, value (and 95% interval) per term and layer group."""
+    if isinstance(rule, NeuralRule):
+        return rule.describe()
+    blocks = []
+    for g, (layers, r) in enumerate(_groups(rule)):
+        iv = _group_intervals(rule, intervals, g)
+        width = max([8, *(len(n) for n in r.term_names())])
+        lines = [
+            f"{'term':<{width}} {'locality':<16} {'theta':>12}" + (f" {'95% interval':>26}" if iv is not None else "")
+        ]
+        values = r.values if r.values is not None else [float("nan")] * r.n_terms
+        for i, (term, loc) in enumerate(zip(r.term_names(), r.locality())):
+            line = f"{term:<{width}} {loc:<16} {values[i]:>12.{precision}g}"
+            if iv is not None:
+                line += f" {f'[{iv[i][0]:.{precision}g}, {iv[i][1]:.{precision}g}]':>26}"
+            lines.append(line)
+        blocks.append((_layers_label(layers) + "\n" if layers else "") + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def terms_table(rule) -> str:
+    """The terms of a rule, pool or grammar: index, name, locality and LaTeX (``rulesearch terms``)."""
+    rule = resolve_rule(rule)
+    if isinstance(rule, NeuralRule):
+        return rule.describe()
+    from .export import expr_latex
+
+    lines = []
+    for layers, r in _groups(rule):
+        width = max([4, *(len(n) for n in r.term_names())])
+        if layers:
+            lines.append(_layers_label(layers))
+        lines.append(f"{'#':>3}  {'name':<{width}}  {'locality':<16}  LaTeX")
+        for i, (t, loc) in enumerate(zip(r.terms, r.locality())):
+            try:
+                tex = expr_latex(t.expr)
+            except (TypeError, NotImplementedError) as err:  # a printer gap must not hide the listing
+                tex = f"{sp.sstr(t.expr)}  (no LaTeX: {type(err).__name__})"
+            lines.append(f"{i:>3}  {t.name:<{width}}  {loc:<16}  {tex}")
+    return "\n".join(lines)
+
+
+def export_run(source, fmt: str = "latex", precision: int = 3) -> str:
+    """A trained rule as ``latex``, ``json`` or ``markdown`` text, from a run directory (its ``rule.json``, or its
+    newest checkpoint if the run is unfinished) or a rule JSON file."""
+    fmts = ("latex", "json", "markdown")
+    if fmt not in fmts:
+        raise ConfigError(f"Unknown export format {fmt!r}; allowed: {', '.join(fmts)}.")
+    path = Path(source)
+    if path.is_dir() and not (path / "rule.json").is_file():
+        search = RuleSearch.from_run(path)
+        data = search.to_json()
+    else:
+        file = path / "rule.json" if path.is_dir() else path
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise RunDirectoryError(
+                f"{str(file)!r} does not exist; expected a run directory or a rule JSON file."
+            ) from err
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    rule = load_rule(data)
+    intervals = data.get("intervals")
+    if intervals is not None and isinstance(rule, Rule):
+        intervals = np.asarray(intervals, dtype=float)
+    elif intervals is not None:
+        intervals = [np.asarray(iv, dtype=float) for iv in intervals]
+    if fmt == "latex":
+        return rule_latex(rule, intervals, precision)
+    return rule_markdown(rule, intervals, precision + 1)
+
+
+def _is_rule_file(spec: str) -> bool:
+    return spec.endswith(".json") or os.path.sep in spec or Path(spec).is_file()
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _strip_values(data: dict) -> dict:
+    data = dict(data)
+    if "values" in data:
+        data["values"] = None
+    data.pop("runs", None)
+    data.pop("intervals", None)
+    if data.get("format") == NETWORK_RULE_FORMAT:
+        data["groups"] = [{**g, "rule": {**g["rule"], "values": None}} for g in data["groups"]]
+    return data
+
+
+def _pseudo_gradient_lr(rule) -> float | None:
+    """The coefficient c of ``c * (-e_i x_j)`` in a learned linear rule (mean over layers), if it has that term."""
+    from .signals import err, pre
+
+    groups = [r for _, r in rule.groups] if isinstance(rule, NetworkRule) else [rule]
+    vals = []
+    for r in groups:
+        if r.values is None:
+            continue
+        for term, v in zip(r.terms, r.values):
+            ratio = sp.cancel(term.expr / (-err * pre))
+            if ratio.is_number and ratio != 0:
+                vals.append(float(ratio) * v)
+                break
+    return float(np.mean(vals)) if vals else None
+
+
+def discover(
+    config: DiscoverConfig | Mapping | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RuleSearch:
+    """Run the main job (``rulesearch discover``): :class:`RuleSearch` from a config, fitted.
+
+    The run directory is ``out``, else ``./runs/<name>``, else ``./runs/discover-<rule>-<feedback>-<time>``.
+    """
+    cfg = DiscoverConfig() if config is None else config
+    cfg = cfg if isinstance(cfg, DiscoverConfig) else DiscoverConfig.from_dict(cfg)
+    if out is None and name is None:
+        if resume:
+            raise ConfigError("resume needs the run directory: pass --out PATH (or --name NAME).")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        rule = cfg.rule if cfg.rule_json is None else cfg.rule_json.get("name", "rule")
+        name = f"discover-{Path(str(rule)).stem.replace(':', '-')}-{cfg.network.feedback}-{stamp}"
+    return RuleSearch.from_config(cfg, out=out, name=name, resume=resume, progress=progress).fit()
