@@ -977,8 +977,8 @@ def _as_config(value, cls, name: str):
         return cls()
     if isinstance(value, cls):
         return value
-    if isinstance(value, Mapping):
-        return cls.from_dict(value)
+    if isinstance(value, Mapping):  # validated as a section of DiscoverConfig, so errors name 'network.feedback'
+        return getattr(DiscoverConfig.from_dict({name: dict(value)}), name)
     if cls is NetworkConfig and isinstance(value, Network):
         return NetworkConfig(**{f.name: getattr(value, f.name) for f in dataclasses.fields(NetworkConfig)})
     raise ConfigError(f"{name} must be a {cls.__name__} (or a dict of its keys); received {type(value).__name__}.")
