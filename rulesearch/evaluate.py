@@ -373,8 +373,8 @@ def evaluate_spec(
         rule = resolve_rule(str(spec))
         default_out = None
     network, task = dict(network or {}), dict(task or {})
-    if "dataset" in task and task["dataset"] != base_task.dataset and "sizes" not in network:
-        network["sizes"] = None  # another dataset: derive the input and output sizes from it
+    if "dataset" in task and task["dataset"] != base_task.dataset:  # another dataset: its own sizes and options
+        network.setdefault("sizes", None)
         task.setdefault("options", {})
     net_cfg = base_net.replace(**network)
     task_cfg = base_task.replace(**task)
