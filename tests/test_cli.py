@@ -1,0 +1,125 @@
+"""Smoke tests of the `rulesearch` command line (typer.testing.CliRunner), tiny configs."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rulesearch.cli import app
+from rulesearch.runs import RunDir
+
+runner = CliRunner()
+
+TINY = [
+    "--dataset", "teacher", "--set", "task.options={n_in: 6, n_classes: 3, n_samples: 150}",
+    "--sizes", "6,5,3", "-M", "3", "-K", "3", "-Q", "2", "--episodes", "3", "--dtype", "float64",
+    "--threads", "1", "--no-progress",
+]  # fmt: skip
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (getattr(result, "stderr", "") if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result, text = invoke("discover", *TINY, "--runs", "2", "--out", out)
+    assert result.exit_code == 0, text
+    return out, text
+
+
+def test_discover_prints_rule_accuracies_baselines_and_run_dir(run_dir):
+    out, text = run_dir
+    assert "Discovered rule (mean of 2 runs, 3 meta-steps)" in text
+    assert "first 10%" in text and "last 10%" in text and "f0 (fa)" in text and "f0 (bp)" in text
+    assert f"run directory: {out}" in text
+    assert RunDir.open(out).is_finished
+
+
+def test_export_formats(run_dir, tmp_path):
+    out, _ = run_dir
+    for fmt, marker in (("latex", r"\begin{tabular}"), ("markdown", "| term |"), ("json", '"format"')):
+        result, text = invoke("export", out, "--format", fmt)
+        assert result.exit_code == 0, text
+        assert marker in text
+    result, text = invoke("export", out, "-f", "json", "-o", tmp_path / "rule.json")
+    assert result.exit_code == 0 and json.loads((tmp_path / "rule.json").read_text())["runs"]
+    result, text = invoke("export", out, "--format", "html")
+    assert result.exit_code == 2 and "latex, json, markdown" in text
+
+
+def test_evaluate_run_and_named_rule(run_dir, tmp_path):
+    out, _ = run_dir
+    result, text = invoke("evaluate", out, "--seeds", "3", "--episodes", "2", "--dtype", "float64", "--feedback", "bp")
+    assert result.exit_code == 0, text
+    assert "rule (bp)" in text and "95% interval" in text and (out / "evaluation" / "evaluation.png").is_file()
+    result, text = invoke(
+        "evaluate", "f0", "--dataset", "digits", "--sizes", "64,6,10", "-M", "3", "-K", "2", "-Q", "2",
+        "--seeds", "2", "--episodes", "1", "--theta0", "0.05", "--out", tmp_path / "ev",
+    )  # fmt: skip
+    assert result.exit_code == 0, text
+    assert (tmp_path / "ev" / "evaluation.csv").is_file()
+
+
+def test_terms():
+    result, text = invoke("terms")
+    assert result.exit_code == 0 and "F9" in text and "layer-nonlocal" in text and r"W^\top y" in text
+    result, text = invoke("terms", "--grammar", "classic", "--describe")
+    assert result.exit_code == 0 and "Grammar" in text and "synapse-local" in text
+    result, text = invoke("terms", "--grammar", "fancy")
+    assert result.exit_code == 2 and "grammar:default" in text
+
+
+def test_bad_config_value_names_key_and_allowed_values(tmp_path):
+    out = tmp_path / "run"
+    result, text = invoke("discover", *TINY, "--feedback", "fx", "--out", out)
+    assert result.exit_code == 2
+    assert "network.feedback" in text and "'fa'" in text and "'bp'" in text
+    assert not out.exists()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("meta:\n  episode: 3\n")
+    result, text = invoke("discover", "--config", cfg, "--out", out)
+    assert result.exit_code == 2 and "Did you mean 'episodes'" in text
+    result, text = invoke("discover", *TINY, "--set", "task.M=0", "--out", out)
+    assert result.exit_code == 2 and "task.M" in text
+    assert not out.exists()
+
+
+def test_failed_run_is_not_marked_finished(tmp_path):
+    out = tmp_path / "run"
+    result, text = invoke(
+        "discover", *TINY, "--rule", "f0", "--theta0", "1e4", "--set", "meta.max_skips=2", "--out", out
+    )
+    assert result.exit_code == 1 and "consecutive" in text
+    assert not RunDir.open(out).is_finished
+
+
+def test_config_file_resume_and_show_config(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("meta:\n  episodes: 2\n  l1: 0.2\nnetwork:\n  feedback: bp\n")
+    result, text = invoke("discover", "--config", cfg, "--show-config", "--episodes", "5")
+    assert result.exit_code == 0 and "episodes: 5" in text and "l1: 0.2" in text and "feedback: bp" in text
+    out = tmp_path / "run"
+    result, text = invoke("discover", *TINY, "--out", out)
+    assert result.exit_code == 0, text
+    result, text = invoke("discover", *TINY, "--out", out)
+    assert result.exit_code == 2 and "--resume" in text
+    result, text = invoke("discover", *TINY, "--out", out, "--resume")
+    assert result.exit_code == 0, text
+    result, text = invoke("discover", "--resume")
+    assert result.exit_code == 2 and "--out" in text
+
+
+@pytest.mark.parametrize("command", ["discover", "evaluate", "export", "terms"])
+def test_help_explains_every_option(command):
+    result, text = invoke(command, "--help")
+    assert result.exit_code == 0
+    group = typer.main.get_command(app)
+    params = group.commands[command].params
+    assert params
+    for p in params:
+        assert (getattr(p, "help", None) or "").strip(), f"{command}: {p.name} has no help"
+        assert p.opts[0] in text or p.name.upper() in text or p.human_readable_name in text
