@@ -482,7 +482,7 @@ class _MatRef:
             rec.pos += 1
             return _Replayed.apply(v, rec.anchor, out, self, transpose)
         m = self.matrix()
-        out = torch.bmm(v.unsqueeze(1), m).squeeze(1) if transpose else torch.bmm(m, v.unsqueeze(2)).squeeze(2)
+        out = torch.bmm(v.unsqueeze(1), m if transpose else m.transpose(1, 2)).squeeze(1)
         if rec.mode == _RECORD:
             rec.cur.append(out)
         return out
@@ -515,7 +515,7 @@ class _Replayed(torch.autograd.Function):
         gv = None
         if ctx.needs_input_grad[0]:
             m = ref.matrix()
-            gv = torch.bmm(m, g.unsqueeze(2)).squeeze(2) if transpose else torch.bmm(g.unsqueeze(1), m).squeeze(1)
+            gv = torch.bmm(g.unsqueeze(1), m.transpose(1, 2) if transpose else m).squeeze(1)
         if ref.sink is not None:
             ref.sink.append((v.detach(), g) if transpose else (g, v.detach()))
         return gv, None, None, None, None
@@ -551,8 +551,24 @@ class _LowRank:
             return params.index_select(-1, r_idx) * c
         return c
 
+    def _merge(self, us, vs, like):
+        """How to fuse a group's columns: keep the side with fewer distinct vectors, sum the other side's
+        columns (times their coefficients) per distinct vector. Cached per group (the structure is static)."""
+        key = (tuple(us), tuple(vs), like.dtype, like.device)
+        hit = self.consts.get(key)
+        if hit is None:
+            keep_u = len(set(us)) <= len(set(vs))
+            keys = list(dict.fromkeys(us if keep_u else vs))
+            S = torch.zeros(len(keys), len(us), dtype=like.dtype, device=like.device)
+            for j, r in enumerate(us if keep_u else vs):
+                S[keys.index(r), j] = 1.0
+            hit = (keep_u, keys, S)
+            self.consts[key] = hit
+        return hit
+
     def factors(self, signals, params, base, wref, b, n_post, n_pre, like):
-        """``(a, [(U, c, V), ...])``: ``a`` ``(B,)``/``()``/None and outer-product groups; raises _Unsupported."""
+        """``(a, U, Vt)`` with ``dW = a W + U Vt`` (coefficients absorbed): ``a`` ``(B,)``/``()``/None, ``U``
+        ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises _Unsupported."""
         from .compile import TorchCompiler, _col
 
         r = self.rule
@@ -560,13 +576,12 @@ class _LowRank:
         vals = r._comp.run({"signals": signals, "params": params})
         P = base
         if r._g:
-            P = P.expand(b, -1)
+            P = P.expand(b, -1).clone()
             idx = [k for k, _ in r._g]
             gv = torch.stack([torch.broadcast_to(TorchCompiler.value(ref, vals), (b,)) for _, ref in r._g], -1)
-            P = P.index_put((torch.arange(b, device=like.device)[:, None], torch.tensor(idx, device=like.device)),
-                            P[:, idx] * gv)  # fmt: skip
+            P[:, idx] = P[:, idx] * gv
         C = P @ A
-        decay, outer = None, []
+        decay = U = Vt = None
         for grp in r._groups:
             s_ref, cols, us, vs = grp[:4]
             c = C[..., cols]
@@ -577,12 +592,19 @@ class _LowRank:
                 a = (c * uv).sum(-1)
                 decay = a if decay is None else decay + a
                 continue
-            if s_ref is not None:
+            if s_ref is not None or U is not None:
                 raise _Unsupported("a synapse factor times outer products")
-            U = torch.stack([_col(u, vals, (b, n_post), like) for u in us], -1)
-            V = torch.stack([_col(v, vals, (b, n_pre), like) for v in vs], -1)
-            outer.append((U, c, V))
-        return decay, outer
+            keep_u, keys, S = self._merge(us, vs, like)
+            cw = c.unsqueeze(-1)  # (k, 1) or (B, k, 1)
+            if keep_u:
+                U = torch.stack([_col(u, vals, (b, n_post), like) for u in keys], -1)
+                Vs = torch.stack([_col(v, vals, (b, n_pre), like) for v in vs], 1)
+                Vt = torch.matmul(S, Vs * cw)
+            else:
+                Vt = torch.stack([_col(v, vals, (b, n_pre), like) for v in keys], 1)
+                Us = torch.stack([_col(u, vals, (b, n_post), like) for u in us], 1)
+                U = torch.matmul(S, Us * cw).transpose(1, 2).contiguous()
+        return decay, U, Vt
 
 
 _ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
@@ -775,10 +797,6 @@ class _FastRun:
             facs.append(self.lows[i].factors(sig, params[i], bases[i], wrefs[i], b, n_post, n_pre, x))
         return facs, es, loss, correct
 
-    @staticmethod
-    def _scaled(U, c):
-        return U * (c.unsqueeze(-2) if c.dim() == 2 else c)
-
     # ---- forward sweep -------------------------------------------------------------------------------------
     def forward(self, ws0, record: bool):
         """Run the online steps in place on copies of ``ws0``; returns the final weights."""
@@ -793,11 +811,11 @@ class _FastRun:
                 snaps[s] = [w.clone() for w in ws]
             rec.begin(s)
             facs, es, loss, correct = self.step(s, wrefs, mrefs, fbsig, params, bases)
-            for w, (a, outer) in zip(ws, facs):
+            for w, (a, U, Vt) in zip(ws, facs):
                 if a is not None:
                     w.mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
-                for U, c, V in outer:
-                    w.baddbmm_(self._scaled(U, c), V.transpose(1, 2))
+                if U is not None:
+                    w.baddbmm_(U, Vt)
             self.tracker.after_step(s, ws, self.fbs, es, loss, correct)
         self.rec, self.snaps = rec, snaps
         return ws
@@ -826,28 +844,25 @@ class _FastRun:
             rec.steps[s] = None
             with torch.no_grad():
                 snap = snaps.pop(s, None)
-                for i, (a, outer) in enumerate(facs):  # W_{s+1} -> W_s
+                for i, (a, U, Vt) in enumerate(facs):  # W_{s+1} -> W_s
                     if snap is not None:
                         ws[i].copy_(snap[i])
                         continue
-                    for U, c, V in outer:
-                        ws[i].baddbmm_(self._scaled(U.detach(), c.detach()), V.detach().transpose(1, 2), alpha=-1)
+                    if U is not None:
+                        ws[i].baddbmm_(U.detach(), Vt.detach(), alpha=-1)
                     if a is not None:
                         a = a.detach()
                         ws[i].div_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
                 outs, cots = [], []
-                for i, (a, outer) in enumerate(facs):
+                for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                     g = G[i]
-                    for U, c, V in outer:
-                        Ud, cd, Vd = U.detach(), c.detach(), V.detach()
-                        cb = cd.unsqueeze(-2) if cd.dim() == 2 else cd
-                        GV = torch.bmm(g, Vd)
-                        GtU = torch.bmm(Ud.transpose(1, 2), g).transpose(1, 2)
-                        dc = (Ud * GV).sum(-2)
-                        for t, ct in ((U, GV * cb), (V, GtU * cb), (c, dc if cd.dim() == 2 else dc.sum(0))):
-                            if t.requires_grad:
-                                outs.append(t)
-                                cots.append(ct)
+                    if U is not None:
+                        if U.requires_grad:
+                            outs.append(U)
+                            cots.append(torch.bmm(Vt.detach(), g.transpose(1, 2)).transpose(1, 2))
+                        if Vt.requires_grad:
+                            outs.append(Vt)
+                            cots.append(torch.bmm(U.detach().transpose(1, 2), g))
                     if a is not None and a.requires_grad:
                         da = (g * ws[i]).sum((1, 2))
                         outs.append(a)
@@ -855,7 +870,7 @@ class _FastRun:
             if outs:
                 torch.autograd.backward(outs, cots)
             with torch.no_grad():
-                for i, (a, _outer) in enumerate(facs):
+                for i, (a, _U, _Vt) in enumerate(facs):
                     if a is not None:
                         a = a.detach()
                         G[i].mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)

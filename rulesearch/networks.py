@@ -312,9 +312,13 @@ def init_params(
 
 
 def _matvec(w: Tensor, v: Tensor) -> Tensor:
-    """``W v`` for ``v`` of shape ``(B, n_pre)`` or ``(B, N, n_pre)``; one bmm."""
+    """``W v`` for ``v`` of shape ``(B, n_pre)`` or ``(B, N, n_pre)``; one bmm.
+
+    Always as ``v^T W^T`` (row vectors times the transposed weights): on CPU the batched matrix-vector form
+    ``bmm(W, v[..., None])`` takes a kernel about 10x slower for these shapes.
+    """
     if v.dim() == 2:
-        return torch.bmm(w, v.unsqueeze(2)).squeeze(2)
+        return torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
     return torch.bmm(v, w.transpose(1, 2))
 
 
