@@ -1,0 +1,203 @@
+"""The fast path of run_episodes (in-place steps, hand-written adjoint) and segment checkpointing."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rulesearch.compile import compile_rule
+from rulesearch.errors import ConfigError, DivergenceError
+from rulesearch.inner import _low_rank_of, run_episodes
+from rulesearch.networks import Network, init_params
+from rulesearch.pools import bio, f0, oja, pool
+
+F64 = torch.float64
+SIZES = (9, 7, 6, 4)
+
+
+def _batch(b=3, n=14, nq=5, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        x_train=torch.rand(b, n, SIZES[0], generator=g, dtype=dtype),
+        y_train=torch.randint(SIZES[-1], (b, n), generator=g),
+        x_query=torch.rand(b, nq, SIZES[0], generator=g, dtype=dtype),
+        y_query=torch.randint(SIZES[-1], (b, nq), generator=g),
+    )
+
+
+def _theta(rule, seed=1, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    theta = 0.02 * torch.randn(shape or (rule.n_params,), generator=g, dtype=F64)
+    theta[..., 0] = 0.1
+    return theta
+
+
+def _grad(net, batch, rule, theta, **kw):
+    leaf = theta.clone().requires_grad_(True)
+    res = run_episodes(net, batch, compile_rule(rule), leaf, seed=0, curves=True, **kw)
+    (g,) = torch.autograd.grad(res.loss.sum(), leaf)
+    return res, g
+
+
+@pytest.mark.parametrize("feedback", ["fa", "bp", "sign", "dfa"])
+@pytest.mark.parametrize("rule", [bio, pool, oja, f0], ids=["bio", "pool", "oja", "f0"])
+def test_adjoint_equals_autograd(rule, feedback):
+    net, batch, theta = Network(sizes=SIZES, feedback=feedback), _batch(), _theta(rule)
+    ref, g_ref = _grad(net, batch, rule, theta, method="autograd")
+    res, g = _grad(net, batch, rule, theta, method="adjoint")
+    # pool under sign feedback diverges in one episode: NaN in both paths, identically
+    torch.testing.assert_close(res.loss, ref.loss, rtol=1e-12, atol=0, equal_nan=True)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15, equal_nan=True)
+    for a, b in zip(res.weights, ref.weights):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(res.train_loss, ref.train_loss, equal_nan=True)
+    torch.testing.assert_close(res.angles, ref.angles, equal_nan=True)
+    assert torch.equal(res.diverged, ref.diverged) and torch.equal(res.diverged_step, ref.diverged_step)
+
+
+@pytest.mark.parametrize("every", [1, 4, 50])
+def test_checkpointed_equals_plain(every):
+    """Segment checkpointing (autograd path) and snapshot intervals (adjoint) give the same meta-gradient."""
+    net, batch, theta = Network(sizes=SIZES), _batch(), _theta(pool)
+    ref, g_ref = _grad(net, batch, pool, theta, method="autograd")
+    for method in ("autograd", "adjoint"):
+        res, g = _grad(net, batch, pool, theta, method=method, checkpoint_every=every)
+        torch.testing.assert_close(res.loss, ref.loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(res.train_loss, ref.train_loss)
+        assert torch.equal(res.diverged, ref.diverged)
+
+
+def test_checkpointed_autograd_with_states_and_observer():
+    """The general path (derived states, observer) under checkpointing: same values, observer called once."""
+
+    class Trace:
+        role, name = "pre", "xbar"
+
+        def init(self, s):
+            return torch.zeros_like(s["pre"])
+
+        def step(self, prev, s):
+            return 0.5 * prev + 0.5 * s["pre"]
+
+    class TraceRule:
+        needs = frozenset({"pre", "err"})
+        states = (Trace(),)
+
+        def __call__(self, s, p):
+            return -(p[0] * s["err"])[:, :, None] * s["xbar"][:, None, :]
+
+    calls = []
+    net, batch = Network(sizes=SIZES), _batch()
+    grads = []
+    for every in (None, 3):
+        calls.clear()
+        p = torch.tensor([0.3], dtype=F64, requires_grad=True)
+        res = run_episodes(net, batch, TraceRule(), p, seed=0, checkpoint_every=every,
+                           observe=lambda s, i, sig, dw: calls.append((s, i)))  # fmt: skip
+        grads.append(torch.autograd.grad(res.loss.sum(), p)[0])
+        assert len(calls) == batch.x_train.shape[1] * net.n_layers
+        assert "xbar" in res.states[0]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
+
+
+def test_per_episode_theta_and_weight_gradients():
+    net, batch = Network(sizes=SIZES), _batch()
+    theta = _theta(bio, shape=(3, 3))
+    w0, fb0 = init_params(net, 0, 0, range(3), dtype=F64)
+    out = {}
+    for method in ("autograd", "adjoint"):
+        leaf = theta.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in w0]
+        res = run_episodes(net, batch, compile_rule(bio), leaf, ws, fb0, method=method)
+        out[method] = torch.autograd.grad(res.loss.sum(), [leaf, *ws])
+    for a, b in zip(out["adjoint"], out["autograd"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_no_grad_path_runs_in_place_and_matches():
+    net, batch, theta = Network(sizes=SIZES), _batch(), _theta(pool)
+    ref = run_episodes(net, batch, compile_rule(pool), theta, seed=0, method="autograd")
+    w0, fb0 = init_params(net, 0, 0, range(3), dtype=F64)
+    keep = [w.clone() for w in w0]
+    with torch.no_grad():
+        res = run_episodes(net, batch, compile_rule(pool), theta, w0, fb0)
+    torch.testing.assert_close(res.loss, ref.loss, rtol=1e-12, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(w0, keep))  # the caller's weights are untouched
+    assert res.loss.grad_fn is None
+
+
+def test_float32_adjoint_close_to_autograd():
+    net, batch = Network(sizes=SIZES), _batch(n=60, dtype=torch.float32)
+    theta = _theta(bio).float()
+    _, g_ref = _grad(net, batch, bio, theta, method="autograd")
+    _, g = _grad(net, batch, bio, theta, method="adjoint", checkpoint_every=30)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_falls_back_and_adjoint_explains():
+    class Plain:
+        needs = frozenset({"pre", "err"})
+
+        def __call__(self, s, p):
+            return -p * s["err"][:, :, None] * s["pre"][:, None, :]
+
+    lr, why = _low_rank_of(Plain())
+    assert lr is None and "CompiledRule" in why
+    assert _low_rank_of(compile_rule(pool))[0] is not None
+    net, batch = Network(sizes=SIZES), _batch()
+    p = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    res = run_episodes(net, batch, Plain(), p, seed=0)  # auto: autograd path
+    assert res.loss.requires_grad
+    with pytest.raises(ConfigError, match="adjoint"):
+        run_episodes(net, batch, Plain(), p, seed=0, method="adjoint")
+    with pytest.raises(ConfigError, match="observer"):
+        run_episodes(net, batch, compile_rule(bio), _theta(bio), seed=0, method="adjoint",
+                     observe=lambda *a: None)  # fmt: skip
+    with pytest.raises(ConfigError, match="method"):
+        run_episodes(net, batch, compile_rule(bio), _theta(bio), seed=0, method="fast")
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        run_episodes(net, batch, compile_rule(bio), _theta(bio), seed=0, checkpoint_every=0)
+
+
+def test_adjoint_validates_theta_once_and_backward_once():
+    net, batch = Network(sizes=SIZES), _batch()
+    with pytest.raises(Exception, match="theta"):
+        run_episodes(net, batch, compile_rule(bio), torch.zeros(4, dtype=F64), seed=0)
+    leaf = _theta(bio).requires_grad_(True)
+    res = run_episodes(net, batch, compile_rule(bio), leaf, seed=0)
+    res.loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        res.loss.sum().backward()
+
+
+def test_adjoint_divergence_reported():
+    net, batch = Network(sizes=SIZES), _batch()
+    theta = torch.tensor([50.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+    res = run_episodes(net, batch, compile_rule(bio), theta, seed=0, divergence_bound=1.0, check_every=2)
+    ref = run_episodes(net, batch, compile_rule(bio), theta, seed=0, divergence_bound=1.0, check_every=2,
+                       method="autograd")  # fmt: skip
+    assert torch.equal(res.diverged, ref.diverged) and torch.equal(res.diverged_step, ref.diverged_step)
+    with pytest.raises(DivergenceError):
+        run_episodes(net, batch, compile_rule(bio), theta, seed=0, divergence_bound=1.0, raise_on_divergence=True)
+
+
+def test_device_and_dtype_follow_the_batch():
+    """Everything the fast path allocates lives on the batch's device and dtype (CPU here; CUDA the same)."""
+    net, batch = Network(sizes=SIZES), _batch(dtype=torch.float32)
+    theta = _theta(pool).float().requires_grad_(True)
+    res = run_episodes(net, batch, compile_rule(pool), theta, seed=0, method="adjoint")
+    (g,) = torch.autograd.grad(res.loss.sum(), theta)
+    assert g.dtype == torch.float32 and g.device == theta.device
+    assert all(w.dtype == torch.float32 and w.device == batch.x_train.device for w in res.weights)
+    meta = torch.device("meta")
+    assert res.loss.device != meta
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_adjoint_equals_cpu():
+    net, batch, theta = Network(sizes=SIZES), _batch(), _theta(pool)
+    _, g_cpu = _grad(net, batch, pool, theta)
+    cuda = SimpleNamespace(**{k: v.cuda() for k, v in vars(batch).items()})
+    _, g_cuda = _grad(net, cuda, pool, theta.cuda())
+    torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=1e-9, atol=1e-15)
