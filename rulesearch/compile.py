@@ -74,7 +74,9 @@ __all__ = [
 
 
 def _heaviside(x, h=0.5):
-    return torch.heaviside(x, torch.as_tensor(h, dtype=x.dtype, device=x.device))
+    # not torch.heaviside: it has no derivative, and rules are differentiated through (zero gradient a.e.)
+    h = torch.as_tensor(h, dtype=x.dtype, device=x.device)
+    return torch.where(x > 0, torch.ones_like(x), torch.where(x < 0, torch.zeros_like(x), h))
 
 
 def _nary(fn):
@@ -288,10 +290,9 @@ class TorchCompiler:
             it = iter(xs)
             xa = lift(next(it), self.role(a), role) if a[0] == "slot" else a[1]
             xb = lift(next(it), self.role(b), role) if b[0] == "slot" else b[1]
-            if not isinstance(xa, torch.Tensor):
-                xa = torch.as_tensor(
-                    xa, dtype=c.dtype if c.is_floating_point() else torch.get_default_dtype()
-                )
+            if not isinstance(xa, torch.Tensor):  # dtype and device of the other branch or of the signals
+                like = xb if isinstance(xb, torch.Tensor) else _reference_tensor(env["signals"])
+                xa = torch.as_tensor(xa, dtype=like.dtype, device=like.device)
             return torch.where(c, xa, xb)
 
         return self._emit(fn, (cond[1], *(r[1] for r in (a, b) if r[0] == "slot")), role)
@@ -440,11 +441,16 @@ class CompiledRule:
             col += len(d)
             us = [comp.slot(u) if u != 1 else one for (u, _v) in d]
             vs = [comp.slot(v) if v != 1 else one for (_u, v) in d]
-            self._groups.append((None if s == 1 else comp.slot(s), cols, us, vs))
+            consts = None  # a group without vectors reduces to one scale per episode
+            if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
+                consts = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=torch.float64)
+            self._groups.append((None if s == 1 else comp.slot(s), cols, us, vs, consts))
             if s == 1:
                 comp.kinds.add("outer")
             else:
                 comp.kinds.add("synapse")
+        # the fused outer products first: later groups accumulate into their result in place
+        self._groups.sort(key=lambda grp: grp[0] is not None)
         self._comp = comp
 
         # states and needs
@@ -454,15 +460,17 @@ class CompiledRule:
             base |= {s.name for s in signals_in(expand_derived(e)) if s.is_base}
         for st in self.states:
             base |= st.needs
-        roles = {s.name: s.role for s in signals_in(sp.Add(*self._exprs())) if s.is_base}
-        if not any(r == "post" for r in roles.values()) and not {"err", "post"} & base:
+        # the shape (B, n_post, n_pre) must be readable from the signals: add post / pre only when nothing else
+        # (a post, pre or synapse signal) gives n_post / n_pre, e.g. for a rule of global signals only
+        from .signals import BASE_SIGNALS
+
+        given = {BASE_SIGNALS[n].role for n in base}
+        if not given & {"post", "synapse"}:
             base.add("post")
-        if not any(r == "pre" for r in roles.values()) and not {"pre", "pre_err"} & base:
+        if not given & {"pre", "synapse"}:
             base.add("pre")
         self.needs = frozenset(base)
         self.paths = frozenset(comp.kinds | {k for st in self.states for k in getattr(st, "_kinds", ())})
-        from .signals import BASE_SIGNALS
-
         self._roles = {n: BASE_SIGNALS[n].role for n in self.needs}
         self._roles.update({st.name: st.role for st in self.states})
 
@@ -518,33 +526,29 @@ class CompiledRule:
                 f"Rule {self.rule.name!r} needs signals {missing}, which were not given (got {sorted(signals)}). "
                 f"Pass them in the signals dict; the inner loop provides every name in `update.needs`."
             )
-        B = n_post = n_pre = None
-        for n, role in self._roles.items():
-            t = signals[n]
+        # synapse signals first, then by name: deterministic, and the weights fix (n_post, n_pre) when given
+        order = sorted(self._roles, key=lambda n: (self._roles[n] != "synapse", n))
+        known: dict[str, tuple[int, str]] = {}  # dimension -> (size, name of the signal that fixed it)
+        axes = {"global": ("B",), "post": ("B", "n_post"), "pre": ("B", "n_pre"), "synapse": ("B", "n_post", "n_pre")}
+        for n in order:
+            role, t = self._roles[n], signals[n]
             if not isinstance(t, torch.Tensor):
                 raise ShapeError(f"Signal {n!r} must be a torch.Tensor, got {type(t).__name__}.")
             if t.dim() != _SHAPE_DIMS[role]:
                 raise ShapeError(
                     f"Signal {n!r} ({role}) has shape {tuple(t.shape)}; expected {_SHAPE_NAMES[role]}."
                 )
-            B = t.shape[0] if B is None else B
-            dims = {
-                "post": (t.shape[1:2], None),
-                "pre": (None, t.shape[1:2]),
-                "synapse": (t.shape[1:2], t.shape[2:3]),
-            }
-            p, q = dims.get(role, (None, None))
-            if (
-                t.shape[0] != B
-                or (p is not None and n_post is not None and p[0] != n_post)
-                or (q is not None and n_pre is not None and q[0] != n_pre)
-            ):
+            bad = [(ax, size) for ax, size in zip(axes[role], t.shape) if ax in known and known[ax][0] != size]
+            if bad:
+                expected = tuple(known[ax][0] if ax in known else ax for ax in axes[role])
+                why = ", ".join(f"{ax}={known[ax][0]} from signal {known[ax][1]!r}" for ax, _ in bad)
                 raise ShapeError(
-                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}, inconsistent with B={B}, n_post={n_post}, "
-                    f"n_pre={n_pre} from the other signals; expected {_SHAPE_NAMES[role]}."
+                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}; expected {_SHAPE_NAMES[role]} = "
+                    f"{expected} ({why}). All signals of one call must share B, n_post and n_pre."
                 )
-            n_post = p[0] if p is not None else n_post
-            n_pre = q[0] if q is not None else n_pre
+            for ax, size in zip(axes[role], t.shape):
+                known.setdefault(ax, (size, n))
+        B, n_post, n_pre = (known[ax][0] if ax in known else None for ax in ("B", "n_post", "n_pre"))
         return B, n_post, n_pre
 
     def _coefficients(self, params, vals, B, ref):
@@ -579,25 +583,31 @@ class CompiledRule:
         vals = self._comp.run({"signals": signals, "params": params})
         ref = _reference_tensor(signals)
         C = self._coefficients(params, vals, B, ref)  # [pairs] or [B, pairs]
-        dW = None
-        for s_ref, cols, us, vs in self._groups:
+        full = (B, n_post, n_pre)
+        # dW is accumulated in place once it is a full-size tensor created in this call (``owned``): at most one
+        # (B, n_post, n_pre) temporary besides dW itself. Safe for autograd: no backward formula used here
+        # (matmul, mul, add, addcmul) needs the value of its output or of the accumulator.
+        dW, owned = None, False
+        for s_ref, cols, us, vs, consts in self._groups:
             c = C[..., cols]
-            if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
-                scale = (c * torch.tensor([u[1] * v[1] for u, v in zip(us, vs)]).to(c)).sum(-1)
-                inner = scale.reshape(-1, 1, 1) if scale.dim() else scale
+            if consts is not None:
+                scale = (c * consts.to(c)).sum(-1)
+                inner, fresh = (scale.reshape(-1, 1, 1) if scale.dim() else scale), False
             else:
                 U = torch.stack([_col(u, vals, (B, n_post), ref) for u in us], -1)
                 V = torch.stack([_col(v, vals, (B, n_pre), ref) for v in vs], -1)
-                inner = torch.matmul(U * c.unsqueeze(-2), V.transpose(-1, -2))
-            if s_ref is None:
-                term = inner
+                inner, fresh = torch.matmul(U * c.unsqueeze(-2), V.transpose(-1, -2)), True
+            s = None if s_ref is None else lift(TorchCompiler.value(s_ref, vals), self._comp.role(s_ref), "synapse")
+            if dW is None:
+                dW, owned = (inner, fresh) if s is None else (s * inner, True)
+            elif owned and dW.shape == full:
+                dW = dW.add_(inner) if s is None else dW.addcmul_(s, inner)
             else:
-                s = TorchCompiler.value(s_ref, vals)
-                term = lift(s, self._comp.role(s_ref), "synapse") * inner
-            dW = term if dW is None else dW + term
+                dW, owned = (dW + inner) if s is None else torch.addcmul(dW, s, inner), True
+            owned = owned and dW.shape == full
         if dW is None:
-            return torch.zeros(B, n_post, n_pre, dtype=ref.dtype, device=ref.device)
-        return dW.expand(B, n_post, n_pre) if dW.shape != (B, n_post, n_pre) else dW
+            return torch.zeros(full, dtype=ref.dtype, device=ref.device)
+        return dW.expand(full) if dW.shape != full else dW
 
     def __repr__(self):
         return f"CompiledRule({self.rule.name!r}, needs={sorted(self.needs)}, paths={sorted(self.paths)})"
@@ -727,7 +737,7 @@ class RuleModule(torch.nn.Module):
     def trained_rule(self) -> Rule:
         if self.rule.is_linear:
             return self.rule.with_values(self.theta)
-        return self.rule.with_values({k: float(v) for k, v in self.constants.items()})
+        return self.rule.with_values({k: float(v.detach()) for k, v in self.constants.items()})
 
     def sympy(self) -> sp.Expr:
         return self.trained_rule().sympy()

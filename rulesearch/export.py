@@ -13,7 +13,7 @@ Examples
 >>> from rulesearch.signals import pre, err
 >>> from rulesearch.rule import Rule, Term
 >>> print(Rule([Term("F0", -err * pre)]).latex(values=[0.001]))
-\Delta W_{ij} = - 0.001 \, e_{i} x_{j}
+\Delta W_{ij} = - 0.001 e_{i} x_{j}
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from .signals import (
     Signal,
     StateDef,
     signals_in,
+    state_key,
+    state_probe,
 )
 
 __all__ = [
@@ -55,13 +57,15 @@ _INDEX = {"post": "i", "pre": "j", "synapse": "ij", "global": ""}
 
 
 class RuleLatexPrinter(LatexPrinter):
-    """LaTeX in index notation: :math:`x_j, y_i, e_i, e'_j, W_{ij}, B_{ji}`; floats at a fixed precision."""
+    r"""LaTeX in index notation: :math:`x_j, y_i, e_i, e'_j, W_{ij}, B_{ji}`; floats to ``precision`` significant
+    digits (scientific below :math:`10^{-\mathrm{precision}}`)."""
 
     _default_settings = {**LatexPrinter._default_settings, "precision": 3, "vector": False}
 
     def _print_Float(self, expr):
+        # ``precision`` significant digits (as in latex_table), not decimals: 0.00149 must not print as 0.001
         s = np.format_float_positional(
-            float(expr), precision=self._settings["precision"], unique=True, trim="-"
+            float(expr), precision=self._settings["precision"], unique=True, fractional=False, trim="-"
         )
         if abs(float(expr)) < 10 ** (-self._settings["precision"]) and float(expr) != 0:
             s = np.format_float_scientific(float(expr), precision=self._settings["precision"] - 1, trim="-")
@@ -161,7 +165,11 @@ def latex_table(rules: Sequence, values: Sequence | None = None, precision: int 
     ref = rules[0]
     if not ref.is_linear:
         raise InvalidRuleError("latex_table needs linear rules (named terms).")
-    fmt = f"{{:.{precision}g}}"
+    num = RuleLatexPrinter({"precision": precision})
+
+    def fmt(v) -> str:  # the equation's number format, in math mode (no "2.5e-05" in a paper table)
+        return num.doprint(sp.Float(float(v)))
+
     cols = "ll" + "r" * len(rules)
     head = " & ".join(["term", "$T_{ij}$"] + [rf"$\theta$ ({r.name})" for r in rules])
     lines = [rf"\begin{{tabular}}{{{cols}}}", r"\toprule", head + r" \\", r"\midrule"]
@@ -171,11 +179,11 @@ def latex_table(rules: Sequence, values: Sequence | None = None, precision: int 
             if v is None:
                 cells.append(rf"$\theta_{{{i}}}$")
                 continue
-            c = fmt.format(v[i])
+            c = fmt(v[i])
             if intervals is not None:
                 lo, hi = intervals[k][i]
-                c += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
-            cells.append(c)
+                c += rf"\ [{fmt(lo)}, {fmt(hi)}]"
+            cells.append(f"${c}$")
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -203,6 +211,7 @@ _RELS = {
     "LessThan": sp.LessThan,
 }
 _NUMBER_SYMBOLS = {"pi": sp.pi, "E": sp.E}
+_MAX_NUMERIC_EXPONENT = 1024
 
 
 def expr_to_json(expr) -> dict:
@@ -216,7 +225,8 @@ def expr_to_json(expr) -> dict:
     if isinstance(expr, sp.Rational):
         return {"type": "Rational", "p": int(expr.p), "q": int(expr.q)}
     if isinstance(expr, sp.Float):
-        return {"type": "Float", "value": sp.srepr(expr).split("'")[1]}
+        # repr digits plus the binary precision: Float(value, precision=...) rebuilds the identical number
+        return {"type": "Float", "value": sp.srepr(expr).split("'")[1], "precision": int(expr._prec)}
     if isinstance(expr, sp.NumberSymbol) and str(expr) in _NUMBER_SYMBOLS:
         return {"type": "NumberSymbol", "name": str(expr)}
     if expr is sp.true:
@@ -260,8 +270,13 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
             return sp.Rational(_int(node["p"]), _int(node["q"]))
         if t == "Float":
             v = node["value"]
-            if not isinstance(v, str) or not all(ch in "0123456789.-+eE" for ch in v):
-                raise InvalidRuleError(f"Float value must be a decimal string, got {v!r}.")
+            if not isinstance(v, str) or not 0 < len(v) <= 400 or not all(ch in "0123456789.-+eE" for ch in v):
+                raise InvalidRuleError(f"Float value must be a decimal string, got {str(v)[:80]!r}.")
+            if "precision" in node:
+                prec = _int(node["precision"])
+                if not 1 <= prec <= 4096:
+                    raise InvalidRuleError(f"Float precision must be 1..4096 bits, got {prec}.")
+                return sp.Float(v, precision=prec)
             return sp.Float(v, max(15, len(v.strip("-+").replace(".", "").split("e")[0])))
         if t == "NumberSymbol":
             return _NUMBER_SYMBOLS[_str(node["name"])]
@@ -273,6 +288,11 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
         if t == "Piecewise":
             return sp.Piecewise(*[(expr_from_json(e, signals), expr_from_json(c, signals)) for e, c in args])
         kids = [expr_from_json(a, signals) for a in args]
+        if t == "Pow" and len(kids) == 2 and all(k.is_Number for k in kids) and abs(kids[1]) > _MAX_NUMERIC_EXPONENT:
+            raise InvalidRuleError(  # SymPy would evaluate 10**(10**12) exactly, hanging the loader
+                f"Numeric power {kids[0]}**{kids[1]}: exponents of numbers are limited to "
+                f"+-{_MAX_NUMERIC_EXPONENT} in rule files."
+            )
         if t in ("Add", "Mul", "Pow"):
             return getattr(sp, t)(*kids)
         if t in _OPS:
@@ -300,6 +320,27 @@ def _str(v) -> str:
     if not isinstance(v, str):
         raise InvalidRuleError(f"Expected a string, got {v!r}.")
     return v
+
+
+def _opt_str(v) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _number(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidRuleError(f"Expected a number, got {v!r}.")
+    return float(v)
+
+
+def _values_from_json(v, kind: str):
+    if v is None:
+        return None
+    if kind == "linear" and isinstance(v, list):
+        return [_number(x) for x in v]
+    if kind == "general" and isinstance(v, Mapping):
+        return {_str(k): _number(x) for k, x in v.items()}
+    want = "a list of numbers (one per term)" if kind == "linear" else "an object mapping constant names to numbers"
+    raise InvalidRuleError(f"'values' of a {kind} rule must be null or {want}, got {v!r}.")
 
 
 def _derived_signals(exprs) -> list[Signal]:
@@ -356,17 +397,20 @@ def _signals_from_json(spec: Mapping) -> dict[str, Signal]:
         for name, d in list(pending.items()):
             if name in BASE_SIGNALS:
                 raise InvalidRuleError(f"Derived signal {name!r} shadows a built-in signal.")
+            if not isinstance(d, Mapping):
+                raise InvalidRuleError(f"Signal {name!r}: expected an object with 'kind' and 'role', got {d!r}.")
             try:
                 if d.get("kind") == "state":
-                    sig = Signal(name, _str(d["role"]), None, d.get("description", ""), d.get("latex"))
-                    known[name] = sig  # the update refers to the signal itself
-                    sig.definition = StateDef(
-                        expr_from_json(d["update"], known), expr_from_json(d["init"], known)
-                    )
+                    role = _str(d["role"])
+                    probe = known[name] = state_probe(name, role)  # the update refers to the signal itself
+                    upd, ini = expr_from_json(d["update"], known), expr_from_json(d["init"], known)
+                    sig = Signal(name, role, None, _str(d.get("description", "")), _opt_str(d.get("latex")),
+                                 key=state_key(name, role, upd, ini))  # fmt: skip
+                    sig.definition = StateDef(upd.xreplace({probe: sig}), ini)
                 elif d.get("kind") == "derived":
                     sig = Signal(
-                        name, _str(d["role"]), expr_from_json(d["expr"], known), d.get("description", ""),
-                        d.get("latex"),
+                        name, _str(d["role"]), expr_from_json(d["expr"], known), _str(d.get("description", "")),
+                        _opt_str(d.get("latex")),
                     )  # fmt: skip
                 else:
                     raise InvalidRuleError(f"Signal {name!r}: kind must be 'state' or 'derived'.")
@@ -389,6 +433,13 @@ def _signals_from_json(spec: Mapping) -> dict[str, Signal]:
 
 def rule_from_json(data) -> object:
     """Rebuild a rule from :func:`rule_to_json` output (a dict or a JSON string); exact round trip."""
+    try:
+        return _rule_from_json(data)
+    except RecursionError:
+        raise InvalidRuleError("Rule file nests expressions too deeply to be a rule.") from None
+
+
+def _rule_from_json(data):
     from .rule import Rule, Term
 
     if isinstance(data, str):
@@ -403,14 +454,14 @@ def rule_from_json(data) -> object:
     try:
         if data["kind"] == "linear":
             terms = [
-                Term(_str(t["name"]), expr_from_json(t["expr"], signals), t.get("description", ""))
+                Term(_str(t["name"]), expr_from_json(t["expr"], signals), _str(t.get("description", "")))
                 for t in data["terms"]
             ]
-            return Rule(tuple(terms), _str(data["name"]), values=data.get("values"))
+            return Rule(tuple(terms), _str(data["name"]), values=_values_from_json(data.get("values"), "linear"))
         if data["kind"] == "general":
             consts = [Constant(_str(c)) for c in data["constants"]]
             return Rule(name=_str(data["name"]), expr=expr_from_json(data["expr"], signals), constants=tuple(consts),
-                        values=data.get("values"))  # fmt: skip
-    except (KeyError, TypeError) as e:
+                        values=_values_from_json(data.get("values"), "general"))  # fmt: skip
+    except (KeyError, TypeError, AttributeError) as e:
         raise InvalidRuleError(f"Malformed rule file: missing or wrong field {e!r}.") from None
     raise InvalidRuleError(f"Rule kind must be 'linear' or 'general', got {data.get('kind')!r}.")

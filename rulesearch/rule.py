@@ -25,6 +25,7 @@ import sympy as sp
 
 from .errors import InvalidRuleError
 from .signals import (
+    BASE_SIGNALS,
     OPERATORS,
     Constant,
     Contract,
@@ -73,9 +74,34 @@ def _check_expr(expr, where: str) -> sp.Expr:
         role_of(expand_derived(expr))
         for s in state_signals(expr):
             role_of(expand_derived(s.definition.update))
+        _check_base_signals(expr)
     except InvalidRuleError as e:
         raise InvalidRuleError(f"{where}: {e}") from None
     return expr
+
+
+def _check_base_signals(expr) -> None:
+    """Signals without a definition must be the built-in ones: nothing else can compute or serialize them."""
+    seen: set[Signal] = set()
+    stack = [expr]
+    while stack:
+        for s in signals_in(stack.pop()):
+            if s in seen or isinstance(s, Constant):
+                continue
+            seen.add(s)
+            builtin = BASE_SIGNALS.get(s.name)
+            if s.definition is None and (builtin is None or builtin.role != s.role):
+                raise InvalidRuleError(
+                    f"Signal {s.name!r} ({s.role}) has no definition and is not a built-in signal "
+                    f"({', '.join(f'{n}: {b.role}' for n, b in BASE_SIGNALS.items())}). Define it with "
+                    f"derived(name, expr) or state(name, update), or use a Constant for a free coefficient."
+                )
+            if s.definition is not None and builtin is not None:
+                raise InvalidRuleError(f"Derived signal {s.name!r} shadows a built-in signal; rename it.")
+            if isinstance(s.definition, sp.Basic):
+                stack.append(s.definition)
+            elif s.is_state:
+                stack += [s.definition.update, s.definition.init]
 
 
 def _check_definitions(exprs: Iterable[sp.Expr]) -> None:

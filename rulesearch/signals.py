@@ -80,6 +80,8 @@ __all__ = [
     "sanger",
     "derived",
     "state",
+    "state_probe",
+    "state_key",
     "trace",
     "bcm_threshold",
     "reward_baseline",
@@ -100,11 +102,15 @@ class Signal(sp.Symbol):
 
     ``definition`` is ``None`` for base signals (computed by the inner loop), a SymPy expression for a stateless
     derived signal (substituted before compiling), or a :class:`StateDef` for a signal carried across steps.
-    Two signals are equal when their names and roles are equal; a rule refuses two different definitions under
-    one name.
+    Two signals are equal when their names, roles and ``key`` are equal; the key is the definition of a derived
+    signal and the state equation (with the signal itself replaced by a probe) of a state, so that SymPy's
+    expression cache never swaps two signals that share a name but not a definition (e.g. two
+    ``reward_baseline`` s with different ``tau``). A rule refuses two different definitions under one name.
     """
 
-    def __new__(cls, name: str, role: str, definition=None, description: str = "", latex: str | None = None):
+    def __new__(
+        cls, name: str, role: str, definition=None, description: str = "", latex: str | None = None, key=None
+    ):
         if role not in ROLES:
             raise InvalidRuleError(f"Signal {name!r}: role {role!r} is not one of {ROLES}.")
         if not isinstance(name, str) or not name.isidentifier():
@@ -116,13 +122,14 @@ class Signal(sp.Symbol):
         obj.definition = definition
         obj.description = description
         obj.latex = latex
+        obj.key = key if key is not None else (definition if isinstance(definition, sp.Basic) else None)
         return obj
 
     def _hashable_content(self):
-        return (*super()._hashable_content(), self.role)
+        return (*super()._hashable_content(), self.role, self.key)
 
     def __getnewargs_ex__(self):
-        return ((self.name, self.role, self.definition, self.description, self.latex), {})
+        return ((self.name, self.role, self.definition, self.description, self.latex, self.key), {})
 
     @property
     def is_base(self) -> bool:
@@ -245,6 +252,8 @@ def role_of(expr) -> str:
     if isinstance(expr, Signal):
         return expr.role
     if isinstance(expr, (sp.Number, sp.NumberSymbol)):
+        if not expr.is_finite:
+            raise InvalidRuleError(f"Non-finite number {expr} in a rule; use finite constants.")
         return "global"
     if isinstance(expr, OPERATORS):
         return _operator_role(expr)
@@ -418,10 +427,21 @@ def state(
     signals. The role is inferred from the other signals and ``init``.
     """
     probe = Signal(f"_{name}_probe", "global")  # distinct name: SymPy's cache would reuse expressions with it
-    role = join_roles(role_of(update(probe)), role_of(sp.sympify(init)))
-    sig = Signal(name, role, None, description, latex)
-    sig.definition = StateDef(sp.sympify(update(sig)), sp.sympify(init))
+    init = sp.sympify(init)
+    role = join_roles(role_of(update(probe)), role_of(init))
+    sig = Signal(name, role, None, description, latex, key=state_key(name, role, update(state_probe(name, role)), init))
+    sig.definition = StateDef(sp.sympify(update(sig)), init)
     return sig
+
+
+def state_probe(name: str, role: str) -> Signal:
+    """The placeholder standing for state ``name`` in its :func:`state_key` (and while loading it from JSON)."""
+    return Signal(f"_{name}_probe", role)
+
+
+def state_key(name: str, role: str, update_of_probe, init) -> tuple:
+    """Identity of a state signal: its equation with the signal replaced by :func:`state_probe`."""
+    return ("state", sp.sympify(update_of_probe), sp.sympify(init))
 
 
 def _fmt(x) -> str:

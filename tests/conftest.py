@@ -17,3 +17,18 @@ def gen(rng_seed):
 @pytest.fixture
 def np_rng(rng_seed):
     return np.random.default_rng(rng_seed)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite the files in tests/golden/ from the current code (review the diff before committing)",
+    )
+
+
+@pytest.fixture
+def update_golden(request):
+    """True when pytest runs with --update-golden: golden tests write their files instead of comparing."""
+    return request.config.getoption("--update-golden")

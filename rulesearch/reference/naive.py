@@ -14,7 +14,17 @@ import torch
 from ..compile import _RELATIONS, TORCH_FUNCTIONS
 from ..errors import UnsupportedNodeError
 from ..rule import Rule
-from ..signals import Bilinear, Constant, Contract, LayerSum, OrderedContract, Signal, expand_derived
+from ..signals import (
+    BASE_SIGNALS,
+    Bilinear,
+    Constant,
+    Contract,
+    LayerSum,
+    OrderedContract,
+    Signal,
+    expand_derived,
+    signals_in,
+)
 
 __all__ = ["naive_update", "naive_eval"]
 
@@ -91,13 +101,20 @@ def naive_eval(expr, signals: Mapping, params: Mapping, shape) -> torch.Tensor:
 
 def naive_update(rule: Rule, signals: Mapping, params) -> torch.Tensor:
     r""":math:`\Delta W = \sum_r \theta_r T^r` term by term, each a full tensor (theta ``(R,)`` or ``(B, R)``)."""
-    w = signals.get("w")
-    post = signals.get("post", signals.get("err"))
-    pre = signals.get("pre", signals.get("pre_err"))
-    B = next(v for v in signals.values() if isinstance(v, torch.Tensor)).shape[0]
-    n_post = w.shape[1] if w is not None else post.shape[1]
-    n_pre = w.shape[2] if w is not None else pre.shape[1]
-    shape = (B, n_post, n_pre)
+    exprs = [t.expr for t in rule.terms] if rule.is_linear else [rule.expr]
+    roles = {n: s.role for n, s in BASE_SIGNALS.items()}
+    roles.update({s.name: s.role for e in exprs for s in signals_in(expand_derived(e))})
+    dims = {}
+    for name, t in signals.items():  # (B, n_post, n_pre) from whichever signals carry them
+        role = roles.get(name)
+        if role is None or not isinstance(t, torch.Tensor):
+            continue
+        dims["B"] = t.shape[0]
+        if role in ("post", "synapse"):
+            dims["n_post"] = t.shape[1]
+        if role in ("pre", "synapse"):
+            dims["n_pre"] = t.shape[-1]
+    shape = (dims["B"], dims["n_post"], dims["n_pre"])
     if not rule.is_linear:
         return naive_eval(rule.expr, signals, params, shape).clone()
     out = 0
