@@ -1,0 +1,257 @@
+"""Meta-training throughput and memory: the seed code's naive loop vs the package's fast inner loop.
+
+Paper configuration (784-170-130-100-70-47, M=5, K=50, Q=10: 250 online steps and 50 queries per episode,
+feedback alignment), rules ``bio`` and the 10-term ``pool``. Every configuration runs in a fresh child process
+(``subprocess``) and prints one line: meta-training episodes per second (online steps + query loss + meta-gradient),
+memory per episode ((child peak RSS - baseline) / B; on CUDA the torch allocator peak), for
+
+* ``naive``: :func:`rulesearch.reference.seed_loop.seed_meta_gradient` (one episode at a time),
+* ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
+* ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
+
+at B in {1, 8, 32}, with the fast/naive speed-up, floor/fast ratio and fast/naive memory ratio. A last child
+checks that fast and naive meta-gradients agree (relative error < 1e-4, float64).
+
+    python experiments/bench_meta.py                 # full run (tens of minutes on a busy 2-core machine)
+    python experiments/bench_meta.py --quick         # 25 online steps, B in {1, 8}: a minute or two
+    python experiments/bench_meta.py --device cuda   # GPU (torch allocator peak as memory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = {"speedup_bio_B32": 4.0, "floor_ratio": 3.0, "memory_ratio": 0.25, "rel_error": 1e-4}
+
+
+# ---- child: one configuration --------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _make_batch(cfg, torch, dtype, device, b, seed=0):
+    """Synthetic images of the right shape (or EMNIST episodes with --data emnist)."""
+    n_train, n_query = cfg["M"] * cfg["K"], cfg["M"] * cfg["Q"]
+    if cfg["data"] == "emnist":
+        from rulesearch.data import load_dataset
+        from rulesearch.episodes import TaskSampler
+
+        ds = load_dataset("emnist", path=cfg["emnist_path"], per_class=400)
+        batch = TaskSampler(ds, M=cfg["M"], K=cfg["K"], Q=cfg["Q"]).sample(seed=seed, t=0, ks=range(b))
+        return batch.to(device=device, dtype=dtype)
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = cfg["sizes"]
+    return SimpleNamespace(
+        x_train=torch.rand(b, n_train, sizes[0], generator=g, dtype=dtype).to(device),
+        y_train=torch.randint(sizes[-1], (b, n_train), generator=g).to(device),
+        x_query=torch.rand(b, n_query, sizes[0], generator=g, dtype=dtype).to(device),
+        y_query=torch.randint(sizes[-1], (b, n_query), generator=g).to(device),
+        seed=seed,
+        t=0,
+        ks=tuple(range(b)),
+    )
+
+
+def _theta(torch, rule, dtype, device, jitter=0.0):
+    theta = torch.zeros(rule.n_params, dtype=dtype)
+    theta[0] = 1e-3  # the paper's initialization
+    if jitter:
+        theta = theta + jitter * torch.randn(rule.n_params, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    return theta.to(device)
+
+
+def _child(cfg: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    from rulesearch.compile import compile_rule
+    from rulesearch.inner import run_episodes
+    from rulesearch.networks import Network
+    from rulesearch.pools import named_rule
+    from rulesearch.reference.seed_loop import seed_meta_gradient
+
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+    dtype = torch.float64 if cfg["impl"] == "check" else torch.float32
+    net = Network(sizes=tuple(cfg["sizes"]), feedback="fa")
+    rule = named_rule(cfg["rule"])
+    upd = compile_rule(rule)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    if cfg["impl"] == "check":  # fast vs naive meta-gradients, float64
+        batch = _make_batch(cfg, torch, dtype, device, cfg["B"])
+        theta = _theta(torch, rule, dtype, device, jitter=1e-4)
+        ref = seed_meta_gradient(net, batch, rule, theta, seed=0, t=0, ks=range(cfg["B"]))
+        leaf = theta.clone().requires_grad_(True)
+        res = run_episodes(net, batch, upd, leaf, seed=0, t=0, ks=range(cfg["B"]), metrics=False)
+        res.loss.mean().backward()
+        err = float((leaf.grad - ref.grad).norm() / ref.grad.norm())
+        return {"rel_error": err, "grad_naive": ref.grad.tolist(), "grad_fast": leaf.grad.tolist()}
+
+    b = cfg["B"]
+    batch = _make_batch(cfg, torch, dtype, device, b)
+    theta = _theta(torch, rule, dtype, device)
+
+    def run_fast(bt, grad=True):
+        leaf = theta.clone().requires_grad_(grad)
+        if grad:
+            res = run_episodes(net, bt, upd, leaf, seed=0, metrics=False, checkpoint_every=cfg["checkpoint_every"])
+            res.loss.mean().backward()
+        else:
+            with torch.no_grad():
+                run_episodes(net, bt, upd, leaf, seed=0, metrics=False)
+
+    def run_naive(bt):
+        seed_meta_gradient(net, bt, rule, theta, seed=0)
+
+    # warm-up on a tiny batch (lazy initialization, first-call costs), then the baseline
+    from types import SimpleNamespace
+
+    tiny = SimpleNamespace(**{k: getattr(batch, k)[:1, :3] for k in ("x_train", "y_train", "x_query", "y_query")})
+    if cfg["impl"] == "naive":
+        run_naive(tiny)
+    else:
+        run_fast(tiny, grad=cfg["impl"] == "fast")
+    sync()
+    base = _peak_rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base_cuda = torch.cuda.memory_allocated(device) / 2**20
+    times = []
+    for _ in range(cfg["repeats"]):
+        t0 = time.perf_counter()
+        if cfg["impl"] == "naive":
+            run_naive(batch)
+        else:
+            run_fast(batch, grad=cfg["impl"] == "fast")
+        sync()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    out = {
+        "eps_per_s": b / seconds,
+        "seconds": seconds,
+        "times": times,
+        "mem_mb_per_episode": (_peak_rss_mb() - base) / b,
+    }
+    if cuda:
+        out["cuda_mb_per_episode"] = (torch.cuda.max_memory_allocated(device) / 2**20 - base_cuda) / b
+    return out
+
+
+# ---- parent: run every configuration in its own process -------------------------------------------------------
+
+
+def _spawn(cfg: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+
+
+def _fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="25 online steps (K=5), 5 queries, B in {1, 8}")
+    p.add_argument("--rules", default="bio,pool")
+    p.add_argument("--batches", default=None, help="comma-separated B values (default 1,8,32; quick: 1,8)")
+    p.add_argument("--impls", default="naive,fast,floor")
+    p.add_argument("--K", type=int, default=None, help="training samples per class (default 50; quick: 5)")
+    p.add_argument("--Q", type=int, default=None, help="query samples per class (default 10; quick: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1: robust on a "
+                   "shared machine; 2 uses both cores)")  # fmt: skip
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of fast/floor (median); naive runs once")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--check-B", type=int, default=2, help="episodes of the float64 agreement check")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--data", choices=("synthetic", "emnist"), default="synthetic")
+    p.add_argument("--emnist-path", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                         "emnist_bymerge_test.npz"))  # fmt: skip
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
+    K = args.K if args.K is not None else (5 if args.quick else 50)
+    Q = args.Q if args.Q is not None else (1 if args.quick else 10)
+    common = {
+        "sizes": [784, 170, 130, 100, 70, 47], "M": 5, "K": K, "Q": Q, "threads": args.threads,
+        "device": args.device, "checkpoint_every": args.checkpoint_every, "data": args.data,
+        "emnist_path": os.path.abspath(args.emnist_path),
+    }  # fmt: skip
+    impls = args.impls.split(",")
+    print(f"# bench_meta: sizes 784-170-130-100-70-47, M=5 K={K} Q={Q} ({5 * K} online steps), fa, float32, "
+          f"{args.data} data, device {args.device}, {args.threads} thread(s), "
+          f"fast/floor: median of {args.repeats}")  # fmt: skip
+    print(f"# {'rule':<5} {'impl':<6} {'B':>3} {'episodes/s':>11} {'s/episode':>10} {'MB/episode':>11} "
+          f"{'fast/naive':>10} {'floor/fast':>10} {'mem f/n':>8}")  # fmt: skip
+    results = []
+    for rule in args.rules.split(","):
+        for b in batches:
+            row = {}
+            for impl in ("naive", "fast", "floor"):
+                if impl not in impls:
+                    continue
+                cfg = dict(common, rule=rule, impl=impl, B=b, repeats=1 if impl == "naive" else args.repeats)
+                r = _spawn(cfg, args.timeout)
+                row[impl] = r
+                results.append({"rule": rule, "impl": impl, "B": b, **r})
+                if "error" in r:
+                    print(f"  {rule:<5} {impl:<6} {b:>3} ERROR {r['error']}", flush=True)
+                    continue
+                mem = r.get("cuda_mb_per_episode", r["mem_mb_per_episode"])
+                extra = ["-", "-", "-"]
+                if impl == "fast" and "eps_per_s" in row.get("naive", {}):
+                    extra[0] = f"{r['eps_per_s'] / row['naive']['eps_per_s']:.1f}x"
+                    nm = row["naive"].get("cuda_mb_per_episode", row["naive"]["mem_mb_per_episode"])
+                    extra[2] = f"{mem / nm:.1%}" if nm > 0 else "-"
+                if impl == "floor" and "eps_per_s" in row.get("fast", {}):
+                    extra[1] = f"{r['eps_per_s'] / row['fast']['eps_per_s']:.2f}"
+                print(f"  {rule:<5} {impl:<6} {b:>3} {r['eps_per_s']:>11.3f} {1 / r['eps_per_s']:>10.3f} "
+                      f"{mem:>11.1f} {extra[0]:>10} {extra[1]:>10} {extra[2]:>8}", flush=True)  # fmt: skip
+    if not args.no_check:
+        for rule in args.rules.split(","):
+            cfg = dict(common, rule=rule, impl="check", B=args.check_B, repeats=1)
+            r = _spawn(cfg, args.timeout)
+            results.append({"rule": rule, "impl": "check", "B": args.check_B, **r})
+            if "error" in r:
+                print(f"  {rule:<5} check  ERROR {r['error']}")
+                continue
+            ok = r["rel_error"] < TARGETS["rel_error"]
+            print(f"  {rule:<5} check  {args.check_B:>3} meta-gradient relative error fast vs naive (float64): "
+                  f"{r['rel_error']:.2e} {'OK' if ok else 'FAIL'} (< {TARGETS['rel_error']:g})")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
