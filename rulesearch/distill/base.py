@@ -508,7 +508,8 @@ class DistillBackend(abc.ABC):
 
         self.front_ = pareto_front(self.candidates_)
         floor = self._floor()
-        index, scores = select_candidate(self.front_, self.n_eff_, method=self._selection(), floor=floor)
+        n_cand = getattr(self, "n_candidates_", None)
+        index, scores = select_candidate(self.front_, self.n_eff_, self._selection(), floor, n_cand)
         self.selection_ = {"method": self._selection(), "index": index, "scores": scores, "floor": floor}
         best = self.front_[index]
         if getattr(self, "snap", True):

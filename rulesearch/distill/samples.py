@@ -8,11 +8,12 @@ and layer it sees the detached signals and :math:`\Delta W` ``(B, n_post, n_pre)
 2. evaluates every *atom* (signals, contractions such as :math:`(W^\top y)_j`, ordered contractions, user
    factors) in its natural shape from the full signal dict: non-local atoms are exact, not approximated from the
    sampled rows;
-3. draws ``n_per_step`` synapses :math:`(b, i, j)` stratified on signal magnitudes: the score
-   :math:`\sum_s |s| / \mathrm{rms}(s)` over ``stratify`` (``|x_j|, |y_i|, |e_i|, |e'_j|``) is cut into
-   ``n_strata`` equal-count strata and each stratum gets the same number of rows, drawn uniformly. The update
-   itself is never used to choose rows (that would bias the fit); each row carries its inverse inclusion
-   probability as ``weight``.
+3. draws ``n_per_step`` synapses :math:`(b, i, j)` stratified on signal magnitudes: the synapses are ranked by
+   the score :math:`\sum_s |s| / \mathrm{rms}(s)` over ``stratify`` (``|x_j|, |y_i|, |e_i|, |e'_j|``; ties in
+   random order) and cut into ``n_strata`` dyadic strata (the lower half of the ranks, the next quarter, ..., the
+   top :math:`2^{-(n-1)}`); each stratum gets the same number of rows, drawn uniformly, so rare large signals are
+   oversampled. The update itself is never used to choose rows (that would bias the fit); each row carries its
+   inverse inclusion probability as ``weight``.
 
 The result is a pandas table, one row per sampled synapse and step, with columns ``layer, step, episode, t,
 post_index, pre_index, weight``, one column per atom, and ``dw``. Its ``attrs["rulesearch"]`` records the atoms as a
@@ -106,7 +107,7 @@ class SampleCollector:
     n_per_step : int
         Rows drawn per layer and step (over all episodes of the batch).
     n_strata : int
-        Equal-count strata of the magnitude score; each gets ``n_per_step / n_strata`` rows.
+        Dyadic strata of the magnitude ranks (halves, quarters, ...); each gets ``n_per_step / n_strata`` rows.
     stratify : sequence of str
         Signals whose magnitudes define the score (those not computed at a step are skipped).
     layers, steps : sequence of int, optional
@@ -213,20 +214,28 @@ class SampleCollector:
         flat = torch.nan_to_num(score.reshape(-1), nan=0.0, posinf=0.0)
         m = min(self.n_per_step, N)
         k = min(self.n_strata, m)
-        order = torch.argsort(flat, stable=True)
-        bins = torch.div(torch.arange(N) * k, N, rounding_mode="floor")
-        key = bins.double() + torch.rand(N, generator=self.generator, dtype=torch.float64)
-        pos = torch.argsort(key)
-        sizes = torch.bincount(bins, minlength=k)
-        starts = torch.cumsum(sizes, 0) - sizes
-        per = [m // k + (1 if s < m % k else 0) for s in range(k)]
+        # rank by score, ties in random order; dyadic strata: the top 1/2, 1/4, ... of the ranks
+        perm = torch.randperm(N, generator=self.generator)
+        order = perm[torch.argsort(flat[perm], stable=True)]
+        q = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+        bins = torch.clamp(torch.floor(-torch.log2(1.0 - q)), max=k - 1).long()
+        sizes = torch.bincount(bins, minlength=k).tolist()
+        starts = [sum(sizes[:s]) for s in range(k)]
+        per = [m // k + (1 if s >= k - m % k else 0) for s in range(k)]  # remainder to the top strata
+        for s in range(k):  # a stratum smaller than its quota gives the rest to the next larger one
+            if per[s] > sizes[s]:
+                spare, per[s] = per[s] - sizes[s], sizes[s]
+                for t in sorted(range(k), key=lambda t: -sizes[t]):
+                    extra = min(spare, sizes[t] - per[t])
+                    per[t] += extra
+                    spare -= extra
         chosen, weights = [], []
         for s in range(k):
-            take = min(per[s], int(sizes[s]))
-            if take == 0:
+            if per[s] == 0:
                 continue
-            chosen.append(order[pos[int(starts[s]) : int(starts[s]) + take]])
-            weights.append(torch.full((take,), float(sizes[s]) / take, dtype=torch.float64))
+            pick = torch.randperm(sizes[s], generator=self.generator)[: per[s]] + starts[s]
+            chosen.append(order[pick])
+            weights.append(torch.full((per[s],), sizes[s] / per[s], dtype=torch.float64))
         idx = torch.cat(chosen)
         b = torch.div(idx, n_post * n_pre, rounding_mode="floor")
         rem = idx - b * n_post * n_pre

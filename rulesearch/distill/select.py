@@ -1,8 +1,9 @@
 r"""Model selection on the Pareto front, constant snapping, and near-collinear library columns.
 
 * :func:`pareto_front` keeps, for growing complexity, only candidates that lower the loss.
-* :func:`select_candidate` picks one by an information criterion (``bic``, default; ``aic``) or the knee of the
-  front (``knee``). Losses below a *floor* (the numerical resolution of the data) count as equal, so at noise 0
+* :func:`select_candidate` picks one by an information criterion (``ebic``, the extended BIC that also pays for
+  choosing terms out of a large library, default of the sparse backend; ``bic``; ``aic``) or the knee of the front
+  (``knee``). Losses below a *floor* (the numerical resolution of the data) count as equal, so at noise 0
   the criterion prefers the simplest exact formula instead of chasing round-off.
 * :func:`snap_constants` replaces constants by simple values (integers, simple fractions, one or two significant
   digits) one at a time, refitting the remaining linear coefficients, and keeps a change only when the loss does
@@ -12,6 +13,11 @@ r"""Model selection on the Pareto front, constant snapping, and near-collinear l
   softmax or :math:`e^\top W x = e \cdot z`. Columns are visited simplest first; a column whose residual after
   projection onto the kept columns is below ``tol`` (relative) is dropped and reported as an :class:`Identity`, so
   the fit always uses the simplest member of an equivalence class.
+
+References
+----------
+Chen, J. & Chen, Z. Extended Bayesian information criteria for model selection with large model spaces.
+Biometrika 95, 759-771 (2008).
 
 Examples
 --------
@@ -48,7 +54,7 @@ __all__ = [
     "SELECTION_METHODS",
 ]
 
-SELECTION_METHODS = ("bic", "aic", "knee")
+SELECTION_METHODS = ("ebic", "bic", "aic", "knee")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,26 +81,44 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
-def information_criterion(loss: float, n_params: int, n: float, floor: float = 0.0, kind: str = "bic") -> float:
-    r""":math:`n \log \max(\mathrm{loss}, \mathrm{floor}) + k \log n` (BIC) or :math:`+ 2k` (AIC)."""
+def information_criterion(
+    loss: float, n_params: int, n: float, floor: float = 0.0, kind: str = "bic", n_candidates: int | None = None
+) -> float:
+    r"""Information criterion of a fit with weighted MSE ``loss`` and ``n_params`` parameters on ``n`` rows.
+
+    .. math::
+
+        n \log \max(\mathrm{loss}, \mathrm{floor}) + \begin{cases} k \log n & \text{bic} \\ 2k & \text{aic} \\
+        k \log n + 2 \log \binom{p}{k} & \text{ebic (extended BIC, } p \text{ candidate terms)} \end{cases}
+
+    The extended BIC (Chen & Chen 2008) also pays for *choosing* ``k`` of ``p`` candidate terms, so a search over
+    hundreds of library terms does not pick up terms that only fit the noise.
+    """
     ll = n * math.log(max(loss, floor, 1e-300))
-    return ll + n_params * (math.log(n) if kind == "bic" else 2.0)
+    if kind == "aic":
+        return ll + 2.0 * n_params
+    pen = n_params * math.log(n)
+    if kind == "ebic" and n_candidates is not None and n_candidates > n_params:
+        p, k = n_candidates, n_params
+        pen += 2.0 * (math.lgamma(p + 1) - math.lgamma(k + 1) - math.lgamma(p - k + 1))
+    return ll + pen
 
 
 def select_candidate(
-    front: Sequence[Candidate], n: float, method: str = "bic", floor: float = 0.0
+    front: Sequence[Candidate], n: float, method: str = "bic", floor: float = 0.0, n_candidates: int | None = None
 ) -> tuple[int, list[float]]:
     """Index of the selected candidate on ``front`` and the per-candidate scores (lower is better).
 
-    ``knee``: the front is drawn as (complexity, log loss) scaled to the unit square; the knee is the point
+    ``bic`` / ``aic`` / ``ebic``: :func:`information_criterion` (``ebic`` needs ``n_candidates``, the library
+    size). ``knee``: the front is drawn as (complexity, log loss) scaled to the unit square; the knee is the point
     farthest below the chord from the simplest to the most accurate candidate.
     """
     if method not in SELECTION_METHODS:
         raise ConfigError(f"Unknown selection method {method!r}; choose one of {SELECTION_METHODS}.")
     if not front:
         raise ConfigError("Cannot select from an empty Pareto front.")
-    if method in ("bic", "aic"):
-        scores = [information_criterion(c.loss, c.n_params, n, floor, method) for c in front]
+    if method in ("bic", "aic", "ebic"):
+        scores = [information_criterion(c.loss, c.n_params, n, floor, method, n_candidates) for c in front]
         best = min(range(len(front)), key=lambda k: (scores[k], front[k].complexity))
         return best, scores
     xs = np.array([c.complexity for c in front], dtype=float)
@@ -157,11 +181,12 @@ def snap_constants(
     r"""Snap the constants of ``cand`` to simple values where the fit does not get worse.
 
     A change is kept when ``max(loss_new, floor) <= max(loss_old, floor) * (1 + rtol)``; ``rtol`` defaults to
-    :math:`\log(n)/n`, the BIC price of one parameter (snapping removes one). For a linear formula the other
-    coefficients are refitted (weighted least squares) after each snap; a snapped value becomes an exact Rational
-    when it is a simple fraction.
+    :math:`1/n`: the loss may not grow by more than one standard error's worth (a coefficient moved by less than
+    its standard error), so on exact data only values the data cannot tell apart are snapped. For a linear formula
+    the other coefficients are refitted (weighted least squares) after each snap; a snapped value becomes an exact
+    Rational when it is a simple fraction.
     """
-    rtol = math.log(n_eff) / n_eff if rtol is None else rtol
+    rtol = 1.0 / n_eff if rtol is None else rtol
     w = np.asarray(weights, dtype=float)
     W = w.sum()
 

@@ -117,7 +117,8 @@ class SparseBackend(DistillBackend, name="sparse"):
     collinearity_tol : float
         Relative residual below which a column counts as a combination of simpler ones.
     selection : str
-        ``"bic"``, ``"aic"`` or ``"knee"`` (see :func:`~rulesearch.distill.select.select_candidate`).
+        ``"ebic"`` (extended BIC over the library size), ``"bic"``, ``"aic"`` or ``"knee"`` (see
+        :func:`~rulesearch.distill.select.select_candidate`).
     rel_floor : float
         Relative RMS error below which fits count as exact (the data's numerical resolution).
     snap : bool
@@ -143,7 +144,7 @@ class SparseBackend(DistillBackend, name="sparse"):
         n_alphas: int = 30,
         max_terms: int = 30,
         collinearity_tol: float = 1e-6,
-        selection: str = "bic",
+        selection: str = "ebic",
         rel_floor: float = 1e-9,
         snap: bool = True,
         random_state: int = 0,
@@ -183,6 +184,7 @@ class SparseBackend(DistillBackend, name="sparse"):
             for i in report.identities
         ]
         kept = list(report.kept)
+        self.n_candidates_ = len(kept)
         A = Theta[:, kept]
         sw = np.sqrt(weights / weights.sum())
         norms = np.sqrt(((A * sw[:, None]) ** 2).sum(0))

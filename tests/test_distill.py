@@ -1,0 +1,488 @@
+"""Tests of rulesearch.distill: backends, samples, selection, closed loop, pipeline and CLI.
+
+Recovery *rates* live in experiments/bench_recovery.py; here each backend only has to recover one planted rule on
+small data.
+"""
+
+import importlib.util
+import sys
+import time
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+
+from rulesearch.compile import compile_rule
+from rulesearch.distill import (
+    BACKENDS,
+    DistillDataError,
+    OperonBackend,
+    PySRBackend,
+    SparseBackend,
+    evaluate,
+    expr_complexity,
+    formula_to_rule,
+    get_backend,
+)
+from rulesearch.distill import pysr as pysr_module
+from rulesearch.distill.closed_loop import closed_loop, rule_params
+from rulesearch.distill.pipeline import distill, heldout_error
+from rulesearch.distill.samples import (
+    ID_COLUMNS,
+    TARGET,
+    SampleCollector,
+    collect_samples,
+    load_samples,
+    sample_atoms,
+    samples_arrays,
+    samples_features,
+    save_samples,
+)
+from rulesearch.distill.select import (
+    find_collinear,
+    information_criterion,
+    pareto_front,
+    select_candidate,
+    simple_values,
+)
+from rulesearch.errors import BackendUnavailableError, ConfigError, NotFittedError, ShapeError
+from rulesearch.grammar import Grammar
+from rulesearch.networks import Network
+from rulesearch.pools import f0, oja
+from rulesearch.reference.naive import naive_eval
+from rulesearch.rule import Rule
+from rulesearch.signals import err, post, pre, reward, sanger, trace, w, wT
+
+SIGNAL_FEATURES = [pre, post, err, w]
+TRUTH = 0.7 * err * pre - 0.2 * post**2 * w  # the planted rule of environment.md
+
+
+def _planted(rng, n=2000, noise=0.0):
+    X = rng.normal(size=(n, 4))
+    y = evaluate(TRUTH, SIGNAL_FEATURES, X)
+    return X, y + noise * y.std() * rng.normal(size=n)
+
+
+def _coef_map(expr):
+    out = {}
+    for t in sp.Add.make_args(sp.expand(expr)):
+        c, m = t.as_coeff_Mul()
+        out[m] = float(c)
+    return out
+
+
+def _same_formula(found, truth, rtol=1e-6):
+    a, b = _coef_map(found), _coef_map(truth)
+    return set(a) == set(b) and all(abs(a[m] - b[m]) <= rtol * abs(b[m]) for m in b)
+
+
+def _small_grammar():
+    return Grammar(atoms=(pre, post, err, w), max_degree=3, degree_per_signal={"w": 1})
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def _backend(name):
+    if name == "operon":
+        pytest.importorskip("pyoperon")
+        return OperonBackend(max_time=20, generations=60, population_size=300, random_state=0)
+    if name == "pysr":
+        if not PySRBackend.available():
+            pytest.skip(f"PySR unavailable: {pysr_module.pysr_status()[1]}")
+        return PySRBackend(niterations=20, random_state=0)
+    return SparseBackend(library=_small_grammar())
+
+
+@pytest.mark.parametrize("name", ["sparse", "operon", "pysr"], ids=["sparse", "operon", "pysr"])
+def test_backend_recovers_planted_rule(name, np_rng):
+    X, y = _planted(np_rng)
+    backend = _backend(name).fit(X, y, SIGNAL_FEATURES)
+    assert _same_formula(backend.best_.expr, TRUTH), backend.equations()
+    assert backend.front_[0].complexity <= backend.best_.complexity
+    rule = backend.rule_
+    assert set(rule.term_names()) == {"err*pre", "post^2*w"}
+    np.testing.assert_allclose(backend.predict(X), y, rtol=1e-6, atol=1e-9)
+
+
+def test_sparse_weighted_fit_uses_weights(np_rng):
+    # rows with weight 0 carry a different rule; the weighted fit must ignore them
+    X, y = _planted(np_rng, n=1200)
+    w_rows = np.ones(len(y))
+    w_rows[:400] = 0.0
+    y = y.copy()
+    y[:400] = 3.0 * X[:400, 0]
+    backend = SparseBackend(library=_small_grammar()).fit(X, y, SIGNAL_FEATURES, w_rows)
+    assert _same_formula(backend.best_.expr, TRUTH)
+
+
+def test_sparse_recovers_under_noise(np_rng):
+    X, y = _planted(np_rng, n=4000, noise=0.01)
+    backend = SparseBackend(library=_small_grammar()).fit(X, y, SIGNAL_FEATURES)
+    assert set(_coef_map(backend.best_.expr)) == set(_coef_map(TRUTH))
+
+
+def test_pysr_unavailable_error_is_clear_and_fast(monkeypatch, np_rng):
+    monkeypatch.setattr(pysr_module, "julia_executable", lambda: None)
+    had = "pysr" in sys.modules
+    X, y = _planted(np_rng, n=50)
+    t0 = time.perf_counter()
+    with pytest.raises(BackendUnavailableError) as info:
+        PySRBackend().fit(X, y, SIGNAL_FEATURES)
+    assert time.perf_counter() - t0 < 1.0
+    msg = str(info.value)
+    assert "pysr" in msg and "Julia" in msg and "rulesearch[pysr]" in msg and "backend='sparse'" in msg
+    assert had or "pysr" not in sys.modules  # availability is decided without importing pysr
+    assert not PySRBackend.available()
+
+
+def test_operon_unavailable_error(monkeypatch, np_rng):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    X, y = _planted(np_rng, n=50)
+    with pytest.raises(BackendUnavailableError, match=r"rulesearch\[operon\]"):
+        OperonBackend().fit(X, y, SIGNAL_FEATURES)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS), ids=sorted(BACKENDS))
+def test_backend_params_round_trip(name):
+    backend = get_backend(name)
+    params = backend.get_params()
+    clone = backend.clone()
+    assert type(clone) is type(backend) and clone.get_params() == params and clone is not backend
+    first = next(iter(params))
+    backend.set_params(**{first: params[first]})
+    with pytest.raises(TypeError, match="has no parameter"):
+        backend.set_params(not_a_parameter=1)
+    assert isinstance(backend.supports_constants, bool) and isinstance(backend.supports_nonlinear, bool)
+
+
+def test_capabilities():
+    assert not SparseBackend().supports_nonlinear and not SparseBackend().supports_constants
+    assert OperonBackend().supports_nonlinear and OperonBackend().supports_constants
+
+
+def test_get_backend_unknown_name():
+    with pytest.raises(ConfigError, match="Did you mean 'sparse'"):
+        get_backend("sparce")
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError):
+        SparseBackend().predict(np.zeros((2, 2)))
+
+
+def test_repr_marks_selected_row(np_rng):
+    X, y = _planted(np_rng, n=500)
+    backend = SparseBackend(library=_small_grammar()).fit(X, y, SIGNAL_FEATURES)
+    text = repr(backend)
+    assert "SparseBackend(" in text and "\n> " in text
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+def test_empty_table_is_a_clear_error():
+    with pytest.raises(DistillDataError, match="empty"):
+        SparseBackend().fit(np.zeros((0, 2)), np.zeros(0), ["a", "b"])
+
+
+def test_empty_sample_table_is_a_clear_error(tiny_samples):
+    empty = tiny_samples.iloc[:0].copy()
+    empty.attrs = tiny_samples.attrs
+    with pytest.raises(DistillDataError, match="empty"):
+        distill(empty)
+
+
+def test_constant_target_is_a_clear_error(np_rng):
+    X = np_rng.normal(size=(50, 2))
+    with pytest.raises(DistillDataError, match="constant"):
+        SparseBackend().fit(X, np.zeros(50), ["a", "b"])
+
+
+def test_nan_rows_are_a_clear_error(np_rng):
+    X, y = np_rng.normal(size=(50, 2)), np_rng.normal(size=50)
+    X[[3, 7], 1] = np.nan
+    with pytest.raises(DistillDataError, match=r"2 of 50 rows hold NaN.*\[3, 7\].*\['b'\]"):
+        SparseBackend().fit(X, y, ["a", "b"])
+    y[5] = np.inf
+    X[:] = 0.5
+    with pytest.raises(DistillDataError, match="target dw"):
+        SparseBackend().fit(X, y, ["a", "b"])
+
+
+def test_bad_shapes_and_weights(np_rng):
+    X, y = np_rng.normal(size=(20, 2)), np_rng.normal(size=20)
+    with pytest.raises(ShapeError, match="feature_names"):
+        SparseBackend().fit(X, y, ["a"])
+    with pytest.raises(ShapeError, match=r"shape \(n_samples,\)"):
+        SparseBackend().fit(X, y[:5], ["a", "b"])
+    with pytest.raises(DistillDataError, match="non-negative"):
+        SparseBackend().fit(X, y, ["a", "b"], weights=-np.ones(20))
+
+
+# ---------------------------------------------------------------------------------------------- formulas -> rules
+
+
+def _signals(B=3, n_post=4, n_pre=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {
+        "pre": r(B, n_pre),
+        "post": r(B, n_post),
+        "err": r(B, n_post) - 0.5,
+        "pre_err": r(B, n_pre) - 0.5,
+        "w": r(B, n_post, n_pre) - 0.5,
+        "reward": (r(B) > 0.5).double(),
+    }
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        0.01 * post * pre - 0.002 * w,
+        -0.05 * err * pre + 0.003 * post * (pre - wT(post)),
+        0.004 * post * (pre - sanger()) + 0.02 * reward * post * pre,
+        0.3 * sp.tanh(1.7 * post) * pre - 0.01 * w,
+    ],
+    ids=["hebb", "bio", "sanger-reward", "tanh-general"],
+)
+def test_distilled_rule_compiles_to_the_formula(formula):
+    rule = formula_to_rule(formula)
+    assert rule.is_linear == (not sp.expand(formula).atoms(sp.tanh))
+    sig = _signals()
+    dw = compile_rule(rule)(sig, rule_params(rule))
+    shape = tuple(sig["w"].shape)
+    ref = naive_eval(formula, sig, {}, shape)
+    assert dw.shape == shape
+    torch.testing.assert_close(dw, ref, rtol=1e-12, atol=1e-14)
+    assert rule.sympy().free_symbols == formula.free_symbols
+
+
+def test_formula_to_rule_zero():
+    with pytest.raises(Exception, match="is 0"):
+        formula_to_rule(sp.Integer(0))
+
+
+def test_expr_complexity_orders_terms():
+    assert expr_complexity(post * pre) < expr_complexity(post * wT(post)) < expr_complexity(post * pre * wT(post))
+    assert expr_complexity(-post) == expr_complexity(post)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def test_find_collinear_keeps_simplest_member(np_rng):
+    x = np_rng.normal(size=300)
+    r = (np_rng.random(300) > 0.5).astype(float)
+    A = np.stack([x * r**2, x * r, x, x + 2 * x * r], 1)
+    rep = find_collinear(A, ["x*r^2", "x*r", "x", "x+2xr"], order=[2, 1, 0, 3])
+    assert rep.kept == (2, 1)
+    texts = [str(i) for i in rep.identities]
+    assert texts[0] == "x*r^2 = x*r" and texts[1].startswith("x+2xr = ")
+    assert all(i.kind == "identity" for i in rep.identities)
+
+
+def test_sparse_reports_identities_and_uses_simplest_member(np_rng):
+    n = 600
+    X = np.stack([np_rng.normal(size=n), (np_rng.random(n) > 0.5).astype(float)], 1)
+    x = sp.Symbol("x", real=True)
+    rr = sp.Symbol("r", real=True)
+    y = 0.3 * X[:, 0] * X[:, 1] ** 2  # planted with r^2, which equals r on 0/1 data
+    backend = SparseBackend(library=[x, x * rr, x * rr**2, x**2]).fit(X, y, [x, rr])
+    assert sp.expand(backend.best_.expr - 0.3 * x * rr) == 0 or _same_formula(backend.best_.expr, 0.3 * x * rr)
+    assert "x*r^2 = r*x" in [str(i) for i in backend.collinearity_.identities]
+
+
+def test_information_criteria_and_floor():
+    # at the numerical floor, fewer parameters win
+    assert information_criterion(1e-30, 2, 1000, 1e-20) < information_criterion(1e-32, 3, 1000, 1e-20)
+    assert information_criterion(1.0, 2, 1000, kind="ebic", n_candidates=500) > information_criterion(1.0, 2, 1000)
+    with pytest.raises(ConfigError):
+        select_candidate([], 10)
+
+
+def test_pareto_front_and_knee(np_rng):
+    X, y = _planted(np_rng, n=400, noise=0.01)
+    backend = SparseBackend(library=_small_grammar(), selection="knee").fit(X, y, SIGNAL_FEATURES)
+    front = pareto_front(backend.candidates_)
+    assert all(a.complexity < b.complexity and a.loss > b.loss for a, b in zip(front, front[1:]))
+    assert set(_coef_map(backend.best_.expr)) == set(_coef_map(TRUTH))
+
+
+def test_snapping_only_when_fit_does_not_get_worse(np_rng):
+    X = np_rng.normal(size=(500, 2))
+    a, b = sp.symbols("a b", real=True)
+    exact = SparseBackend(degree=1).fit(X, 0.5 * X[:, 0] - 2.0 * X[:, 1], [a, b])
+    assert exact.best_.expr == a / 2 - 2 * b
+    off = SparseBackend(degree=1).fit(X, 0.5137 * X[:, 0] - 2.0 * X[:, 1], [a, b])
+    assert sp.Rational(1, 2) not in off.best_.expr.atoms(sp.Rational)
+    assert abs(_coef_map(off.best_.expr)[a] - 0.5137) < 1e-9
+    assert simple_values(0.4999)[:2] == [0.0, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+@pytest.fixture
+def tiny_setup():
+    net = Network(sizes=(6, 5, 3), feedback="fa")
+    g = torch.Generator().manual_seed(0)
+    batch = (
+        torch.rand(2, 12, 6, generator=g, dtype=torch.float64),
+        torch.randint(3, (2, 12), generator=g),
+        torch.rand(2, 4, 6, generator=g, dtype=torch.float64),
+        torch.randint(3, (2, 4), generator=g),
+    )
+    return net, batch
+
+
+@pytest.fixture
+def tiny_samples(tiny_setup):
+    net, batch = tiny_setup
+    theta = torch.tensor([0.05, 0.02], dtype=torch.float64)
+    return collect_samples(net, batch, oja.compile(), theta, grammar=Grammar.classic(), n_per_step=12, run_seed=0)
+
+
+def test_sample_collection_on_a_tiny_net(tiny_samples):
+    df = tiny_samples
+    features, names = samples_features(df)
+    assert list(df.columns[: len(ID_COLUMNS)]) == list(ID_COLUMNS) and df.columns[-1] == TARGET
+    assert {"pre", "post", "err", "pre_err", "w", "reward", "pre_trace10", "theta_bcm", "Contract(w,post)"} <= set(
+        names
+    )
+    assert len(df) == 2 * 12 * 12  # layers x steps x rows per step
+    # inverse-probability weights: per (layer, step) they sum to the number of synapses of the layer (x B)
+    sums = df.groupby(["layer", "step"]).weight.sum().unstack(0)
+    np.testing.assert_allclose(sums[0], 2 * 5 * 6)
+    np.testing.assert_allclose(sums[1], 2 * 3 * 5)
+    # the recorded dw is the oja update evaluated on the recorded signals (contraction included)
+    X, y, w_rows, feats, _ = samples_arrays(df)
+    f = 0.05 * (-err * pre) + 0.02 * post * (pre - wT(post))
+    np.testing.assert_allclose(evaluate(f, feats, X), y, rtol=1e-10, atol=1e-14)
+
+
+def test_collected_states_match_their_definition(tiny_setup):
+    net, batch = tiny_setup
+    xbar = trace(pre, 10)
+    rule = Rule.general(0.1 * post * (pre - xbar))  # the update itself reads the trace
+    df = collect_samples(net, batch, rule.compile(), {}, atoms=[pre, post, xbar], n_per_step=8, run_seed=0)
+    X, y, _, feats, _ = samples_arrays(df)
+    np.testing.assert_allclose(evaluate(0.1 * post * (pre - xbar), feats, X), y, rtol=1e-10, atol=1e-14)
+
+
+def test_rows_are_never_chosen_by_dw():
+    atoms = sample_atoms(Grammar(atoms=(pre, post, err, w)))
+    sig = _signals(B=2, n_post=6, n_pre=7)
+    picks = []
+    for scale in (1.0, -1e6):
+        col = SampleCollector(atoms, n_per_step=10, seed=3)
+        col(0, 0, sig, scale * torch.arange(84, dtype=torch.float64).reshape(2, 6, 7))
+        df = col.frame()
+        picks.append(df[["episode", "post_index", "pre_index"]].to_numpy())
+    np.testing.assert_array_equal(picks[0], picks[1])
+
+
+def test_stratification_oversamples_large_signals():
+    atoms = sample_atoms(Grammar(atoms=(pre, post, err)))
+    sig = _signals(B=1, n_post=20, n_pre=50)
+    sig["pre"] = torch.zeros(1, 50, dtype=torch.float64)
+    sig["pre"][0, :5] = 1.0  # few large inputs
+    col = SampleCollector(atoms, n_per_step=40, n_strata=4, stratify=("pre",), seed=0)
+    col(0, 0, sig, torch.zeros(1, 20, 50, dtype=torch.float64))
+    df = col.frame()
+    assert (df.pre > 0).mean() > 0.15  # 10% of the synapses, most of the top stratum (12.5%)
+    assert df.weight.sum() == pytest.approx(1000)
+
+
+def test_samples_round_trip_parquet_and_csv(tiny_samples, tmp_path, monkeypatch):
+    path = save_samples(tiny_samples, tmp_path / "s.parquet")
+    back = load_samples(path)
+    assert samples_features(back)[1] == samples_features(tiny_samples)[1]
+    np.testing.assert_array_equal(back.to_numpy(), tiny_samples.to_numpy())
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now fails: CSV fallback
+    path = save_samples(tiny_samples, tmp_path / "t.parquet")
+    assert path.suffix == ".csv"
+    back = load_samples(path)
+    feats, names = samples_features(back)
+    np.testing.assert_allclose(back[names].to_numpy(), tiny_samples[names].to_numpy())
+
+
+def test_samples_without_metadata_error(tiny_samples):
+    plain = tiny_samples.copy()
+    plain.attrs = {}
+    with pytest.raises(ShapeError, match="metadata"):
+        samples_features(plain)
+
+
+def test_distill_recovers_rule_from_samples(tiny_samples):
+    res = distill(tiny_samples, grammar=Grammar.default(reward_signals=False))
+    truth = 0.05 * (-err * pre) + 0.02 * post * (pre - wT(post))
+    assert _same_formula(res.formula, sp.expand(truth), rtol=1e-6)
+    assert heldout_error(res.formula, tiny_samples) < 1e-10
+    assert res.rule.is_linear and "Distilled rule" in res.report()
+
+
+# ---------------------------------------------------------------------------------------------- closed loop
+
+
+def test_closed_loop_on_a_tiny_config(tiny_setup):
+    net, batch = tiny_setup
+    lr = torch.tensor([0.1], dtype=torch.float64)
+    same = closed_loop(formula_to_rule(-0.1 * err * pre), f0.compile(), lr, net, batch, seed=0)
+    assert same.cosine == pytest.approx(1.0, abs=1e-12) and same.relative_error < 1e-12
+    assert same.accuracy_original == same.accuracy_distilled and same.n_episodes == 2
+    other = closed_loop(formula_to_rule(-0.1 * err * pre + 0.05 * post * pre), f0.compile(), lr, net, batch, seed=0)
+    assert other.cosine < 0.999 and other.relative_error > 1e-3
+    assert len(other.cosine_per_layer) == 2 and "cosine" in str(other)
+    only_first = closed_loop(formula_to_rule(-0.3 * err * pre), f0.compile(), lr, net, batch, seed=0, layers=[0])
+    assert np.isnan(only_first.cosine_per_layer[1]) and only_first.cosine == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline and CLI
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    meta = pytest.importorskip("rulesearch.meta")
+    search = meta.RuleSearch(
+        rule="oja",
+        network=meta.NetworkConfig(sizes=(64, 8, 10), feedback="fa"),
+        task=meta.TaskConfig(dataset="digits", M=3, K=3, Q=2),
+        meta=meta.MetaConfig(episodes=2, l1=0.0, compare=False),
+        out=str(tmp_path / "run"),
+        progress=False,
+    ).fit()
+    return tmp_path / "run", search
+
+
+def test_distill_run_writes_outputs(trained_run):
+    from rulesearch.distill.pipeline import distill_run
+
+    path, _ = trained_run
+    res = distill_run(path, grammar=Grammar.default(reward_signals=False, max_degree=2), n_episodes=3, test_episodes=2)
+    trained = Rule.from_json(__import__("json").loads((path / "rule.json").read_text()))
+    truth = trained.sympy()
+    assert _same_formula(res.formula, sp.expand(truth), rtol=1e-5)
+    assert res.closed_loop.cosine > 0.999999
+    for name in ("samples.parquet", "rule.json", "rule.tex", "front.csv", "summary.json", "report.md"):
+        assert (path / "distill" / name).is_file(), name
+    assert Rule.from_json(__import__("json").loads((path / "distill" / "rule.json").read_text())).is_linear
+
+
+def test_distill_command(trained_run):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from rulesearch.distill.cli import distill_command
+
+    app = typer.Typer()
+    app.command("distill")(distill_command)
+    app.command("noop")(lambda: None)  # a second command keeps `distill` a subcommand
+    path, _ = trained_run
+    args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2", "--no-check"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "dW_ij =" in out.output and (path / "distill" / "rule.tex").is_file()
+    bad = CliRunner().invoke(app, ["distill", str(path / "missing")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
