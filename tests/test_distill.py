@@ -486,3 +486,39 @@ def test_distill_command(trained_run):
     assert "dW_ij =" in out.output and (path / "distill" / "rule.tex").is_file()
     bad = CliRunner().invoke(app, ["distill", str(path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_distill_update_of_a_black_box_neural_rule():
+    from rulesearch.data import load_dataset
+    from rulesearch.distill.pipeline import distill_update
+    from rulesearch.episodes import TaskSampler
+    from rulesearch.neural import NeuralRule
+
+    rule = NeuralRule(hidden=(4,))
+    params = rule.init_params(torch.Generator().manual_seed(0), theta0=0.02)  # a fresh neural rule is exactly F0
+    sampler = TaskSampler(load_dataset("digits"), M=3, K=3, Q=2)
+    net = Network(sizes=(64, 8, 10), feedback="fa")
+    grammar = Grammar(atoms=(pre, post, err, w), max_degree=2)
+    res = distill_update(rule, params, net, sampler, grammar=grammar, n_episodes=3, test_episodes=2)
+    assert _same_formula(res.formula, -0.02 * err * pre, rtol=1e-6)
+    assert res.heldout_error < 1e-6 and res.closed_loop.cosine > 0.999999
+
+
+def test_distill_run_of_a_network_rule(trained_run, tmp_path):
+    import json
+
+    from rulesearch.distill.pipeline import distill_run
+    from rulesearch.meta import rule_to_json
+    from rulesearch.rule import NetworkRule
+
+    path, _ = trained_run
+    first = f0.with_values([0.05])
+    second = oja.with_values([0.03, 0.01])
+    file = tmp_path / "network_rule.json"
+    file.write_text(json.dumps(rule_to_json(NetworkRule({(0,): first, (1,): second}))))
+    grammar = Grammar.default(reward_signals=False, max_degree=2)
+    results = distill_run(path, rule=file, grammar=grammar, n_episodes=2, test_episodes=2, out="dnet")
+    assert len(results) == 2
+    assert _same_formula(results[0].formula, first.sympy(), rtol=1e-6)
+    assert _same_formula(results[1].formula, sp.expand(second.sympy()), rtol=1e-6)
+    assert (path / "dnet" / "group1" / "rule.tex").is_file()
