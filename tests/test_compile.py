@@ -595,5 +595,14 @@ def test_general_rule_module(gen):
     assert m.sympy() == GENERAL.with_values({"a": 2.0, "b": -1.0}).sympy()
 
 
-def test_compile_module_docstring_example_runs():
-    assert compile_mod.__doc__ and "compile_rule(oja)" in compile_mod.__doc__
+@pytest.mark.parametrize("module", ["signals", "rule", "export", "compile", "pools"])
+def test_module_docstring_examples_run(module):
+    """The tutorials in the module docstrings are doctests (STYLE.md point 10)."""
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"rulesearch.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    if module == "compile":
+        assert result.attempted > 0 and mod is compile_mod
