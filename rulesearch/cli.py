@@ -140,7 +140,9 @@ def discover(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (default) or float64.")] = None,
     device: Annotated[str | None, typer.Option(help="Torch device: cpu (default), cuda, cuda:1, ...")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default 1: fastest for the small matrices of B=1).")
+    ] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Checkpoint every this many meta-steps (default 10).")
     ] = None,

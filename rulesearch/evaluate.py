@@ -48,6 +48,7 @@ from .meta import (
     _pseudo_gradient_lr,
     load_rule,
     resolve_rule,
+    threads,
 )
 from .networks import init_params
 from .neural import NeuralRule
@@ -81,6 +82,7 @@ class EvalConfig(Config):
     dtype: str = option("float32", help="Floating-point type.", choices=("float32", "float64"))
     device: str = option("cpu", help="Torch device, e.g. 'cpu' or 'cuda'.")
     chunk: int = option(64, help="Episodes per inner-loop call (memory bound).")
+    threads: int | None = option(1, help="CPU threads for torch (null: torch's own setting).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -229,14 +231,17 @@ def evaluate(
     -------
     Evaluation
     """
+    cfg = config or EvalConfig()
+    with threads(cfg.threads):
+        return _evaluate(rule, network or NetworkConfig(), task or TaskConfig(), cfg)
+
+
+def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -> Evaluation:
     import pandas as pd
 
     from .inner import f0 as f0_update
     from .inner import run_episodes
 
-    network = network or NetworkConfig()
-    task = task or TaskConfig()
-    cfg = config or EvalConfig()
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     device = _device(cfg.device)
     dataset = task.load()

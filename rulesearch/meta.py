@@ -269,14 +269,23 @@ class MetaConfig(Config):
         choices=("subgradient", "proximal"),
     )
     clip: float | None = option(None, help="Clip each run's meta-gradient to this L2 norm (default: no clipping).")
-    theta0: float = option(1e-3, help="Initial value of the first coefficient (the others start at 0).")
+    theta0: float = option(
+        1e-3,
+        help="Initial learning rate of the pseudo-gradient term -e_i x_j (F0; the first term if the rule has no "
+        "such term); the other coefficients start at 0.",
+    )
+    init_term: str | None = option(None, help="Give theta0 to this term instead (by name).")
     init: tuple[float, ...] | None = option(
         None, help="Initial coefficients, one per term (overrides theta0); per-layer rules repeat them per layer."
     )
     per_layer: bool = option(False, help="One coefficient vector per layer ([L, R]) instead of one shared ([R]).")
     dtype: str = option("float32", help="Floating-point type of the inner loop.", choices=("float32", "float64"))
     device: str = option("cpu", help="Torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
-    threads: int | None = option(None, help="CPU threads for torch (default: torch's own setting).")
+    threads: int | None = option(
+        1,
+        help="CPU threads for torch during the fit (null: torch's own setting). The inner loop's matrices are small: "
+        "one thread is usually fastest, and oversubscribed cores on a shared machine are many times slower.",
+    )
     checkpoint_every: int = option(10, help="Save a checkpoint every this many meta-steps (and at the end).")
     max_skips: int = option(5, help="Stop a run after this many consecutive skipped (diverged) meta-steps.")
     divergence_bound: float = option(1e3, help="An episode diverges when max |W| exceeds this bound.")
@@ -548,7 +557,21 @@ class _Linear:
                     f"{list(rule.term_names())}; give one value per term."
                 )
             return [float(v) for v in init]
-        return [self.meta.theta0] + [0.0] * (rule.n_terms - 1)
+        vec = [0.0] * rule.n_terms
+        found = _pseudo_gradient_term(rule)
+        if self.meta.init_term is not None:
+            if self.meta.init_term not in rule.term_names():
+                raise ConfigError(
+                    f"Config key 'meta.init_term': received {self.meta.init_term!r}, expected one of the terms "
+                    f"{list(rule.term_names())}."
+                )
+            vec[rule.term_names().index(self.meta.init_term)] = self.meta.theta0
+        elif found is not None:  # start as the pseudo-gradient rule -theta0 e_i x_j
+            r, c = found
+            vec[r] = self.meta.theta0 / c
+        else:
+            vec[0] = self.meta.theta0
+        return vec
 
     def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
         S = len(seeds)
@@ -765,6 +788,19 @@ class _Problem:
         weights = [torch.cat(ws).to(dev) for ws in zip(*(w for w, _ in inits))]
         feedback = [torch.cat(fs).to(dev) for fs in zip(*(f for _, f in inits))]
         return batch, weights, feedback
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(old)
 
 
 def _device(name: str) -> torch.device:
@@ -1153,11 +1189,7 @@ class RuleSearch:
         meta = cfg.meta
         path = self._run_path()
         run = None
-        old_threads = torch.get_num_threads()
-        with contextlib.ExitStack() as stack:
-            if meta.threads is not None:
-                torch.set_num_threads(meta.threads)
-                stack.callback(torch.set_num_threads, old_threads)
+        with threads(meta.threads):
             state = trainer.fresh_state()
             trainer.validate(state)
             rows: list[dict] = []
@@ -1332,7 +1364,12 @@ class RuleSearch:
         from .plots import plot_run
 
         run.write_json("rule.json", rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_))
-        run.write_text("rule.tex", self.to_latex() + "\n")
+        try:
+            tex = self.to_latex()
+        except (TypeError, NotImplementedError) as err:  # a LaTeX printer gap must not cost the finished run
+            warnings.warn(f"rule.tex: LaTeX export failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+            tex = f"% LaTeX export failed: {type(err).__name__}: {err}\n% {self.formula()}"
+        run.write_text("rule.tex", tex + "\n")
         run.write_text("summary.md", self.report(markdown=True) + "\n")
         plot_run(run)
 
@@ -1612,20 +1649,25 @@ def _strip_values(data: dict) -> dict:
     return data
 
 
-def _pseudo_gradient_lr(rule) -> float | None:
-    """The coefficient c of ``c * (-e_i x_j)`` in a learned linear rule (mean over layers), if it has that term."""
+def _pseudo_gradient_term(rule: Rule) -> tuple[int, float] | None:
+    """``(r, c)`` for the first term ``T^r = c * (-e_i x_j)`` of a linear rule, or None."""
     from .signals import err, pre
 
+    for r, term in enumerate(rule.terms):
+        ratio = sp.cancel(term.expr / (-err * pre))
+        if ratio.is_number and ratio != 0:
+            return r, float(ratio)
+    return None
+
+
+def _pseudo_gradient_lr(rule) -> float | None:
+    """The learning rate ``c * theta_r`` of the rule's ``-e_i x_j`` term (mean over layer groups), if it has one."""
     groups = [r for _, r in rule.groups] if isinstance(rule, NetworkRule) else [rule]
     vals = []
     for r in groups:
-        if r.values is None:
-            continue
-        for term, v in zip(r.terms, r.values):
-            ratio = sp.cancel(term.expr / (-err * pre))
-            if ratio.is_number and ratio != 0:
-                vals.append(float(ratio) * v)
-                break
+        found = _pseudo_gradient_term(r)
+        if r.values is not None and found is not None:
+            vals.append(found[1] * r.values[found[0]])
     return float(np.mean(vals)) if vals else None
 
 
