@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import copy
 import inspect
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -305,22 +306,42 @@ def get_backend(backend="sparse", **params) -> DistillBackend:
 
 
 def clean_formula(
-    expr, features: Sequence, X: np.ndarray, y: np.ndarray, w: np.ndarray, drop_tol: float = 1e-3
+    expr,
+    features: Sequence,
+    X: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    drop_tol: float = 1e-3,
+    rel_floor: float = 1e-9,
 ) -> tuple[sp.Expr, float]:
-    """Clean a formula found by genetic programming: expand, drop negligible terms, refit constants.
+    r"""Clean a formula found by genetic programming: expand, drop negligible terms, refit constants.
 
-    1. ``sympy.expand``; terms whose weighted RMS on the data is below ``drop_tol * rms(y)`` are dropped.
-    2. The outer coefficients of the remaining terms are refitted by weighted least squares (and negligible terms
-       dropped again); constants inside non-linear parts are then refitted jointly by Levenberg-Marquardt
+    1. ``sympy.expand``; the outer coefficients of the additive terms are refitted by weighted least squares on all
+       rows, and terms whose weighted RMS contribution is below ``drop_tol * rms(y)`` are dropped (repeatedly).
+    2. Backward elimination: the term whose removal raises the loss least is dropped while that rise stays within
+       the BIC price of one parameter, :math:`\log(n)/n` relative (losses below ``(rel_floor * rms(y))**2``
+       tie); GP trees often carry a tiny intercept or a term that only fits the noise.
+    3. Constants inside non-linear parts are refitted jointly by Levenberg-Marquardt
        (``scipy.optimize.least_squares``) when that lowers the loss.
 
     Returns the cleaned formula and its weighted mean squared error.
     """
     W = w.sum()
     y_rms = float(np.sqrt(np.sum(w * y**2) / W))
+    floor = (rel_floor * y_rms) ** 2
+    n_eff = W**2 / float(np.sum(w**2))
+    price = math.log(max(n_eff, 2.0)) / max(n_eff, 2.0)
+    sw = np.sqrt(w)
 
     def loss_of(pred):
         return float(np.sum(w * (y - pred) ** 2) / W)
+
+    def fit(cols):
+        if not cols:
+            return np.zeros(0), loss_of(np.zeros_like(y))
+        A = np.stack(cols, axis=1)
+        coef, *_ = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=None)
+        return coef, loss_of(A @ coef)
 
     expr = sp.expand(sp.sympify(expr))
     parts = []
@@ -328,22 +349,25 @@ def clean_formula(
     for t in sp.Add.make_args(expr):
         c, rest = t.as_coeff_Mul()
         col = evaluate(rest, features, X, memo)
-        if not np.isfinite(col).all():
-            continue
-        parts.append([rest, col])
+        if np.isfinite(col).all():
+            parts.append((rest, col))
     while True:  # terminates: every pass that does not break drops a term
+        coef, loss = fit([col for _, col in parts])
         if not parts:
-            return sp.Integer(0), loss_of(np.zeros_like(y))
-        A = np.stack([col for _, col in parts], axis=1)
-        sw = np.sqrt(w)
-        coef, *_ = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=None)
-        size = np.abs(coef) * np.sqrt((w[:, None] * A**2).sum(0) / W)
+            return sp.Integer(0), loss
+        size = np.abs(coef) * np.sqrt(np.array([np.sum(w * col**2) / W for _, col in parts]))
         keep = size >= drop_tol * y_rms
         if keep.all():
             break
         parts = [p for p, k in zip(parts, keep) if k]
+    while len(parts) > 1:
+        trials = [fit([col for j, (_, col) in enumerate(parts) if j != k]) for k in range(len(parts))]
+        k = min(range(len(parts)), key=lambda k: trials[k][1])
+        if max(trials[k][1], floor) > max(loss, floor) * (1 + price):
+            break
+        parts = [p for j, p in enumerate(parts) if j != k]
+        coef, loss = trials[k]
     out = sp.Add(*(sp.Float(float(c)) * rest for c, (rest, _) in zip(coef, parts)))
-    loss = loss_of(A @ coef)
     inner = sorted(out.atoms(sp.Float) - {sp.Float(float(c)) for c in coef}, key=str)
     if inner:
         out, loss = _refit_constants(out, features, X, y, w, loss)

@@ -135,7 +135,7 @@ class OperonBackend(DistillBackend, name="operon"):
         for model in reg.pareto_front_:
             text = reg.get_model_string(model["tree"], 17, names)
             raw = sp.sympify(text.replace("^", "**"), locals=syms)  # Operon's own output, not user input
-            expr, loss = clean_formula(raw.xreplace(back), self.features_, X, y, weights, self.drop_tol)
+            expr, loss = clean_formula(raw.xreplace(back), self.features_, X, y, weights, self.drop_tol, self.rel_floor)
             if expr == 0 or expr in seen:
                 continue
             seen.add(expr)

@@ -159,7 +159,7 @@ class PySRBackend(DistillBackend, name="pysr"):
         out, seen = [], set()
         for i in range(len(model.equations_)):
             raw = model.sympy(i)
-            expr, loss = clean_formula(raw.xreplace(back), self.features_, X, y, weights, self.drop_tol)
+            expr, loss = clean_formula(raw.xreplace(back), self.features_, X, y, weights, self.drop_tol, self.rel_floor)
             if expr == 0 or expr in seen:
                 continue
             seen.add(expr)
