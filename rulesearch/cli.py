@@ -1,8 +1,9 @@
 """The ``rulesearch`` command line: thin verbs over library calls.
 
 ``discover`` meta-learns a rule (:func:`rulesearch.meta.discover`), ``evaluate`` compares a rule with the f0
-baselines on fresh tasks (:func:`rulesearch.evaluate.evaluate_spec`), ``export`` prints a trained rule as LaTeX,
-JSON or Markdown (:func:`rulesearch.meta.export_run`), ``terms`` lists the terms of a rule, pool or grammar
+baselines on fresh tasks (:func:`rulesearch.evaluate.evaluate_spec`), ``distill`` turns a trained rule into a
+formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaTeX, JSON or Markdown
+(:func:`rulesearch.meta.export_run`), ``terms`` lists the terms of a rule, pool or grammar
 (:func:`rulesearch.meta.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
 bad input and 1 for failed runs.
@@ -335,6 +336,15 @@ def terms(
         typer.echo(terms_table(spec))
     except RuleSearchError as err:
         raise _fail(err) from None
+
+
+def _register_distill() -> None:
+    from .distill.cli import distill_command  # a thin verb over rulesearch.distill.pipeline.distill_run
+
+    app.command("distill")(distill_command)
+
+
+_register_distill()
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

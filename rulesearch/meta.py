@@ -260,7 +260,9 @@ class MetaConfig(Config):
     betas: tuple[float, float] = option((0.9, 0.999), help="Adam betas.")
     eps: float = option(1e-8, help="Adam epsilon.")
     l1: float = option(
-        0.5, help="L1 strength lambda on the coefficients of linear rules (meta-loss = query CE + lambda*|theta|_1)."
+        0.5,
+        help="L1 strength lambda on the coefficients of linear rules (meta-loss = query CE + lambda*|theta|_1). The "
+        "paper gives no value for its pool; 0.5 is comparable to the query-loss gradients of the weak terms on digits.",
     )
     l1_mode: str = option(
         "subgradient",
@@ -917,6 +919,8 @@ class _Trainer:
                 grads[s] = gs
                 grad_norm[s] = float(norms[i])
             del total, leaves, loss_run
+        with torch.no_grad():  # the L1 term of the coefficients the episodes ran with (before the update)
+            l1_before = p.learner.l1(st.params)
         updated = self._adam(st, grads)
         rows = []
         seconds = time.perf_counter() - t0
@@ -930,7 +934,8 @@ class _Trainer:
                     st.stop_step[s] = t + 1
             else:
                 st.skips[s] = 0
-            rows.append(self._row(st, t, s, r, i, skipped, grad_norm.get(s, float("nan")), seconds))
+            l1 = float(meta.l1 * l1_before[s]) if l1_before is not None else 0.0
+            rows.append(self._row(st, t, s, r, i, skipped, grad_norm.get(s, float("nan")), l1, seconds))
         st.t = t + 1
         return rows
 
@@ -974,14 +979,13 @@ class _Trainer:
         st.steps[keep] = steps[ok]
         return {s for s, o in zip(runs, ok.tolist()) if o}
 
-    def _row(self, st, t, s, res: InnerResult, i: int, skipped: bool, grad_norm: float, seconds: float) -> dict:
-        B, meta = self.p.B, self.meta
+    def _row(self, st, t, s, res: InnerResult, i: int, skipped: bool, grad_norm: float, l1: float, seconds: float):
+        """The metrics row of run ``s`` at meta-step ``t`` (``res`` rows ``i*B .. (i+1)*B``)."""
+        B = self.p.B
         sl = slice(i * B, (i + 1) * B)
         with torch.no_grad():
             query = float(res.loss[sl].detach().double().mean())
             acc = float(res.accuracy[sl].double().mean())
-            l1v = self.p.learner.l1({k: v[s : s + 1] for k, v in st.params.items()})
-        l1 = float(meta.l1 * l1v[0]) if l1v is not None else 0.0
         row = {
             "step": t + 1,
             "run": s,
@@ -1392,7 +1396,7 @@ class RuleSearch:
         cfg = DiscoverConfig.from_dict(run.config())
         search = cls.from_config(cfg, out=run.path, progress=progress)
         rule = resolve_rule(load_rule(cfg.rule_json) if cfg.rule_json else cfg.rule, cfg.terms, cfg.neural)
-        problem = _Problem(cfg, rule)
+        problem = _Problem(cfg.replace(**{"meta.device": "cpu"}), rule)  # inspect on the CPU, whatever trained it
         state = _Trainer(problem).fresh_state()
         loaded = run.load_checkpoint(map_location="cpu")
         if loaded is None:
