@@ -686,6 +686,14 @@ class _Tracker:
             )
 
 
+def _beta(a) -> float | None:
+    """``1 + a`` as a Python number when the decay ``a`` is one number on the CPU (it then fuses into
+    ``baddbmm_``'s ``beta``), else None (no decay, a per-episode decay, or a GPU tensor: no host sync)."""
+    if a is None or a.dim() != 0 or a.device.type != "cpu":
+        return None
+    return 1.0 + float(a)
+
+
 class _FastRun:
     """The in-place online loop of low-rank compiled rules and its hand-written adjoint (see above)."""
 
@@ -811,11 +819,14 @@ class _FastRun:
                 snaps[s] = [w.clone() for w in ws]
             rec.begin(s)
             facs, es, loss, correct = self.step(s, wrefs, mrefs, fbsig, params, bases)
-            for w, (a, U, Vt) in zip(ws, facs):
-                if a is not None:
-                    w.mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+            for w, (a, U, Vt) in zip(ws, facs):  # W <- (1 + a) W + U Vt, one pass when a is one number
+                beta = _beta(a)
+                if beta is None and a is not None:
+                    w.mul_((1.0 + a).reshape(-1, 1, 1))
                 if U is not None:
-                    w.baddbmm_(U, Vt)
+                    w.baddbmm_(U, Vt, beta=1.0 if beta is None else beta)
+                elif beta is not None:
+                    w.mul_(beta)
             self.tracker.after_step(s, ws, self.fbs, es, loss, correct)
         self.rec, self.snaps = rec, snaps
         return ws
@@ -848,11 +859,14 @@ class _FastRun:
                     if snap is not None:
                         ws[i].copy_(snap[i])
                         continue
+                    beta = _beta(a)
+                    if U is not None and (a is None or beta is not None):
+                        inv = 1.0 if beta is None else 1.0 / beta
+                        ws[i].baddbmm_(U.detach(), Vt.detach(), beta=inv, alpha=-inv)
+                        continue
                     if U is not None:
                         ws[i].baddbmm_(U.detach(), Vt.detach(), alpha=-1)
-                    if a is not None:
-                        a = a.detach()
-                        ws[i].div_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+                    ws[i].div_(beta if beta is not None else (1.0 + a.detach()).reshape(-1, 1, 1))
                 outs, cots = [], []
                 for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                     g = G[i]
@@ -864,22 +878,24 @@ class _FastRun:
                             outs.append(Vt)
                             cots.append(torch.bmm(U.detach().transpose(1, 2), g))
                     if a is not None and a.requires_grad:
-                        da = (g * ws[i]).sum((1, 2))
+                        da = torch.bmm(g.reshape(g.shape[0], 1, -1), ws[i].reshape(g.shape[0], -1, 1)).reshape(-1)
                         outs.append(a)
                         cots.append(da if a.dim() else da.sum())
             if outs:  # one scalar surrogate: cheaper than validating a list of (output, cotangent) pairs
                 with torch.enable_grad():
                     sum((o * c).sum() for o, c in zip(outs, cots)).backward()
             with torch.no_grad():
-                for i, (a, _U, _Vt) in enumerate(facs):
-                    if a is not None:
-                        a = a.detach()
-                        G[i].mul_((1.0 + a).reshape(-1, 1, 1) if a.dim() else 1.0 + a)
+                for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
+                    beta = _beta(a)
+                    if beta is None and a is not None:
+                        G[i].mul_((1.0 + a.detach()).reshape(-1, 1, 1))
                     if sinks[i]:
                         P = torch.stack([p for p, _ in sinks[i]], -1)
                         Q = torch.stack([q for _, q in sinks[i]], -2)
-                        G[i].baddbmm_(P, Q)
+                        G[i].baddbmm_(P, Q, beta=1.0 if beta is None else beta)
                         sinks[i].clear()
+                    elif beta is not None:
+                        G[i].mul_(beta)
         pgrads = [None if leaf.grad is None else leaf.grad for leaf in leaves]
         return pgrads, G
 

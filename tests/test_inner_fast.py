@@ -101,15 +101,17 @@ def test_checkpointed_autograd_with_states_and_observer():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
 
 
-def test_per_episode_theta_and_weight_gradients():
+@pytest.mark.parametrize("rule", [bio, pool], ids=["bio", "pool"])
+def test_per_episode_theta_and_weight_gradients(rule):
+    """theta of shape (B, R) (per-episode decay for the pool) and gradients w.r.t. the initial weights."""
     net, batch = Network(sizes=SIZES), _batch()
-    theta = _theta(bio, shape=(3, 3))
+    theta = _theta(rule, shape=(3, rule.n_params))
     w0, fb0 = init_params(net, 0, 0, range(3), dtype=F64)
     out = {}
     for method in ("autograd", "adjoint"):
         leaf = theta.clone().requires_grad_(True)
         ws = [w.clone().requires_grad_(True) for w in w0]
-        res = run_episodes(net, batch, compile_rule(bio), leaf, ws, fb0, method=method)
+        res = run_episodes(net, batch, compile_rule(rule), leaf, ws, fb0, method=method)
         out[method] = torch.autograd.grad(res.loss.sum(), [leaf, *ws])
     for a, b in zip(out["adjoint"], out["autograd"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
