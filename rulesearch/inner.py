@@ -551,6 +551,17 @@ class _LowRank:
             return params.index_select(-1, r_idx) * c
         return c
 
+    def _g_index(self, like):
+        """Products with a global factor (an index tensor) and the columns they feed (a set); cached."""
+        key = ("g", like.device)
+        hit = self.consts.get(key)
+        if hit is None:
+            idx = [k for k, _ in self.rule._g]
+            cols = {int(j) for j in (self.rule._A[idx] != 0).any(0).nonzero().flatten()}
+            hit = (torch.tensor(idx, device=like.device), cols)
+            self.consts[key] = hit
+        return hit
+
     def _merge(self, us, vs, like):
         """How to fuse a group's columns: keep the side with fewer distinct vectors, sum the other side's
         columns (times their coefficients) per distinct vector. Cached per group (the structure is static)."""
@@ -576,8 +587,8 @@ class _LowRank:
         vals = r._comp.run({"signals": signals, "params": params})
         P = base
         if r._g:
+            idx, g_cols = self._g_index(like)
             P = P.expand(b, -1).clone()
-            idx = [k for k, _ in r._g]
             gv = torch.stack([torch.broadcast_to(TorchCompiler.value(ref, vals), (b,)) for _, ref in r._g], -1)
             P[:, idx] = P[:, idx] * gv
         C = P @ A
@@ -588,7 +599,13 @@ class _LowRank:
             if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
                 if s_ref is None or TorchCompiler.value(s_ref, vals) is not wref:
                     raise _Unsupported("a synapse factor other than the weights")
-                uv = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=like.dtype, device=like.device)
+                if r._g and not set(cols) & g_cols:  # no global factor: one number unless theta is per episode
+                    c = (base @ A)[..., cols]
+                key = ("uv", tuple(us), tuple(vs), like.dtype, like.device)
+                uv = self.consts.get(key)
+                if uv is None:
+                    uv = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=like.dtype, device=like.device)
+                    self.consts[key] = uv
                 a = (c * uv).sum(-1)
                 decay = a if decay is None else decay + a
                 continue
