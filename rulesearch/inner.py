@@ -929,6 +929,11 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "run_episodes' hand-written adjoint gives first-order meta-gradients only (no create_graph=True); "
+                "pass method='autograd' to differentiate through the meta-gradient."
+            )
         run, n_params = ctx.run, ctx.n_params
         ctx.run = None
         if run is None:

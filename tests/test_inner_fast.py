@@ -171,6 +171,9 @@ def test_adjoint_validates_theta_once_and_backward_once():
     res.loss.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         res.loss.sum().backward()
+    res = run_episodes(net, batch, compile_rule(bio), leaf, seed=0)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(res.loss.sum(), leaf, create_graph=True)
 
 
 def test_adjoint_divergence_reported():
