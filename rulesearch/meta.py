@@ -34,7 +34,8 @@ Run directory
 With ``out=`` (or ``name=``) a :class:`~rulesearch.runs.RunDir` records the resolved config, a manifest,
 ``metrics.csv`` (one row per meta-step and run: ``step`` (1-based, the state after that step), ``run``,
 ``seed``, ``meta_loss``, ``query_loss``, ``l1``, ``meta_accuracy``, ``skipped``, ``diverged``, ``grad_norm``,
-``angle.1..`` (alignment angles of the hidden layers), ``theta.<term>`` (after the step), ``seconds``),
+``angle.1..`` (alignment angles of the hidden layers), ``ew.1..`` (weight orthonormality E_W per layer),
+``theta.<term>`` (after the step), ``seconds``),
 checkpoints every ``checkpoint_every`` steps, and at the end ``rule.json``, ``rule.tex``, ``summary.md`` and
 ``figures/``; ``finished.json`` is written last. Resuming (``resume=True``) continues from the newest readable
 checkpoint and is bitwise identical to an uninterrupted run on the same device and thread count.
@@ -1002,6 +1003,10 @@ class _Trainer:
             ang = res.angles[sl].double()
             for layer in range(ang.shape[1]):
                 row[f"angle.{layer + 1}"] = float(torch.nanmean(ang[:, layer])) if ang.shape[0] else float("nan")
+        if res.ew.numel():
+            ew = res.ew[sl].double()
+            for layer in range(ew.shape[1]):
+                row[f"ew.{layer + 1}"] = float(torch.nanmean(ew[:, layer])) if ew.shape[0] else float("nan")
         row.update(self.p.learner.columns(st.params, s))
         row["seconds"] = seconds
         return row

@@ -1,0 +1,257 @@
+"""Reproduce the seed paper (Shervani-Tabar & Rosenbaum 2023) and the Oja follow-up: runs, then summaries.
+
+Each item meta-trains its variants as resumable run directories under ``runs/paper/<item>/<variant>`` (git-ignored;
+rerunning a command continues an unfinished run and reuses a finished one), then writes its summary to
+``results/paper/``: ``<item>.md`` (table), ``<item>.csv`` (per-step means and 95% bootstrap intervals across runs),
+``<item>_*.png`` (figures) and ``<item>.tex`` (coefficient tables, mean and 95% interval across runs).
+
+Items (defaults: the full protocol, 600 episodes x 20 runs; EMNIST = the first 400 images per class of the ByMerge
+test split in ../shared/data, a ByMerge-derived subset, not the official Balanced split):
+
+    fig3    theta_0 only (rule f0), lambda = 0, under bp and under fa            (EMNIST)
+    lambda  the 10-term pool with L1 under fa, one run set per lambda            (digits)
+    fig4    the 10-term pool with L1 under fa, at --l1 (best of the sweep)      (EMNIST)
+    rules   bio, ehebb and oja under fa                                        (EMNIST)
+    oja     the Oja follow-up: bp vs bp + Oja's term, online, deeper nets and poor initialization (digits;
+            coefficients tuned on separate episodes, no meta-learning)
+
+    python experiments/reproduce_paper.py fig3 --episodes 300 --runs 5
+    python experiments/reproduce_paper.py lambda --episodes 150 --runs 2 --l1 0 0.1 0.5 2
+    python experiments/reproduce_paper.py fig4 --episodes 300 --runs 5 --l1 0.5
+    python experiments/reproduce_paper.py rules --episodes 300 --runs 3
+    python experiments/reproduce_paper.py oja --seeds 20
+    python experiments/reproduce_paper.py fig3 --summarize-only    # rewrite the summary from the run directories
+
+Meta-accuracy is the query accuracy of each meta-training episode (the paper's definition); intervals are 95%
+percentile bootstrap intervals across runs (the paper: 98%, 500 resamples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rulesearch.data import default_data_dir
+from rulesearch.meta import RuleSearch
+from rulesearch.runs import RunDir
+from rulesearch.stats import bootstrap_ci, moving_average
+
+
+
+def emnist_task(data_dir: str | None) -> dict:
+    return {"dataset": "emnist", "data_dir": data_dir or str(default_data_dir()), "options": {"per_class": 400}}
+
+
+def variants(item: str, a) -> list[tuple[str, dict]]:
+    """(variant name, config dict) for an item."""
+    if item == "lambda":
+        task = {"dataset": "digits"}
+        return [(f"l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1}}) for l1 in a.l1]
+    task = emnist_task(a.data_dir)
+    if item == "fig3":
+        return [(fb, {"rule": "f0", "task": task, "network": {"feedback": fb}, "meta": {"l1": 0.0}}) for fb in ("bp", "fa")]
+    if item == "fig4":
+        return [(f"pool l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1}}) for l1 in a.l1]
+    if item == "rules":
+        return [(r, {"rule": r, "task": task, "meta": {"l1": 0.0}}) for r in ("bio", "ehebb", "oja")]
+    raise ValueError(item)
+
+
+def run_variant(item: str, name: str, cfg: dict, a) -> RuleSearch:
+    """Meta-train one variant (or continue / reuse its run directory)."""
+    path = Path(a.runs_dir) / item / name.replace(" ", "_")
+    cfg = {**cfg, "meta": {**cfg.get("meta", {}), "episodes": a.episodes, "runs": a.runs, "compare": False,
+                           "threads": a.threads, "device": a.device}}  # fmt: skip
+    if path.exists() and RunDir.open(path).is_finished:
+        return RuleSearch.from_run(path)
+    if a.summarize_only:
+        return RuleSearch.from_run(path) if path.exists() else None
+    t0 = time.time()
+    search = RuleSearch.from_config(cfg, out=path, resume=path.exists(), progress=a.progress).fit()
+    print(f"{item}/{name}: {a.episodes} episodes x {a.runs} runs in {time.time() - t0:.0f} s", flush=True)
+    return search
+
+
+def window_means(h: pd.DataFrame, column: str, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-run means of ``column`` over the first and last ``frac`` of meta-steps."""
+    n = int(h["step"].max())
+    k = max(1, round(frac * n))
+    first = h[h["step"] <= k].groupby("run")[column].mean().to_numpy()
+    last = h[h["step"] > n - k].groupby("run")[column].mean().to_numpy()
+    return first, last
+
+
+def ci(values) -> str:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return "n/a"
+    if values.size == 1:
+        return f"{values[0]:.3f}"
+    m, lo, hi = bootstrap_ci(values)
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def per_step(h: pd.DataFrame, column: str, window: int = 10) -> pd.DataFrame:
+    """Mean across runs of the moving average of ``column`` per step, with a 95% bootstrap interval."""
+    wide = h.pivot_table(index="step", columns="run", values=column)
+    smooth = np.stack([moving_average(wide[c].to_numpy(), window) for c in wide.columns], axis=1)
+    if smooth.shape[1] > 1:
+        m, lo, hi = bootstrap_ci(smooth, axis=1, nan_policy="omit")
+    else:
+        m = lo = hi = smooth[:, 0]
+    return pd.DataFrame({"step": wide.index, f"{column}": m, f"{column}_lo": lo, f"{column}_hi": hi})
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def plot_band(curves: dict[str, pd.DataFrame], column: str, ylabel: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, df in curves.items():
+        ax.plot(df["step"], df[column], label=label)
+        ax.fill_between(df["step"], df[f"{column}_lo"], df[f"{column}_hi"], alpha=0.25)
+    ax.set_xlabel("episode (meta-step)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
+    """Tables, per-step CSV, figures and LaTeX of one item."""
+    RESULTS = Path(a.results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows, curves, tex = [], {}, []
+    columns = ["meta_accuracy", "query_loss"]
+    for name, s in searches.items():
+        h = s.history_
+        h = h[h["skipped"] == 0]
+        angles = [c for c in h.columns if c.startswith("angle.")]
+        ews = [c for c in h.columns if c.startswith("ew.")]
+        h = h.assign(angle_mean=h[angles].mean(axis=1), ew_mean=h[ews].mean(axis=1) if ews else np.nan)
+        row = {"variant": name, "episodes": int(h["step"].max()), "runs": s.n_runs_}
+        for col, label in (("meta_accuracy", "meta-acc"), ("angle_mean", "angle"), ("ew_mean", "E_W")):
+            first, last = window_means(h, col)
+            row[f"{label} first 10%"] = ci(first)
+            row[f"{label} last 10%"] = ci(last)
+        for i, layer in enumerate(angles):
+            row[f"angle {layer[6:]} last 10%"] = ci(window_means(h, layer)[1])
+        if s.theta_ is not None and torch.is_tensor(s.theta_):
+            theta = s.theta_.double().numpy()
+            names = [c[6:] for c in h.columns if c.startswith("theta.")]
+            row["coefficients (mean [95% CI] across runs)"] = "; ".join(
+                f"{n}={ci(theta[:, j])}" for j, n in enumerate(names)
+            )
+            tex.append(f"% {item}: {name}\n" + s.to_latex())
+        rows.append(row)
+        curve = per_step(h, "meta_accuracy")
+        for col in ("query_loss", "angle_mean", "ew_mean"):
+            if h[col].notna().any():
+                curve = curve.merge(per_step(h, col), on="step")
+        curves[name] = curve
+    table = pd.DataFrame(rows)
+    long = pd.concat([c.assign(variant=n) for n, c in curves.items()])
+    long.to_csv(RESULTS / f"{item}.csv", index=False)
+    titles = {"fig3": "theta_0 only (Fig. 3)", "fig4": "10-term pool with L1 (Fig. 4)",
+              "rules": "bio / eHebb / Oja (Figs. 5, 7, 8)", "lambda": "L1 sweep, pool, digits"}  # fmt: skip
+    plot_band(curves, "meta_accuracy", "meta-accuracy (moving avg. 10)", RESULTS / f"{item}_accuracy.png", titles[item])
+    if all("angle_mean" in c for c in curves.values()):
+        plot_band(curves, "angle_mean", "mean alignment angle (deg)", RESULTS / f"{item}_angles.png", titles[item])
+    if item == "rules" and all("ew_mean" in c for c in curves.values()):
+        plot_band(curves, "ew_mean", "mean E_W (orthonormality error)", RESULTS / f"{item}_ew.png", titles[item])
+    if item in ("fig4", "lambda"):
+        for name, s in searches.items():
+            cols = [c for c in s.history_.columns if c.startswith("theta.")]
+            _plot_coefficients(s.history_, cols, RESULTS / f"{item}_{name.replace(' ', '_')}_coefficients.png", name)
+    if tex:
+        (RESULTS / f"{item}.tex").write_text("\n\n".join(tex) + "\n")
+    md = [f"# {titles[item]}", "", _protocol(item, a), "", markdown_table(table), ""]
+    (RESULTS / f"{item}.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def _plot_coefficients(h: pd.DataFrame, cols: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    mean = h.groupby("step")[cols].mean()
+    for c in cols:
+        ax.plot(mean.index, mean[c], label=c[6:])
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("episode (meta-step)")
+    ax.set_ylabel("coefficient (mean over runs)")
+    ax.set_title(title)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _protocol(item: str, a) -> str:
+    data = (
+        "digits (scikit-learn, 8x8, 64-170-130-100-70-10)"
+        if item in ("lambda", "oja")
+        else "EMNIST 47 classes, first 400 per class of the ByMerge test split (a ByMerge-derived subset, not the "
+        "official Balanced split), 784-170-130-100-70-47"
+    )
+    return (
+        f"Data: {data}; softplus beta=10, 5-way K=50 Q=10 (250 online steps), Xavier W and B redrawn every episode, "
+        "B = 1 episode per meta-step, Adam lr 1e-3, theta_0 = 1e-3 and the other coefficients 0; runs batched. "
+        "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
+        "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
+        f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
+        f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs}"
+        + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)}" if item in ("fig4", "lambda") else "")
+        + "`."
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("item", choices=("fig3", "lambda", "fig4", "rules", "oja"))
+    p.add_argument("--episodes", type=int, default=600, help="meta-steps per run (the paper: 600)")
+    p.add_argument("--runs", type=int, default=20, help="independent runs, trained as one batch (the paper: 20)")
+    p.add_argument("--l1", type=float, nargs="+", default=[0.0, 0.1, 0.5, 2.0], help="L1 strengths (fig4, lambda)")
+    p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seeds", type=int, default=20, help="oja: evaluation seeds")
+    p.add_argument("--results", default="results/paper", help="where summaries go (default results/paper)")
+    p.add_argument("--runs-dir", default="runs/paper", help="where run directories go (default runs/paper)")
+    p.add_argument("--summarize-only", action="store_true", help="only rewrite the summary from the runs")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    a = p.parse_args(argv)
+    if a.item == "oja":
+        from oja_followup import main as oja_main
+
+        return oja_main(a)
+    searches = {}
+    for name, cfg in variants(a.item, a):
+        s = run_variant(a.item, name, cfg, a)
+        if s is not None:
+            searches[name] = s
+    if searches:
+        summarize(a.item, searches, a)
+
+
+if __name__ == "__main__":
+    main()
