@@ -286,7 +286,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
             weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
             feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
             with torch.no_grad():
-                res = run_episodes(mnet, batch, upd, prm, weights, feedback)
+                res = run_episodes(mnet, batch, upd, prm, weights, feedback, raise_on_divergence=False)
             acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu()
             loss = res.loss.double().cpu()
             ang = res.angles.double().cpu()

@@ -121,7 +121,8 @@ class InnerResult:
     states : list of dict
         The final derived-signal states per layer (forward and feedback updates).
     diverged : BoolTensor, shape (B,)
-        Whether weights/feedback exceeded ``divergence_bound`` or weights/errors became non-finite.
+        Whether weights/feedback exceeded ``divergence_bound`` or weights/errors became non-finite (all False
+        unless ``raise_on_divergence=False``: by default the first divergence raises).
     diverged_step, diverged_layer : LongTensor, shape (B,)
         The check step (0-based, a multiple of ``check_every`` minus one, or the last step) and weight layer
         (0-based; ``e_0`` counts as layer 0) where divergence was first seen; ``-1`` if none.
@@ -699,7 +700,8 @@ class _Tracker:
             raise DivergenceError(
                 f"Episode {e}{k} diverged by step {s}, layer {int(first[e])}: weights exceeded "
                 f"divergence_bound = {self.bound:g} or weights/errors became non-finite. Lower the "
-                f"rule's coefficients (learning rate), or raise divergence_bound."
+                f"rule's coefficients (learning rate), raise divergence_bound, or pass raise_on_divergence=False "
+                f"to get per-episode flags (InnerResult.diverged) instead."
             )
 
 
@@ -1094,7 +1096,7 @@ def run_episodes(
     check_every: int = 25,
     curves: bool = False,
     metrics: bool = True,
-    raise_on_divergence: bool = False,
+    raise_on_divergence: bool = True,
     method: str = "auto",
     checkpoint_every: int | None = None,
 ) -> InnerResult:
@@ -1145,7 +1147,9 @@ def run_episodes(
     metrics : bool
         Compute alignment angles and ``E_W`` (under ``no_grad``) after adaptation.
     raise_on_divergence : bool
-        Raise :class:`~rulesearch.errors.DivergenceError` naming episode, step and layer (standalone use).
+        Raise :class:`~rulesearch.errors.DivergenceError` naming episode, step and layer (the default, for
+        standalone use). ``False`` returns the per-episode flags instead (``diverged``, ``diverged_step``,
+        ``diverged_layer``): the meta-trainer, evaluation and baselines skip or count diverged episodes.
     method : str
         How the steps run and how the meta-gradient is computed (all give the same values up to rounding):
         ``"auto"`` (default) takes the fast path whenever it applies, else ``"autograd"``. ``"adjoint"`` (the
@@ -1171,7 +1175,7 @@ def run_episodes(
     ShapeError, ConfigError, SignalError
         Bad inputs (wrong input dimension, label range, unknown options, signals unavailable under the mode).
     DivergenceError
-        Only with ``raise_on_divergence=True``.
+        An episode diverged (unless ``raise_on_divergence=False``).
     """
     x_train, y_train, x_query, y_query = _unpack(batch)
     _check_x(net, x_train, "x_train")

@@ -854,7 +854,10 @@ class _Trainer:
         small = (batch[0][:, :2], batch[1][:, :2], batch[2][:, :1], batch[3][:, :1])
         expanded = {k: v[:1].repeat_interleave(p.B, dim=0) for k, v in st.params.items()}
         with torch.no_grad():
-            run_episodes(p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False)
+            run_episodes(
+                p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False,
+                raise_on_divergence=False,
+            )  # fmt: skip
 
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
         p = self.p
@@ -874,6 +877,7 @@ class _Trainer:
                 check_every=self.meta.check_every,
                 method=self.meta.method,
                 checkpoint_every=self.meta.segment,
+                raise_on_divergence=False,
             )
         return res, leaves
 
@@ -1363,7 +1367,7 @@ class RuleSearch:
                     with torch.no_grad():
                         res = run_episodes(
                             net, batch, f0_update, theta, weights, feedback, metrics=False,
-                            divergence_bound=problem.cfg.meta.divergence_bound,
+                            divergence_bound=problem.cfg.meta.divergence_bound, raise_on_divergence=False,
                         )  # fmt: skip
                     accs.append(torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu())
                 out[f"f0_{mode}_{label}"] = float(torch.cat(accs).mean()) if accs else float("nan")

@@ -188,6 +188,7 @@ def closed_loop(
     compiled = [None if r is None else compile_rule(r) for r in rules]
     dparams = [None if r is None else rule_params(r, dtype, device) for r in rules]
     obs = _CosineObserver(compiled, dparams, n)
+    run_kwargs = {"raise_on_divergence": False, **run_kwargs}  # diverged episodes are counted in the report
     orig = run_episodes(net, batch, update, params, seed=seed, observe=obs, metrics=False, **run_kwargs)
     upd_list = update if isinstance(update, (list, tuple)) else [update] * n
     par_list = params if isinstance(params, (list, tuple)) else [params] * n

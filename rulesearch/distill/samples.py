@@ -321,6 +321,7 @@ def collect_samples(
     else:
         atoms = sample_atoms(None, list(atoms) + list(signals))
     collector = SampleCollector(atoms, n_per_step, n_strata, stratify, layers, steps, seed)
+    run_kwargs = {"raise_on_divergence": False, **run_kwargs}  # diverged episodes are dropped or kept below
     res = run_episodes(net, batch, update, params, seed=run_seed, observe=collector, metrics=False, **run_kwargs)
     df = collector.frame()
     df["t"] = getattr(batch, "t", 0) if not isinstance(batch, (tuple, list)) else 0
