@@ -235,6 +235,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=20, help="oja: evaluation seeds")
+    p.add_argument("--eval-episodes", type=int, default=5, help="oja: episodes per evaluation seed")
+    p.add_argument("--tune-episodes", type=int, default=10, help="oja: episodes that tune the learning rates")
     p.add_argument("--results", default="results/paper", help="where summaries go (default results/paper)")
     p.add_argument("--runs-dir", default="runs/paper", help="where run directories go (default runs/paper)")
     p.add_argument("--summarize-only", action="store_true", help="only rewrite the summary from the runs")
