@@ -2,9 +2,9 @@ r"""Grammars: enumerate candidate plasticity terms under constraints.
 
 A :class:`Grammar` forms every monomial :math:`\prod_k a_k` of degree ``min_degree..max_degree`` over a list of
 *atoms* (signals, user factors such as :math:`\tanh(x_j)`, operators such as :math:`(W^\top y)_j`), keeps those
-that satisfy the constraints (maximum degree per signal, required and forbidden signals, allowed locality
-classes), deduplicates them by canonical form (expanded, content and sign removed) and returns them in a stable
-order: by degree, then by the order of the atoms.
+that satisfy the constraints (maximum power per atom, required and forbidden atoms or signals, allowed locality
+classes), deduplicates them by canonical form (expanded, content and sign removed) and returns them in a stable order:
+by degree, then by the order of the atoms.
 
 Examples
 --------
@@ -75,9 +75,13 @@ class Grammar:
     max_degree, min_degree : int
         Number of atoms multiplied together.
     degree_per_signal : mapping, optional
-        Maximum power of an atom, by atom name (e.g. ``{"w": 1}``).
+        Maximum power of an *atom*, keyed by the atom's name (e.g. ``{"w": 1}``). It counts how often that atom is
+        multiplied in, not occurrences of a signal inside other atoms: with atoms ``w`` and ``wT(post)``,
+        ``{"w": 1}`` keeps ``w * Contract(w, post)`` and drops ``w**2``. Limit an operator atom by its own name
+        (``{"Contract(w,post)": 1}``); keys that are not atom names are refused.
     required, forbidden : sequence of str
-        Signal names every term must contain / must not contain (inside operators and factors too).
+        Names every term must contain / must not contain: an atom's name, or a signal name, which also matches
+        inside operators, factors and powers (``forbidden=("pre",)`` drops ``tanh(pre)`` and ``Contract(w,pre)``).
     locality : sequence of str, optional
         Allowed locality classes (``synapse-local``, ``layer-nonlocal``, ``weight-transport``); all by default.
     """
@@ -103,15 +107,20 @@ class Grammar:
             Term("atom", a)  # validates roles; raises naming the offending atom
         if len(set(atoms)) != len(atoms):
             raise InvalidRuleError(f"Grammar atoms contain duplicates: {list(atoms)}.")
-        if not (0 <= self.min_degree <= self.max_degree) or self.max_degree < 1:
+        if not 1 <= self.min_degree <= self.max_degree:
             raise InvalidRuleError(
-                f"Degrees must satisfy 0 <= min_degree <= max_degree and max_degree >= 1; "
-                f"got min_degree={self.min_degree}, max_degree={self.max_degree}."
+                f"Degrees must satisfy 1 <= min_degree <= max_degree; got min_degree={self.min_degree}, "
+                f"max_degree={self.max_degree}."
             )
-        names = {_name(a) for a in atoms}
-        known = names | {s.name for a in atoms for s in signals_in(a)}
-        for key, values in (("degree_per_signal", self.degree_per_signal), ("required", self.required),
-                            ("forbidden", self.forbidden)):  # fmt: skip
+        names = [_name(a) for a in atoms]
+        unknown = sorted(set(self.degree_per_signal) - set(names))
+        if unknown:
+            raise InvalidRuleError(
+                f"Grammar degree_per_signal names {unknown}, which are not atom names: {names}. It limits the "
+                f"power of an atom; add the signal as an atom or key the limit by the atom's name."
+            )
+        known = set(names) | {s.name for a in atoms for s in signals_in(a)}
+        for key, values in (("required", self.required), ("forbidden", self.forbidden)):
             unknown = sorted(set(values) - known)
             if unknown:
                 raise InvalidRuleError(
@@ -142,19 +151,20 @@ class Grammar:
 
     # ---- enumeration ------------------------------------------------------------------------------------------
     def _candidates(self):
+        """(names of the atoms used, monomial) for every degree and multiset of atoms, in a stable order."""
         names = [_name(a) for a in self.atoms]
-        for d in range(max(self.min_degree, 1), self.max_degree + 1):
+        for d in range(self.min_degree, self.max_degree + 1):
             for combo in itertools.combinations_with_replacement(range(len(self.atoms)), d):
                 counts = Counter(combo)
                 if any(counts[i] > self.degree_per_signal.get(names[i], d) for i in counts):
                     continue
-                yield sp.Mul(*(self.atoms[i] ** k for i, k in counts.items()))
+                yield {names[i] for i in counts}, sp.Mul(*(self.atoms[i] ** k for i, k in counts.items()))
 
     def terms(self) -> tuple[Term, ...]:
         """The candidate terms, deduplicated by canonical form, in a stable order."""
         out, seen = [], set()
-        for expr in self._candidates():
-            sigs = {s.name for s in signals_in(expr)} | {_name(a) for a in sp.Mul.make_args(expr)}
+        for used, expr in self._candidates():
+            sigs = used | {s.name for s in signals_in(expr)}
             if any(r not in sigs for r in self.required) or any(f in sigs for f in self.forbidden):
                 continue
             key = canonical(expr)
@@ -168,6 +178,7 @@ class Grammar:
 
     @property
     def size(self) -> int:
+        """Number of candidate terms (after constraints and deduplication)."""
         return len(self.terms())
 
     def __len__(self) -> int:

@@ -595,7 +595,7 @@ def test_general_rule_module(gen):
     assert m.sympy() == GENERAL.with_values({"a": 2.0, "b": -1.0}).sympy()
 
 
-@pytest.mark.parametrize("module", ["signals", "rule", "export", "compile", "pools"])
+@pytest.mark.parametrize("module", ["signals", "rule", "export", "compile", "pools", "grammar"])
 def test_module_docstring_examples_run(module):
     """The tutorials in the module docstrings are doctests (STYLE.md point 10)."""
     import doctest
