@@ -7,6 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rulesearch.compile import compile_rule
+from rulesearch.data import load_dataset
+from rulesearch.episodes import TaskSampler
 from rulesearch.errors import ConfigError, DivergenceError, ShapeError, SignalError
 from rulesearch.inner import (
     F0,
@@ -17,7 +20,8 @@ from rulesearch.inner import (
     run_baseline,
     run_episodes,
 )
-from rulesearch.networks import FEEDBACK_MODES, Network, init_params
+from rulesearch.networks import FEEDBACK_MODES, Network, alignment_angles, init_params
+from rulesearch.pools import bio
 
 F64 = torch.float64
 SMALL = (6, 5, 4, 3)
@@ -166,19 +170,31 @@ def test_f0_bp_trajectory_equals_autograd_sgd(gen, loss):
 # ---- batching ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", FEEDBACK_MODES)
-def test_batched_equals_separate(gen, mode):
+# a compiled rule on the fast adjoint path under every mode that has one (plastic feedback has none)
+_BATCHED_CASES = [(m, "protocol") for m in FEEDBACK_MODES] + [(m, "compiled-adjoint") for m in FEEDBACK_MODES[:4]]
+
+
+@pytest.mark.parametrize(("mode", "kind"), _BATCHED_CASES, ids=[f"{m}-{k}" for m, k in _BATCHED_CASES])
+def test_batched_equals_separate(gen, mode, kind):
+    """B episodes in one call equal B single-episode calls: values, curves, weights and (compiled rule on the
+    fast adjoint path) the meta-gradient."""
     net = Network(sizes=SMALL, feedback=mode)
     batch = make_batch(gen)
     ks = [3, 0, 7]
     kw = {"feedback_update": kolen_pollack, "feedback_params": torch.tensor([0.1, 0.01], dtype=F64)}
     kw = kw if mode == "plastic" else {}
-    theta = torch.tensor([0.2, 0.1], dtype=F64)
-    update = EHebb() if mode == "dfa" else TraceRule()
-    params = 0.1 if mode == "dfa" else theta
+    if kind == "compiled-adjoint":  # bio: F0, F2 (eHebb), F9 (Oja)
+        update, params = compile_rule(bio), torch.tensor([0.2, -0.05, 0.05], dtype=F64, requires_grad=True)
+        kw = {"method": "adjoint"}
+    else:
+        update = EHebb() if mode == "dfa" else TraceRule()
+        params = 0.1 if mode == "dfa" else torch.tensor([0.2, 0.1], dtype=F64)
     res = run_episodes(net, batch, update, params, seed=11, t=4, ks=ks, curves=True, **kw)
+    grads = []
     for j, k in enumerate(ks):
         one = run_episodes(net, sub_batch(batch, j), update, params, seed=11, t=4, ks=[k], curves=True, **kw)
+        if kind == "compiled-adjoint":
+            grads.append(torch.autograd.grad(one.loss.sum(), params)[0])
         for field in (
             "loss",
             "accuracy",
@@ -193,6 +209,33 @@ def test_batched_equals_separate(gen, mode):
             )
         for a, b in zip(res.weights + res.feedback, one.weights + one.feedback):
             torch.testing.assert_close(a[j : j + 1], b, rtol=1e-10, atol=1e-14)
+    if kind == "compiled-adjoint":
+        (g,) = torch.autograd.grad(res.loss.sum(), params)
+        assert g.shape == (3,) and bool(g.abs().sum() > 0)
+        torch.testing.assert_close(g, sum(grads), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", FEEDBACK_MODES)
+def test_angles_equal_alignment_angles_on_final_weights(gen, mode):
+    net = Network(sizes=SMALL, feedback=mode)
+    batch = make_batch(gen)
+    kw = {"feedback_update": kolen_pollack, "feedback_params": torch.tensor([0.1, 0.01], dtype=F64)}
+    res = run_episodes(net, batch, f0, 0.3, seed=2, **(kw if mode == "plastic" else {}))
+    angles, per_sample = alignment_angles(net, res.weights, res.feedback, batch.x_query, batch.y_query)
+    assert res.angles.shape == res.angles_per_sample.shape == (3, len(SMALL) - 2)
+    torch.testing.assert_close(res.angles, angles, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(res.angles_per_sample, per_sample, rtol=1e-12, atol=1e-10)
+
+
+def test_fa_f0_reduces_lowrank_loss():
+    """Low-rank regression Y ~ Z W (rank 2, inner width 4 >= rank): online f0 under fa lowers the query MSE."""
+    ds = load_dataset("lowrank", n_in=8, n_out=6, rank=2, n_samples=400, seed=0)
+    batch = TaskSampler(ds, M=2, K=50, Q=10).sample(0, 0, range(4)).to(dtype=F64)
+    net = Network(sizes=(8, 4, 6), feedback="fa", loss="mse", activation="linear")
+    before = run_baseline(net, batch, 0.0).loss
+    after = run_baseline(net, batch, 0.03).loss
+    assert before.shape == after.shape == (4,)
+    assert (after < 0.5 * before).all(), (before, after)
 
 
 def test_per_episode_params_equal_separate_runs(gen):
