@@ -16,6 +16,7 @@ import torch
 from rulesearch.compile import compile_rule
 from rulesearch.distill import (
     BACKENDS,
+    Candidate,
     DistillDataError,
     OperonBackend,
     PySRBackend,
@@ -45,6 +46,7 @@ from rulesearch.distill.select import (
     pareto_front,
     select_candidate,
     simple_values,
+    snap_constants,
 )
 from rulesearch.errors import BackendUnavailableError, ConfigError, NotFittedError, ShapeError
 from rulesearch.grammar import Grammar
@@ -319,6 +321,22 @@ def test_snapping_only_when_fit_does_not_get_worse(np_rng):
     assert sp.Rational(1, 2) not in off.best_.expr.atoms(sp.Rational)
     assert abs(_coef_map(off.best_.expr)[a] - 0.5137) < 1e-9
     assert simple_values(0.4999)[:2] == [0.0, 0.5]
+
+
+def test_snapping_is_strict_on_noisy_data(np_rng):
+    # the least-squares coefficient is well within one standard error of 1/2, yet 1/2 fits worse: no snap
+    a = sp.Symbol("a", real=True)
+    X = np_rng.normal(size=(400, 1))
+    y = 0.5 * X[:, 0] + 0.1 * np_rng.normal(size=400)
+    beta = float(np.linalg.lstsq(X, y, rcond=None)[0][0])
+    loss = float(np.mean((y - beta * X[:, 0]) ** 2))
+    half = float(np.mean((y - 0.5 * X[:, 0]) ** 2))
+    assert loss < half < loss * (1 + 1 / 400)  # a 1/n tolerance would have snapped
+    cand = Candidate(sp.Float(beta) * a, 3, loss, 1, "stlsq")
+    assert snap_constants(cand, [a], X, y, np.ones(400)) is cand
+    fitted = SparseBackend(degree=1).fit(X, y, [a])
+    assert fitted.best_.loss <= fitted.front_[fitted.selection_["index"]].loss * (1 + 1e-12)
+    assert "snap" not in fitted.best_.source
 
 
 # ---------------------------------------------------------------------------------------------- samples

@@ -537,7 +537,7 @@ class DistillBackend(abc.ABC):
         self.selection_ = {"method": self._selection(), "index": index, "scores": scores, "floor": floor}
         best = self.front_[index]
         if getattr(self, "snap", True):
-            best = snap_constants(best, self.features_, X, y, w, n_eff=self.n_eff_, floor=floor)
+            best = snap_constants(best, self.features_, X, y, w, floor=floor)
         self.best_ = best
         self.history_.append({"stage": "select", "seconds": time.perf_counter() - t2})
         return self

@@ -6,8 +6,8 @@ r"""Model selection on the Pareto front, constant snapping, and near-collinear l
   (``knee``). Losses below a *floor* (the numerical resolution of the data) count as equal, so at noise 0
   the criterion prefers the simplest exact formula instead of chasing round-off.
 * :func:`snap_constants` replaces constants by simple values (integers, simple fractions, one or two significant
-  digits) one at a time, refitting the remaining linear coefficients, and keeps a change only when the loss does
-  not grow by more than the criterion's price of one parameter (``log(n)/n`` relative for BIC).
+  digits) one at a time, refitting the remaining linear coefficients, and keeps a change only when the weighted
+  loss does not increase (up to float round-off, and with losses below the floor tied).
 * :func:`find_collinear` detects library columns that are (near-)linear combinations of simpler ones on the data:
   identities that hold in network data, such as :math:`r^2 = r` for a 0/1 reward, :math:`\sum_i y_i = 1` under a
   softmax or :math:`e^\top W x = e \cdot z`. Columns are visited simplest first; a column whose residual after
@@ -174,19 +174,18 @@ def snap_constants(
     X: np.ndarray,
     y: np.ndarray,
     weights: np.ndarray,
-    n_eff: float,
     floor: float = 0.0,
-    rtol: float | None = None,
+    rtol: float = 1e-12,
 ) -> Candidate:
     r"""Snap the constants of ``cand`` to simple values where the fit does not get worse.
 
-    A change is kept when ``max(loss_new, floor) <= max(loss_old, floor) * (1 + rtol)``; ``rtol`` defaults to
-    :math:`1/n`: the loss may not grow by more than one standard error's worth (a coefficient moved by less than
-    its standard error), so on exact data only values the data cannot tell apart are snapped. For a linear formula
-    the other coefficients are refitted (weighted least squares) after each snap; a snapped value becomes an exact
-    Rational when it is a simple fraction.
+    A change is kept only when ``max(loss_new, floor) <= max(loss_old, floor) * (1 + rtol)``: the weighted loss may
+    not increase beyond float round-off (``rtol``). Losses below ``floor`` (the data's numerical resolution) tie,
+    so on exact data a coefficient snaps when the snapped value fits as well as the fitted one; on noisy data a
+    least-squares coefficient almost never snaps (any other value raises the loss). For a linear formula the other
+    coefficients are refitted (weighted least squares) after each snap; a snapped value becomes an exact Rational
+    when it is a simple fraction.
     """
-    rtol = 1.0 / n_eff if rtol is None else rtol
     w = np.asarray(weights, dtype=float)
     W = w.sum()
 
