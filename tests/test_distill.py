@@ -28,7 +28,7 @@ from rulesearch.distill import (
 )
 from rulesearch.distill import pysr as pysr_module
 from rulesearch.distill.closed_loop import closed_loop, rule_params
-from rulesearch.distill.pipeline import distill, heldout_error
+from rulesearch.distill.pipeline import data_identities, distill, heldout_error
 from rulesearch.distill.samples import (
     ID_COLUMNS,
     TARGET,
@@ -54,7 +54,7 @@ from rulesearch.networks import Network
 from rulesearch.pools import f0, oja
 from rulesearch.reference.naive import naive_eval
 from rulesearch.rule import Rule
-from rulesearch.signals import err, post, pre, reward, sanger, trace, w, wT
+from rulesearch.signals import err, layer_sum, post, pre, reward, sanger, trace, w, wT
 
 SIGNAL_FEATURES = [pre, post, err, w]
 TRUTH = 0.7 * err * pre - 0.2 * post**2 * w  # the planted rule of environment.md
@@ -439,6 +439,43 @@ def test_distill_recovers_rule_from_samples(tiny_samples):
     assert _same_formula(res.formula, sp.expand(truth), rtol=1e-6)
     assert heldout_error(res.formula, tiny_samples) < 1e-10
     assert res.rule.is_linear and "Distilled rule" in res.report()
+
+
+@pytest.fixture
+def softmax_samples(tiny_setup):
+    """Samples whose library holds layer_sum(post): the sum of the softmax outputs, 1 in the output layer."""
+    net, batch = tiny_setup
+    grammar = Grammar(atoms=(pre, post, err, w, layer_sum(post)), max_degree=2, degree_per_signal={"w": 1})
+    theta = torch.tensor([0.05, 0.02], dtype=torch.float64)
+    return collect_samples(net, batch, oja.compile(), theta, grammar=grammar, n_per_step=12, run_seed=0), grammar
+
+
+def test_data_identities_find_the_softmax_sum(softmax_samples):
+    df, _ = softmax_samples
+    X, _, w_rows, feats, _ = samples_arrays(df, layers=[1])
+    found = [str(i) for i in data_identities(X, w_rows, feats).identities]
+    assert {"LayerSum(post)*pre = pre", "LayerSum(post)*err*w = err*w", "LayerSum(post)^3 = LayerSum(post)"} <= set(
+        found
+    )
+    X, _, w_rows, feats, _ = samples_arrays(df, layers=[0])  # hidden layer: no softmax, no identity
+    assert not any("LayerSum" in str(i) for i in data_identities(X, w_rows, feats).identities)
+
+
+@pytest.mark.parametrize("name", ["sparse", "operon", "pysr"], ids=["sparse", "operon", "pysr"])
+def test_every_backend_reports_identities(name, softmax_samples):
+    df, grammar = softmax_samples
+    if name == "operon":
+        pytest.importorskip("pyoperon")
+        backend = OperonBackend(generations=5, population_size=50, max_time=2)
+    elif name == "pysr":
+        if not PySRBackend.available():
+            pytest.skip(f"PySR unavailable: {pysr_module.pysr_status()[1]}")
+        backend = PySRBackend(niterations=2)
+    else:
+        backend = SparseBackend()
+    res = distill(df, backend, grammar=grammar, layers=[1])
+    assert "LayerSum(post)*pre = pre" in res.identities and "LayerSum(post)^2 = LayerSum(post)" in res.identities
+    assert "LayerSum(post)*pre = pre" in res.report()
 
 
 # ---------------------------------------------------------------------------------------------- closed loop

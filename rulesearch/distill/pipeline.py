@@ -45,11 +45,22 @@ import torch
 from ..errors import ConfigError, RunDirectoryError
 from ..grammar import Grammar
 from ..rule import NetworkRule, Rule
+from ..signals import BASE_SIGNALS
 from .base import DistillBackend, evaluate, get_backend
 from .closed_loop import ClosedLoopReport, closed_loop
 from .samples import collect_samples, samples_arrays, save_samples
+from .select import CollinearityReport
+from .sparse import library_collinearity, library_terms
 
-__all__ = ["DistillResult", "distill", "distill_update", "distill_run", "heldout_error", "resolve_grammar"]
+__all__ = [
+    "DistillResult",
+    "data_identities",
+    "distill",
+    "distill_update",
+    "distill_run",
+    "heldout_error",
+    "resolve_grammar",
+]
 
 GRAMMARS = {"classic": Grammar.classic, "default": Grammar.default}
 
@@ -79,7 +90,8 @@ class DistillResult:
     samples : pandas.DataFrame
         The table it was fitted on.
     identities : list of str
-        Near-collinear library columns found on the data (sparse backend), as ``term = combination``.
+        Near-collinear library columns found on the data, as ``term = combination`` (every backend; see
+        :func:`data_identities`).
     heldout_error : float
         Relative RMS error :math:`\\lVert f - \\Delta W \\rVert_w / \\lVert \\Delta W \\rVert_w` on held-out samples
         (NaN when none were given).
@@ -202,8 +214,9 @@ def distill(
     backend : str or DistillBackend
         A name in :data:`~rulesearch.distill.base.BACKENDS` or an instance.
     grammar : Grammar or str, optional
-        The sparse backend's library (default ``Grammar.classic()``); ignored by the other backends, which search
-        over the table's atom columns.
+        The sparse backend's library (default ``Grammar.classic()``). The other backends search over the table's
+        atom columns; for them it only sets where identities are looked for (default: products of up to three atom
+        columns, see :func:`data_identities`).
     layers : sequence of int, optional
         Fit only the rows of these layers.
     heldout : DataFrame, optional
@@ -224,14 +237,28 @@ def distill(
     seconds = {"fit": time.perf_counter() - t0}
     rule = be.best_.rule(name)
     report = getattr(be, "collinearity_", None)
-    identities = [str(i) for i in getattr(report, "identities", ()) if i.kind == "identity"]
-    if report is not None and report.n_degenerate:
+    if report is None:
+        report = data_identities(X, w, features, grammar)
+    identities = [str(i) for i in report.identities if i.kind == "identity"]
+    if report.n_degenerate:
         identities.append(
             f"{report.n_degenerate} further columns are linearly dependent on these samples without a short identity "
             "(too few informative rows); collect more episodes to resolve them"
         )
     err = heldout_error(be.best_.expr, heldout, layers) if heldout is not None else math.nan
     return DistillResult(rule, be, samples, identities, err, None, None if layers is None else tuple(layers), seconds)
+
+
+def data_identities(X, weights, features, grammar=None, tol: float = 1e-6) -> CollinearityReport:
+    """Near-collinear library columns on sample rows, for backends without a library of their own (operon, pysr).
+
+    The library is ``grammar`` or, by default, every product of up to three of the table's atom columns (``w`` at
+    most linear, as in :meth:`Grammar.default`): the terms a genetic-programming formula expands into.
+    """
+    if grammar is None:
+        linear_w = {"w": 1} if BASE_SIGNALS["w"] in features else {}
+        grammar = Grammar(atoms=tuple(features), max_degree=3, degree_per_signal=linear_w)
+    return library_collinearity(library_terms(resolve_grammar(grammar)), features, X, weights, tol)[1]
 
 
 def _update_and_params(rule, dtype, device):

@@ -40,7 +40,7 @@ from ..rule import Pool, Rule, Term
 from .base import Candidate, DistillBackend, evaluate, expr_complexity, term_name
 from .select import CollinearityReport, find_collinear
 
-__all__ = ["SparseBackend", "library_terms"]
+__all__ = ["SparseBackend", "identity_exprs", "library_collinearity", "library_terms"]
 
 _TERMS_CACHE: dict[int, tuple[Grammar, tuple]] = {}
 
@@ -72,6 +72,33 @@ def library_terms(library, features: Sequence | None = None, degree: int = 3) ->
             f"{type(library).__name__}."
         ) from None
     return [t.expr if isinstance(t, Term) else sp.sympify(t) for t in items]
+
+
+def library_collinearity(
+    terms: Sequence[sp.Expr], features: Sequence, X: np.ndarray, weights=None, tol: float = 1e-6
+) -> tuple[np.ndarray, CollinearityReport]:
+    """The library evaluated on the rows (columns with non-finite values zeroed: such terms cannot explain the
+    data) and its near-collinear columns, visited simplest first (:func:`~rulesearch.distill.select.find_collinear`).
+
+    Every backend reports these identities: the sparse backend fits on the kept columns, the GP backends search over
+    the atoms whose products the library holds.
+    """
+    memo: dict = {}
+    Theta = np.stack([evaluate(t, features, X, memo) for t in terms], axis=1)
+    bad = ~np.isfinite(Theta).all(axis=0)
+    if bad.any():
+        Theta[:, bad] = 0.0  # e.g. log of a negative signal
+    comp = [expr_complexity(t) for t in terms]
+    order = sorted(range(len(terms)), key=lambda k: (comp[k], k))
+    return Theta, find_collinear(Theta, [term_name(t) for t in terms], order, weights, tol)
+
+
+def identity_exprs(terms: Sequence[sp.Expr], report: CollinearityReport) -> list[tuple[sp.Expr, sp.Expr]]:
+    """Each dropped library term and the combination of kept terms it equals on the data, as SymPy."""
+    return [
+        (terms[i.index], sp.Add(*(sp.Float(c) * terms[j] for j, (_, c) in zip(i.kept_indices, i.combination))))
+        for i in report.identities
+    ]
 
 
 @contextlib.contextmanager
@@ -169,20 +196,10 @@ class SparseBackend(DistillBackend, name="sparse"):
         if not terms:
             raise ConfigError("The library is empty; give a grammar or terms with at least one term.")
         self.library_ = terms
-        memo: dict = {}
-        Theta = np.stack([evaluate(t, self.features_, X, memo) for t in terms], axis=1)
-        bad = ~np.isfinite(Theta).all(axis=0)
-        if bad.any():
-            Theta[:, bad] = 0.0  # e.g. log of a negative signal: such terms cannot explain the data
-        names = [term_name(t) for t in terms]
-        comp = [expr_complexity(t) for t in terms]
-        order = sorted(range(len(terms)), key=lambda k: (comp[k], k))
-        report = find_collinear(Theta, names, order, weights, self.collinearity_tol)
+        Theta, report = library_collinearity(terms, self.features_, X, weights, self.collinearity_tol)
         self.collinearity_: CollinearityReport = report
-        self.identities_ = [
-            (terms[i.index], sp.Add(*(sp.Float(c) * terms[j] for j, (_, c) in zip(i.kept_indices, i.combination))))
-            for i in report.identities
-        ]
+        self.identities_ = identity_exprs(terms, report)
+        comp = [expr_complexity(t) for t in terms]
         kept = list(report.kept)
         self.n_candidates_ = len(kept)
         A = Theta[:, kept]
