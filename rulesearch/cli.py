@@ -163,6 +163,13 @@ def discover(
         typer.Option("--set", help="Override any config key, e.g. --set task.options.per_class=400 (repeatable)."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with the live meta-accuracy.")] = True,
+    distributed: Annotated[
+        bool | None,
+        typer.Option(
+            "--distributed/--no-distributed",
+            help="Data-parallel over torchrun processes (default: when launched by torchrun, WORLD_SIZE > 1).",
+        ),
+    ] = None,
     show_config: Annotated[bool, typer.Option(help="Print the resolved configuration and exit.")] = False,
 ):
     """Meta-learn a plasticity rule (default: the paper's 10-term pool with L1, feedback alignment, digits)."""
@@ -209,10 +216,11 @@ def discover(
         if show_config:
             typer.echo(dump_yaml(cfg.to_dict()), nl=False)
             return
-        search = run_discover(cfg, out=out, name=name, resume=resume, progress=progress)
+        search = run_discover(cfg, out=out, name=name, resume=resume, progress=progress, distributed=distributed)
     except RuleSearchError as err:
         raise _fail(err) from None
-    typer.echo(search.report())
+    if search.world_[0] == 0:  # rank 0 of a torchrun launch speaks for all
+        typer.echo(search.report())
 
 
 @app.command()

@@ -1,13 +1,12 @@
 """Data-parallel meta-gradients with ``torch.distributed`` (torchrun; gloo on CPU, nccl on GPU).
 
-Episodes are pure functions of ``(seed, t, k)``, so a meta-batch of ``B`` episodes splits across ``W`` processes
-without communication: rank ``r`` runs the episode indices :func:`rank_episodes` gives it, computes its part of
-the meta-loss *already divided by the global* ``B`` (a sum over its episodes of ``loss_k / B``), backpropagates,
-and :func:`all_reduce_grads` sums the gradients: every rank then holds the meta-gradient of the full meta-batch
-and takes the same optimizer step. Only rank 0 writes (:func:`is_rank0`, :func:`rank0_only`).
+Episodes are pure functions of ``(seed, t, k)``, so a meta-batch splits across ``W`` processes without
+communication: rank ``r`` runs the episodes :func:`rank_episodes` gives it, computes its part of the meta-loss
+*already divided by the global* meta-batch size, and :func:`all_reduce_sum` sums the gradients: every rank then
+holds the meta-gradient of the full meta-batch and takes the same optimizer step. :class:`rulesearch.RuleSearch`
+does this by itself when launched by ``torchrun`` (only rank 0 writes the run directory).
 
-Everything here also works without ``torch.distributed`` (a single process is rank 0 of a world of size 1), so
-the same training script runs standalone and under ``torchrun``.
+Everything here also works without ``torch.distributed`` (a single process is rank 0 of a world of size 1).
 
 Examples
 --------
@@ -19,9 +18,8 @@ True
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,14 +29,11 @@ from .errors import ConfigError
 __all__ = [
     "world",
     "is_rank0",
-    "rank0_only",
     "init_distributed",
     "rank_episodes",
-    "all_reduce_grads",
     "all_reduce_sum",
     "gather_objects",
-    "data_parallel_backward",
-    "barrier",
+    "broadcast_object",
     "shutdown",
 ]
 
@@ -57,16 +52,6 @@ def world() -> tuple[int, int]:
 def is_rank0() -> bool:
     """True in the process that writes (rank 0, or the only process)."""
     return world()[0] == 0
-
-
-def rank0_only(fn: Callable) -> Callable:
-    """Decorator: run ``fn`` on rank 0 only (other ranks get ``None``)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_rank0() else None
-
-    return wrapper
 
 
 def init_distributed(backend: str | None = None, device: str | torch.device | None = None) -> torch.device:
@@ -104,15 +89,6 @@ def rank_episodes(n_episodes: int, rank: int | None = None, world_size: int | No
     return list(range(start, start + base + (1 if rank < extra else 0)))
 
 
-def _flat_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    return grads
-
-
 def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Sum tensors over all ranks in place (one collective: flattened into one buffer per dtype/device)."""
     tensors = list(tensors)
@@ -132,12 +108,6 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-def all_reduce_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum ``p.grad`` over ranks for every parameter (a missing grad counts as zeros). Each rank's loss must
-    already be divided by the *global* meta-batch size, so the sum is the meta-gradient of the mean."""
-    return all_reduce_sum(_flat_grads(list(params)))
-
-
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
     if not _active():
@@ -147,31 +117,13 @@ def gather_objects(obj) -> list:
     return out
 
 
-def data_parallel_backward(
-    loss_fn: Callable[[list[int]], torch.Tensor], params: Sequence[torch.Tensor], n_episodes: int
-) -> float:
-    """One data-parallel meta-gradient: ``loss_fn(ks)`` returns the *sum* of the per-episode meta-losses of the
-    episode indices ``ks`` (this rank's share); the gradients of ``sum / n_episodes`` are summed over ranks
-    into ``p.grad`` (zeroed first). Returns the mean meta-loss of the whole meta-batch (on every rank)."""
-    params = list(params)
-    for p in params:
-        p.grad = None
-    ks = rank_episodes(n_episodes)
-    ref = params[0] if params else torch.zeros(())
-    if ks:
-        loss = loss_fn(ks) / n_episodes
-        loss.backward()
-        total = loss.detach().reshape(1).to(ref.dtype)
-    else:
-        total = torch.zeros(1, dtype=ref.dtype, device=ref.device)
-    all_reduce_grads(params)
-    all_reduce_sum([total])
-    return float(total)
-
-
-def barrier() -> None:
-    if _active():
-        dist.barrier()
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def shutdown() -> None:

@@ -29,6 +29,15 @@ gradients even when masked, so when some runs diverge the step is recomputed for
 ``max_skips`` consecutive skips the run stops; when every run has stopped, :meth:`RuleSearch.fit` raises
 :class:`~rulesearch.errors.DivergenceError`. Parameters are never updated with NaN.
 
+Data parallel
+-------------
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA, rank ``r`` on ``cuda:LOCAL_RANK``), each
+rank runs its own contiguous block of the ``S * B`` episodes of a meta-step
+(:func:`rulesearch.distributed.rank_episodes`); the meta-gradients, divergence flags and per-episode metrics are
+summed or gathered across ranks, so every rank takes the same Adam step and the parameters follow the
+single-process trajectory up to rounding. Only rank 0 writes the run directory, prints and shows progress; a
+resumed run continues from rank 0's checkpoint on every rank.
+
 Run directory
 -------------
 With ``out=`` (or ``name=``) a :class:`~rulesearch.runs.RunDir` records the resolved config, a manifest,
@@ -75,6 +84,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -84,6 +94,15 @@ from torch import Tensor
 
 from .config import Config, option
 from .data import DATASETS, Dataset, load_dataset, split_classes
+from .distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    rank_episodes,
+    shutdown,
+    world,
+)
 from .episodes import TaskSampler, episode_generator
 from .errors import ConfigError, DivergenceError, InvalidRuleError, NotFittedError, RunDirectoryError
 from .export import FORMAT as RULE_FORMAT
@@ -750,7 +769,7 @@ class _State:
 class _Problem:
     """Everything fixed for a fit: data, sampler, network, learner, seeds."""
 
-    def __init__(self, cfg: DiscoverConfig, rule):
+    def __init__(self, cfg: DiscoverConfig, rule, device: torch.device | None = None):
         self.cfg = cfg
         meta = cfg.meta
         self.dataset = cfg.task.load()
@@ -761,7 +780,7 @@ class _Problem:
         self.update = self.learner.update(self.net)
         self._check_signals()
         self.dtype = meta.torch_dtype
-        self.device = _device(meta.device)
+        self.device = _device(meta.device) if device is None else device
         self.seeds = [meta.seed + s for s in range(meta.runs)]
         self.B = meta.meta_batch
 
@@ -774,13 +793,21 @@ class _Problem:
                 f"use network.feedback 'fa', 'sign' or 'bp'."
             )
 
-    def episodes(self, t: int | Sequence[int], runs: Sequence[int], net: Network | None = None):
+    def episodes(
+        self,
+        t: int | Sequence[int],
+        runs: Sequence[int],
+        net: Network | None = None,
+        ks: Sequence[Sequence[int]] | None = None,
+    ):
         """The batch and initial weights/feedback of the episodes ``(seed_s, t, k)`` for ``s in runs``, ``k < B``
-        (rows ordered by step, then run, then k); ``t`` may be a list of meta-steps."""
+        (rows ordered by step, then run, then k); ``t`` may be a list of meta-steps, ``ks`` the episode indices of
+        each run (a data-parallel rank's share)."""
         net = net or self.net
-        pairs = [(tt, s) for tt in ([t] if isinstance(t, int) else t) for s in runs]
-        batches = [self.sampler.sample(self.seeds[s], tt, range(self.B)) for tt, s in pairs]
-        inits = [init_params(net, self.seeds[s], tt, range(self.B), dtype=self.dtype) for tt, s in pairs]
+        ks = [range(self.B)] * len(runs) if ks is None else ks
+        pairs = [(tt, s, kk) for tt in ([t] if isinstance(t, int) else t) for s, kk in zip(runs, ks)]
+        batches = [self.sampler.sample(self.seeds[s], tt, kk) for tt, s, kk in pairs]
+        inits = [init_params(net, self.seeds[s], tt, kk, dtype=self.dtype) for tt, s, kk in pairs]
         dev, dt = self.device, self.dtype
 
         def cat(name):
@@ -823,12 +850,35 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+@contextlib.contextmanager
+def _process_group(distributed: bool | None, device: str):
+    """``(device, (rank, world_size))`` of this process for a fit: data-parallel under torchrun (``WORLD_SIZE`` > 1)
+    or in an initialized process group unless ``distributed`` is False; a group joined here is left on exit."""
+    dev = _device(device)
+    active = world()[1] > 1
+    if distributed is False or not (active or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        if distributed:
+            raise ConfigError(
+                "distributed=True (--distributed) needs several processes, but this one runs alone (WORLD_SIZE "
+                "unset or 1). Launch it with torchrun --nproc_per_node=N, or leave distributed unset."
+            )
+        yield dev, (0, 1)
+        return
+    dev = init_distributed(device=dev)
+    try:
+        yield dev, world()
+    finally:
+        if not active:
+            shutdown()
+
+
 class _Trainer:
     """The meta-training loop over a :class:`_Problem` (state in :class:`_State`)."""
 
-    def __init__(self, problem: _Problem):
+    def __init__(self, problem: _Problem, world: tuple[int, int] = (0, 1)):
         self.p = problem
         self.meta = problem.cfg.meta
+        self.rank, self.world_size = world  # data-parallel: this rank runs its share of each meta-step's episodes
 
     def fresh_state(self) -> _State:
         p = self.p
@@ -860,11 +910,20 @@ class _Trainer:
             )  # fmt: skip
 
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
+        """This rank's share of the episodes ``(run, k)`` of ``runs`` (all of them in a single process): the inner
+        result (None for an empty share), the per-run leaves ``[len(runs), ...]`` and each result row's run index
+        into ``runs``."""
         p = self.p
-        batch, weights, feedback = p.episodes(t, runs)
+        share = rank_episodes(len(runs) * p.B, self.rank, self.world_size)  # flat episode index i * B + k
+        rows = torch.tensor([j // p.B for j in share], dtype=torch.long, device=p.device)
         idx = torch.tensor(runs, device=p.device)
         leaves = {k: v.index_select(0, idx).detach().requires_grad_(grad) for k, v in params.items()}
-        expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in leaves.items()}
+        if not share:
+            return None, leaves, rows
+        mine = sorted({j // p.B for j in share})
+        ks = [[j % p.B for j in share if j // p.B == i] for i in mine]
+        batch, weights, feedback = p.episodes(t, [runs[i] for i in mine], ks=ks)
+        expanded = {k: v.index_select(0, rows) for k, v in leaves.items()}
         with torch.set_grad_enabled(grad):
             res = run_episodes(
                 p.net,
@@ -879,13 +938,29 @@ class _Trainer:
                 checkpoint_every=self.meta.segment,
                 raise_on_divergence=False,
             )
-        return res, leaves
+        return res, leaves, rows
 
-    def _per_run(self, res: InnerResult, n: int):
-        B = self.p.B
-        loss = res.loss.reshape(n, B)
-        div = res.diverged.reshape(n, B).any(1) | ~torch.isfinite(loss.detach()).all(1)
-        return loss.mean(1), div
+    def _per_run(self, res: InnerResult | None, rows: Tensor, n: int):
+        """Per-run query loss of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
+        meta-batch), and whether an episode of the run diverged on any rank."""
+        p = self.p
+        loss = torch.zeros(n, dtype=p.dtype, device=p.device)
+        div = torch.zeros(n, dtype=p.dtype, device=p.device)
+        if res is not None:
+            loss = loss.index_add(0, rows, res.loss) / p.B
+            div = div.index_add(0, rows, (res.diverged | ~torch.isfinite(res.loss.detach())).to(p.dtype))
+        if self.world_size > 1:
+            all_reduce_sum([div])
+        return loss, div > 0
+
+    def _gathered(self, res: InnerResult | None):
+        """The per-episode metrics of every rank's share, in meta-batch order (``res`` itself in a single process)."""
+        if self.world_size == 1:
+            return res
+        fields = ("loss", "accuracy", "diverged", "angles", "ew")
+        mine = None if res is None else [getattr(res, f).detach().cpu() for f in fields]
+        parts = [x for x in gather_objects(mine) if x is not None]
+        return SimpleNamespace(**{f: torch.cat([x[i] for x in parts]) for i, f in enumerate(fields)})
 
     def step(self, st: _State) -> list[dict]:
         """One meta-step for every running run; returns the metric rows."""
@@ -897,9 +972,10 @@ class _Trainer:
         bad: set[int] = set()
         current = active
         while current:  # diverged runs are dropped and the rest recomputed: NaNs would poison the gradient
-            res, leaves = self._inner(t, current, st.params, grad=True)
-            loss_run, div = self._per_run(res, len(current))
-            results.update({s: (res, i) for i, s in enumerate(current)})
+            res, leaves, rows = self._inner(t, current, st.params, grad=True)
+            loss_run, div = self._per_run(res, rows, len(current))
+            full = self._gathered(res)
+            results.update({s: (full, i) for i, s in enumerate(current)})
             new_bad = {s for s, d in zip(current, div.tolist()) if d}
             if not new_bad:
                 break
@@ -911,11 +987,15 @@ class _Trainer:
         if current:
             total = loss_run.sum()
             l1 = p.learner.l1(leaves)
-            if l1 is not None and meta.l1 > 0 and meta.l1_mode == "subgradient":
+            if l1 is not None and meta.l1 > 0 and meta.l1_mode == "subgradient" and self.rank == 0:  # counted once
                 total = total + meta.l1 * l1.sum()
             names = list(leaves)
-            g = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)
+            g = [None] * len(names)
+            if total.requires_grad:  # a rank without episodes contributes zeros
+                g = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)
             g = {k: (torch.zeros_like(leaves[k]) if gi is None else gi.detach()) for k, gi in zip(names, g)}
+            if self.world_size > 1:  # every rank now holds the meta-gradient of the whole meta-batch
+                all_reduce_sum(g.values())
             norms = torch.sqrt(sum(gi.flatten(1).pow(2).sum(1) for gi in g.values()))
             for i, s in enumerate(current):
                 gs = {k: gi[i] for k, gi in g.items()}
@@ -1059,7 +1139,10 @@ class RuleSearch:
     progress : bool
         Show a tqdm progress bar with the live meta-accuracy.
     callback : callable, optional
-        ``callback(step, rows)`` after every meta-step (after its checkpoint, if any).
+        ``callback(step, rows)`` after every meta-step (after its checkpoint, if any); called on every rank.
+    distributed : bool, optional
+        Data-parallel over ``torchrun`` processes: default (None) when launched by torchrun (``WORLD_SIZE`` > 1)
+        or inside an initialized ``torch.distributed`` group; False: every process fits alone.
 
     Attributes
     ----------
@@ -1078,7 +1161,9 @@ class RuleSearch:
     summary_ : dict
         Mean meta-accuracy of the first and last 10% of meta-steps, the f0 comparison, stopped runs.
     run_ : RunDir or None
-        The run directory.
+        The run directory (None on the other ranks of a data-parallel fit: rank 0 writes it).
+    world_ : tuple of int
+        ``(rank, world_size)`` of the fit; ``(0, 1)`` in a single process.
     n_runs_, n_steps_ : int
         Runs and meta-steps trained.
 
@@ -1104,6 +1189,7 @@ class RuleSearch:
         resume: bool = False,
         progress: bool = True,
         callback: Callable | None = None,
+        distributed: bool | None = None,
     ):
         self.rule = rule
         self.network = network
@@ -1116,9 +1202,13 @@ class RuleSearch:
         self.resume = resume
         self.progress = progress
         self.callback = callback
+        self.distributed = distributed
 
     # ---- sklearn-style parameters -------------------------------------------------------------------------
-    _PARAMS = ("rule", "network", "task", "meta", "neural", "terms", "out", "name", "resume", "progress", "callback")
+    _PARAMS = (
+        "rule", "network", "task", "meta", "neural", "terms", "out", "name", "resume", "progress", "callback",
+        "distributed",
+    )  # fmt: skip
 
     def get_params(self, deep: bool = False) -> dict:
         return {k: getattr(self, k) for k in self._PARAMS}
@@ -1197,23 +1287,28 @@ class RuleSearch:
         """
         cfg = self.config()
         rule = resolve_rule(load_rule(cfg.rule_json) if cfg.rule_json else cfg.rule, cfg.terms, cfg.neural)
-        problem = _Problem(cfg, rule)
-        trainer = _Trainer(problem)
         meta = cfg.meta
         path = self._run_path()
         run = None
-        with threads(meta.threads):
+        with _process_group(self.distributed, meta.device) as (device, ranks), threads(meta.threads):
+            problem = _Problem(cfg, rule, device)
+            trainer = _Trainer(problem, ranks)
             state = trainer.fresh_state()
             trainer.validate(state)
             rows: list[dict] = []
-            if path is not None:
+            if path is not None and trainer.rank == 0:
                 run = RunDir.create(
                     path,
                     cfg,
                     resume=self.resume,
                     seed=meta.seed,
                     device=meta.device,
-                    manifest_extra={"runs": meta.runs, "seeds": problem.seeds, "threads_requested": meta.threads},
+                    manifest_extra={
+                        "runs": meta.runs,
+                        "seeds": problem.seeds,
+                        "threads_requested": meta.threads,
+                        "world_size": trainer.world_size,
+                    },
                 )
                 if self.resume:
                     loaded = run.resume(map_location="cpu")
@@ -1221,7 +1316,11 @@ class RuleSearch:
                         state = _State.from_checkpoint(loaded[1], state, problem.device)
                         df = run.read_metrics()
                         rows = df.to_dict("records") if not df.empty else []
+            if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
+                checkpoint, rows = broadcast_object((state.to_checkpoint(), rows))
+                state = _State.from_checkpoint(checkpoint, state, problem.device)
             self.run_ = run
+            self.world_ = ranks
             self._problem = problem
             self._fit_loop(trainer, state, rows, run)
         return self
@@ -1230,7 +1329,7 @@ class RuleSearch:
         meta = trainer.meta
         problem = trainer.p
         bar = None
-        if self.progress:
+        if self.progress and trainer.rank == 0:  # rank 0 of a data-parallel fit speaks for all
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -1251,7 +1350,7 @@ class RuleSearch:
                 done = state.t >= meta.episodes or bool(state.stopped.all())
                 if run is not None and (state.t % meta.checkpoint_every == 0 or done or stopped_now):
                     run.save_checkpoint(state.t, state.to_checkpoint())
-                for s in stopped_now:
+                for s in stopped_now if trainer.rank == 0 else ():
                     warnings.warn(
                         f"Run {s} (seed {problem.seeds[s]}) stopped at meta-step {state.t}: {meta.max_skips} "
                         f"consecutive meta-steps diverged and were skipped. Lower meta.lr or the initial "
@@ -1276,7 +1375,7 @@ class RuleSearch:
                 f"{state.stop_step.tolist()}); no parameters were updated with NaN.{where} Lower meta.lr, "
                 f"meta.theta0 or the initial coefficients, use meta.clip, or raise meta.divergence_bound."
             )
-        if meta.compare:
+        if meta.compare and trainer.rank == 0:
             self.summary_.update(self._compare(state, problem))
         if run is not None:
             self._write_outputs(run)
@@ -1414,6 +1513,7 @@ class RuleSearch:
         df = run.read_metrics()
         rows = [r for r in (df.to_dict("records") if not df.empty else []) if r["step"] <= state.t]
         search.run_ = run
+        search.world_ = (0, 1)
         search._problem = problem
         search._set_fitted(state, rows, problem)
         if run.is_finished:
@@ -1691,10 +1791,12 @@ def discover(
     name: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> RuleSearch:
     """Run the main job (``rulesearch discover``): :class:`RuleSearch` from a config, fitted.
 
     The run directory is ``out``, else ``./runs/<name>``, else ``./runs/discover-<rule>-<feedback>-<time>``.
+    Under ``torchrun`` the fit is data-parallel (see :class:`RuleSearch`, ``distributed``).
     """
     cfg = DiscoverConfig() if config is None else config
     cfg = cfg if isinstance(cfg, DiscoverConfig) else DiscoverConfig.from_dict(cfg)
@@ -1704,4 +1806,6 @@ def discover(
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         rule = cfg.rule if cfg.rule_json is None else cfg.rule_json.get("name", "rule")
         name = f"discover-{Path(str(rule)).stem.replace(':', '-')}-{cfg.network.feedback}-{stamp}"
-    return RuleSearch.from_config(cfg, out=out, name=name, resume=resume, progress=progress).fit()
+    return RuleSearch.from_config(
+        cfg, out=out, name=name, resume=resume, progress=progress, distributed=distributed
+    ).fit()

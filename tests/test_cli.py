@@ -88,6 +88,17 @@ def test_bad_config_value_names_key_and_allowed_values(tmp_path):
     assert not out.exists()
 
 
+def test_device_recorded_and_missing_cuda_refused(tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    result, text = invoke("discover", *TINY, "--episodes", 1, "--no-compare", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, text
+    assert RunDir.open(out).manifest()["device"] == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result, text = invoke("discover", *TINY, "--device", "cuda", "--out", tmp_path / "b")
+    assert result.exit_code == 2 and "CUDA is not available" in text and "--device cpu" in text
+    assert not (tmp_path / "b").exists()
+
+
 def test_failed_run_is_not_marked_finished(tmp_path):
     out = tmp_path / "run"
     result, text = invoke(

@@ -1,5 +1,5 @@
-"""Data-parallel meta-training: rank shares of the meta-batch, and a 2-process torchrun run that follows the
-single-process parameter trajectory."""
+"""Data-parallel meta-training: rank shares of the meta-batch, and a 2-process torchrun ``rulesearch discover`` that
+follows the single-process parameter trajectory."""
 
 import json
 import os
@@ -8,15 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from rulesearch import distributed as rsd
+from rulesearch.cli import app
 from rulesearch.errors import ConfigError
+from rulesearch.meta import RuleSearch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "distributed_meta.py"
-ARGS = ["--steps", "5", "--B", "5", "--rule", "bio", "--dtype", "float64", "--lr", "1e-2"]
+# 3 runs x B=2: the ranks' shares are episodes 0-2 and 3-5 of the step, so run 1 is split across the ranks
+ARGS = [
+    "--rule", "bio", "--dataset", "digits", "--sizes", "64,16,10", "-M", "3", "-K", "4", "-Q", "2",
+    "--episodes", "5", "--meta-batch", "2", "--runs", "3", "--lr", "1e-2", "--l1", "0.1", "--dtype", "float64",
+    "--threads", "1", "--no-compare", "--no-progress",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 32])
@@ -31,14 +39,17 @@ def test_rank_episodes_disjoint_and_covering(n, world_size):
 def test_single_process_helpers():
     assert rsd.world() == (0, 1) and rsd.is_rank0()
     assert rsd.rank_episodes(4) == [0, 1, 2, 3]
-    assert rsd.rank0_only(lambda: 7)() == 7
-    assert rsd.gather_objects("x") == ["x"]
-    p = torch.tensor([1.0, 2.0], requires_grad=True)
-    loss = rsd.data_parallel_backward(lambda ks: (p * torch.tensor(ks, dtype=p.dtype).sum()).sum(), [p], 4)
-    assert loss == pytest.approx(6 * 3 / 4)
-    torch.testing.assert_close(p.grad, torch.tensor([1.5, 1.5]))
+    assert rsd.gather_objects("x") == ["x"] and rsd.broadcast_object("x") == "x"
+    t = torch.tensor([1.0, 2.0])
+    assert rsd.all_reduce_sum([t])[0] is t and t.tolist() == [1.0, 2.0]
     with pytest.raises(ConfigError):
         rsd.rank_episodes(4, rank=2, world_size=2)
+
+
+def test_distributed_true_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        RuleSearch("bio", distributed=True, progress=False).fit()
 
 
 def _free_port() -> int:
@@ -53,27 +64,27 @@ def _env():
     return env
 
 
-def test_torchrun_two_processes_follow_single_process_trajectory(tmp_path):
-    single, multi = tmp_path / "single.json", tmp_path / "multi.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--out", str(single)], env=_env(),
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+def test_torchrun_discover_follows_single_process_trajectory(tmp_path):
+    result = CliRunner().invoke(app, ["discover", *ARGS, "--out", str(tmp_path / "single")])
+    assert result.exit_code == 0, result.output
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(SCRIPT),
-           *ARGS, "--out", str(multi)]  # fmt: skip
+           f"--master_port={_free_port()}", "-m", "rulesearch.cli", "discover", *ARGS, "--name", "multi"]  # fmt: skip
     try:
-        run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        run = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         pytest.skip("torchrun did not finish in time on this machine")
     if run.returncode != 0 and ("errno" in run.stderr.lower() or "address" in run.stderr.lower()):
         pytest.skip(f"torchrun could not start here: {run.stderr[-500:]}")
     assert run.returncode == 0, run.stderr[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
-    assert a["world_size"] == 1 and b["world_size"] == 2
-    ta, tb = torch.tensor(a["theta"], dtype=torch.float64), torch.tensor(b["theta"], dtype=torch.float64)
-    assert ta.shape == (6, 3) and not torch.equal(ta[0], ta[-1])
-    torch.testing.assert_close(tb, ta, rtol=1e-8, atol=0)
-    torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=1e-8, atol=0)
-    for shares in b["ranks_ks"]:  # every meta-step: the ranks' episode indices are disjoint and cover 0..B-1
-        flat = [k for s in shares for k in s]
-        assert len(shares) == 2 and all(shares) and sorted(flat) == list(range(5)) and len(set(flat)) == 5
+    assert run.stdout.count("Discovered rule") == 1  # rank 0 prints
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["multi"]  # rank 0 writes
+    single, multi = tmp_path / "single", tmp_path / "runs" / "multi"
+    a, b = pd.read_csv(single / "metrics.csv"), pd.read_csv(multi / "metrics.csv")
+    assert len(b) == 5 * 3 and list(b.columns) == list(a.columns)
+    theta = [c for c in a.columns if c.startswith("theta.")]
+    assert not (a[theta].iloc[0] == a[theta].iloc[-1]).all()
+    cols = [c for c in a.columns if c != "seconds"]  # the trajectory, and the metrics gathered from both ranks
+    torch.testing.assert_close(torch.tensor(b[cols].to_numpy()), torch.tensor(a[cols].to_numpy()), rtol=1e-8, atol=0,
+                               equal_nan=True)  # fmt: skip
+    world = [json.loads((d / "manifest.json").read_text())["world_size"] for d in (single, multi)]
+    assert world == [1, 2]

@@ -166,8 +166,8 @@ def test_diverged_run_is_skipped_without_poisoning_others(monkeypatch):
     """Run 1's episodes at step 2 are NaN: it skips that step, run 0 continues exactly as if alone."""
     original = meta_mod._Problem.episodes
 
-    def poisoned(self, t, runs, net=None):
-        batch, w, fb = original(self, t, runs, net)
+    def poisoned(self, t, runs, net=None, ks=None):
+        batch, w, fb = original(self, t, runs, net, ks)
         if t == 1 and 1 in list(runs):
             i = list(runs).index(1) * self.B
             batch[0][i : i + self.B] = float("nan")
