@@ -3,14 +3,16 @@
 Paper configuration (784-170-130-100-70-47, M=5, K=50, Q=10: 250 online steps and 50 queries per episode,
 feedback alignment), rules ``bio`` and the 10-term ``pool``. Every configuration runs in a fresh child process
 (``subprocess``) and prints one line: meta-training episodes per second (online steps + query loss + meta-gradient),
-memory per episode ((child peak RSS - baseline) / B; on CUDA the torch allocator peak), for
+memory per episode ((child peak RSS - baseline) / B, the peak reset after the warm-up; on CUDA also the torch
+allocator peak), for
 
 * ``naive``: :func:`rulesearch.reference.seed_loop.seed_meta_gradient` (one episode at a time),
 * ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
 * ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
 
 at B in {1, 8, 32}, with the fast/naive speed-up, floor/fast ratio and fast/naive memory ratio. A last child
-checks that fast and naive meta-gradients agree (relative error < 1e-4, float64).
+checks that fast and naive meta-gradients agree (relative error < 1e-4, float64). The last lines give a PASS/FAIL
+verdict for each target of issue 6 (``TARGETS``). Memory needs Linux (``/proc/self/status``).
 
     python experiments/bench_meta.py                 # full run (tens of minutes on a busy 2-core machine)
     python experiments/bench_meta.py --quick         # 25 online steps, B in {1, 8}: a minute or two
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,8 +35,19 @@ TARGETS = {"speedup_bio_B32": 4.0, "floor_ratio": 3.0, "memory_ratio": 0.25, "re
 # ---- child: one configuration --------------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last :func:`_reset_peak_rss`) of this process, in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}; the memory figures need Linux.")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the peak RSS to the current RSS (Linux), so allocations below an earlier peak count too."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def _make_batch(cfg, torch, dtype, device, b, seed=0):
@@ -118,7 +130,8 @@ def _child(cfg: dict) -> dict:
     def run_naive(bt):
         seed_meta_gradient(net, bt, rule, theta, seed=0)
 
-    # warm-up on a tiny batch (lazy initialization, first-call costs), then the baseline
+    # warm-up on a tiny batch (lazy initialization, first-call costs, the naive loop's cached symbolic term
+    # matching), then the baseline
     from types import SimpleNamespace
 
     tiny = SimpleNamespace(**{k: getattr(batch, k)[:1, :3] for k in ("x_train", "y_train", "x_query", "y_query")})
@@ -127,7 +140,8 @@ def _child(cfg: dict) -> dict:
     else:
         run_fast(tiny, grad=cfg["impl"] == "fast")
     sync()
-    base = _peak_rss_mb()
+    _reset_peak_rss()
+    base = _rss_mb("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device) / 2**20
@@ -145,7 +159,7 @@ def _child(cfg: dict) -> dict:
         "eps_per_s": b / seconds,
         "seconds": seconds,
         "times": times,
-        "mem_mb_per_episode": (_peak_rss_mb() - base) / b,
+        "mem_mb_per_episode": (_rss_mb("VmHWM") - base) / b,
     }
     if cuda:
         out["cuda_mb_per_episode"] = (torch.cuda.max_memory_allocated(device) / 2**20 - base_cuda) / b
@@ -168,8 +182,40 @@ def _spawn(cfg: dict, timeout: float) -> dict:
     return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
 
 
-def _fmt(x, spec):
-    return format(x, spec) if isinstance(x, (int, float)) else "-"
+def _mem(r: dict) -> float:
+    """Memory per episode that the ratio uses: the torch allocator peak on CUDA, else RSS."""
+    return r.get("cuda_mb_per_episode", r["mem_mb_per_episode"])
+
+
+def _verdicts(table: dict, errors: dict) -> list[str]:
+    """One PASS/FAIL line per target: ``table[(rule, B)][impl]`` holds the results, ``errors[rule]`` the check."""
+
+    def ratios(num, den, value):  # per measured (rule, B)
+        ok = [k for k, r in table.items() if "eps_per_s" in r.get(num, {}) and "eps_per_s" in r.get(den, {})]
+        return {k: value(table[k][num], table[k][den]) for k in ok}
+
+    def line(text, target, found, passed):
+        verdict = ("PASS" if passed else "FAIL") if found else "n/a (not measured)"
+        return f"# {text}: {found or '-'} (target {target}) {verdict}"
+
+    speed = ratios("fast", "naive", lambda f, n: f["eps_per_s"] / n["eps_per_s"]).get(("bio", 32))
+    floor = ratios("floor", "fast", lambda f, q: f["eps_per_s"] / q["eps_per_s"])
+    memory = ratios("fast", "naive", lambda f, n: _mem(f) / _mem(n) if _mem(n) > 0 else float("inf"))
+    out = [line("speed-up fast/naive, bio, B=32", ">= 4x, stretch 10x", speed and f"{speed:.1f}x",
+                speed is not None and speed >= TARGETS["speedup_bio_B32"])]  # fmt: skip
+    for text, target, values, limit, spec in (
+        ("fast s/episode / floor s/episode, worst", "<= 3", floor, TARGETS["floor_ratio"], ".2f"),
+        ("memory per episode fast/naive, worst", "<= 25%", memory, TARGETS["memory_ratio"], ".1%"),
+        ("meta-gradient relative error fast vs naive (float64), worst", "< 1e-4", errors, None, ".2e"),
+    ):
+        if not values:
+            out.append(line(text, target, None, False))
+            continue
+        where, worst = max(values.items(), key=lambda kv: kv[1])
+        where = f"{where[0]} B={where[1]}" if isinstance(where, tuple) else where
+        passed = worst < TARGETS["rel_error"] if limit is None else worst <= limit
+        out.append(line(text, target, f"{worst:{spec}} ({where})", passed))
+    return out
 
 
 def main(argv=None) -> int:
@@ -210,12 +256,12 @@ def main(argv=None) -> int:
     print(f"# bench_meta: sizes 784-170-130-100-70-47, M=5 K={K} Q={Q} ({5 * K} online steps), fa, float32, "
           f"{args.data} data, device {args.device}, {args.threads} thread(s), "
           f"fast/floor: median of {args.repeats}")  # fmt: skip
-    print(f"# {'rule':<5} {'impl':<6} {'B':>3} {'episodes/s':>11} {'s/episode':>10} {'MB/episode':>11} "
-          f"{'fast/naive':>10} {'floor/fast':>10} {'mem f/n':>8}")  # fmt: skip
-    results = []
+    print(f"# {'rule':<5} {'impl':<6} {'B':>3} {'episodes/s':>11} {'s/episode':>10} {'RSS MB/ep':>10} "
+          f"{'GPU MB/ep':>10} {'fast/naive':>10} {'floor/fast':>10} {'mem f/n':>8}")  # fmt: skip
+    results, table, errors = [], {}, {}
     for rule in args.rules.split(","):
         for b in batches:
-            row = {}
+            row = table.setdefault((rule, b), {})
             for impl in ("naive", "fast", "floor"):
                 if impl not in impls:
                     continue
@@ -226,16 +272,16 @@ def main(argv=None) -> int:
                 if "error" in r:
                     print(f"  {rule:<5} {impl:<6} {b:>3} ERROR {r['error']}", flush=True)
                     continue
-                mem = r.get("cuda_mb_per_episode", r["mem_mb_per_episode"])
                 extra = ["-", "-", "-"]
                 if impl == "fast" and "eps_per_s" in row.get("naive", {}):
                     extra[0] = f"{r['eps_per_s'] / row['naive']['eps_per_s']:.1f}x"
-                    nm = row["naive"].get("cuda_mb_per_episode", row["naive"]["mem_mb_per_episode"])
-                    extra[2] = f"{mem / nm:.1%}" if nm > 0 else "-"
+                    extra[2] = f"{_mem(r) / _mem(row['naive']):.1%}" if _mem(row["naive"]) > 0 else "-"
                 if impl == "floor" and "eps_per_s" in row.get("fast", {}):
                     extra[1] = f"{r['eps_per_s'] / row['fast']['eps_per_s']:.2f}"
+                gpu = f"{r['cuda_mb_per_episode']:.1f}" if "cuda_mb_per_episode" in r else "-"
                 print(f"  {rule:<5} {impl:<6} {b:>3} {r['eps_per_s']:>11.3f} {1 / r['eps_per_s']:>10.3f} "
-                      f"{mem:>11.1f} {extra[0]:>10} {extra[1]:>10} {extra[2]:>8}", flush=True)  # fmt: skip
+                      f"{r['mem_mb_per_episode']:>10.1f} {gpu:>10} {extra[0]:>10} {extra[1]:>10} {extra[2]:>8}",
+                      flush=True)  # fmt: skip
     if not args.no_check:
         for rule in args.rules.split(","):
             cfg = dict(common, rule=rule, impl="check", B=args.check_B, repeats=1)
@@ -244,9 +290,11 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"  {rule:<5} check  ERROR {r['error']}")
                 continue
-            ok = r["rel_error"] < TARGETS["rel_error"]
+            errors[rule] = r["rel_error"]
             print(f"  {rule:<5} check  {args.check_B:>3} meta-gradient relative error fast vs naive (float64): "
-                  f"{r['rel_error']:.2e} {'OK' if ok else 'FAIL'} (< {TARGETS['rel_error']:g})")  # fmt: skip
+                  f"{r['rel_error']:.2e}")  # fmt: skip
+    print("# targets (issue 6); memory ratio: GPU allocator peak on CUDA, RSS otherwise")
+    print("\n".join(_verdicts(table, errors)), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)

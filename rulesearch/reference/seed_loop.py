@@ -17,6 +17,7 @@ paper's pool are evaluated by hand, any other term by the naive broadcasting eva
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,12 +79,18 @@ def _pool_term(index: int):
     return (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9)[index]
 
 
+@functools.cache
+def _pool_index(expr: sp.Expr) -> int | None:
+    """Index of the paper-pool term equal to ``expr``, or None (a symbolic check, cached: it costs more than an
+    episode and is no part of the seed code's algorithm)."""
+    return next((r for r, t in enumerate(PAPER_POOL.terms) if sp.simplify(expr - t.expr) == 0), None)
+
+
 def _term_functions(rule: Rule) -> list:
-    pool = [sp.simplify(t.expr) for t in PAPER_POOL.terms]
     fns = []
     for term in rule.terms:
         expr = term.expr
-        match = next((r for r, p in enumerate(pool) if sp.simplify(expr - p) == 0), None)
+        match = _pool_index(expr)
         if match is not None:
             fns.append(_pool_term(match))
             continue
