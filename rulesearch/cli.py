@@ -89,6 +89,24 @@ def discover(
         ),
     ] = None,  # fmt: skip
     feedback: Annotated[str | None, typer.Option(help="Error pathway: bp, fa (default), sign, dfa, plastic.")] = None,
+    feedback_rule: Annotated[
+        str | None,
+        typer.Option(
+            help="Under --feedback plastic: the rule updating the feedback matrices, kp (default; Kolen-Pollack "
+            "-e_i x_j and decay -B_ji), a named rule (f0, ...) or a rule JSON file."
+        ),
+    ] = None,
+    feedback_init: Annotated[
+        str | None,
+        typer.Option(help="Initial coefficients of the feedback rule, comma-separated (default: theta0, 0, ...)."),
+    ] = None,
+    meta_feedback: Annotated[
+        bool | None,
+        typer.Option(
+            "--meta-feedback/--fixed-feedback",
+            help="Meta-learn the feedback rule's coefficients too (default) or keep them at their initial values.",
+        ),
+    ] = None,
     rule: Annotated[
         str | None,
         typer.Option(
@@ -194,6 +212,9 @@ def discover(
             "task.Q": queries,
             "network.sizes": _ints(sizes, "--sizes"),
             "network.feedback": feedback,
+            "network.feedback_rule": feedback_rule,
+            "meta.feedback_init": _floats(feedback_init, "--feedback-init"),
+            "meta.meta_feedback": meta_feedback,
             "meta.episodes": episodes,
             "meta.meta_batch": meta_batch,
             "meta.runs": runs,

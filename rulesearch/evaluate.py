@@ -46,7 +46,9 @@ from .meta import (
     TaskConfig,
     _device,
     _pseudo_gradient_lr,
+    load_feedback_rule,
     load_rule,
+    resolve_feedback_rule,
     resolve_rule,
     threads,
 )
@@ -213,6 +215,7 @@ def evaluate(
     task: TaskConfig | None = None,
     config: EvalConfig | None = None,
     progress: bool = False,
+    feedback_rule: Rule | None = None,
 ) -> Evaluation:
     """Evaluate a trained rule object (and the f0 baselines) on fresh episodes.
 
@@ -226,6 +229,9 @@ def evaluate(
         Dataset and episodes (``M``, ``K``, ``Q``, split).
     config : EvalConfig
         Seeds, episodes, classes, baselines.
+    feedback_rule : Rule, optional
+        Under ``network.feedback = "plastic"``: the trained feedback rule (e.g. :func:`load_feedback_rule` of a
+        run); default: ``network.feedback_rule`` (see :func:`rule_params` for a rule without values).
 
     Returns
     -------
@@ -233,10 +239,10 @@ def evaluate(
     """
     cfg = config or EvalConfig()
     with threads(cfg.threads):
-        return _evaluate(rule, network or NetworkConfig(), task or TaskConfig(), cfg)
+        return _evaluate(rule, network or NetworkConfig(), task or TaskConfig(), cfg, feedback_rule)
 
 
-def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -> Evaluation:
+def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:
     import pandas as pd
 
     from .inner import f0 as f0_update
@@ -249,6 +255,13 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
     sampler = task.sampler(dataset, side)
     net = network.build(dataset.n_features, sampler.n_outputs)
     update, params = rule_params(rule, net.n_layers, cfg.theta0, dtype, device)
+    plastic = {}
+    if net.feedback == "plastic":
+        if feedback_rule is None:
+            spec = network.feedback_rule_json if network.feedback_rule_json is not None else network.feedback_rule
+            feedback_rule = resolve_feedback_rule(spec)
+        fb_update, fb_params = rule_params(feedback_rule, net.n_layers, cfg.theta0, dtype, device)
+        plastic = {"feedback_update": fb_update, "feedback_params": fb_params}
     lr = cfg.baseline_lr
     if lr is None:
         lr = _pseudo_gradient_lr(rule) if not isinstance(rule, NeuralRule) else None
@@ -257,17 +270,17 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
             lr = float(-rule.params["skip"][idx[0]]) if idx else None
         if lr is None or not lr > 0:
             lr = cfg.theta0
-    methods = [(f"rule ({net.feedback})", net, update, params)]
+    methods = [(f"rule ({net.feedback})", net, update, params, plastic)]
     if cfg.baselines:
         for mode in ("fa", "bp"):
             methods.append(
-                (f"f0 ({mode})", dataclasses.replace(net, feedback=mode), f0_update, torch.tensor(lr, dtype=dtype))
+                (f"f0 ({mode})", dataclasses.replace(net, feedback=mode), f0_update, torch.tensor(lr, dtype=dtype), {})
             )
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     E = cfg.episodes
     per_chunk = max(1, cfg.chunk // E)
     rows = []
-    for name, mnet, upd, prm in methods:
+    for name, mnet, upd, prm, extra in methods:
         prm = {k: v.to(device) for k, v in prm.items()} if isinstance(prm, dict) else prm
         if torch.is_tensor(prm):
             prm = prm.to(device)
@@ -286,7 +299,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
             weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
             feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
             with torch.no_grad():
-                res = run_episodes(mnet, batch, upd, prm, weights, feedback, raise_on_divergence=False)
+                res = run_episodes(mnet, batch, upd, prm, weights, feedback, raise_on_divergence=False, **extra)
             acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu()
             loss = res.loss.double().cpu()
             ang = res.angles.double().cpu()
@@ -307,7 +320,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
                 rows.append(row)
     per_seed = pd.DataFrame(rows)
     table_rows = []
-    for name, mnet, _, _ in methods:
+    for name, mnet, *_ in methods:
         d = per_seed[per_seed["method"] == name]
         acc, acc_lo, acc_hi = bootstrap_ci(d["accuracy"].to_numpy(), cfg.resamples, cfg.ci, nan_policy="omit")
         loss, loss_lo, loss_hi = bootstrap_ci(d["loss"].to_numpy(), cfg.resamples, cfg.ci, nan_policy="omit")
@@ -337,6 +350,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -
         "episodes": E,
         "ci": cfg.ci,
         "baseline_lr": lr,
+        "feedback_rule": feedback_rule.name if feedback_rule is not None else None,
         "network": network.to_dict(),
         "task": task.to_dict(),
         "evaluate": cfg.to_dict(),
@@ -358,7 +372,8 @@ def evaluate_spec(
 
     The network and task default to the run's own (a run directory) or to :class:`NetworkConfig` /
     :class:`TaskConfig`; ``network`` and ``task`` override single keys (e.g. ``{"feedback": "bp"}``,
-    ``{"dataset": "emnist"}``). ``run`` picks one run of a multi-run result. Results are saved in ``out``
+    ``{"dataset": "emnist"}``). ``run`` picks one run of a multi-run result. A rule trained under plastic feedback
+    brings its trained feedback rule (``feedback_rule`` of ``rule.json``). Results are saved in ``out``
     (default: ``<run>/evaluation`` for a run directory, else nothing is written).
     """
     path = Path(spec)
@@ -368,14 +383,16 @@ def evaluate_spec(
         cfg = DiscoverConfig.from_dict(rd.config())
         base_net, base_task = cfg.network, cfg.task
         rule = load_rule(path, run=run)
+        feedback_rule = load_feedback_rule(path, run=run)
         default_out = path / "evaluation"
         if cfg.meta.device != "cpu" and config is None:
             config = EvalConfig(device=cfg.meta.device)
     elif path.is_file() or str(spec).endswith(".json"):
         rule = load_rule(path, run=run)
+        feedback_rule = load_feedback_rule(path, run=run)
         default_out = None
     else:
-        rule = resolve_rule(str(spec))
+        rule, feedback_rule = resolve_rule(str(spec)), None
         default_out = None
     network, task = dict(network or {}), dict(task or {})
     if "dataset" in task and task["dataset"] != base_task.dataset:  # another dataset: its own sizes and options
@@ -383,7 +400,9 @@ def evaluate_spec(
         task.setdefault("options", {})
     net_cfg = base_net.replace(**network)
     task_cfg = base_task.replace(**task)
-    ev = evaluate(rule, network=net_cfg, task=task_cfg, config=config)
+    if {"feedback_rule", "feedback_rule_json"} & set(network):  # an explicit feedback rule replaces the trained one
+        feedback_rule = None
+    ev = evaluate(rule, network=net_cfg, task=task_cfg, config=config, feedback_rule=feedback_rule)
     ev.info["source"] = str(spec)
     target = Path(out) if out is not None else default_out
     if target is not None:

@@ -38,13 +38,22 @@ summed or gathered across ranks, so every rank takes the same Adam step and the 
 single-process trajectory up to rounding. Only rank 0 writes the run directory, prints and shows progress; a
 resumed run continues from rank 0's checkpoint on every rank.
 
+Plastic feedback
+----------------
+Under ``network.feedback = "plastic"`` a second linear rule (``network.feedback_rule``, default ``kp``: Kolen-Pollack
+:math:`\Delta B_{ji} = -\theta^{fb}_0 e_i x_j - \theta^{fb}_1 B_{ji}`, in W's layout) updates the feedback matrices
+every step. Its coefficients ``fb_theta`` ``[S, R_fb]`` (shared by all layers; initial values ``meta.feedback_init``)
+are meta-learned with the forward rule's by default (``meta.meta_feedback``): a second parameter group with its own
+Adam moments, checkpointed, logged and exported (``feedback_rule`` in ``rule.json``). The L1 term and the proximal
+step act on the forward rule only: they select its terms, and would otherwise pull the feedback learning rate to 0.
+
 Run directory
 -------------
 With ``out=`` (or ``name=``) a :class:`~rulesearch.runs.RunDir` records the resolved config, a manifest,
 ``metrics.csv`` (one row per meta-step and run: ``step`` (1-based, the state after that step), ``run``,
 ``seed``, ``meta_loss``, ``query_loss``, ``l1``, ``meta_accuracy``, ``skipped``, ``diverged``, ``grad_norm``,
 ``angle.1..`` (alignment angles of the hidden layers), ``ew.1..`` (weight orthonormality E_W per layer),
-``theta.<term>`` (after the step), ``seconds``),
+``theta.<term>`` (after the step), ``fb_theta.<term>`` (plastic feedback), ``seconds``),
 checkpoints every ``checkpoint_every`` steps, and at the end ``rule.json``, ``rule.tex``, ``summary.md`` and
 ``figures/``; ``finished.json`` is written last. Resuming (``resume=True``) continues from the newest readable
 checkpoint and is bitwise identical to an uninterrupted run on the same device and thread count.
@@ -125,6 +134,8 @@ __all__ = [
     "discover",
     "resolve_rule",
     "load_rule",
+    "resolve_feedback_rule",
+    "load_feedback_rule",
     "rule_to_json",
     "rule_latex",
     "rule_markdown",
@@ -246,6 +257,14 @@ class NetworkConfig(Config):
     init: str = option("xavier", help="Initialization of weights and feedback.", choices=INITS)
     gain: float = option(1.0, help="Scale of the initial forward weights.")
     feedback_gain: float = option(1.0, help="Scale of the random feedback matrices.")
+    feedback_rule: str | None = option(
+        None,
+        help="Under feedback 'plastic': the rule that updates the feedback matrices (dB in W's layout), a named rule "
+        "(default kp: Kolen-Pollack, -e_i x_j and the decay -B_ji; or f0, pool, ...) or a rule JSON file.",
+    )
+    feedback_rule_json: dict[str, Any] | None = option(
+        None, help="The feedback rule as JSON, e.g. Rule.to_json() in Python (overrides 'feedback_rule')."
+    )
 
     def build(self, n_in: int, n_out: int) -> Network:
         """The :class:`Network` for a dataset with ``n_in`` inputs and ``n_out`` outputs."""
@@ -301,6 +320,16 @@ class MetaConfig(Config):
         None, help="Initial coefficients, one per term (overrides theta0); per-layer rules repeat them per layer."
     )
     per_layer: bool = option(False, help="One coefficient vector per layer ([L, R]) instead of one shared ([R]).")
+    feedback_init: tuple[float, ...] | None = option(
+        None,
+        help="Initial coefficients of the plastic feedback rule, one per term; default: theta0 for its -e_i x_j term "
+        "and 0 for the others.",
+    )
+    meta_feedback: bool = option(
+        True,
+        help="Under plastic feedback, meta-learn the feedback rule's coefficients too (a second parameter group, "
+        "without L1); false keeps them at their initial values.",
+    )
     dtype: str = option("float32", help="Floating-point type of the inner loop.", choices=("float32", "float64"))
     device: str = option("cpu", help="Torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     threads: int | None = option(
@@ -499,19 +528,7 @@ def load_rule(source, run: int | None = None):
     ``run`` picks the parameters of one run of a multi-run result (default: the mean for linear rules, the first
     run for neural rules).
     """
-    data = source
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            path = path / "rule.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise InvalidRuleError(f"Rule file {str(path)!r} does not exist.") from err
-        except json.JSONDecodeError as err:
-            raise InvalidRuleError(f"Rule file {str(path)!r} is not valid JSON: {err}.") from err
-    if not isinstance(data, Mapping):
-        raise InvalidRuleError(f"A rule file holds a JSON object; received {type(data).__name__}.")
+    data = _rule_data(source)
     fmt = data.get("format")
     if fmt == NEURAL_FORMAT:
         return NeuralRule.from_json(data, run=run if run is not None else (0 if data.get("runs") else None))
@@ -534,15 +551,100 @@ def load_rule(source, run: int | None = None):
     )
 
 
+def _rule_data(source) -> Mapping:
+    """The JSON object of a rule file, a run directory's ``rule.json``, or a dict."""
+    data = source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "rule.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise InvalidRuleError(f"Rule file {str(path)!r} does not exist.") from err
+        except json.JSONDecodeError as err:
+            raise InvalidRuleError(f"Rule file {str(path)!r} is not valid JSON: {err}.") from err
+    if not isinstance(data, Mapping):
+        raise InvalidRuleError(f"A rule file holds a JSON object; received {type(data).__name__}.")
+    return data
+
+
 def _run_values(runs, run):
     if not runs or not 0 <= run < len(runs):
         raise InvalidRuleError(f"The rule file holds {len(runs or [])} runs; run {run} does not exist.")
     return runs[run]
 
 
+def resolve_feedback_rule(spec=None) -> Rule:
+    """The linear rule that updates the feedback matrices under plastic feedback (``dfb`` in W's layout).
+
+    ``spec``: a :class:`Rule`, a rule JSON dict, a named feedback rule (``kp``, Kolen-Pollack, the default), a named
+    rule of :func:`resolve_rule` (``f0``, ...) or a rule JSON file. One coefficient vector serves all layers.
+    """
+    from .pools import FEEDBACK_RULES, NAMED_RULES
+
+    spec = "kp" if spec is None else spec
+    if isinstance(spec, str) and spec in FEEDBACK_RULES:
+        return FEEDBACK_RULES[spec]
+    if isinstance(spec, Mapping):
+        rule = load_rule(spec)
+    elif isinstance(spec, str) and not (spec in NAMED_RULES or _is_rule_file(spec)):
+        names = ", ".join([*FEEDBACK_RULES, *NAMED_RULES])
+        raise ConfigError(
+            f"Config key 'network.feedback_rule': received {spec!r}, expected one of {names} or a rule JSON file."
+        )
+    else:
+        rule = resolve_rule(spec)
+    if not isinstance(rule, Rule):
+        raise ConfigError(
+            f"The feedback rule must be a linear Rule (one coefficient vector shared by all layers); received a "
+            f"{type(rule).__name__}. Use a named rule such as 'kp' or a rule JSON file of format {RULE_FORMAT!r}."
+        )
+    return rule
+
+
+def load_feedback_rule(source, run: int | None = None) -> Rule | None:
+    """The plastic feedback rule trained with a rule (``feedback_rule`` of a ``rule.json``), or None if it has none.
+
+    ``source`` as for :func:`load_rule`; ``run`` picks one run's coefficients (default: the mean over runs).
+    """
+    data = _rule_data(source).get("feedback_rule")
+    if data is None:
+        return None
+    rule = Rule.from_json(data)
+    return rule if run is None else rule.with_values(_run_values(data.get("runs"), run))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Learners: how a rule's parameters are laid out, expanded per episode, penalized and logged
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _initial_values(rule: Rule, init, theta0: float, key: str, init_term: str | None = None) -> list[float]:
+    """Initial coefficients of a linear rule: ``init`` (config key ``key``; one per term), else ``theta0`` for
+    ``init_term`` or the pseudo-gradient term ``-e_i x_j`` (the first term if there is none) and 0 for the others."""
+    if init is not None:
+        if len(init) != rule.n_terms:
+            raise ConfigError(
+                f"Config key {key!r} has {len(init)} values but rule {rule.name!r} has {rule.n_terms} terms "
+                f"{list(rule.term_names())}; give one value per term."
+            )
+        return [float(v) for v in init]
+    vec = [0.0] * rule.n_terms
+    found = _pseudo_gradient_term(rule)
+    if init_term is not None:
+        if init_term not in rule.term_names():
+            raise ConfigError(
+                f"Config key 'meta.init_term': received {init_term!r}, expected one of the terms "
+                f"{list(rule.term_names())}."
+            )
+        vec[rule.term_names().index(init_term)] = theta0
+    elif found is not None:  # start as the pseudo-gradient rule -theta0 e_i x_j
+        r, c = found
+        vec[r] = theta0 / c
+    else:
+        vec[0] = theta0
+    return vec
 
 
 class _Linear:
@@ -571,29 +673,7 @@ class _Linear:
         self.meta = meta
 
     def _init_vector(self, rule: Rule) -> list[float]:
-        init = self.meta.init
-        if init is not None:
-            if len(init) != rule.n_terms:
-                raise ConfigError(
-                    f"Config key 'meta.init' has {len(init)} values but rule {rule.name!r} has {rule.n_terms} terms "
-                    f"{list(rule.term_names())}; give one value per term."
-                )
-            return [float(v) for v in init]
-        vec = [0.0] * rule.n_terms
-        found = _pseudo_gradient_term(rule)
-        if self.meta.init_term is not None:
-            if self.meta.init_term not in rule.term_names():
-                raise ConfigError(
-                    f"Config key 'meta.init_term': received {self.meta.init_term!r}, expected one of the terms "
-                    f"{list(rule.term_names())}."
-                )
-            vec[rule.term_names().index(self.meta.init_term)] = self.meta.theta0
-        elif found is not None:  # start as the pseudo-gradient rule -theta0 e_i x_j
-            r, c = found
-            vec[r] = self.meta.theta0 / c
-        else:
-            vec[0] = self.meta.theta0
-        return vec
+        return _initial_values(rule, self.meta.init, self.meta.theta0, "meta.init", self.meta.init_term)
 
     def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
         S = len(seeds)
@@ -698,6 +778,77 @@ class _Neural:
         return self.rule.with_params({k: v[0 if s is None else s] for k, v in params.items()})
 
 
+_FB = "fb_theta"  # the parameter group of the plastic feedback rule
+
+
+class _WithFeedback:
+    r"""A learner plus the plastic feedback rule :math:`\Delta B = \sum_r \theta^{fb}_r T^r` (``dfb`` in W's
+    layout), whose coefficients ``fb_theta`` ``[S, R_fb]`` are shared by all layers.
+
+    With ``meta.meta_feedback`` they are a second parameter group (Adam, checkpoints, ``fb_theta.<term>`` columns),
+    else fixed at their initial values. L1 applies to the forward rule's parameters only.
+    """
+
+    def __init__(self, base, rule: Rule, meta: MetaConfig):
+        from .compile import compile_rule
+
+        self.base = base
+        self.feedback_rule = rule
+        self.feedback_update = compile_rule(rule)
+        self.learned = meta.meta_feedback
+        self.linear, self.names, self.kind = base.linear, base.names, getattr(base, "kind", None)
+        vals = _initial_values(rule, meta.feedback_init, meta.theta0, "meta.feedback_init")
+        self.fb_init = torch.tensor(vals, dtype=torch.float64)
+
+    @staticmethod
+    def _forward(params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in params.items() if k != _FB}
+
+    def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
+        out = self.base.init(seeds, dtype, device)
+        if self.learned:
+            out[_FB] = self.fb_init.expand(len(seeds), -1).clone().to(dtype=dtype, device=device)
+        return out
+
+    def update(self, net: Network):
+        return self.base.update(net)
+
+    def layer_params(self, expanded: dict[str, Tensor]):
+        return self.base.layer_params(self._forward(expanded))
+
+    def feedback_params(self, expanded: dict[str, Tensor]) -> Tensor:
+        """``(rows, R_fb)`` learned coefficients, or the fixed ``(R_fb,)`` initial ones."""
+        if _FB in expanded:
+            return expanded[_FB]
+        ref = next(iter(expanded.values()))
+        return self.fb_init.to(dtype=ref.dtype, device=ref.device)
+
+    def l1(self, params: dict[str, Tensor]):
+        return self.base.l1(self._forward(params))
+
+    def prox(self, p: Tensor, amount: float) -> Tensor:
+        return self.base.prox(p, amount)
+
+    def feedback_values(self, params: dict[str, Tensor], s: int | None = None) -> Tensor:
+        """The feedback coefficients of run ``s`` (None: the mean over runs), float64 on the CPU."""
+        if _FB not in params:
+            return self.fb_init.clone()
+        p = params[_FB].detach().cpu().double()
+        return p.mean(0) if s is None else p[s]
+
+    def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
+        out = self.base.columns(self._forward(params), s)
+        names = self.feedback_rule.term_names()
+        out.update({f"fb_theta.{t}": float(v) for t, v in zip(names, self.feedback_values(params, s))})
+        return out
+
+    def trained(self, params: dict[str, Tensor], s: int | None = None):
+        return self.base.trained(self._forward(params), s)
+
+    def trained_feedback(self, params: dict[str, Tensor], s: int | None = None) -> Rule:
+        return self.feedback_rule.with_values(self.feedback_values(params, s))
+
+
 def _learner(rule, n_layers: int, meta: MetaConfig):
     if isinstance(rule, NeuralRule):
         if meta.per_layer:
@@ -777,6 +928,9 @@ class _Problem:
         self.net = cfg.network.build(self.dataset.n_features, self.sampler.n_outputs)
         self.rule = rule
         self.learner = _learner(rule, self.net.n_layers, meta)
+        feedback_rule = self._feedback_rule()
+        if feedback_rule is not None:
+            self.learner = _WithFeedback(self.learner, feedback_rule, meta)
         self.update = self.learner.update(self.net)
         self._check_signals()
         self.dtype = meta.torch_dtype
@@ -790,8 +944,29 @@ class _Problem:
         if "fb" in needs and not self.net.has_fb:
             raise ConfigError(
                 f"The rule reads the feedback matrix 'fb', which feedback mode {self.net.feedback!r} does not have; "
-                f"use network.feedback 'fa', 'sign' or 'bp'."
+                f"use network.feedback 'fa', 'sign', 'plastic' or 'bp'."
             )
+
+    def _feedback_rule(self) -> Rule | None:
+        """The plastic feedback rule; None for other feedback modes (where setting one is an error)."""
+        net, meta = self.cfg.network, self.cfg.meta
+        spec = net.feedback_rule_json if net.feedback_rule_json is not None else net.feedback_rule
+        if self.net.feedback == "plastic":
+            return resolve_feedback_rule(spec)
+        given = [k for k, v in (("network.feedback_rule", spec), ("meta.feedback_init", meta.feedback_init)) if v]
+        if given:
+            raise ConfigError(
+                f"Config key(s) {', '.join(given)} set, but network.feedback is {self.net.feedback!r}: a feedback "
+                f"rule applies to network.feedback 'plastic' only. Set network.feedback to 'plastic' or drop them."
+            )
+        return None
+
+    def feedback_kwargs(self, expanded: dict[str, Tensor]) -> dict:
+        """``feedback_update`` and ``feedback_params`` of :func:`run_episodes` (none unless plastic)."""
+        if not isinstance(self.learner, _WithFeedback):
+            return {}
+        learner = self.learner
+        return {"feedback_update": learner.feedback_update, "feedback_params": learner.feedback_params(expanded)}
 
     def episodes(
         self,
@@ -906,7 +1081,7 @@ class _Trainer:
         with torch.no_grad():
             run_episodes(
                 p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False,
-                raise_on_divergence=False,
+                raise_on_divergence=False, **p.feedback_kwargs(expanded),
             )  # fmt: skip
 
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
@@ -937,6 +1112,7 @@ class _Trainer:
                 method=self.meta.method,
                 checkpoint_every=self.meta.segment,
                 raise_on_divergence=False,
+                **p.feedback_kwargs(expanded),
             )
         return res, leaves, rows
 
@@ -1052,7 +1228,7 @@ class _Trainer:
             bc2 = 1 - b2**tt
             denom = v.sqrt() / bc2.sqrt() + meta.eps
             p = st.params[k][idx] - (meta.lr / bc1) * m / denom
-            if self.p.learner.linear and meta.l1_mode == "proximal" and meta.l1 > 0:
+            if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
                 p = self.p.learner.prox(p, meta.lr * meta.l1)
             ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
             new[k] = (m, v, p)
@@ -1109,7 +1285,7 @@ def _as_config(value, cls, name: str):
     if isinstance(value, Mapping):  # validated as a section of DiscoverConfig, so errors name 'network.feedback'
         return getattr(DiscoverConfig.from_dict({name: dict(value)}), name)
     if cls is NetworkConfig and isinstance(value, Network):
-        return NetworkConfig(**{f.name: getattr(value, f.name) for f in dataclasses.fields(NetworkConfig)})
+        return NetworkConfig(**{f.name: getattr(value, f.name, f.default) for f in dataclasses.fields(NetworkConfig)})
     raise ConfigError(f"{name} must be a {cls.__name__} (or a dict of its keys); received {type(value).__name__}.")
 
 
@@ -1156,6 +1332,10 @@ class RuleSearch:
         The learned rule of every run.
     intervals_ : array, shape (R, 2) or (L, R, 2), or None
         95% bootstrap intervals of the coefficients across runs (linear rules, ``S > 1``).
+    feedback_rule_ : Rule or None
+        Under plastic feedback: the feedback rule with its mean learned (or fixed) coefficients over runs.
+    feedback_theta_ : Tensor, shape (S, R_fb), or None
+        Under plastic feedback: every run's feedback-rule coefficients.
     history_ : pandas.DataFrame
         One row per meta-step and run (the columns of ``metrics.csv``).
     summary_ : dict
@@ -1403,6 +1583,10 @@ class RuleSearch:
                     ]
         self.rule_ = learner.trained(params, None)
         self.rules_ = [learner.trained(params, s) for s in range(S)]
+        self.feedback_rule_ = self.feedback_theta_ = None
+        if isinstance(learner, _WithFeedback):
+            self.feedback_rule_ = learner.trained_feedback(params, None)
+            self.feedback_theta_ = torch.stack([learner.feedback_values(params, s) for s in range(S)])
         self.history_ = pd.DataFrame(rows)
         self.n_runs_ = S
         self.n_steps_ = state.t
@@ -1475,7 +1659,7 @@ class RuleSearch:
     def _write_outputs(self, run: RunDir):
         from .plots import plot_run
 
-        run.write_json("rule.json", rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_))
+        run.write_json("rule.json", self.to_json())
         try:
             tex = self.to_latex()
         except (TypeError, NotImplementedError) as err:  # a LaTeX printer gap must not cost the finished run
@@ -1533,22 +1717,28 @@ class RuleSearch:
     def to_latex(self, precision: int = 3) -> str:
         """The learned rule as LaTeX, with a booktabs coefficient table (mean and 95% interval across runs)."""
         self._check_fitted()
-        return rule_latex(self.rule_, self._intervals(), precision)
+        text = rule_latex(self.rule_, self._intervals(), precision)
+        return _with_feedback(text, self.feedback_rule_, "latex", precision)
 
     def to_markdown(self, precision: int = 4) -> str:
         """The coefficient table as Markdown (with 95% intervals across runs)."""
         self._check_fitted()
-        return rule_markdown(self.rule_, self._intervals(), precision)
+        text = rule_markdown(self.rule_, self._intervals(), precision)
+        return _with_feedback(text, self.feedback_rule_, "markdown", precision)
 
     def to_json(self) -> dict:
-        """The learned rule as JSON (with every run's values)."""
+        """The learned rule as JSON (with every run's values; the plastic feedback rule under ``feedback_rule``)."""
         self._check_fitted()
-        return rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_)
+        out = rule_to_json(self.rule_, runs=self._run_values(), intervals=self.intervals_)
+        if self.feedback_rule_ is not None:
+            out["feedback_rule"] = rule_to_json(self.feedback_rule_, runs=self.feedback_theta_)
+        return out
 
     def coefficient_table(self, precision: int = 4) -> str:
         """Plain-text table of the learned coefficients: term, locality, value, 95% interval across runs."""
         self._check_fitted()
-        return coefficient_table(self.rule_, self._intervals(), precision)
+        text = coefficient_table(self.rule_, self._intervals(), precision)
+        return _with_feedback(text, self.feedback_rule_, "table", precision)
 
     def formula(self, precision: int = 3) -> str:
         """The learned update as plain text, e.g. ``dW = -0.01*err*pre + ...``."""
@@ -1562,7 +1752,7 @@ class RuleSearch:
             expr = sp.sstr(r.sympy().evalf(precision))
             prefix = f"layers {', '.join(str(i + 1) for i in layers)}: " if layers else ""
             out.append(f"{prefix}dW_ij = {expr}")
-        return "\n".join(out)
+        return _with_feedback("\n".join(out), self.feedback_rule_, "formula", precision)
 
     def report(self, markdown: bool = False) -> str:
         """What ``rulesearch discover`` prints: the rule, its coefficients, first/last 10% meta-accuracy beside
@@ -1738,9 +1928,28 @@ def export_run(source, fmt: str = "latex", precision: int = 3) -> str:
         intervals = np.asarray(intervals, dtype=float)
     elif intervals is not None:
         intervals = [np.asarray(iv, dtype=float) for iv in intervals]
+    fb_rule = load_feedback_rule(data)
     if fmt == "latex":
-        return rule_latex(rule, intervals, precision)
-    return rule_markdown(rule, intervals, precision + 1)
+        return _with_feedback(rule_latex(rule, intervals, precision), fb_rule, "latex", precision)
+    return _with_feedback(rule_markdown(rule, intervals, precision + 1), fb_rule, "markdown", precision + 1)
+
+
+def _with_feedback(text: str, feedback_rule: Rule | None, fmt: str, precision: int) -> str:
+    """``text`` followed by the plastic feedback rule (``dB_ji``, W's layout) as ``latex``, ``markdown``, ``table``
+    or ``formula``; ``text`` itself without one."""
+    if feedback_rule is None:
+        return text
+    if fmt == "formula":
+        return f"{text}\nfeedback: dB_ji = {sp.sstr(feedback_rule.sympy().evalf(precision))}"
+    if fmt == "latex":
+        block = "% plastic feedback rule\n" + rule_latex(feedback_rule, None, precision).replace(
+            r"\Delta W_{ij}", r"\Delta B_{ji}", 1
+        )
+    elif fmt == "markdown":
+        block = "**feedback rule (plastic)**\n\n" + rule_markdown(feedback_rule, None, precision)
+    else:
+        block = "feedback rule (plastic)\n" + coefficient_table(feedback_rule, None, precision)
+    return f"{text}\n\n{block}"
 
 
 def _is_rule_file(spec: str) -> bool:

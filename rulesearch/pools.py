@@ -20,15 +20,19 @@ r     :math:`F^r_{ij}`                                        locality
 
 Expect :math:`\theta_2 < 0` (eHebb pulls W toward the feedback's transpose only then); signs are never
 constrained.
+
+Feedback rules update the feedback matrices under plastic feedback (``dfb`` in W's layout, :math:`B_{ji}`).
+``kp`` (Kolen-Pollack) is :math:`\Delta B_{ji} = -\theta_0 e_i x_j - \theta_1 B_{ji}`: with the forward rule's
+learning rate and decay, :math:`W - B` decays geometrically, so the feedback aligns with W.
 """
 
 from __future__ import annotations
 
 from .errors import InvalidRuleError
 from .rule import Pool, Rule, Term
-from .signals import bilinear, err, layer_sum, post, pre, pre_err, w, wT
+from .signals import bilinear, err, fb, layer_sum, post, pre, pre_err, w, wT
 
-__all__ = ["PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio", "NAMED_RULES", "named_rule"]
+__all__ = ["PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio", "NAMED_RULES", "named_rule", "kp", "FEEDBACK_RULES"]
 
 PAPER_POOL = Pool(
     (
@@ -55,6 +59,16 @@ f0, ehebb, oja, bio = (
 )
 
 NAMED_RULES = {"pool": pool, "f0": f0, "ehebb": ehebb, "oja": oja, "bio": bio}
+
+kp = Rule(
+    (
+        Term("KP0", -err * pre, "pseudo-gradient on the feedback -e x^T"),
+        Term("KP1", -fb, "feedback decay -B"),
+    ),
+    "kp",
+)
+FEEDBACK_RULES = {"kp": kp}
+"""Named feedback rules (plastic feedback); a named forward rule may serve as one too."""
 
 
 def named_rule(name: str) -> Rule:
