@@ -396,9 +396,11 @@ class CompiledRule:
     r"""A batched torch update :math:`\Delta W = \sum_r \theta_r T^r` compiled from a :class:`Rule`.
 
     Call as ``update(signals, params)``: ``signals`` maps names to tensors (post ``(B, n_post)``, pre
-    ``(B, n_pre)``, synapse ``(B, n_post, n_pre)``, global ``(B,)``); ``params`` is ``theta`` of shape ``(R,)`` or
-    ``(B, R)`` for a linear rule, or a dict of constants (shape ``()`` or ``(B,)``) for a general rule. Returns
-    ``dW`` of shape ``(B, n_post, n_pre)``.
+    ``(B, n_pre)``, synapse ``(B, n_post, n_pre)``, global ``(B,)``, or ``()`` for one value broadcast to every
+    episode); ``params`` is ``theta`` of shape ``(R,)`` or ``(B, R)`` for a linear rule, or a dict of constants
+    (tensors of shape ``()`` or ``(B,)``, or Python numbers) for a general rule. Every tensor has the dtype and
+    device of the signals (one floating-point dtype); nothing else is broadcast or converted, except Python numbers.
+    Returns ``dW`` of shape ``(B, n_post, n_pre)`` in that dtype.
 
     Attributes
     ----------
@@ -530,13 +532,27 @@ class CompiledRule:
         order = sorted(self._roles, key=lambda n: (self._roles[n] != "synapse", n))
         known: dict[str, tuple[int, str]] = {}  # dimension -> (size, name of the signal that fixed it)
         axes = {"global": ("B",), "post": ("B", "n_post"), "pre": ("B", "n_pre"), "synapse": ("B", "n_post", "n_pre")}
+        like, scalars = None, []  # the first signal fixes dtype and device; 0-d globals are broadcast to (B,)
         for n in order:
             role, t = self._roles[n], signals[n]
             if not isinstance(t, torch.Tensor):
                 raise ShapeError(f"Signal {n!r} must be a torch.Tensor, got {type(t).__name__}.")
+            if like is None:
+                if not t.is_floating_point():
+                    raise ShapeError(f"Signal {n!r} has dtype {t.dtype}; expected a floating-point dtype.")
+                like, like_name = t, n
+            elif t.dtype != like.dtype or t.device != like.device:
+                raise ShapeError(
+                    f"Signal {n!r} has dtype {t.dtype} on {t.device}; expected {like.dtype} on {like.device} like "
+                    f"{like_name!r}. Give every signal one floating-point dtype and device (e.g. .to(w))."
+                )
+            if role == "global" and t.dim() == 0:
+                scalars.append(n)
+                continue
             if t.dim() != _SHAPE_DIMS[role]:
                 raise ShapeError(
-                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}; expected {_SHAPE_NAMES[role]}."
+                    f"Signal {n!r} ({role}) has shape {tuple(t.shape)}; expected {_SHAPE_NAMES[role]}"
+                    + (" or () (one value for every episode)." if role == "global" else ".")
                 )
             bad = [(ax, size) for ax, size in zip(axes[role], t.shape) if ax in known and known[ax][0] != size]
             if bad:
@@ -549,7 +565,9 @@ class CompiledRule:
             for ax, size in zip(axes[role], t.shape):
                 known.setdefault(ax, (size, n))
         B, n_post, n_pre = (known[ax][0] if ax in known else None for ax in ("B", "n_post", "n_pre"))
-        return B, n_post, n_pre
+        if scalars:
+            signals = {**signals, **{n: signals[n].expand(B) for n in scalars}}
+        return B, n_post, n_pre, signals, like
 
     def _coefficients(self, params, vals, B, ref):
         if self._linear:
@@ -565,6 +583,7 @@ class CompiledRule:
                     f"theta has shape {tuple(theta.shape)}; expected ({self.n_params},) or ({B}, {self.n_params}) "
                     f"for rule {self.rule.name!r} with terms {list(self.rule.term_names())}."
                 )
+            _check_like(theta, "theta", ref)
             _check_finite(theta, "theta")
             P = theta.index_select(-1, self._r_idx.to(theta.device)) * self._c.to(theta)
         else:
@@ -577,11 +596,10 @@ class CompiledRule:
         return P @ self._A.to(P)
 
     def __call__(self, signals: Mapping, params) -> torch.Tensor:
-        B, n_post, n_pre = self._check(signals)
+        B, n_post, n_pre, signals, ref = self._check(signals)
         if not self._linear:
-            params = _general_params(params, self._const_names, self.rule.name)
+            params = _general_params(params, self._const_names, self.rule.name, B, ref)
         vals = self._comp.run({"signals": signals, "params": params})
-        ref = _reference_tensor(signals)
         C = self._coefficients(params, vals, B, ref)  # [pairs] or [B, pairs]
         full = (B, n_post, n_pre)
         # dW is accumulated in place once it is a full-size tensor created in this call (``owned``): at most one
@@ -636,7 +654,7 @@ def _role_shape(role, signals):
         from .signals import BASE_SIGNALS
 
         sig = BASE_SIGNALS.get(n)
-        if sig is None or not isinstance(t, torch.Tensor):
+        if sig is None or not isinstance(t, torch.Tensor) or t.dim() == 0:  # a 0-d global gives no size
             continue
         dims["B"] = t.shape[0]
         if sig.role == "post":
@@ -666,7 +684,17 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _general_params(params, names, rule_name):
+def _check_like(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype or t.device != like.device:
+        raise ShapeError(
+            f"{name} has dtype {t.dtype} on {t.device}; expected the signals' {like.dtype} on {like.device}. "
+            f"Create it with dtype= and device= of the signals, or convert it with .to(signal)."
+        )
+
+
+def _general_params(params, names, rule_name, B: int, like: torch.Tensor) -> dict:
+    """The constants of a general rule as tensors of shape ``()`` or ``(B,)`` with the dtype and device of ``like``;
+    Python numbers are converted."""
     if not isinstance(params, Mapping):
         raise ShapeError(
             f"General rule {rule_name!r} takes a dict of constants {list(names)}, got {type(params).__name__}."
@@ -677,7 +705,14 @@ def _general_params(params, names, rule_name):
     out = {}
     for n in names:
         v = params[n]
-        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(float(v), dtype=torch.get_default_dtype())
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(float(v), dtype=like.dtype, device=like.device)
+        elif v.shape not in ((), (B,)):
+            raise ShapeError(
+                f"Constant {n!r} of general rule {rule_name!r} has shape {tuple(v.shape)}; expected () (shared) or "
+                f"({B},) (one value per episode, B={B})."
+            )
+        _check_like(v, f"constant {n!r}", like)
         _check_finite(v, f"constant {n!r}")
         out[n] = v
     return out
@@ -705,7 +740,11 @@ def compile_rule(rule: Rule, functions: Mapping[str, Callable] | None = None) ->
 
 
 class RuleModule(torch.nn.Module):
-    """A rule as a ``torch.nn.Module``: coefficients are Parameters; ``sympy()`` returns trained values."""
+    """A rule as a ``torch.nn.Module``: coefficients are Parameters; ``sympy()`` returns trained values.
+
+    The Parameters are created in the default dtype on the CPU; convert the module to the signals' dtype and device
+    (``.double()``, ``.to(device)``) before calling it.
+    """
 
     def __init__(self, rule: Rule, values=None):
         super().__init__()

@@ -970,13 +970,13 @@ def _fast_layers(net, plan, observe, modulator, fbs):
     return lows, ""
 
 
-def _fast_params(low, params, b):
+def _fast_params(low, params, b, like):
     """Validate a layer's parameters once per run (the fast path skips the per-call checks)."""
-    from .compile import _check_finite, _general_params
+    from .compile import _check_finite, _check_like, _general_params
 
     rule = low.rule
     if not rule._linear:
-        return _general_params(params, rule._const_names, rule.rule.name)
+        return _general_params(params, rule._const_names, rule.rule.name, b, like)
     r = rule.n_params
     if not torch.is_tensor(params) or params.shape[-1:] != (r,) or params.dim() > 2 or (
         params.dim() == 2 and params.shape[0] != b
@@ -986,6 +986,7 @@ def _fast_params(low, params, b):
             f"theta has shape {shape}; expected ({r},) or ({b}, {r}) for rule {rule.rule.name!r} with terms "
             f"{list(rule.rule.term_names())}."
         )
+    _check_like(params, "theta", like)
     _check_finite(params, "theta")
     return params
 
@@ -1241,7 +1242,7 @@ def run_episodes(
             net, plan, lows, x_train, target_train, labels_train, fbs, reward, tracker,
             checkpoint_every or _SNAPSHOT_EVERY,
         )  # fmt: skip
-        run.set_params([_fast_params(low, p, b) for low, p in zip(lows, plan.params)])
+        run.set_params([_fast_params(low, p, b, x_train) for low, p in zip(lows, plan.params)])
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*run.param_tensors, *ws])
         if needs_grad:
             ws = list(_Adjoint.apply(run, len(run.param_tensors), *run.param_tensors, *ws))

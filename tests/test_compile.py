@@ -5,6 +5,8 @@ Numerics in float64 on seeded ``torch.Generator`` inputs; every output shape is 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -402,6 +404,74 @@ def test_non_finite_theta_is_a_clear_error(bad, batched, gen):
         compile_rule(oja)(sig, theta)
 
 
+SCALAR_MOD = Rule([Term("m", mod * err * pre), Term("g", mod**2), Term("s", mod * w)])  # factor, scale, synapse
+
+
+def test_scalar_global_is_broadcast_to_every_episode(gen):
+    B = 3
+    update = compile_rule(SCALAR_MOD)
+    sig = make_signals(gen, B, 2, 4)
+    theta = torch.randn(3, generator=gen, dtype=F64)
+    m0 = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    dW = update({**sig, "mod": m0}, theta)
+    assert dW.shape == (B, 2, 4)
+    ref = naive_update(SCALAR_MOD, {**sig, "mod": m0.expand(B)}, theta)
+    torch.testing.assert_close(dW, ref, rtol=1e-12, atol=1e-13)
+    (g,) = torch.autograd.grad(dW.sum(), m0)
+    (g_ref,) = torch.autograd.grad(ref.sum(), m0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-13)
+    (spec,) = compile_rule(Rule([Term("rb", reward_baseline() * pre)])).states  # B from the other signals
+    scalar = {**sig, "reward": torch.tensor(0.5, dtype=F64)}
+    assert spec.init(scalar).shape == (B,)
+    torch.testing.assert_close(spec.step(spec.init(scalar), scalar), torch.full((B,), 0.05, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "name, shape, match",
+    [
+        ("mod", (1,), r"'mod' \(global\) has shape \(1,\); expected \(B,\) = \(3,\) \(B=3 from signal 'w'\)"),
+        ("mod", (3, 1), r"'mod' \(global\) has shape \(3, 1\); expected \(B,\) or \(\) \(one value"),
+        ("err", (), r"'err' \(post\) has shape \(\); expected \(B, n_post\)\.$"),
+    ],
+    ids=["global-(1,)", "global-2d", "post-0d"],
+)
+def test_other_global_shapes_and_0d_non_globals_are_refused(name, shape, match, gen):
+    update = compile_rule(SCALAR_MOD)
+    sig = make_signals(gen, 3, 2, 4, names=update.needs)
+    sig[name] = torch.ones(shape, dtype=F64)
+    with pytest.raises(ShapeError, match=match):
+        update(sig, torch.ones(3, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "sig_dtype, theta",
+    [
+        (torch.float32, torch.ones(2, dtype=F64)),
+        (F64, torch.ones(2, dtype=torch.float32)),
+        (F64, torch.ones(2, 2, dtype=torch.long)),
+        (F64, torch.ones(2, dtype=F64, device="meta")),
+    ],
+    ids=["f64-theta-f32-signals", "f32-theta-f64-signals", "int-theta", "theta-on-another-device"],
+)
+def test_theta_dtype_and_device_must_match_the_signals(sig_dtype, theta, gen):
+    sig = make_signals(gen, 2, 3, 4, dtype=sig_dtype, names=pool.compile().needs)
+    match = rf"theta has dtype {theta.dtype} on {theta.device}; expected the signals' {sig_dtype} on cpu\."
+    for rule in (oja, pool.select(["F0", "F5"])):  # plain outer products, and a global factor (index put)
+        with pytest.raises(ShapeError, match=match):
+            compile_rule(rule)(sig, theta)
+
+
+def test_signals_must_share_one_floating_dtype_and_device(gen):
+    sig = make_signals(gen, 2, 3, 4, names=oja.compile().needs)
+    theta = torch.ones(2, dtype=F64)
+    with pytest.raises(ShapeError, match="'pre' has dtype torch.float32 on cpu; expected torch.float64 on cpu like"):
+        compile_rule(oja)({**sig, "pre": sig["pre"].float()}, theta)
+    with pytest.raises(ShapeError, match="'post' has dtype torch.float64 on meta; expected torch.float64 on cpu"):
+        compile_rule(oja)({**sig, "post": sig["post"].to("meta")}, theta)
+    with pytest.raises(ShapeError, match="'w' has dtype torch.int64; expected a floating-point dtype"):
+        compile_rule(oja)({k: v.long() for k, v in sig.items()}, theta.long())
+
+
 def test_compile_rule_rejects_non_rules():
     with pytest.raises(InvalidRuleError, match="expects a Rule, got Term"):
         compile_rule(Term("t", pre))
@@ -450,6 +520,24 @@ def test_general_rule_errors(gen):
         update(sig, torch.ones(2, dtype=F64))
     with pytest.raises(InvalidRuleError, match="constant 'b' contains NaN or inf"):
         update(sig, {"a": 1.0, "b": float("nan")})
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 2), (4, 1)], ids=["(1,)", "(3,)", "(2,2)", "(B,1)"])
+def test_general_rule_constants_are_shared_or_per_episode_never_broadcast(shape, gen):
+    update = compile_rule(GENERAL)
+    sig = make_signals(gen, 4, 3, 2, names=update.needs)
+    match = rf"Constant 'a' of general rule 'gen' has shape {re.escape(str(shape))}; expected \(\) \(shared\) or \(4,\)"
+    with pytest.raises(ShapeError, match=match):
+        update(sig, {"a": torch.ones(shape, dtype=F64), "b": 1.0})
+
+
+def test_general_rule_constants_dtype_and_python_numbers(gen):
+    update = compile_rule(GENERAL)
+    sig32 = make_signals(gen, 2, 3, 4, dtype=torch.float32, names=update.needs)
+    assert update(sig32, {"a": 0.5, "b": -1}).dtype == torch.float32  # numbers take the signals' dtype
+    for bad in (torch.tensor(0.5, dtype=F64), torch.ones(2, dtype=torch.long)):
+        with pytest.raises(ShapeError, match=rf"constant 'b' has dtype {bad.dtype} on cpu; expected the signals' "):
+            update(sig32, {"a": 0.5, "b": bad})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -569,7 +657,7 @@ def test_meta_gradient_through_two_online_steps_matches_finite_differences(gen):
 
 
 def test_rule_module_parameters_receive_gradients_and_sympy_returns_trained_values(gen):
-    m = bio.torch([1e-3, -0.1, 0.2])
+    m = bio.torch([1e-3, -0.1, 0.2]).double()  # the signals' dtype: Parameters are made in the default dtype
     assert isinstance(m, RuleModule) and m.needs == compile_rule(bio).needs and m.states == ()
     (p,) = list(m.parameters())
     assert p is m.theta and p.shape == (3,)
@@ -585,7 +673,7 @@ def test_rule_module_parameters_receive_gradients_and_sympy_returns_trained_valu
 
 
 def test_general_rule_module(gen):
-    m = GENERAL.torch({"a": 0.5, "b": -1.0})
+    m = GENERAL.torch({"a": 0.5, "b": -1.0}).double()
     sig = make_signals(gen, 2, 3, 4, names=m.needs)
     m(sig).sum().backward()
     assert set(m.constants) == {"a", "b"}
