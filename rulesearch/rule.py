@@ -30,9 +30,8 @@ from .signals import (
     Constant,
     Contract,
     Signal,
-    err,
+    base_needs,
     expand_derived,
-    pre_err,
     role_of,
     signals_in,
     state_signals,
@@ -51,12 +50,15 @@ def locality_of(expr) -> str:
       where ``u`` contains an error (the forward weights carry an error backward);
     * ``layer-nonlocal``: any other operator (layer sums, bilinear forms, contractions of activities);
     * ``synapse-local``: only :math:`i`, :math:`j`, :math:`ij` and global signals.
+
+    Derived signals and states count by their definitions: :math:`(W^\top \bar e)_j` with :math:`\bar e` a trace of
+    the error is weight transport, and a state updated by an operator makes its users non-local.
     """
-    expr = sp.expand(expand_derived(expr))
-    ops = [a for a in sp.preorder_traversal(expr) if isinstance(a, OPERATORS)]
+    exprs = [expr, *(e for s in state_signals(expr) for e in (s.definition.update, s.definition.init))]
+    ops = [a for e in exprs for a in sp.preorder_traversal(sp.expand(expand_derived(e))) if isinstance(a, OPERATORS)]
     for op in ops:
         if isinstance(op, Contract) and op.args[0] == w and role_of(op.args[1]) == "post":
-            if signals_in(op.args[1]) & {err, pre_err}:
+            if base_needs(op.args[1]) & {"err", "pre_err"}:
                 return "weight-transport"
     return "layer-nonlocal" if ops else "synapse-local"
 

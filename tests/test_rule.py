@@ -22,6 +22,7 @@ from rulesearch.signals import (
     pre,
     pre_err,
     sanger,
+    state,
     trace,
     w,
     wT,
@@ -51,12 +52,23 @@ def test_term_holds_a_checked_expression():
         ("t", Constant("a") * pre, "free constants"),
         ("t", Signal("dopamine", "global") * pre, "'dopamine' .* no definition"),
         ("t", Signal("pre", "post") * post, "'pre' \\(post\\) has no definition"),
+        ("x", sp.Float("1e400") * err * pre, r"term 'x': Non-finite number 1\.000E\+400 in a rule: .*float64"),
     ],
-    ids=["empty", "int-name", "string", "none", "relation", "symbol", "ill-typed", "constant", "undefined", "shadow"],
-)
+    ids=[
+        "empty", "int-name", "string", "none", "relation", "symbol", "ill-typed", "constant", "undefined", "shadow",
+        "huge-float",
+    ],
+)  # fmt: skip
 def test_term_rejects(name, expr, match):
     with pytest.raises(InvalidRuleError, match=match):
         Term(name, expr)
+
+
+def test_numbers_beyond_float64_are_refused_in_general_rules_and_derived_signals():
+    with pytest.raises(InvalidRuleError, match="rule 'g': Non-finite number 1.000E"):
+        Rule.general(Constant("a") * err * pre + sp.Float("1e400") * post, ["a"], name="g")
+    with pytest.raises(InvalidRuleError, match="Non-finite number -1.000E"):
+        derived("big", sp.Float("-1e400") * err)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,9 +212,19 @@ def test_paper_pool_locality(r):
         (sanger(), "layer-nonlocal"),
         (sp.tanh(w) * err * pre + mod, "synapse-local"),
         (trace(pre, 4) * post, "synapse-local"),
+        (wT(trace(err)) * pre, "weight-transport"),  # the error reaches W^T through a state
+        (wT(trace(derived("ey", err * post))) * pre, "weight-transport"),
+        (wT(trace(post)) * pre, "layer-nonlocal"),
+        (state("carried", lambda s: s / 2 + wT(err) / 2) * post, "weight-transport"),  # W^T e inside a state
+        (state("nonlocal", lambda s: s / 2 + wT(post) / 2) * post, "layer-nonlocal"),
+        (state("chain", lambda s: s / 2 + state("inner", lambda q: q / 2 + wT(err) / 2)) * post, "weight-transport"),
     ],
-    ids=["post*wT(err)", "mixed", "inside-sum", "derived", "fb", "activity", "forward", "sanger", "local", "trace"],
-)
+    ids=[
+        "post*wT(err)", "mixed", "inside-sum", "derived", "fb", "activity", "forward", "sanger", "local", "trace",
+        "wT(trace(err))", "wT(trace(derived))", "wT(trace(post))", "state-of-wT(err)", "state-of-wT(post)",
+        "state-of-state",
+    ],
+)  # fmt: skip
 def test_locality_classes(expr, cls):
     assert locality_of(expr) == cls and cls in LOCALITY_CLASSES
     assert Rule([Term("t", expr)]).locality() == (cls,)
