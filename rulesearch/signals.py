@@ -46,6 +46,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -247,13 +248,25 @@ def _require_matrix(M, expr) -> None:
         )
 
 
+def _check_number(x) -> None:
+    """Raise ``InvalidRuleError`` unless the SymPy number ``x`` is finite as a float64 (what the compiler uses)."""
+    try:
+        ok = bool(x.is_finite) and math.isfinite(float(x))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise InvalidRuleError(
+            f"Non-finite number {sp.N(x, 4) if x.is_finite else x} in a rule: expected a number finite as a float64 "
+            f"(|x| < 1.8e308), since rules are evaluated in floating point. Use finite constants; rescale the term."
+        )
+
+
 def role_of(expr) -> str:
     """Infer the role of a SymPy expression over signals; raise ``InvalidRuleError`` naming what is ill-typed."""
     if isinstance(expr, Signal):
         return expr.role
     if isinstance(expr, (sp.Number, sp.NumberSymbol)):
-        if not expr.is_finite:
-            raise InvalidRuleError(f"Non-finite number {expr} in a rule; use finite constants.")
+        _check_number(expr)
         return "global"
     if isinstance(expr, OPERATORS):
         return _operator_role(expr)

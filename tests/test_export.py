@@ -316,6 +316,8 @@ HOSTILE = {
     "Float number not string": _mutate(_EXPR, {"type": "Float", "value": 0.5}),
     "Float malformed": _mutate(_EXPR, {"type": "Float", "value": "1e5e5"}),
     "Float huge precision": _mutate(_EXPR, {"type": "Float", "value": "1.0", "precision": 10**9}),
+    "Float beyond float64": _mutate(_EXPR, {"type": "Float", "value": "1e400"}),
+    "Integer beyond float64": _mutate(_EXPR, {"type": "Integer", "value": 10**400}),
     "Integer as string": _mutate(_EXPR, {"type": "Integer", "value": "1"}),
     "Integer as bool": _mutate(_EXPR, {"type": "Integer", "value": True}),
     "Rational as string": _mutate(_EXPR, {"type": "Rational", "p": 1, "q": "2"}),
@@ -403,3 +405,6 @@ def test_hostile_error_messages_say_what_was_wrong():
         Rule.from_json(HOSTILE["unknown signal"])
     with pytest.raises(InvalidRuleError, match="Expected an integer, got '1'"):
         Rule.from_json(HOSTILE["Integer as string"])
+    for key in ("Float beyond float64", "Integer beyond float64"):
+        with pytest.raises(InvalidRuleError, match=r"term 'F0': Non-finite number 1\.000E\+400 in a rule"):
+            Rule.from_json(HOSTILE[key])
