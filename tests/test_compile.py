@@ -220,6 +220,15 @@ def test_compile_paths(rule, paths):
     assert compile_rule(rule).paths == frozenset(paths)
 
 
+def test_pool_compiles_to_one_fused_outer_product_group_and_one_weight_decay_group():
+    """The structure the benchmark's speed and memory rest on: ten terms, six shared (u, v) columns in ONE batched
+    product, and F3 = -W as a scale of the weights (no vectors)."""
+    update = compile_rule(pool)
+    (outer, decay) = update._groups  # (synapse factor, columns, post vectors, pre vectors, constant scales)
+    assert outer[0] is None and len(outer[1]) == len(outer[2]) == len(outer[3]) == 6 and outer[4] is None
+    assert update._comp.role(decay[0]) == "synapse" and len(decay[1]) == 1 and decay[4] is not None
+
+
 NEEDS = [
     ("f0", f0, {"err", "pre"}),
     ("ehebb", ehebb, {"err", "pre", "pre_err"}),
