@@ -1672,7 +1672,7 @@ class RuleSearch:
     def _run_values(self):
         learner = self._problem.learner if hasattr(self, "_problem") else None
         if isinstance(self.rule_, NeuralRule):
-            return [{k: v[s] for k, v in self.params_.items()} for s in range(self.n_runs_)]
+            return [{k: v[s] for k, v in self.params_.items() if k != _FB} for s in range(self.n_runs_)]
         if learner is not None and learner.kind == "groups":
             return [[self.params_[k][s] for k in learner.names] for s in range(self.n_runs_)]
         return self.params_["theta"]

@@ -79,6 +79,16 @@ def test_fixed_feedback_rule_and_default_init():
     assert set(s.history_["fb_theta.KP0"]) == {0.05}
 
 
+def test_neural_and_per_layer_rules_with_a_plastic_feedback_rule():
+    neural = search("neural", meta=tiny_meta(episodes=1, runs=1), neural={"checkpoint": False}).fit()
+    assert "fb_theta" in neural.params_ and neural.feedback_theta_.shape == (1, 2)
+    data = neural.to_json()
+    assert set(load_rule(data, run=0).params) == set(neural.rule_.params)  # fb_theta is not a neural parameter
+    assert load_feedback_rule(data).values == neural.feedback_rule_.values
+    per_layer = search("bio", meta=tiny_meta(episodes=1, per_layer=True)).fit()
+    assert per_layer.theta_.shape == (2, 2, 3) and torch.isfinite(per_layer.feedback_theta_).all()
+
+
 def test_resume_and_run_directory(tmp_path, no_figures):
     ref = search(meta=tiny_meta(episodes=4, checkpoint_every=2)).fit()
 
