@@ -1760,7 +1760,8 @@ class RuleSearch:
         self._check_fitted()
         s = self.summary_
         runs = f"mean of {self.n_runs_} runs" if self.n_runs_ > 1 else "1 run"
-        lines = [f"Discovered rule ({runs}, {self.n_steps_} meta-steps):", "  " + self.formula(), ""]
+        lines = [f"Discovered rule ({runs}, {self.n_steps_} meta-steps):"]
+        lines += ["  " + ln for ln in self.formula().split("\n")] + [""]
         table = self.coefficient_table()
         lines += ["  " + ln for ln in table.split("\n")] + [""]
         w = s.get("window", 0)
