@@ -5,6 +5,7 @@ small data.
 """
 
 import importlib.util
+import os
 import sys
 import time
 
@@ -21,6 +22,7 @@ from rulesearch.distill import (
     OperonBackend,
     PySRBackend,
     SparseBackend,
+    clean_formula,
     evaluate,
     expr_complexity,
     formula_to_rule,
@@ -108,15 +110,50 @@ def test_backend_recovers_planted_rule(name, np_rng):
     np.testing.assert_allclose(backend.predict(X), y, rtol=1e-6, atol=1e-9)
 
 
-def test_sparse_weighted_fit_uses_weights(np_rng):
-    # rows with weight 0 carry a different rule; the weighted fit must ignore them
-    X, y = _planted(np_rng, n=1200)
+def _weighted_planted(rng):
+    """The planted rule on 1600 rows of weight 1, and a different rule (3 pre) on 400 rows of weight 0."""
+    X, y = _planted(rng, n=2000)
     w_rows = np.ones(len(y))
     w_rows[:400] = 0.0
     y = y.copy()
     y[:400] = 3.0 * X[:400, 0]
-    backend = SparseBackend(library=_small_grammar()).fit(X, y, SIGNAL_FEATURES, w_rows)
-    assert _same_formula(backend.best_.expr, TRUTH)
+    return X, y, w_rows
+
+
+@pytest.mark.parametrize("name", ["sparse", "operon", "pysr"], ids=["sparse", "operon", "pysr"])
+def test_weighted_fit_uses_weights(name, np_rng):
+    X, y, w_rows = _weighted_planted(np_rng)
+    backend = _backend(name)
+    if name == "operon":  # Operon sees a weighted bootstrap (duplicated rows): its default, larger search
+        backend.set_params(population_size=500, generations=100)
+    backend.fit(X, y, SIGNAL_FEATURES, w_rows)
+    assert _same_formula(backend.best_.expr, TRUTH), backend.equations()
+
+
+def test_pysr_passes_weights_through(monkeypatch, np_rng):
+    # a stand-in pysr module: PySR sees the row weights, and the weighted cleaning drops what fits the weight-0 rows
+    seen = {}
+
+    class FakeRegressor:
+        def __init__(self, **params):
+            seen["params"] = params
+
+        def fit(self, X, y, weights=None, variable_names=None):
+            seen.update(X=X, weights=weights, names=variable_names)
+            self.equations_ = [None]
+
+        def sympy(self, index):
+            x0, x1, x2, x3 = sp.symbols("x0 x1 x2 x3")
+            return 0.69 * x2 * x0 - 0.21 * x1**2 * x3 + 0.5 * x0
+
+    monkeypatch.setattr(pysr_module, "pysr_status", lambda: (True, "stand-in"))
+    monkeypatch.setitem(sys.modules, "pysr", type(sys)("pysr"))
+    monkeypatch.setattr(sys.modules["pysr"], "PySRRegressor", FakeRegressor, raising=False)
+    X, y, w_rows = _weighted_planted(np_rng)
+    backend = PySRBackend().fit(X, y, SIGNAL_FEATURES, w_rows)
+    np.testing.assert_allclose(seen["weights"], w_rows / w_rows.mean())
+    assert seen["names"] == ["x0", "x1", "x2", "x3"] and seen["params"]["deterministic"]
+    assert _same_formula(backend.best_.expr, TRUTH, rtol=1e-9), backend.equations()
 
 
 def test_sparse_recovers_under_noise(np_rng):
@@ -137,6 +174,58 @@ def test_pysr_unavailable_error_is_clear_and_fast(monkeypatch, np_rng):
     assert "pysr" in msg and "Julia" in msg and "rulesearch[pysr]" in msg and "backend='sparse'" in msg
     assert had or "pysr" not in sys.modules  # availability is decided without importing pysr
     assert not PySRBackend.available()
+
+
+@pytest.fixture
+def bare_julia(tmp_path, monkeypatch):
+    """pysr findable and a Julia executable, but an empty juliapkg project and depot: ``import pysr`` would download."""
+    exe = tmp_path / "bin" / "julia"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "pysr" else real_find_spec(name, *a)
+    )
+    monkeypatch.delenv("PYTHON_JULIACALL_EXE", raising=False)
+    monkeypatch.setenv("PYTHON_JULIAPKG_EXE", str(exe))
+    monkeypatch.setenv("PYTHON_JULIAPKG_PROJECT", str(tmp_path / "julia_env"))
+    monkeypatch.setenv("JULIA_DEPOT_PATH", str(tmp_path / "depot"))
+    return tmp_path
+
+
+def test_pysr_without_prepared_julia_packages_is_refused(bare_julia, np_rng):
+    ok, reason = pysr_module.pysr_status()
+    assert not ok and "not prepared" in reason and str(bare_julia / "julia_env") in reason and "download" in reason
+    had = "pysr" in sys.modules
+    X, y = _planted(np_rng, n=50)
+    t0 = time.perf_counter()
+    with pytest.raises(BackendUnavailableError) as info:
+        PySRBackend().fit(X, y, SIGNAL_FEATURES)
+    assert time.perf_counter() - t0 < 1.0
+    msg = str(info.value)
+    assert 'python -c "import pysr"' in msg and "JULIA_DEPOT_PATH" in msg and "backend='sparse'" in msg
+    assert had or "pysr" not in sys.modules
+
+
+def test_pysr_prepared_state_is_detected(bare_julia):
+    project = bare_julia / "julia_env"
+    (project / "pyjuliapkg").mkdir(parents=True)
+    (project / "pyjuliapkg" / "meta.json").write_text("{}")
+    (project / "Manifest.toml").write_text('[[deps.SymbolicRegression]]\nuuid = "8254be44"\n')
+    ok, reason = pysr_module.pysr_status()
+    assert not ok and "packages/SymbolicRegression" in reason  # resolved, but the depot lacks the packages
+    (bare_julia / "depot" / "packages" / "SymbolicRegression").mkdir(parents=True)
+    assert pysr_module.pysr_status() == (True, "pysr, Julia and SymbolicRegression.jl found")
+
+
+def test_pysr_is_imported_offline(monkeypatch):
+    monkeypatch.delenv("PYTHON_JULIAPKG_OFFLINE", raising=False)
+    with pysr_module._offline_juliapkg():
+        assert os.environ["PYTHON_JULIAPKG_OFFLINE"] == "yes"
+    assert "PYTHON_JULIAPKG_OFFLINE" not in os.environ
+    monkeypatch.setenv("PYTHON_JULIAPKG_OFFLINE", "no")  # the user's choice stands
+    with pysr_module._offline_juliapkg():
+        assert os.environ["PYTHON_JULIAPKG_OFFLINE"] == "no"
 
 
 def test_operon_unavailable_error(monkeypatch, np_rng):
@@ -302,6 +391,39 @@ def test_information_criteria_and_floor():
     assert information_criterion(1.0, 2, 1000, kind="ebic", n_candidates=500) > information_criterion(1.0, 2, 1000)
     with pytest.raises(ConfigError):
         select_candidate([], 10)
+
+
+def test_sparse_candidates_come_from_all_three_paths(np_rng, monkeypatch):
+    added = {}
+
+    def spy(path):  # records the labels of the supports each path adds
+        orig = getattr(SparseBackend, path)
+
+        def wrapped(self, G, c, supports):
+            before = set(supports)
+            orig(self, G, c, supports)
+            added[path] = {supports[S] for S in supports if S not in before}
+
+        return wrapped
+
+    for path in ("_stlsq", "_lasso_path", "_backward"):
+        monkeypatch.setattr(SparseBackend, path, spy(path))
+    X, y = _planted(np_rng, n=400, noise=0.05)
+    backend = SparseBackend(library=_small_grammar()).fit(X, y, SIGNAL_FEATURES)
+    assert added == {"_stlsq": {"stlsq"}, "_lasso_path": {"lasso"}, "_backward": {"backward"}}
+    assert {c.source for c in backend.candidates_} <= {"stlsq", "lasso", "backward"}
+
+
+def test_clean_formula_refits_a_nonlinear_formula(np_rng):
+    # a GP-style tree: rough constants, a stray intercept and a negligible term
+    a, b, c = sp.symbols("a b c", real=True)
+    X = np_rng.normal(size=(500, 3))
+    y = 0.3 * np.tanh(1.7 * X[:, 0]) * X[:, 1]
+    raw = 0.31 * sp.tanh(1.65 * a) * b + 1e-4 + 1e-5 * c
+    expr, loss = clean_formula(raw, [a, b, c], X, y, np.ones(500))
+    assert expr.free_symbols == {a, b} and len(expr.atoms(sp.tanh)) == 1
+    np.testing.assert_allclose(sorted(float(f) for f in expr.atoms(sp.Float)), [0.3, 1.7], rtol=1e-6)
+    assert loss < 1e-12 * float(np.mean(y**2))
 
 
 def test_pareto_front_and_knee(np_rng):
@@ -526,20 +648,22 @@ def test_distill_run_writes_outputs(trained_run):
 
 
 def test_distill_command(trained_run):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from rulesearch.distill.cli import distill_command
+    from rulesearch.cli import app  # the installed `rulesearch` command
 
-    app = typer.Typer()
-    app.command("distill")(distill_command)
-    app.command("noop")(lambda: None)  # a second command keeps `distill` a subcommand
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert help_text.exit_code == 0, help_text.output
+    assert all(opt in help_text.output for opt in ("RUN", "--backend", "--grammar", "--layers", "--set"))
     path, _ = trained_run
     args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2", "--no-check"]
-    out = CliRunner().invoke(app, args)
+    out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert "dW_ij =" in out.output and (path / "distill" / "rule.tex").is_file()
-    bad = CliRunner().invoke(app, ["distill", str(path / "missing")])
+    assert "dW_ij =" in out.output and f"wrote {path / 'distill'}/" in out.output
+    for name in ("samples.parquet", "rule.json", "rule.tex", "front.csv", "summary.json", "report.md"):
+        assert (path / "distill" / name).is_file(), name
+    bad = runner.invoke(app, ["distill", str(path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 

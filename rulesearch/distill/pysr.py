@@ -1,13 +1,23 @@
 r"""PySR (``pip install 'rulesearch[pysr]'``), used only where a Julia executable exists.
 
 ``import pysr`` downloads Julia and the SymbolicRegression.jl registry on first use and fails (or hangs) without
-network access, so :func:`pysr_status` decides availability *without importing pysr*: the package must be findable
-(``importlib.util.find_spec``) and a Julia executable must exist (``PYTHON_JULIACALL_EXE``, ``PYTHON_JULIAPKG_EXE``,
-``julia`` on the ``PATH``, or the one juliapkg installs under ``sys.prefix``). Otherwise :meth:`PySRBackend.fit`
-raises :class:`~rulesearch.errors.BackendUnavailableError` at once, saying how to enable it.
+network access, so :func:`pysr_status` decides availability *without importing pysr* (reading a few paths, well
+under a millisecond):
 
-Offline machines need a pre-populated ``JULIA_DEPOT_PATH`` plus ``PYTHON_JULIAPKG_OFFLINE=yes`` and
-``PYTHON_JULIAPKG_EXE`` pointing to a Julia binary (PySR's Apptainer recipe builds such a depot).
+1. the package is findable (``importlib.util.find_spec``);
+2. a Julia executable exists (``PYTHON_JULIACALL_EXE``, ``PYTHON_JULIAPKG_EXE``, ``julia`` on the ``PATH``, or the
+   one juliapkg installs into its project);
+3. PySR's Julia packages are prepared: juliapkg's project (``PYTHON_JULIAPKG_PROJECT``, else ``julia_env`` in the
+   virtual or conda environment, else ``<depot>/environments/pyjuliapkg``) was resolved (``pyjuliapkg/meta.json``)
+   with SymbolicRegression in its manifest, and a depot (``JULIA_DEPOT_PATH``, else ``~/.julia``) holds
+   ``packages/SymbolicRegression``. A bare Julia would make the first ``import pysr`` install them, which is a
+   download.
+
+Otherwise :meth:`PySRBackend.fit` raises :class:`~rulesearch.errors.BackendUnavailableError` at once, saying how to
+enable it. Prepare once on a machine with network access: ``python -c "import pysr"``. Offline machines need a
+pre-populated ``JULIA_DEPOT_PATH`` plus ``PYTHON_JULIAPKG_EXE`` (PySR's Apptainer recipe builds such a depot). As a
+guard, pysr is imported with ``PYTHON_JULIAPKG_OFFLINE=yes`` unless that variable is set, so a fit never installs
+Julia packages (a stale juliapkg state then fails at once instead of downloading).
 
 References
 ----------
@@ -17,6 +27,7 @@ Cranmer, M. Interpretable machine learning for science with PySR and SymbolicReg
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -29,7 +40,22 @@ import sympy as sp
 from ..errors import BackendUnavailableError
 from .base import Candidate, DistillBackend, clean_formula, expr_complexity
 
-__all__ = ["PySRBackend", "julia_executable", "pysr_status"]
+__all__ = ["PySRBackend", "julia_depots", "julia_executable", "juliapkg_project", "pysr_status"]
+
+
+def julia_depots() -> list[Path]:
+    """Julia depots to search for installed packages: ``JULIA_DEPOT_PATH`` (empty entries: ``~/.julia``)."""
+    entries = os.environ.get("JULIA_DEPOT_PATH", "").split(os.pathsep)
+    return [Path(e) if e else Path.home() / ".julia" for e in entries]
+
+
+def juliapkg_project() -> Path:
+    """The Julia project juliapkg (used by pysr) installs into, located as juliapkg does without importing it."""
+    project = os.environ.get("PYTHON_JULIAPKG_PROJECT")
+    if project:
+        return Path(project)
+    prefix = sys.prefix if sys.prefix != sys.base_prefix else os.environ.get("CONDA_PREFIX")
+    return Path(prefix) / "julia_env" if prefix else julia_depots()[0] / "environments" / "pyjuliapkg"
 
 
 def julia_executable() -> str | None:
@@ -41,20 +67,54 @@ def julia_executable() -> str | None:
     found = shutil.which("julia")
     if found:
         return found
-    bundled = Path(sys.prefix) / "julia_env" / "pyjuliapkg" / "install" / "bin" / "julia"
+    bundled = juliapkg_project() / "pyjuliapkg" / "install" / "bin" / "julia"
     return str(bundled) if bundled.is_file() else None
+
+
+def _prepared() -> str | None:
+    """Why PySR's Julia packages are not ready to load without a download, or None when they are."""
+    project = juliapkg_project()
+    manifests = sorted(project.glob("Manifest*.toml"))
+    if not (project / "pyjuliapkg" / "meta.json").is_file() or not any(
+        "SymbolicRegression" in m.read_text(errors="replace") for m in manifests
+    ):
+        return f"juliapkg's project {project} has not been resolved with SymbolicRegression.jl"
+    depots = julia_depots()
+    if not any((d / "packages" / "SymbolicRegression").is_dir() for d in depots):
+        return f"no Julia depot ({os.pathsep.join(map(str, depots))}) holds packages/SymbolicRegression"
+    return None
 
 
 def pysr_status() -> tuple[bool, str]:
     """``(available, reason)`` for the PySR backend, without importing pysr or triggering any download."""
     if importlib.util.find_spec("pysr") is None:
         return False, "the pysr package is not installed"
-    if julia_executable() is None:
+    exe = julia_executable()
+    if exe is None:
         return False, (
             "no Julia executable was found (PYTHON_JULIACALL_EXE, PYTHON_JULIAPKG_EXE, julia on PATH, or "
-            f"{Path(sys.prefix) / 'julia_env'})"
+            f"{juliapkg_project() / 'pyjuliapkg' / 'install'})"
         )
-    return True, "pysr and Julia found"
+    missing = _prepared()
+    if missing is not None:
+        return False, (
+            f"Julia was found ({exe}) but PySR's Julia packages are not prepared ({missing}); the first "
+            "`import pysr` would download them and may hang without network access"
+        )
+    return True, "pysr, Julia and SymbolicRegression.jl found"
+
+
+@contextlib.contextmanager
+def _offline_juliapkg():
+    """Import pysr with ``PYTHON_JULIAPKG_OFFLINE=yes`` (unless set): juliapkg then never installs packages."""
+    if "PYTHON_JULIAPKG_OFFLINE" in os.environ:
+        yield
+        return
+    os.environ["PYTHON_JULIAPKG_OFFLINE"] = "yes"
+    try:
+        yield
+    finally:
+        os.environ.pop("PYTHON_JULIAPKG_OFFLINE", None)
 
 
 class PySRBackend(DistillBackend, name="pysr"):
@@ -120,16 +180,17 @@ class PySRBackend(DistillBackend, name="pysr"):
         ok, reason = pysr_status()
         if not ok:
             raise BackendUnavailableError(
-                f"The 'pysr' distillation backend cannot run here: {reason}. To enable it, pip install "
-                "'rulesearch[pysr]' and install Julia (>= 1.10) so that `julia` is on the PATH, or set "
-                "PYTHON_JULIAPKG_EXE to a Julia binary (offline: also JULIA_DEPOT_PATH with SymbolicRegression.jl "
-                "and PYTHON_JULIAPKG_OFFLINE=yes). Without Julia use backend='sparse' (the default) or "
-                "backend='operon'."
+                f"The 'pysr' distillation backend cannot run here: {reason}. To enable it: pip install "
+                "'rulesearch[pysr]'; install Julia (>= 1.10) on the PATH or set PYTHON_JULIAPKG_EXE to a Julia "
+                'binary; then run python -c "import pysr" once with network access (it installs '
+                "SymbolicRegression.jl). Offline: set JULIA_DEPOT_PATH (and PYTHON_JULIAPKG_PROJECT) to a depot "
+                "prepared elsewhere. Without Julia use backend='sparse' (the default) or backend='operon'."
             )
 
     def _search(self, X, y, weights):
         try:
-            from pysr import PySRRegressor
+            with _offline_juliapkg():
+                from pysr import PySRRegressor
         except Exception as err:  # juliacall raises various errors when Julia is broken
             raise BackendUnavailableError(
                 f"pysr failed to import ({type(err).__name__}: {err}); check the Julia installation, or use "
