@@ -7,7 +7,7 @@ SymPy symbol with a *role*:
 ========  ===========  ===============================  =========================================
 role      index        tensor shape at call time        built-in signals
 ========  ===========  ===============================  =========================================
-global    none         ``(B,)``                         ``mod``, ``reward``, ``loss``
+global    none         ``(B,)`` or ``()`` (shared)      ``mod``, ``reward``, ``loss``
 post      :math:`i`    ``(B, n_post)``                  ``post`` (y_i), ``err`` (e_i)
 pre       :math:`j`    ``(B, n_pre)``                   ``pre`` (x_j), ``pre_err`` (e'_j)
 synapse   :math:`ij`   ``(B, n_post, n_pre)``           ``w`` (W_ij), ``fb`` (B_ji in W's layout)
