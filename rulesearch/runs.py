@@ -379,6 +379,7 @@ class RunDir:
             that is not a run; resuming with a config that differs from the stored one.
         """
         run = cls(path, keep=keep)
+        cfg_class = type(config) if hasattr(type(config), "from_dict") else None
         config = _plain_config(config)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirectoryError(
@@ -399,6 +400,8 @@ class RunDir:
                     "interrupted). Delete the directory or choose another --out."
                 )
             stored = run.config()
+            if cfg_class is not None:  # keys added since the run was created take their defaults
+                stored = _plain_config(cfg_class.from_dict(stored))
             changed = _diff_keys(stored, config)
             if changed:
                 raise RunDirectoryError(

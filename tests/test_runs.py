@@ -112,6 +112,20 @@ def test_resume_reopens_and_records(run):
         RunDir.create(run.path, {**CONFIG, "inner": {"lr": 0.2, "sizes": [4, 2]}, "extra": 1}, resume=True)
 
 
+def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
+    from rulesearch.config import dump_yaml, load_yaml
+    from rulesearch.meta import DiscoverConfig
+
+    cfg = DiscoverConfig()
+    run = RunDir.create(tmp_path / "old", cfg)
+    stored = load_yaml((run.path / "config.yaml").read_text())
+    del stored["network"]["feedback_rule"]  # a run written before the key existed
+    (run.path / "config.yaml").write_text(dump_yaml(stored))
+    assert len(RunDir.create(run.path, cfg, resume=True).manifest()["resumes"]) == 1
+    with pytest.raises(RunDirectoryError, match=r"changed keys: meta\.lr"):
+        RunDir.create(run.path, cfg.replace(**{"meta.lr": 0.5}), resume=True)
+
+
 def test_resume_of_missing_run_starts_fresh(tmp_path):
     run = RunDir.create(tmp_path / "new", CONFIG, resume=True)
     assert run.config() == CONFIG and "resumes" not in run.manifest()
