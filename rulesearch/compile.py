@@ -312,12 +312,8 @@ class TorchCompiler:
         M, u = expr.args
         rm, ru = self.slot(M), self.slot(u)
         if self.role(ru) == "post":  # (M^T u)_j
-            return self._emit(
-                lambda env, m, x: torch.matmul(x.unsqueeze(-2), m).squeeze(-2), (rm[1], ru[1]), "pre"
-            )
-        return self._emit(
-            lambda env, m, x: torch.matmul(m, x.unsqueeze(-1)).squeeze(-1), (rm[1], ru[1]), "post"
-        )
+            return self._emit(lambda env, m, x: _contract(m, x, True), (rm[1], ru[1]), "pre")
+        return self._emit(lambda env, m, x: _contract(m, x, False), (rm[1], ru[1]), "post")
 
     def _compile_LayerSum(self, expr):
         self.kinds.add("contraction")
@@ -338,6 +334,16 @@ class TorchCompiler:
         return self._emit(
             lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse"
         )
+
+
+def _contract(m, x, transpose: bool):
+    """``M^T x`` (``transpose``) or ``M x`` for vectors ``x`` ``(B, n)``; ``m`` is a tensor or a matrix operand with
+    methods ``vm(x)`` and ``mv(x)`` (the inner loop's fast path passes the weights this way)."""
+    if not isinstance(m, torch.Tensor):
+        return m.vm(x) if transpose else m.mv(x)
+    if transpose:
+        return torch.matmul(x.unsqueeze(-2), m).squeeze(-2)
+    return torch.matmul(m, x.unsqueeze(-1)).squeeze(-1)
 
 
 def _flip(op):

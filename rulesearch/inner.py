@@ -456,8 +456,8 @@ class _MatRef:
     Products with it (``M v``, ``M^T u``) are computed (and recorded) in the forward sweep and replayed in the
     adjoint sweep, where each replayed product sends its gradient w.r.t. ``M`` as a rank-1 factor
     ``(post, pre)`` to ``sink`` (``None``: a constant matrix). ``fn`` maps the stored tensor to the matrix used
-    (``sign`` feedback). Inside a compiled rule's tape it stands for the ``w`` signal: ``torch.matmul`` with it is
-    routed here, and any other use raises :class:`_Unsupported` (such rules take the autograd path).
+    (``sign`` feedback). Inside a compiled rule's tape it stands for the ``w`` signal: contractions call ``mv`` and
+    ``vm``, and any torch function on it raises :class:`_Unsupported` (such rules take the autograd path).
     """
 
     __slots__ = ("mat", "rec", "sink", "fn")
@@ -490,12 +490,6 @@ class _MatRef:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.matmul and not kwargs and len(args) == 2:
-            a, b = args
-            if isinstance(b, _MatRef) and torch.is_tensor(a) and a.dim() == 3 and a.shape[1] == 1:
-                return b.vm(a.squeeze(1)).unsqueeze(1)
-            if isinstance(a, _MatRef) and torch.is_tensor(b) and b.dim() == 3 and b.shape[2] == 1:
-                return a.mv(b.squeeze(2)).unsqueeze(2)
         raise _Unsupported(getattr(func, "__name__", str(func)))
 
 
@@ -523,106 +517,97 @@ class _Replayed(torch.autograd.Function):
 
 
 class _LowRank:
-    """The factored form ``dW = a W + U diag(c) V^T`` of one layer's compiled rule (fast path only).
+    """The factored form ``dW = a W + U V^T`` of one layer's compiled rule (fast path only).
 
-    Reads the compiled rule's tape and column groups directly (no per-call validation: the inner loop validated
-    shapes and parameters once per run).
+    The rule's structure is analysed once: the global factor of each product (an index into the stacked global
+    values), the decay's coefficient vector (``a = P a_vec`` over the products' coefficients ``P``) and, for the
+    fused outer products, a map ``T`` from ``P`` to the coefficient matrix ``M`` between the distinct post and pre
+    vectors, so ``U V^T = U_d M V_d^T`` (``M`` is folded into the side with more distinct vectors). A call runs
+    the tape and a handful of batched ops; no per-call validation (the inner loop validated shapes and parameters
+    once per run). Raises :class:`_Unsupported` for other shapes of rules.
     """
 
-    __slots__ = ("rule", "consts", "uv_scale")
+    __slots__ = ("rule", "consts", "g_refs", "g_of", "decay", "decay_global", "u_keys", "v_keys", "T", "keep_u")
 
     def __init__(self, rule):
-        self.rule = rule
-        self.consts: dict = {}
+        self.rule, self.consts = rule, {}
+        A = rule._A  # (products, columns): which products feed which (u, v) column
+        self.g_refs = list(dict.fromkeys(ref for _, ref in rule._g))  # the distinct global factors
+        self.g_of = [0] * A.shape[0]  # per product: 0 (none) or 1 + its global factor's index
+        for k, ref in rule._g:
+            self.g_of[k] = 1 + self.g_refs.index(ref)
+        self.decay = self.u_keys = self.v_keys = self.T = None
+        self.decay_global = self.keep_u = False
+        for s_ref, cols, us, vs, consts in rule._groups:
+            if consts is not None:  # no vectors: a W when the synapse factor is the weights (checked per call)
+                if s_ref is None or self.decay is not None:
+                    raise _Unsupported("a synapse factor other than the weights")
+                self.decay = (s_ref, A[:, cols] @ consts)
+                self.decay_global = any(self.g_of[k] for k in (A[:, cols] != 0).any(1).nonzero().flatten().tolist())
+            elif s_ref is not None:
+                raise _Unsupported("a synapse factor times outer products")
+            else:
+                self.u_keys, self.v_keys = list(dict.fromkeys(us)), list(dict.fromkeys(vs))
+                self.keep_u = len(self.u_keys) <= len(self.v_keys)
+                T = torch.zeros(A.shape[0], len(self.u_keys), len(self.v_keys), dtype=torch.float64)
+                for col, u, v in zip(cols, us, vs):
+                    T[:, self.u_keys.index(u), self.v_keys.index(v)] = A[:, col]
+                self.T = T.flatten(1)
 
     def _const(self, like: Tensor):
+        """Per dtype and device: ``(c, r index, global factor index, a_vec, T)``."""
         key = (like.dtype, like.device)
         hit = self.consts.get(key)
         if hit is None:
-            r = self.rule
-            hit = (r._A.to(dtype=like.dtype, device=like.device), r._r_idx.to(like.device),
-                   r._c.to(dtype=like.dtype, device=like.device))  # fmt: skip
+            r, dev, f = self.rule, like.device, {"dtype": like.dtype, "device": like.device}
+            a_vec = None if self.decay is None else self.decay[1].to(**f)
+            hit = (r._c.to(**f), r._r_idx.to(dev), torch.tensor(self.g_of, device=dev), a_vec,
+                   None if self.T is None else self.T.to(**f))  # fmt: skip
             self.consts[key] = hit
         return hit
 
     def base(self, params, like: Tensor):
         """Per-product coefficients before global factors: ``theta[r] * c`` (linear) or ``c``."""
-        A, r_idx, c = self._const(like)
+        c, r_idx = self._const(like)[:2]
         if self.rule._linear:
             return params.index_select(-1, r_idx) * c
         return c
 
-    def _g_index(self, like):
-        """Products with a global factor (an index tensor) and the columns they feed (a set); cached."""
-        key = ("g", like.device)
+    def _vec(self, ref, vals, shape, like):
+        """A global ``(B,)``, post or pre value of the tape at ``shape`` (constants cached)."""
+        if ref[0] != "const":
+            x = vals[ref[1]]
+            if x.shape == shape:
+                return x
+            return torch.broadcast_to(x.reshape(-1, 1) if x.dim() <= 1 and len(shape) == 2 else x, shape)
+        key = (shape, ref[1], like.dtype, like.device)
         hit = self.consts.get(key)
         if hit is None:
-            idx = [k for k, _ in self.rule._g]
-            cols = {int(j) for j in (self.rule._A[idx] != 0).any(0).nonzero().flatten()}
-            hit = (torch.tensor(idx, device=like.device), cols)
-            self.consts[key] = hit
-        return hit
-
-    def _merge(self, us, vs, like):
-        """How to fuse a group's columns: keep the side with fewer distinct vectors, sum the other side's
-        columns (times their coefficients) per distinct vector. Cached per group (the structure is static)."""
-        key = (tuple(us), tuple(vs), like.dtype, like.device)
-        hit = self.consts.get(key)
-        if hit is None:
-            keep_u = len(set(us)) <= len(set(vs))
-            keys = list(dict.fromkeys(us if keep_u else vs))
-            S = torch.zeros(len(keys), len(us), dtype=like.dtype, device=like.device)
-            for j, r in enumerate(us if keep_u else vs):
-                S[keys.index(r), j] = 1.0
-            hit = (keep_u, keys, S)
-            self.consts[key] = hit
+            hit = self.consts[key] = torch.full(shape, ref[1], dtype=like.dtype, device=like.device)
         return hit
 
     def factors(self, signals, params, base, wref, b, n_post, n_pre, like):
         """``(a, U, Vt)`` with ``dW = a W + U Vt`` (coefficients absorbed): ``a`` ``(B,)``/``()``/None, ``U``
         ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises _Unsupported."""
-        from .compile import TorchCompiler, _col
-
-        r = self.rule
-        A = self._const(like)[0]
-        vals = r._comp.run({"signals": signals, "params": params})
+        g_idx, a_vec, T = self._const(like)[2:]
+        vals = self.rule._comp.run({"signals": signals, "params": params})
         P = base
-        if r._g:
-            idx, g_cols = self._g_index(like)
-            P = P.expand(b, -1).clone()
-            gv = torch.stack([torch.broadcast_to(TorchCompiler.value(ref, vals), (b,)) for _, ref in r._g], -1)
-            P[:, idx] = P[:, idx] * gv
-        C = P @ A
-        decay = U = Vt = None
-        for grp in r._groups:
-            s_ref, cols, us, vs = grp[:4]
-            c = C[..., cols]
-            if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
-                if s_ref is None or TorchCompiler.value(s_ref, vals) is not wref:
-                    raise _Unsupported("a synapse factor other than the weights")
-                if r._g and not set(cols) & g_cols:  # no global factor: one number unless theta is per episode
-                    c = (base @ A)[..., cols]
-                key = ("uv", tuple(us), tuple(vs), like.dtype, like.device)
-                uv = self.consts.get(key)
-                if uv is None:
-                    uv = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=like.dtype, device=like.device)
-                    self.consts[key] = uv
-                a = (c * uv).sum(-1)
-                decay = a if decay is None else decay + a
-                continue
-            if s_ref is not None or U is not None:
-                raise _Unsupported("a synapse factor times outer products")
-            keep_u, keys, S = self._merge(us, vs, like)
-            cw = c.unsqueeze(-1)  # (k, 1) or (B, k, 1)
-            if keep_u:
-                U = torch.stack([_col(u, vals, (b, n_post), like) for u in keys], -1)
-                Vs = torch.stack([_col(v, vals, (b, n_pre), like) for v in vs], 1)
-                Vt = torch.matmul(S, Vs * cw)
-            else:
-                Vt = torch.stack([_col(v, vals, (b, n_pre), like) for v in keys], 1)
-                Us = torch.stack([_col(u, vals, (b, n_post), like) for u in us], 1)
-                U = torch.matmul(S, Us * cw).transpose(1, 2).contiguous()
-        return decay, U, Vt
+        if self.g_refs:
+            g = [self._vec(("const", 1.0), vals, (b,), like)]
+            g += [self._vec(ref, vals, (b,), like) for ref in self.g_refs]
+            P = base * torch.stack(g, -1).index_select(-1, g_idx)
+        a = U = Vt = None
+        if self.decay is not None:
+            if vals[self.decay[0][1]] is not wref:
+                raise _Unsupported("a synapse factor other than the weights")
+            a = (P if self.decay_global else base) @ a_vec
+        if T is not None:
+            M = (P @ T).unflatten(-1, (len(self.u_keys), len(self.v_keys)))
+            Ud = torch.stack([self._vec(u, vals, (b, n_post), like) for u in self.u_keys], -1)
+            Vd = torch.stack([self._vec(v, vals, (b, n_pre), like) for v in self.v_keys], 1)
+            mm = torch.bmm if M.dim() == 3 else torch.matmul  # bmm: no broadcasting in the graph
+            U, Vt = (Ud, mm(M, Vd)) if self.keep_u else (mm(Ud, M), Vd)
+        return a, U, Vt
 
 
 _ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
@@ -637,13 +622,13 @@ def _low_rank_of(update) -> tuple[_LowRank | None, str]:
     hit = _ELIGIBLE.get(id(update))
     if hit is not None and hit[0] is update:
         return hit[1], hit[2]
-    lr, why = _LowRank(update), ""
     try:
         if update.states:
             raise _Unsupported("stateful derived signals")
         for attr in ("_comp", "_groups", "_g", "_A", "_r_idx", "_c", "_linear"):
             if not hasattr(update, attr):
                 raise _Unsupported(f"compiled rule without {attr}")
+        lr, why = _LowRank(update), ""
         g = torch.Generator().manual_seed(0)
         b, n_post, n_pre = 2, 3, 4
         roles = {"pre": (b, n_pre), "pre_err": (b, n_pre), "post": (b, n_post), "err": (b, n_post),
@@ -862,6 +847,9 @@ class _FastRun:
         G = [torch.zeros_like(w) if g is None else g.detach().clone() for w, g in zip(ws, grads)]
         leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.param_tensors]
         params = self.layer_params(leaves)
+        with torch.enable_grad():  # the coefficients once per run: each step's graph starts at their leaves
+            bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
+        base_leaves = [b.detach().requires_grad_(b.requires_grad) for b in bases]
         sinks: list[list] = [[] for _ in range(n)]
         rec.mode = _REPLAY
         rec.anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True)
@@ -869,8 +857,7 @@ class _FastRun:
         for s in range(self.n_steps - 1, -1, -1):
             rec.begin(s)
             with torch.enable_grad():
-                bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
-                facs = self.step(s, wrefs, mrefs, fbsig, params, bases)[0]
+                facs = self.step(s, wrefs, mrefs, fbsig, params, base_leaves)[0]
             rec.steps[s] = None
             with torch.no_grad():
                 snap = snaps.pop(s, None)
@@ -915,6 +902,10 @@ class _FastRun:
                         sinks[i].clear()
                     elif beta is not None:
                         G[i].mul_(beta)
+        done = [(b, leaf.grad) for b, leaf in zip(bases, base_leaves) if leaf.grad is not None]
+        if done:
+            with torch.enable_grad():
+                torch.autograd.backward(*zip(*done))
         pgrads = [None if leaf.grad is None else leaf.grad for leaf in leaves]
         return pgrads, G
 
