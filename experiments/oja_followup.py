@@ -4,7 +4,7 @@ Oja's term under online learning, in deeper networks and from poor initializatio
 .. math::
 
     \\Delta W_{ij} = -\\eta\\, e_i x_j \\quad\\text{(bp)}, \\qquad
-    \\Delta W_{ij} = -\\eta\\, e_i x_j + \\eta_{\\mathrm{Oja}}\\, y_i \\big(x_j - (W^\\top y)_j\\big) \\quad\\text{(bp + Oja)},
+    \\Delta W_{ij} = -\\eta\\, e_i x_j + \\eta_{Oja}\\, y_i (x_j - (W^\\top y)_j) \\quad\\text{(bp + Oja)},
 
 with symmetric feedback (``bp``), 5-way K=50 Q=10 digits tasks, one online pass (250 steps, batch size 1). No
 meta-learning: eta (bp) and (eta, eta_Oja) (bp + Oja) are tuned on a grid on separate tuning episodes (seed 10000),

@@ -42,7 +42,6 @@ from rulesearch.runs import RunDir
 from rulesearch.stats import bootstrap_ci, moving_average
 
 
-
 def emnist_task(data_dir: str | None) -> dict:
     return {"dataset": "emnist", "data_dir": data_dir or str(default_data_dir()), "options": {"per_class": 400}}
 
@@ -51,12 +50,16 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
     """(variant name, config dict) for an item."""
     if item == "lambda":
         task = {"dataset": "digits"}
-        return [(f"l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1}}) for l1 in a.l1]
+        return [(f"{a.l1_mode} l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1, "l1_mode": a.l1_mode}})
+                for l1 in a.l1]  # fmt: skip
     task = emnist_task(a.data_dir)
     if item == "fig3":
-        return [(fb, {"rule": "f0", "task": task, "network": {"feedback": fb}, "meta": {"l1": 0.0}}) for fb in ("bp", "fa")]
+        return [(fb, {"rule": "f0", "task": task, "network": {"feedback": fb}, "meta": {"l1": 0.0}})
+                for fb in ("bp", "fa")]  # fmt: skip
     if item == "fig4":
-        return [(f"pool l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1}}) for l1 in a.l1]
+        meta = {"l1_mode": a.l1_mode}
+        return [(f"pool {a.l1_mode} l1={l1:g}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
+                for l1 in a.l1]  # fmt: skip
     if item == "rules":
         return [(r, {"rule": r, "task": task, "meta": {"l1": 0.0}}) for r in ("bio", "ehebb", "oja")]
     raise ValueError(item)
@@ -138,7 +141,6 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
     RESULTS = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows, curves, tex = [], {}, []
-    columns = ["meta_accuracy", "query_loss"]
     for name, s in searches.items():
         h = s.history_
         h = h[h["skipped"] == 0]
@@ -150,7 +152,7 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
             first, last = window_means(h, col)
             row[f"{label} first 10%"] = ci(first)
             row[f"{label} last 10%"] = ci(last)
-        for i, layer in enumerate(angles):
+        for layer in angles:
             row[f"angle {layer[6:]} last 10%"] = ci(window_means(h, layer)[1])
         if s.theta_ is not None and torch.is_tensor(s.theta_):
             theta = s.theta_.double().numpy()
@@ -220,7 +222,7 @@ def _protocol(item: str, a) -> str:
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
         f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
         f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs}"
-        + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)}" if item in ("fig4", "lambda") else "")
+        + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + "`."
     )
 
@@ -231,6 +233,12 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=600, help="meta-steps per run (the paper: 600)")
     p.add_argument("--runs", type=int, default=20, help="independent runs, trained as one batch (the paper: 20)")
     p.add_argument("--l1", type=float, nargs="+", default=[0.0, 0.1, 0.5, 2.0], help="L1 strengths (fig4, lambda)")
+    p.add_argument(
+        "--l1-mode",
+        default="subgradient",
+        choices=("subgradient", "proximal"),
+        help="L1 in the meta-loss (the paper) or a proximal soft-threshold step (fig4, lambda)",
+    )
     p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
