@@ -310,6 +310,14 @@ class MetaConfig(Config):
         choices=("subgradient", "proximal"),
     )
     clip: float | None = option(None, help="Clip each run's meta-gradient to this L2 norm (default: no clipping).")
+    term_scale: str = option(
+        "none",
+        help="Adam step size per coefficient of a linear rule: 'none' (lr for all, the paper) or 'rms': "
+        "lr_r = lr * rms(T_ref) / rms(T_r), the RMS of each term's update in a probe episode under the initial rule "
+        "(T_ref: the term that starts at theta0), so that one step of any coefficient changes dW about equally "
+        "(in the pool, (sum y) e x^T and W are 10-30x larger than e x^T; bilinear-form terms 30-100x smaller).",
+        choices=("none", "rms"),
+    )
     theta0: float = option(
         1e-3,
         help="Initial learning rate of the pseudo-gradient term -e_i x_j (F0; the first term if the rule has no "
@@ -1047,6 +1055,27 @@ def _process_group(distributed: bool | None, device: str):
             shutdown()
 
 
+def _rms_multipliers(learner, init: dict[str, Tensor], sums: list[Tensor]) -> dict[str, Tensor]:
+    """``rms(T_ref) / rms(T_r)`` per parameter name from per-layer RMS sums ``sums[layer][r]`` (see
+    :meth:`_Trainer.lr_scale`); ``T_ref`` is the term with the largest initial ``|theta|`` in that layout."""
+    base = getattr(learner, "base", learner)
+    out = {}
+    for k, v in init.items():
+        if k == _FB:
+            continue
+        if base.kind == "shared":
+            rms = torch.stack(sums).mean(0)
+        elif base.kind == "per_layer":
+            rms = torch.stack(sums)
+        else:
+            g = base.names.index(k)
+            rms = torch.stack([sums[layer] for layer in range(base.n_layers) if base.rule.group_of(layer) == g]).mean(0)
+        ref = rms.gather(-1, v[0].abs().double().cpu().reshape(rms.shape).argmax(-1, keepdim=True))
+        mult = torch.where(rms > 0, ref / rms.clamp_min(1e-300), torch.ones_like(rms))
+        out[k] = mult.to(dtype=v.dtype, device=v.device)
+    return out
+
+
 class _Trainer:
     """The meta-training loop over a :class:`_Problem` (state in :class:`_State`)."""
 
@@ -1054,6 +1083,39 @@ class _Trainer:
         self.p = problem
         self.meta = problem.cfg.meta
         self.rank, self.world_size = world  # data-parallel: this rank runs its share of each meta-step's episodes
+        self._lr_scale: dict[str, Tensor] | None = None
+
+    def lr_scale(self) -> dict[str, Tensor]:
+        """Per-coefficient multipliers of the Adam learning rate (``meta.term_scale``), by parameter name.
+
+        'rms': ``rms(T_ref) / rms(T_r)`` per layer and term, measured on episode ``(seed, 0, 0)`` of the first run
+        under the initial coefficients (so a resumed run gets the same values), averaged over the layers that share
+        a coefficient; a term that is zero throughout keeps the multiplier 1.
+        """
+        if self._lr_scale is not None:
+            return self._lr_scale
+        p = self.p
+        init = p.learner.init(p.seeds[:1], p.dtype, p.device)
+        scale = {k: torch.ones_like(v[0]) for k, v in init.items()}
+        if self.meta.term_scale == "rms" and p.learner.linear:
+            ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
+            sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
+
+            def observe(step, layer, signals, dW):
+                eye = torch.eye(ups[layer].n_params, dtype=dW.dtype, device=dW.device)
+                for r in range(len(eye)):
+                    sums[layer][r] += float(ups[layer](signals, eye[r]).pow(2).mean().sqrt())
+
+            batch, weights, feedback = p.episodes(0, [0])
+            expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in init.items()}
+            with torch.no_grad():
+                run_episodes(
+                    p.net, batch, p.update, p.learner.layer_params(expanded), weights, feedback, observe=observe,
+                    metrics=False, raise_on_divergence=False, **p.feedback_kwargs(expanded),
+                )  # fmt: skip
+            scale.update(_rms_multipliers(p.learner, init, sums))
+        self._lr_scale = scale
+        return scale
 
     def fresh_state(self) -> _State:
         p = self.p
@@ -1227,9 +1289,10 @@ class _Trainer:
             bc1 = 1 - b1**tt
             bc2 = 1 - b2**tt
             denom = v.sqrt() / bc2.sqrt() + meta.eps
-            p = st.params[k][idx] - (meta.lr / bc1) * m / denom
+            lr = meta.lr * self.lr_scale()[k].to(g.dtype)
+            p = st.params[k][idx] - (lr / bc1) * m / denom
             if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
-                p = self.p.learner.prox(p, meta.lr * meta.l1)
+                p = self.p.learner.prox(p, lr * meta.l1)
             ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
             new[k] = (m, v, p)
         keep = idx[ok]

@@ -136,6 +136,33 @@ def test_proximal_l1_reaches_exact_zeros():
     assert (s.theta_ == 0).sum() >= 5
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_term_scale_rms_equalizes_each_terms_step(per_layer):
+    from rulesearch.compile import compile_rule
+    from rulesearch.inner import run_episodes
+
+    meta = tiny_meta(episodes=1, term_scale="rms", per_layer=per_layer, l1=0.0)
+    fitted = search(meta=meta).fit()
+    trainer = meta_mod._Trainer(fitted._problem)
+    scale = trainer.lr_scale()["theta"]
+    p = fitted._problem
+    update, eye = compile_rule(pool), torch.eye(pool.n_params, dtype=torch.float64)
+    rms = torch.zeros(p.net.n_layers, pool.n_params, dtype=torch.float64)
+
+    def observe(step, layer, signals, dW):  # naive: each term's update on its own
+        rms[layer] += torch.stack([update(signals, e).pow(2).mean().sqrt() for e in eye])
+
+    theta = torch.zeros(pool.n_params, dtype=torch.float64)
+    theta[0] = 1e-3
+    batch, weights, feedback = p.episodes(0, [0])
+    run_episodes(p.net, batch, update, theta, weights, feedback, observe=observe, metrics=False)
+    rms = rms if per_layer else rms.mean(0)
+    torch.testing.assert_close(scale, rms[..., :1] / rms, rtol=1e-10, atol=0)
+    assert torch.all(scale[..., 0] == 1.0) and scale.shape == fitted.theta_.shape[1:]
+    assert not torch.equal(fitted.theta_, search(meta=dataclasses.replace(meta, term_scale="none")).fit().theta_)
+    assert torch.all(meta_mod._Trainer(search(meta=tiny_meta()).fit()._problem).lr_scale()["theta"] == 1.0)
+
+
 def test_metrics_columns_and_steps():
     s = search(meta=tiny_meta(runs=2)).fit()
     h = s.history_
