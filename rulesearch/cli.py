@@ -149,6 +149,13 @@ def discover(
     clip: Annotated[
         float | None, typer.Option(help="Clip each run's meta-gradient to this norm (default: none).")
     ] = None,
+    term_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Adam step per coefficient: none (one lr, the paper) or rms (lr scaled by rms(F0)/rms(F_r) of the "
+            "terms' updates in a probe episode, so every coefficient's step changes dW about equally)."
+        ),
+    ] = None,
     theta0: Annotated[float | None, typer.Option(help="Initial value of the first coefficient (default 1e-3).")] = None,
     init: Annotated[str | None, typer.Option(help="Initial coefficients, one per term, comma-separated.")] = None,
     per_layer: Annotated[
@@ -223,6 +230,7 @@ def discover(
             "meta.l1_mode": l1_mode,
             "meta.lr": lr,
             "meta.clip": clip,
+            "meta.term_scale": term_scale,
             "meta.theta0": theta0,
             "meta.init": _floats(init, "--init"),
             "meta.per_layer": per_layer,
