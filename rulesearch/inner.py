@@ -64,19 +64,21 @@ from torch import Tensor
 from .errors import ConfigError, DivergenceError, ShapeError, SignalError
 from .networks import (
     Network,
-    _activate,
+    _activate_backward,
     _alignment,
     _check_feedback,
     _check_weights,
     _derivative,
+    _derivative_backward,
     _feedback_mats,
     _forward,
     _input_derivative,
+    _matvec,
     _orthonormality,
-    _output,
+    _output_backward,
     _propagate,
     _sample_loss,
-    _sign_fb,
+    _vecmat,
     init_params,
     make_targets,
 )
@@ -411,18 +413,19 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 
 # ---- the fast path: low-rank compiled rules, in-place online steps, a hand-written adjoint ---------------------
 #
-# For compiled rules whose update is  dW = a W + U diag(c) V^T  (a sum of outer products, plus an optional
-# weight-decay term ``a W``; the whole paper pool), the online steps run in place (one ``baddbmm_`` per layer)
-# and the meta-gradient is computed by a hand-written adjoint instead of autograd through the unrolled loop:
+# For compiled rules whose update is  dW = a W + U V^T  (a sum of outer products, plus an optional weight-decay
+# term ``a W``; the whole paper pool), the online steps run in place (one ``baddbmm_`` per layer) and the
+# meta-gradient is computed by a hand-written adjoint instead of autograd through the unrolled loop:
 #
-# * forward: every product of a weight/feedback matrix with a vector (``W y``, ``e^T fb``, ``W^T y`` inside the
-#   rule) is recorded (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
-# * backward, step ``s = N-1 .. 0``: the step's vector computations are replayed under autograd from the recorded
-#   products (no matrix is read), which gives ``U, c, V, a``; the weights are reversed in place,
-#   ``W_s = (W_{s+1} - U diag(c) V^T) / (1 + a)`` (or restored from a snapshot); with ``G = dL/dW_{s+1}``:
-#   ``dU = G V diag(c)``, ``dV = G^T U diag(c)``, ``dc = diag(U^T G V)``, ``da = <G, W_s>``; autograd carries these
-#   back through the step's vector graph to ``theta``, and every replayed product ``W v`` sends its weight-gradient
-#   as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
+# * forward: the network's pass and errors run without autograd; the rule's factors ``U, V, a`` are computed under
+#   autograd from the step's signal tensors (made leaves) and the coefficients, and that small vector graph is kept
+#   with the signals (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
+# * backward, step ``s = N-1 .. 0``: the weights are reversed in place, ``W_s = (W_{s+1} - U V^T) / (1 + a)`` (or
+#   restored from a snapshot); with ``G = dL/dW_{s+1}``: ``dU = G V``, ``dV = G^T U``, ``da = <G, W_s>``; autograd
+#   carries these through the step's rule graph to ``theta`` and to the signals, whose gradients are carried back
+#   through the errors and the forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight
+#   matrix with a vector (``W y``, ``W^T e`` under bp, ``W^T y`` inside the rule) sends its weight gradient as a
+#   rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
 #
 # Memory: O(B (N * sum(n_l) + N / checkpoint_every * |W|)) instead of O(B N |W|) for autograd.
 
@@ -431,42 +434,19 @@ class _Unsupported(Exception):
     """Raised inside a rule's tape when the weight matrix is used other than by a matrix-vector product."""
 
 
-_OFF, _RECORD, _REPLAY = 0, 1, 2
-
-
-class _Recorder:
-    """Recorded matrix-vector products, one list per online step (record mode), replayed in the same order."""
-
-    __slots__ = ("mode", "steps", "cur", "pos", "anchor")
-
-    def __init__(self, mode: int):
-        self.mode, self.steps, self.cur, self.pos, self.anchor = mode, [], None, 0, None
-
-    def begin(self, s: int) -> None:
-        if self.mode == _RECORD:
-            self.cur = []
-            self.steps.append(self.cur)
-        elif self.mode == _REPLAY:
-            self.cur, self.pos = self.steps[s], 0
-
-
 class _MatRef:
-    """A weight or feedback matrix ``(B, n_post, n_pre)`` as seen by the online step.
+    """The ``w`` signal (and ``fb`` under bp) of a compiled rule's tape on the fast path: the weights
+    ``(B, n_post, n_pre)``, seen only through the products ``mv`` (``M v``) and ``vm`` (``M^T u``) that the tape's
+    contractions call; any torch function on it raises :class:`_Unsupported` (such rules take the autograd path).
 
-    Products with it (``M v``, ``M^T u``) are computed (and recorded) in the forward sweep and replayed in the
-    adjoint sweep, where each replayed product sends its gradient w.r.t. ``M`` as a rank-1 factor
-    ``(post, pre)`` to ``sink`` (``None``: a constant matrix). ``fn`` maps the stored tensor to the matrix used
-    (``sign`` feedback). Inside a compiled rule's tape it stands for the ``w`` signal: contractions call ``mv`` and
-    ``vm``, and any torch function on it raises :class:`_Unsupported` (such rules take the autograd path).
+    While the forward sweep keeps the rule's graph (``anchor`` set, grad enabled), each product is a
+    :class:`_Product` node, which sends ``dL/dM`` as a rank-1 factor ``(post, pre)`` to ``sink``.
     """
 
-    __slots__ = ("mat", "rec", "sink", "fn")
+    __slots__ = ("mat", "sink", "anchor")
 
-    def __init__(self, mat, rec, sink=None, fn=None):
-        self.mat, self.rec, self.sink, self.fn = mat, rec, sink, fn
-
-    def matrix(self) -> Tensor:
-        return self.mat if self.fn is None else self.fn(self.mat)
+    def __init__(self, mat, sink=None, anchor=None):
+        self.mat, self.sink, self.anchor = mat, sink, anchor
 
     def mv(self, v: Tensor) -> Tensor:
         """``M v`` for ``v`` of shape ``(B, n_pre)``."""
@@ -477,43 +457,35 @@ class _MatRef:
         return self._product(u, True)
 
     def _product(self, v: Tensor, transpose: bool) -> Tensor:
-        rec = self.rec
-        if rec.mode == _REPLAY:
-            out = rec.cur[rec.pos]
-            rec.pos += 1
-            return _Replayed.apply(v, rec.anchor, out, self, transpose)
-        m = self.matrix()
-        out = torch.bmm(v.unsqueeze(1), m if transpose else m.transpose(1, 2)).squeeze(1)
-        if rec.mode == _RECORD:
-            rec.cur.append(out)
-        return out
+        if self.anchor is not None and torch.is_grad_enabled():
+            return _Product.apply(v, self.anchor, self, transpose)
+        return _vecmat(v, self.mat) if transpose else _matvec(self.mat, v)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         raise _Unsupported(getattr(func, "__name__", str(func)))
 
 
-class _Replayed(torch.autograd.Function):
-    """A recorded product ``M v`` (or ``M^T u``) in the replayed step graph; its backward reads the current ``M``
-    (reversed to this step by then) and hands ``dL/dM`` to the matrix's sink as a rank-1 factor."""
+class _Product(torch.autograd.Function):
+    """A product ``M v`` (or ``M^T u``) in a rule's graph. Its backward runs in the adjoint sweep, when ``M`` has been
+    reversed to the product's step: it reads ``M`` and hands ``dL/dM`` to the reference's sink as a rank-1 factor.
+    ``anchor`` (a scalar that requires grad) makes every product a node, also of vectors without a gradient."""
 
     @staticmethod
-    def forward(ctx, v, anchor, out, ref, transpose):
+    def forward(ctx, v, anchor, ref, transpose):
         ctx.ref, ctx.transpose = ref, transpose
         ctx.save_for_backward(v)
-        return out.clone()
+        return _vecmat(v, ref.mat) if transpose else _matvec(ref.mat, v)
 
     @staticmethod
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
-        ref, transpose = ctx.ref, ctx.transpose
+        ref, transpose, v = ctx.ref, ctx.transpose, v.detach()
         gv = None
         if ctx.needs_input_grad[0]:
-            m = ref.matrix()
-            gv = torch.bmm(g.unsqueeze(1), m.transpose(1, 2) if transpose else m).squeeze(1)
-        if ref.sink is not None:
-            ref.sink.append((v.detach(), g) if transpose else (g, v.detach()))
-        return gv, None, None, None, None
+            gv = _matvec(ref.mat, g) if transpose else _vecmat(g, ref.mat)
+        ref.sink.append((v, g) if transpose else (g, v))
+        return gv, None, None, None
 
 
 class _LowRank:
@@ -633,8 +605,7 @@ def _low_rank_of(update) -> tuple[_LowRank | None, str]:
         b, n_post, n_pre = 2, 3, 4
         roles = {"pre": (b, n_pre), "pre_err": (b, n_pre), "post": (b, n_post), "err": (b, n_post),
                  "fb": (b, n_post, n_pre), "reward": (b,), "loss": (b,), "mod": (b,)}  # fmt: skip
-        rec = _Recorder(_OFF)
-        wref = _MatRef(torch.rand(b, n_post, n_pre, generator=g, dtype=torch.float64), rec)
+        wref = _MatRef(torch.rand(b, n_post, n_pre, generator=g, dtype=torch.float64))
         sig = {k: torch.rand(shape, generator=g, dtype=torch.float64) for k, shape in roles.items()}
         sig["w"] = wref
         like = sig["pre"]
@@ -698,6 +669,32 @@ def _beta(a) -> float | None:
     return 1.0 + float(a)
 
 
+@dataclass(eq=False)
+class _Trace:
+    """What the forward sweep keeps of one online step for the adjoint: activities ``ys``, pre-activations ``zs``,
+    errors ``es`` (those that are signals are leaves of the rule's graph), per error index the feedback product
+    ``backs`` and derivative ``ds`` it was made of, the sample loss and every layer's factors ``(a, U, Vt)``."""
+
+    ys: list
+    zs: list
+    es: list
+    backs: dict
+    ds: dict
+    loss: Tensor | None
+    facs: list | None = None
+
+
+def _backward(outs: list, cots: list) -> None:
+    """``torch.autograd.backward(outs, cots)`` straight into the engine: its per-pair Python validation costs more
+    than a step's small backward (the pairs are built here to match)."""
+    torch.autograd.Variable._execution_engine.run_backward(tuple(outs), tuple(cots), False, False, (), True, True)
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` where None is zero."""
+    return b if a is None else a if b is None else a + b
+
+
 class _FastRun:
     """The in-place online loop of low-rank compiled rules and its hand-written adjoint (see above)."""
 
@@ -708,6 +705,10 @@ class _FastRun:
         self.dx = _input_derivative(net, x) if 0 in plan.err_layers else None
         self.param_slots: list = []  # per layer: ("t", j) tensor, ("d", {name: j}) dict, ("v", value) other
         self.param_tensors: list[Tensor] = []
+        nds = list(enumerate(plan.needs))  # the activities, errors and loss that are some layer's signal
+        self.leaf_ys = sorted({i for i, nd in nds if "pre" in nd and i > 0} | {i + 1 for i, nd in nds if "post" in nd})
+        self.leaf_es = sorted({i + 1 for i, nd in nds if "err" in nd} | {i for i, nd in nds if "pre_err" in nd})
+        self.leaf_loss = any("loss" in nd for nd in plan.needs) or (plan.need_reward and reward == "neg_loss")
 
     # ---- parameters: unique tensors (the autograd.Function's inputs) and per-layer structure ----------------
     def set_params(self, params_per_layer) -> None:
@@ -739,30 +740,13 @@ class _FastRun:
         return out
 
     # ---- one step, all layers ------------------------------------------------------------------------------
-    def _refs(self, ws, rec, sinks):
-        net = self.net
-        wrefs = [_MatRef(w, rec, None if sinks is None else sinks[i]) for i, w in enumerate(ws)]
-        mrefs: list = [None] * net.n_layers
-        for i in self.plan.mat_layers:
-            if net.feedback == "bp":
-                mrefs[i] = wrefs[i]
-            elif net.feedback == "sign":
-                mrefs[i] = _MatRef(ws[i], rec, None, lambda m, i=i: _sign_fb(net, m, i))
-            else:
-                mrefs[i] = _MatRef(self.fbs[i], rec)
-        fbsig = [wrefs[i] if net.feedback == "bp" else (self.fbs[i] if self.fbs else None) for i in range(len(ws))]
-        return wrefs, mrefs, fbsig
-
-    def step(self, s, wrefs, mrefs, fbsig, params, bases):
-        net, plan, n, b = self.net, self.plan, self.net.n_layers, self.b
-        x, target = self.x[:, s], self.target[:, s]
-        ys, zs = [x], [None]
-        for i in range(n):
-            z = wrefs[i].mv(ys[-1])
-            zs.append(z)
-            ys.append(_activate(net, z) if i < n - 1 else _output(net, z))
-        y_out = ys[-1]
-        loss = correct = rew = None
+    def _network(self, s, ws) -> tuple[_Trace, Tensor | None]:
+        """The step's forward pass, loss and errors, without autograd (their adjoint is :meth:`network_vjp`);
+        also returns the correctness of the step's sample."""
+        net, plan, n = self.net, self.plan, self.net.n_layers
+        ys, zs = _forward(net, ws, self.x[:, s])
+        y_out, target = ys[-1], self.target[:, s]
+        loss = correct = None
         if plan.need_loss or self.tracker.curves:
             loss = _sample_loss(net, zs[-1], y_out, target)
         if plan.need_correct or self.tracker.curves:
@@ -772,58 +756,112 @@ class _FastRun:
                 if label is not None
                 else torch.full_like(y_out[:, 0], float("nan"))
             )
-        if plan.need_reward:
-            rew = correct if self.reward == "correct" else -loss
-        es: list = [None] * (n + 1)
+        t = _Trace(ys, zs, [None] * (n + 1), {}, {}, loss)
         if plan.any_err:
-            e_out = y_out - target
-            es[n] = e_out
-            direct = net.feedback == "dfa"
+            es = t.es
+            es[n] = y_out - target
+            mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
             for i in plan.err_layers:
-                back = mrefs[i].vm(e_out if direct else es[i + 1])
-                d = self.dx[:, s] if i == 0 else _derivative(net, ys[i], zs[i])
-                es[i] = back * d
-        facs = []
-        for i in range(n):
-            nd = plan.needs[i]
-            sig = {}
-            if "pre" in nd:
-                sig["pre"] = ys[i]
-            if "post" in nd:
-                sig["post"] = ys[i + 1]
-            if "err" in nd:
-                sig["err"] = es[i + 1]
-            if "pre_err" in nd:
-                sig["pre_err"] = es[i]
-            if "w" in nd:
-                sig["w"] = wrefs[i]
-            if "fb" in nd:
-                sig["fb"] = fbsig[i]
-            if "reward" in nd:
-                sig["reward"] = rew
-            if "loss" in nd:
-                sig["loss"] = loss
-            if "mod" in nd:
-                sig["mod"] = rew
-            n_post, n_pre = net.sizes[i + 1], net.sizes[i]
-            facs.append(self.lows[i].factors(sig, params[i], bases[i], wrefs[i], b, n_post, n_pre, x))
-        return facs, es, loss, correct
+                t.backs[i] = _vecmat(es[n] if net.feedback == "dfa" else es[i + 1], mats[i])
+                t.ds[i] = self.dx[:, s] if i == 0 else _derivative(net, ys[i], zs[i])
+                es[i] = t.backs[i] * t.ds[i]
+        return t, correct
+
+    def _factors(self, t: _Trace, correct, wrefs, params, bases, record: bool) -> list:
+        """Every layer's ``(a, U, Vt)``; under ``record`` the step's signal tensors become leaves of the rule's graph,
+        which is kept (in the factors) for the adjoint."""
+        net, plan, b, x = self.net, self.plan, self.b, self.x
+        with torch.set_grad_enabled(record):
+            if record:
+                for v in [t.ys[i] for i in self.leaf_ys] + [t.es[i] for i in self.leaf_es]:
+                    v.requires_grad_()
+                if self.leaf_loss:
+                    t.loss.requires_grad_()
+            rew = None
+            if plan.need_reward:
+                rew = correct if self.reward == "correct" else -t.loss
+            facs = []
+            for i in range(net.n_layers):
+                nd = plan.needs[i]
+                sig = {}
+                if "pre" in nd:
+                    sig["pre"] = t.ys[i]
+                if "post" in nd:
+                    sig["post"] = t.ys[i + 1]
+                if "err" in nd:
+                    sig["err"] = t.es[i + 1]
+                if "pre_err" in nd:
+                    sig["pre_err"] = t.es[i]
+                if "w" in nd:
+                    sig["w"] = wrefs[i]
+                if "fb" in nd:
+                    sig["fb"] = wrefs[i] if net.feedback == "bp" else self.fbs[i]
+                if "reward" in nd:
+                    sig["reward"] = rew
+                if "loss" in nd:
+                    sig["loss"] = t.loss
+                if "mod" in nd:
+                    sig["mod"] = rew
+                n_post, n_pre = net.sizes[i + 1], net.sizes[i]
+                facs.append(self.lows[i].factors(sig, params[i], bases[i], wrefs[i], b, n_post, n_pre, x))
+        return facs
+
+    def network_vjp(self, s, t: _Trace, ws, sinks) -> None:
+        """Carry the gradients of step ``s``'s signal leaves (filled by the backward of its rule graph) back through
+        its errors and forward pass, by hand, at the weights ``ws`` of that step; each weight product sends its
+        weight gradient to ``sinks`` as a rank-1 factor ``(post, pre)``."""
+        net, plan, n = self.net, self.plan, self.net.n_layers
+        gy = [None] + [y.grad for y in t.ys[1:]]
+        ge = [None if e is None else e.grad for e in t.es]
+        gz: list = [None] * (n + 1)
+        if plan.any_err:
+            mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
+            for i in reversed(plan.err_layers):  # ascending: e_i's gradient is complete (e_i feeds e_{i-1} only)
+                if ge[i] is None:
+                    continue
+                src = n if net.feedback == "dfa" else i + 1
+                g_back = ge[i] * t.ds[i]
+                ge[src] = _add(ge[src], _matvec(mats[i], g_back))
+                if net.feedback == "bp":
+                    sinks[i].append((t.es[src], g_back))
+                if i > 0:
+                    dy, dz = _derivative_backward(net, ge[i] * t.backs[i], t.ys[i], t.zs[i], t.ds[i])
+                    gy[i], gz[i] = _add(gy[i], dy), _add(gz[i], dz)
+            gy[n] = _add(gy[n], ge[n])
+        if gy[n] is not None:
+            gz[n] = _output_backward(net, gy[n], t.ys[n])
+        if t.loss is not None and t.loss.grad is not None:  # the loss' gradient w.r.t. the logits (CE) or outputs
+            gz[n] = _add(gz[n], t.loss.grad.unsqueeze(-1) * (t.ys[n] - self.target[:, s]))
+        for i in range(n, 0, -1):
+            if i < n and gy[i] is not None:
+                gz[i] = _add(gz[i], _activate_backward(net, gy[i], t.ys[i], t.zs[i]))
+            if gz[i] is None:
+                continue
+            sinks[i - 1].append((gz[i], t.ys[i - 1]))
+            if i > 1:
+                gy[i - 1] = _add(gy[i - 1], _vecmat(gz[i], ws[i - 1]))
 
     # ---- forward sweep -------------------------------------------------------------------------------------
     def forward(self, ws0, record: bool):
-        """Run the online steps in place on copies of ``ws0``; returns the final weights."""
+        """Run the online steps in place on copies of ``ws0``; returns the final weights. ``record`` keeps what
+        :meth:`adjoint` needs: each step's trace and rule graph, and the weight snapshots."""
         ws = [w.detach().clone(memory_format=torch.contiguous_format) for w in ws0]
-        rec = _Recorder(_RECORD if record else _OFF)
-        wrefs, mrefs, fbsig = self._refs(ws, rec, None)
-        params = self.layer_params([p.detach() for p in self.param_tensors])
-        bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
-        snaps: dict = {}
+        self.leaves = [p.detach().requires_grad_(p.requires_grad and record) for p in self.param_tensors]
+        params = self.layer_params(self.leaves)
+        with torch.set_grad_enabled(record):  # the coefficients once per run: the step graphs start at their leaves
+            self.bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
+        bases = [c.detach().requires_grad_(c.requires_grad) for c in self.bases]
+        self.base_leaves = bases
+        self.sinks = [[] for _ in ws]
+        anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True) if record else None
+        self.wrefs = [_MatRef(w, sink, anchor) for w, sink in zip(ws, self.sinks)]
+        traces, snaps = [], {}
         for s in range(self.n_steps):
             if record and s % self.snap_every == 0:
                 snaps[s] = [w.clone() for w in ws]
-            rec.begin(s)
-            facs, es, loss, correct = self.step(s, wrefs, mrefs, fbsig, params, bases)
-            for w, (a, U, Vt) in zip(ws, facs):  # W <- (1 + a) W + U Vt, one pass when a is one number
+            t, correct = self._network(s, ws)
+            t.facs = self._factors(t, correct, self.wrefs, params, bases, record)
+            for w, (a, U, Vt) in zip(ws, t.facs):  # W <- (1 + a) W + U Vt, one pass when a is one number
                 beta = _beta(a)
                 if beta is None and a is not None:
                     w.mul_((1.0 + a).reshape(-1, 1, 1))
@@ -831,83 +869,71 @@ class _FastRun:
                     w.baddbmm_(U, Vt, beta=1.0 if beta is None else beta)
                 elif beta is not None:
                     w.mul_(beta)
-            self.tracker.after_step(s, ws, self.fbs, es, loss, correct)
-        self.rec, self.snaps = rec, snaps
+            self.tracker.after_step(s, ws, self.fbs, t.es, t.loss, correct)
+            if record:
+                traces.append(t)
+        self.traces, self.snaps = (traces, snaps) if record else (None, None)
         return ws
 
     # ---- adjoint sweep -------------------------------------------------------------------------------------
     def adjoint(self, ws_final, grads):
         """``dL/dparams`` (one per param tensor) and ``dL/dW_0`` from ``grads = dL/dW_N``."""
-        rec, snaps = self.rec, self.snaps
-        self.rec = self.snaps = None
-        if rec is None:
+        traces, snaps, sinks = self.traces, self.snaps, self.sinks
+        self.traces = self.snaps = None
+        if traces is None:
             raise RuntimeError("run_episodes' adjoint was already used; backward through it only once.")
-        n = self.net.n_layers
         ws = [w.detach().clone() for w in ws_final]
+        for ref, w in zip(self.wrefs, ws):  # the graphs' products read the weights as reversed below
+            ref.mat = w
         G = [torch.zeros_like(w) if g is None else g.detach().clone() for w, g in zip(ws, grads)]
-        leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.param_tensors]
-        params = self.layer_params(leaves)
-        with torch.enable_grad():  # the coefficients once per run: each step's graph starts at their leaves
-            bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
-        base_leaves = [b.detach().requires_grad_(b.requires_grad) for b in bases]
-        sinks: list[list] = [[] for _ in range(n)]
-        rec.mode = _REPLAY
-        rec.anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True)
-        wrefs, mrefs, fbsig = self._refs(ws, rec, sinks)
         for s in range(self.n_steps - 1, -1, -1):
-            rec.begin(s)
-            with torch.enable_grad():
-                facs = self.step(s, wrefs, mrefs, fbsig, params, base_leaves)[0]
-            rec.steps[s] = None
-            with torch.no_grad():
-                snap = snaps.pop(s, None)
-                for i, (a, U, Vt) in enumerate(facs):  # W_{s+1} -> W_s
-                    if snap is not None:
-                        ws[i].copy_(snap[i])
-                        continue
-                    beta = _beta(a)
-                    if U is not None and (a is None or beta is not None):
-                        inv = 1.0 if beta is None else 1.0 / beta
-                        ws[i].baddbmm_(U.detach(), Vt.detach(), beta=inv, alpha=-inv)
-                        continue
-                    if U is not None:
-                        ws[i].baddbmm_(U.detach(), Vt.detach(), alpha=-1)
-                    ws[i].div_(beta if beta is not None else (1.0 + a.detach()).reshape(-1, 1, 1))
-                outs, cots = [], []
-                for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
-                    g = G[i]
-                    if U is not None:
-                        if U.requires_grad:
-                            outs.append(U)
-                            cots.append(torch.bmm(Vt.detach(), g.transpose(1, 2)).transpose(1, 2))
-                        if Vt.requires_grad:
-                            outs.append(Vt)
-                            cots.append(torch.bmm(U.detach().transpose(1, 2), g))
-                    if a is not None and a.requires_grad:
-                        da = torch.bmm(g.reshape(g.shape[0], 1, -1), ws[i].reshape(g.shape[0], -1, 1)).reshape(-1)
-                        outs.append(a)
-                        cots.append(da if a.dim() else da.sum())
-            if outs:  # one scalar surrogate: cheaper than validating a list of (output, cotangent) pairs
-                with torch.enable_grad():
-                    sum((o * c).sum() for o, c in zip(outs, cots)).backward()
-            with torch.no_grad():
-                for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
-                    beta = _beta(a)
-                    if beta is None and a is not None:
-                        G[i].mul_((1.0 + a.detach()).reshape(-1, 1, 1))
-                    if sinks[i]:
-                        P = torch.stack([p for p, _ in sinks[i]], -1)
-                        Q = torch.stack([q for _, q in sinks[i]], -2)
-                        G[i].baddbmm_(P, Q, beta=1.0 if beta is None else beta)
-                        sinks[i].clear()
-                    elif beta is not None:
-                        G[i].mul_(beta)
-        done = [(b, leaf.grad) for b, leaf in zip(bases, base_leaves) if leaf.grad is not None]
+            t, traces[s] = traces[s], None
+            facs = t.facs
+            snap = snaps.pop(s, None)
+            for i, (a, U, Vt) in enumerate(facs):  # W_{s+1} -> W_s
+                if snap is not None:
+                    ws[i].copy_(snap[i])
+                    continue
+                beta = _beta(a)
+                if U is not None and (a is None or beta is not None):
+                    inv = 1.0 if beta is None else 1.0 / beta
+                    ws[i].baddbmm_(U.detach(), Vt.detach(), beta=inv, alpha=-inv)
+                    continue
+                if U is not None:
+                    ws[i].baddbmm_(U.detach(), Vt.detach(), alpha=-1)
+                ws[i].div_(beta if beta is not None else (1.0 + a.detach()).reshape(-1, 1, 1))
+            outs, cots = [], []
+            for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
+                g = G[i]
+                if U is not None:
+                    if U.requires_grad:
+                        outs.append(U)
+                        cots.append(torch.bmm(Vt.detach(), g.transpose(1, 2)).transpose(1, 2))
+                    if Vt.requires_grad:
+                        outs.append(Vt)
+                        cots.append(torch.bmm(U.detach().transpose(1, 2), g))
+                if a is not None and a.requires_grad:
+                    da = torch.bmm(g.reshape(g.shape[0], 1, -1), ws[i].reshape(g.shape[0], -1, 1)).reshape(-1)
+                    outs.append(a)
+                    cots.append(da if a.dim() else da.sum())
+            if outs:
+                _backward(outs, cots)
+            self.network_vjp(s, t, ws, sinks)
+            for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
+                beta = _beta(a)
+                if beta is None and a is not None:
+                    G[i].mul_((1.0 + a.detach()).reshape(-1, 1, 1))
+                if sinks[i]:
+                    P = torch.stack([p for p, _ in sinks[i]], -1)
+                    Q = torch.stack([q for _, q in sinks[i]], -2)
+                    G[i].baddbmm_(P, Q, beta=1.0 if beta is None else beta)
+                    sinks[i].clear()
+                elif beta is not None:
+                    G[i].mul_(beta)
+        done = [(c, leaf.grad) for c, leaf in zip(self.bases, self.base_leaves) if leaf.grad is not None]
         if done:
-            with torch.enable_grad():
-                torch.autograd.backward(*zip(*done))
-        pgrads = [None if leaf.grad is None else leaf.grad for leaf in leaves]
-        return pgrads, G
+            torch.autograd.backward(*zip(*done))
+        return [leaf.grad for leaf in self.leaves], G
 
 
 class _Adjoint(torch.autograd.Function):

@@ -357,6 +357,37 @@ def _derivative(net: Network, y: Tensor, z: Tensor | None) -> Tensor:
     return s * (1.0 + z * (1.0 - s))
 
 
+def _activate_backward(net: Network, g: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """``g * sigma'(z)`` for ``y = _activate(net, z)``, by the kernels autograd uses (softplus: the default
+    threshold 20 of ``F.softplus``)."""
+    a = net.activation
+    if a == "softplus":
+        return torch.ops.aten.softplus_backward(g, z, net.beta, 20.0)
+    if a == "tanh":
+        return torch.ops.aten.tanh_backward(g, y)
+    if a == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(g, y)
+    if a == "silu":
+        return torch.ops.aten.silu_backward(g, z)
+    return g
+
+
+def _derivative_backward(net: Network, g: Tensor, y: Tensor, z: Tensor | None, d: Tensor):
+    """The vector-Jacobian product of :func:`_derivative` (value ``d``) with ``g``: ``(dL/dy, dL/dz)``, one of
+    them None (None twice for the linear activation)."""
+    a = net.activation
+    if a == "softplus":  # d = -expm1(-beta y)
+        return g * (1.0 - d) * net.beta, None
+    if a == "tanh":  # d = 1 - y^2
+        return g * y * -2.0, None
+    if a == "sigmoid":  # d = y (1 - y)
+        return g * (1.0 - 2.0 * y), None
+    if a == "linear":
+        return None, None
+    s = torch.sigmoid(z)  # silu: d = s (1 + z (1 - s))
+    return None, g * s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+
+
 def _input_derivative(net: Network, x: Tensor) -> Tensor:
     """``1 - exp(-beta x)``: sigma' of the input treated as a softplus activity (for ``e_0``)."""
     return torch.expm1(x * -net.beta).neg()
@@ -364,6 +395,11 @@ def _input_derivative(net: Network, x: Tensor) -> Tensor:
 
 def _output(net: Network, z: Tensor) -> Tensor:
     return torch.softmax(z, dim=-1) if net.loss == "ce" else z
+
+
+def _output_backward(net: Network, g: Tensor, y: Tensor) -> Tensor:
+    """``dL/dz_L`` from ``g = dL/dy_L`` for ``y = _output(net, z)`` (the softmax's Jacobian under CE)."""
+    return y * (g - (g * y).sum(-1, keepdim=True)) if net.loss == "ce" else g
 
 
 def _forward(net: Network, weights: Sequence[Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
