@@ -491,23 +491,25 @@ class _Product(torch.autograd.Function):
 class _LowRank:
     """The factored form ``dW = a W + U V^T`` of one layer's compiled rule (fast path only).
 
-    The rule's structure is analysed once: the global factor of each product (an index into the stacked global
-    values), the decay's coefficient vector (``a = P a_vec`` over the products' coefficients ``P``) and, for the
-    fused outer products, a map ``T`` from ``P`` to the coefficient matrix ``M`` between the distinct post and pre
-    vectors, so ``U V^T = U_d M V_d^T`` (``M`` is folded into the side with more distinct vectors). A call runs
-    the tape and a handful of batched ops; no per-call validation (the inner loop validated shapes and parameters
-    once per run). Raises :class:`_Unsupported` for other shapes of rules.
+    The rule's structure is analysed once: ``U V^T = U_d M V_d^T`` with the distinct post and pre vectors ``U_d``,
+    ``V_d`` and their coefficient matrix ``M`` (folded into the side with more distinct vectors), and
+    ``M = sum_j g_j M_j`` over the distinct global factors ``g = [1, g_1, ...]``; likewise ``a = sum_j g_j a_j``.
+    The ``M_j, a_j`` depend on the parameters only: :meth:`coefficients` computes them once per run, and a call
+    (:meth:`factors`) runs the tape and a handful of batched ops; no per-call validation (the inner loop validated
+    shapes and parameters once per run). Raises :class:`_Unsupported` for other shapes of rules.
     """
 
-    __slots__ = ("rule", "consts", "g_refs", "g_of", "decay", "decay_global", "u_keys", "v_keys", "T", "keep_u")
+    __slots__ = ("rule", "consts", "g_refs", "E", "decay", "decay_global", "u_keys", "v_keys", "T", "keep_u")
 
     def __init__(self, rule):
         self.rule, self.consts = rule, {}
         A = rule._A  # (products, columns): which products feed which (u, v) column
         self.g_refs = list(dict.fromkeys(ref for _, ref in rule._g))  # the distinct global factors
-        self.g_of = [0] * A.shape[0]  # per product: 0 (none) or 1 + its global factor's index
+        g_of = [0] * A.shape[0]  # per product: 0 (none) or 1 + its global factor's index
         for k, ref in rule._g:
-            self.g_of[k] = 1 + self.g_refs.index(ref)
+            g_of[k] = 1 + self.g_refs.index(ref)
+        self.E = torch.zeros(len(self.g_refs) + 1, A.shape[0], dtype=torch.float64)  # which products g_j scales
+        self.E[g_of, range(A.shape[0])] = 1.0
         self.decay = self.u_keys = self.v_keys = self.T = None
         self.decay_global = self.keep_u = False
         for s_ref, cols, us, vs, consts in rule._groups:
@@ -515,7 +517,7 @@ class _LowRank:
                 if s_ref is None or self.decay is not None:
                     raise _Unsupported("a synapse factor other than the weights")
                 self.decay = (s_ref, A[:, cols] @ consts)
-                self.decay_global = any(self.g_of[k] for k in (A[:, cols] != 0).any(1).nonzero().flatten().tolist())
+                self.decay_global = bool((self.E[1:] @ self.decay[1]).any())
             elif s_ref is not None:
                 raise _Unsupported("a synapse factor times outer products")
             else:
@@ -526,24 +528,26 @@ class _LowRank:
                     T[:, self.u_keys.index(u), self.v_keys.index(v)] = A[:, col]
                 self.T = T.flatten(1)
 
-    def _const(self, like: Tensor):
-        """Per dtype and device: ``(c, r index, global factor index, a_vec, T)``."""
-        key = (like.dtype, like.device)
-        hit = self.consts.get(key)
-        if hit is None:
-            r, dev, f = self.rule, like.device, {"dtype": like.dtype, "device": like.device}
-            a_vec = None if self.decay is None else self.decay[1].to(**f)
-            hit = (r._c.to(**f), r._r_idx.to(dev), torch.tensor(self.g_of, device=dev), a_vec,
-                   None if self.T is None else self.T.to(**f))  # fmt: skip
-            self.consts[key] = hit
-        return hit
-
-    def base(self, params, like: Tensor):
-        """Per-product coefficients before global factors: ``theta[r] * c`` (linear) or ``c``."""
-        c, r_idx = self._const(like)[:2]
-        if self.rule._linear:
-            return params.index_select(-1, r_idx) * c
-        return c
+    def coefficients(self, params, b: int, like: Tensor):
+        """The run's constant coefficients ``(M, a)`` from ``theta`` (or ``c`` for a general rule, whose constants
+        enter through the tape): ``M_j`` ``(n_g + 1, J * D)`` (per episode ``(B, n_g + 1, J * D)``) and ``a_j``
+        ``(..., n_g + 1)``; without global factors ``M`` itself ``(B, J, D)``, and without a global factor of the
+        decay ``a`` itself (one number or ``(B,)``). None for an absent part."""
+        r, f = self.rule, {"dtype": like.dtype, "device": like.device}
+        base = r._c.to(**f)  # per product: theta[r] * c
+        if r._linear:
+            base = params.index_select(-1, r._r_idx.to(like.device)) * base
+        per = base.unsqueeze(-2) * self.E.to(**f)  # (..., n_g + 1, products)
+        M = a = None
+        if self.T is not None:
+            M = per @ self.T.to(**f)
+            if not self.g_refs:
+                M = M[..., 0, :].unflatten(-1, (len(self.u_keys), len(self.v_keys))).expand(b, -1, -1)
+        if self.decay is not None:
+            a = per @ self.decay[1].to(**f)
+            if not self.decay_global:
+                a = a[..., 0]
+        return M, a
 
     def _vec(self, ref, vals, shape, like):
         """A global ``(B,)``, post or pre value of the tape at ``shape`` (constants cached)."""
@@ -558,27 +562,26 @@ class _LowRank:
             hit = self.consts[key] = torch.full(shape, ref[1], dtype=like.dtype, device=like.device)
         return hit
 
-    def factors(self, signals, params, base, wref, b, n_post, n_pre, like):
-        """``(a, U, Vt)`` with ``dW = a W + U Vt`` (coefficients absorbed): ``a`` ``(B,)``/``()``/None, ``U``
-        ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises _Unsupported."""
-        g_idx, a_vec, T = self._const(like)[2:]
+    def factors(self, signals, params, coef, wref, b, n_post, n_pre, like):
+        """``(a, U, Vt)`` with ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
+        ``(B,)``/``()``/None, ``U`` ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises
+        _Unsupported."""
+        M, a = coef
         vals = self.rule._comp.run({"signals": signals, "params": params})
-        P = base
+        if self.decay is not None and vals[self.decay[0][1]] is not wref:
+            raise _Unsupported("a synapse factor other than the weights")
         if self.g_refs:
-            g = [self._vec(("const", 1.0), vals, (b,), like)]
-            g += [self._vec(ref, vals, (b,), like) for ref in self.g_refs]
-            P = base * torch.stack(g, -1).index_select(-1, g_idx)
-        a = U = Vt = None
-        if self.decay is not None:
-            if vals[self.decay[0][1]] is not wref:
-                raise _Unsupported("a synapse factor other than the weights")
-            a = (P if self.decay_global else base) @ a_vec
-        if T is not None:
-            M = (P @ T).unflatten(-1, (len(self.u_keys), len(self.v_keys)))
+            g = torch.stack([self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]], -1)
+            if self.decay_global:
+                a = torch.linalg.vecdot(g, a)
+            if M is not None:
+                M = g @ M if M.dim() == 2 else torch.bmm(g.unsqueeze(1), M).squeeze(1)
+                M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
+        U = Vt = None
+        if M is not None:
             Ud = torch.stack([self._vec(u, vals, (b, n_post), like) for u in self.u_keys], -1)
             Vd = torch.stack([self._vec(v, vals, (b, n_pre), like) for v in self.v_keys], 1)
-            mm = torch.bmm if M.dim() == 3 else torch.matmul  # bmm: no broadcasting in the graph
-            U, Vt = (Ud, mm(M, Vd)) if self.keep_u else (mm(Ud, M), Vd)
+            U, Vt = (Ud, torch.bmm(M, Vd)) if self.keep_u else (torch.bmm(Ud, M), Vd)
         return a, U, Vt
 
 
@@ -614,7 +617,7 @@ def _low_rank_of(update) -> tuple[_LowRank | None, str]:
         else:
             params = {n: torch.tensor(0.5, dtype=torch.float64) for n in update._const_names}
         with torch.no_grad():
-            lr.factors(sig, params, lr.base(params, like), wref, b, n_post, n_pre, like)
+            lr.factors(sig, params, lr.coefficients(params, b, like), wref, b, n_post, n_pre, like)
     except Exception as err:  # noqa: BLE001 - any failure means: use the general autograd path
         lr, why = None, f"{type(err).__name__}: {err}"
     _ELIGIBLE[id(update)] = (update, lr, why)
@@ -688,6 +691,11 @@ def _backward(outs: list, cots: list) -> None:
     """``torch.autograd.backward(outs, cots)`` straight into the engine: its per-pair Python validation costs more
     than a step's small backward (the pairs are built here to match)."""
     torch.autograd.Variable._execution_engine.run_backward(tuple(outs), tuple(cots), False, False, (), True, True)
+
+
+def _leaf(t: Tensor | None) -> Tensor | None:
+    """A contiguous leaf with ``t``'s value (and ``requires_grad``) for the step graphs to start at."""
+    return None if t is None else t.detach().contiguous().requires_grad_(t.requires_grad)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -767,7 +775,7 @@ class _FastRun:
                 es[i] = t.backs[i] * t.ds[i]
         return t, correct
 
-    def _factors(self, t: _Trace, correct, wrefs, params, bases, record: bool) -> list:
+    def _factors(self, t: _Trace, correct, wrefs, params, coefs, record: bool) -> list:
         """Every layer's ``(a, U, Vt)``; under ``record`` the step's signal tensors become leaves of the rule's graph,
         which is kept (in the factors) for the adjoint."""
         net, plan, b, x = self.net, self.plan, self.b, self.x
@@ -803,7 +811,7 @@ class _FastRun:
                 if "mod" in nd:
                     sig["mod"] = rew
                 n_post, n_pre = net.sizes[i + 1], net.sizes[i]
-                facs.append(self.lows[i].factors(sig, params[i], bases[i], wrefs[i], b, n_post, n_pre, x))
+                facs.append(self.lows[i].factors(sig, params[i], coefs[i], wrefs[i], b, n_post, n_pre, x))
         return facs
 
     def network_vjp(self, s, t: _Trace, ws, sinks) -> None:
@@ -849,9 +857,8 @@ class _FastRun:
         self.leaves = [p.detach().requires_grad_(p.requires_grad and record) for p in self.param_tensors]
         params = self.layer_params(self.leaves)
         with torch.set_grad_enabled(record):  # the coefficients once per run: the step graphs start at their leaves
-            self.bases = [low.base(p, self.x) for low, p in zip(self.lows, params)]
-        bases = [c.detach().requires_grad_(c.requires_grad) for c in self.bases]
-        self.base_leaves = bases
+            self.coefs = [low.coefficients(p, self.b, self.x) for low, p in zip(self.lows, params)]
+        coefs = self.coef_leaves = [tuple(map(_leaf, cs)) for cs in self.coefs]
         self.sinks = [[] for _ in ws]
         anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True) if record else None
         self.wrefs = [_MatRef(w, sink, anchor) for w, sink in zip(ws, self.sinks)]
@@ -860,7 +867,7 @@ class _FastRun:
             if record and s % self.snap_every == 0:
                 snaps[s] = [w.clone() for w in ws]
             t, correct = self._network(s, ws)
-            t.facs = self._factors(t, correct, self.wrefs, params, bases, record)
+            t.facs = self._factors(t, correct, self.wrefs, params, coefs, record)
             for w, (a, U, Vt) in zip(ws, t.facs):  # W <- (1 + a) W + U Vt, one pass when a is one number
                 beta = _beta(a)
                 if beta is None and a is not None:
@@ -930,7 +937,8 @@ class _FastRun:
                     sinks[i].clear()
                 elif beta is not None:
                     G[i].mul_(beta)
-        done = [(c, leaf.grad) for c, leaf in zip(self.bases, self.base_leaves) if leaf.grad is not None]
+        done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
+                if leaf is not None and leaf.grad is not None]  # fmt: skip
         if done:
             torch.autograd.backward(*zip(*done))
         return [leaf.grad for leaf in self.leaves], G
