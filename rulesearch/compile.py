@@ -325,7 +325,7 @@ class TorchCompiler:
         u, M, v = expr.args
         left = self.slot(Contract(M, u))  # (M^T u)_j, shared with any F9-like term
         rv = self.slot(v)
-        return self._emit(lambda env, a, b: (a * b).sum(-1), (left[1], rv[1]), "global")
+        return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], rv[1]), "global")
 
     def _compile_OrderedContract(self, expr):
         self.kinds.add("contraction")
