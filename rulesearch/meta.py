@@ -2057,6 +2057,25 @@ def _pseudo_gradient_lr(rule) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+MAIN_JOB: dict[str, Any] = {"meta": {"lr": 3e-4}}
+"""Where the main job (``rulesearch discover``) departs from the paper's defaults (:class:`DiscoverConfig`):
+Adam lr 3e-4 instead of 1e-3. On digits with feedback alignment, steps of 1e-3 on all ten pool coefficients
+random-walk the large-scale terms (``(sum y) e x^T`` is 10-30x ``e x^T``) into divergence within ~20 meta-steps;
+at 3e-4 the meta-accuracy of 100 meta-steps climbs from FA's level (~0.2) to about 0.8."""
+
+
+def main_job_config(data: Mapping[str, Any] | None = None) -> DiscoverConfig:
+    """The main job's config: :data:`MAIN_JOB` overridden by ``data`` (e.g. a config file's keys)."""
+
+    def merge(base: Mapping, over: Mapping) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(v, Mapping) and isinstance(base.get(k), Mapping) else v
+        return out
+
+    return DiscoverConfig.from_dict(merge(MAIN_JOB, data or {}))
+
+
 def discover(
     config: DiscoverConfig | Mapping | None = None,
     *,
@@ -2071,8 +2090,8 @@ def discover(
     The run directory is ``out``, else ``./runs/<name>``, else ``./runs/discover-<rule>-<feedback>-<time>``.
     Under ``torchrun`` the fit is data-parallel (see :class:`RuleSearch`, ``distributed``).
     """
-    cfg = DiscoverConfig() if config is None else config
-    cfg = cfg if isinstance(cfg, DiscoverConfig) else DiscoverConfig.from_dict(cfg)
+    cfg = main_job_config() if config is None else config
+    cfg = cfg if isinstance(cfg, DiscoverConfig) else main_job_config(cfg)
     if out is None and name is None:
         if resume:
             raise ConfigError("resume needs the run directory: pass --out PATH (or --name NAME).")

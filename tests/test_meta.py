@@ -402,6 +402,12 @@ def test_grammar_and_terms_and_json_file(tmp_path):
     assert search(str(path), tiny_meta(episodes=1)).config().rule_json is not None
 
 
+def test_main_job_departs_from_the_paper_only_in_the_learning_rate():
+    main = meta_mod.main_job_config()
+    assert main.meta.lr == 3e-4 and main.replace(**{"meta.lr": 1e-3}) == DiscoverConfig()
+    assert meta_mod.main_job_config({"meta": {"lr": 1e-3, "runs": 2}}).meta.lr == 1e-3  # a config file wins
+
+
 def test_default_discover_config_is_the_main_job():
     cfg = DiscoverConfig()
     assert cfg.rule == "pool" and cfg.network.feedback == "fa" and cfg.network.activation == "softplus"
