@@ -69,7 +69,7 @@ def run_variant(item: str, name: str, cfg: dict, a) -> RuleSearch:
     """Meta-train one variant (or continue / reuse its run directory)."""
     path = Path(a.runs_dir) / item / name.replace(" ", "_")
     cfg = {**cfg, "meta": {**cfg.get("meta", {}), "episodes": a.episodes, "runs": a.runs, "compare": False,
-                           "threads": a.threads, "device": a.device}}  # fmt: skip
+                           "threads": a.threads, "device": a.device, "lr": a.lr}}  # fmt: skip
     if path.exists() and RunDir.open(path).is_finished:
         return RuleSearch.from_run(path)
     if a.summarize_only:
@@ -217,11 +217,11 @@ def _protocol(item: str, a) -> str:
     )
     return (
         f"Data: {data}; softplus beta=10, 5-way K=50 Q=10 (250 online steps), Xavier W and B redrawn every episode, "
-        "B = 1 episode per meta-step, Adam lr 1e-3, theta_0 = 1e-3 and the other coefficients 0; runs batched. "
+        f"B = 1 episode per meta-step, Adam lr {a.lr:g}, theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
         f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
-        f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs}"
+        f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs} --lr {a.lr:g}"
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + "`."
     )
@@ -239,6 +239,7 @@ def main(argv=None):
         choices=("subgradient", "proximal"),
         help="L1 in the meta-loss (the paper) or a proximal soft-threshold step (fig4, lambda)",
     )
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 1e-3)")
     p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
