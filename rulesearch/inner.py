@@ -892,7 +892,8 @@ class _FastRun:
         ws = [w.detach().clone() for w in ws_final]
         for ref, w in zip(self.wrefs, ws):  # the graphs' products read the weights as reversed below
             ref.mat = w
-        G = [torch.zeros_like(w) if g is None else g.detach().clone() for w, g in zip(ws, grads)]
+        G = [torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format)
+             for w, g in zip(ws, grads)]  # fmt: skip
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
