@@ -11,7 +11,7 @@ from rulesearch.inner import _low_rank_of, run_episodes
 from rulesearch.networks import Network, init_params
 from rulesearch.pools import bio, f0, oja, pool
 from rulesearch.rule import Rule, Term
-from rulesearch.signals import Contract, err, fb, loss, mod, post, pre, pre_err
+from rulesearch.signals import Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
 
 F64 = torch.float64
 SIZES = (9, 7, 6, 4)
@@ -72,6 +72,27 @@ def test_adjoint_network_vjp_equals_autograd(activation, loss_fn, feedback):
     assert bool(torch.isfinite(ref.loss).all())
     torch.testing.assert_close(res.loss, ref.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("per_episode", [False, True], ids=["shared", "per_episode"])
+def test_adjoint_global_decay_and_general_rule(per_episode):
+    """A decay with a global factor (one per step) and a general rule whose constants enter as global factors."""
+    net, batch = Network(sizes=SIZES), _batch()
+    shape = (3, pool.n_params + 1) if per_episode else None
+    decayed = Rule((*pool.terms, Term("D", -layer_sum(post) * w)), "pool_d")
+    _, g_ref = _grad(net, batch, decayed, _theta(decayed, shape=shape), method="autograd")
+    _, g = _grad(net, batch, decayed, _theta(decayed, shape=shape), method="adjoint")
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
+    k, c = Constant("k"), Constant("c")
+    general = Rule.general(-k * err * pre + c * k * post * pre_err - c**2 * w, [k, c], name="general")
+    out = {}
+    for method in ("autograd", "adjoint"):
+        params = {"k": torch.full((3,) if per_episode else (), 0.1, dtype=F64, requires_grad=True),
+                  "c": torch.tensor(0.05, dtype=F64, requires_grad=True)}  # fmt: skip
+        res = run_episodes(net, batch, compile_rule(general), params, seed=0, method=method)
+        out[method] = torch.autograd.grad(res.loss.sum(), list(params.values()))
+    for a, b in zip(out["adjoint"], out["autograd"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("every", [1, 4, 50])
