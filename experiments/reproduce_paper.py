@@ -58,7 +58,8 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
                 for fb in ("bp", "fa")]  # fmt: skip
     if item == "fig4":
         meta = {"l1_mode": a.l1_mode}
-        return [(f"pool {a.l1_mode} l1={l1:g}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
+        tag = f"lr={a.lr:g}" + (f" {a.term_scale}-scaled" if a.term_scale != "none" else "")
+        return [(f"pool {a.l1_mode} l1={l1:g} {tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
     if item == "rules":
         return [(r, {"rule": r, "task": task, "meta": {"l1": 0.0}}) for r in ("bio", "ehebb", "oja")]
@@ -68,8 +69,9 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
 def run_variant(item: str, name: str, cfg: dict, a) -> RuleSearch:
     """Meta-train one variant (or continue / reuse its run directory)."""
     path = Path(a.runs_dir) / item / name.replace(" ", "_")
-    cfg = {**cfg, "meta": {**cfg.get("meta", {}), "episodes": a.episodes, "runs": a.runs, "compare": False,
-                           "threads": a.threads, "device": a.device, "lr": a.lr}}  # fmt: skip
+    common = {"episodes": a.episodes, "runs": a.runs, "compare": False, "threads": a.threads, "device": a.device,
+              "lr": a.lr, "term_scale": a.term_scale}  # fmt: skip
+    cfg = {**cfg, "meta": {**cfg.get("meta", {}), **common}}
     if path.exists() and RunDir.open(path).is_finished:
         return RuleSearch.from_run(path)
     if a.summarize_only:
@@ -222,6 +224,7 @@ def _protocol(item: str, a) -> str:
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
         f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
         f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs} --lr {a.lr:g}"
+        + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + "`."
     )
@@ -240,6 +243,7 @@ def main(argv=None):
         help="L1 in the meta-loss (the paper) or a proximal soft-threshold step (fig4, lambda)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 1e-3)")
+    p.add_argument("--term-scale", default="none", choices=("none", "rms"), help="per-term Adam step sizes")
     p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
