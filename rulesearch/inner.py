@@ -439,14 +439,16 @@ class _MatRef:
     ``(B, n_post, n_pre)``, seen only through the products ``mv`` (``M v``) and ``vm`` (``M^T u``) that the tape's
     contractions call; any torch function on it raises :class:`_Unsupported` (such rules take the autograd path).
 
-    While the forward sweep keeps the rule's graph (``anchor`` set, grad enabled), each product is a
-    :class:`_Product` node, which sends ``dL/dM`` as a rank-1 factor ``(post, pre)`` to ``sink``.
+    While the forward sweep keeps the rule's graph (``log`` set, grad enabled), a product of a vector without a graph
+    (a signal) is a leaf, logged for :meth:`backward` by hand; a product of an expression is a :class:`_Product`
+    node. Both read ``M`` as reversed to the product's step by then, and send ``dL/dM`` as a rank-1 factor
+    ``(post, pre)`` to ``sink``.
     """
 
-    __slots__ = ("mat", "sink", "anchor")
+    __slots__ = ("mat", "sink", "log")
 
-    def __init__(self, mat, sink=None, anchor=None):
-        self.mat, self.sink, self.anchor = mat, sink, anchor
+    def __init__(self, mat, sink=None, log=None):
+        self.mat, self.sink, self.log = mat, sink, log
 
     def mv(self, v: Tensor) -> Tensor:
         """``M v`` for ``v`` of shape ``(B, n_pre)``."""
@@ -457,9 +459,22 @@ class _MatRef:
         return self._product(u, True)
 
     def _product(self, v: Tensor, transpose: bool) -> Tensor:
-        if self.anchor is not None and torch.is_grad_enabled():
-            return _Product.apply(v, self.anchor, self, transpose)
-        return _vecmat(v, self.mat) if transpose else _matvec(self.mat, v)
+        if self.log is None or not torch.is_grad_enabled():
+            return _vecmat(v, self.mat) if transpose else _matvec(self.mat, v)
+        if v.grad_fn is not None:
+            return _Product.apply(v, self, transpose)
+        x = v.detach()
+        out = (_vecmat(x, self.mat) if transpose else _matvec(self.mat, x)).requires_grad_()
+        self.log.append((self, v, out, transpose))
+        return out
+
+    def backward(self, v: Tensor, g: Tensor, transpose: bool, need_v: bool) -> Tensor | None:
+        """Send the weight gradient of the product of ``v`` (output gradient ``g``) to the sink; returns the
+        gradient w.r.t. ``v`` if ``need_v``."""
+        self.sink.append((v.detach(), g) if transpose else (g, v.detach()))
+        if not need_v:
+            return None
+        return _matvec(self.mat, g) if transpose else _vecmat(g, self.mat)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -467,12 +482,11 @@ class _MatRef:
 
 
 class _Product(torch.autograd.Function):
-    """A product ``M v`` (or ``M^T u``) in a rule's graph. Its backward runs in the adjoint sweep, when ``M`` has been
-    reversed to the product's step: it reads ``M`` and hands ``dL/dM`` to the reference's sink as a rank-1 factor.
-    ``anchor`` (a scalar that requires grad) makes every product a node, also of vectors without a gradient."""
+    """A product ``M v`` (or ``M^T u``) of an expression ``v`` in a rule's graph; its backward (in the adjoint sweep)
+    is :meth:`_MatRef.backward`."""
 
     @staticmethod
-    def forward(ctx, v, anchor, ref, transpose):
+    def forward(ctx, v, ref, transpose):
         ctx.ref, ctx.transpose = ref, transpose
         ctx.save_for_backward(v)
         return _vecmat(v, ref.mat) if transpose else _matvec(ref.mat, v)
@@ -480,12 +494,7 @@ class _Product(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
-        ref, transpose, v = ctx.ref, ctx.transpose, v.detach()
-        gv = None
-        if ctx.needs_input_grad[0]:
-            gv = _matvec(ref.mat, g) if transpose else _vecmat(g, ref.mat)
-        ref.sink.append((v, g) if transpose else (g, v))
-        return gv, None, None, None
+        return ctx.ref.backward(v, g, ctx.transpose, ctx.needs_input_grad[0]), None, None
 
 
 class _LowRank:
@@ -676,7 +685,8 @@ def _beta(a) -> float | None:
 class _Trace:
     """What the forward sweep keeps of one online step for the adjoint: activities ``ys``, pre-activations ``zs``,
     errors ``es`` (those that are signals are leaves of the rule's graph), per error index the feedback product
-    ``backs`` and derivative ``ds`` it was made of, the sample loss and every layer's factors ``(a, U, Vt)``."""
+    ``backs`` and derivative ``ds`` it was made of, the sample loss, every layer's factors ``(a, U, Vt)`` and the
+    rule's logged products of signals (:class:`_MatRef`)."""
 
     ys: list
     zs: list
@@ -685,6 +695,7 @@ class _Trace:
     ds: dict
     loss: Tensor | None
     facs: list | None = None
+    products: list = dataclasses.field(default_factory=list)
 
 
 def _backward(outs: list, cots: list) -> None:
@@ -785,6 +796,8 @@ class _FastRun:
                     v.requires_grad_()
                 if self.leaf_loss:
                     t.loss.requires_grad_()
+                for ref in wrefs:
+                    ref.log = t.products
             rew = None
             if plan.need_reward:
                 rew = correct if self.reward == "correct" else -t.loss
@@ -860,8 +873,7 @@ class _FastRun:
             self.coefs = [low.coefficients(p, self.b, self.x) for low, p in zip(self.lows, params)]
         coefs = self.coef_leaves = [tuple(map(_leaf, cs)) for cs in self.coefs]
         self.sinks = [[] for _ in ws]
-        anchor = torch.zeros((), dtype=self.x.dtype, device=self.x.device, requires_grad=True) if record else None
-        self.wrefs = [_MatRef(w, sink, anchor) for w, sink in zip(ws, self.sinks)]
+        self.wrefs = [_MatRef(w, sink) for w, sink in zip(ws, self.sinks)]
         traces, snaps = [], {}
         for s in range(self.n_steps):
             if record and s % self.snap_every == 0:
@@ -926,6 +938,10 @@ class _FastRun:
                     cots.append(da if a.dim() else da.sum())
             if outs:
                 _backward(outs, cots)
+            for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
+                if out.grad is not None:
+                    gv = ref.backward(v, out.grad, transpose, v.requires_grad)
+                    v.grad = _add(v.grad, gv)
             self.network_vjp(s, t, ws, sinks)
             for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
                 beta = _beta(a)

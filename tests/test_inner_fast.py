@@ -62,9 +62,11 @@ def test_adjoint_equals_autograd(rule, feedback):
 @pytest.mark.parametrize("activation", ["softplus", "tanh", "sigmoid", "silu", "linear"])
 def test_adjoint_network_vjp_equals_autograd(activation, loss_fn, feedback):
     """The adjoint carries the signals' gradients back through the errors and the forward pass by hand: the same
-    meta-gradient as autograd for every activation and loss, with the loss, reward (-loss) and fb signals."""
-    rule = Rule((*pool.terms, Term("L", -loss * err * pre), Term("M", mod * post * pre_err),
-                 Term("B", -err * Contract(fb, err))), "pool_lmb")  # fmt: skip
+    meta-gradient as autograd for every activation and loss, with the loss, reward (-loss) and fb signals, and a
+    product of the weights with an expression."""
+    extra = (Term("L", -loss * err * pre), Term("M", mod * post * pre_err), Term("B", -err * Contract(fb, err)),
+             Term("P", -err * Contract(w, post * err)))  # fmt: skip
+    rule = Rule((*pool.terms, *extra), "pool_extra")
     net, batch = Network(sizes=SIZES, feedback=feedback, activation=activation, loss=loss_fn), _batch()
     theta = 0.3 * _theta(rule)
     ref, g_ref = _grad(net, batch, rule, theta, method="autograd", reward="neg_loss")
