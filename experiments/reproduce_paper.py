@@ -219,7 +219,9 @@ def _protocol(item: str, a) -> str:
     )
     return (
         f"Data: {data}; softplus beta=10, 5-way K=50 Q=10 (250 online steps), Xavier W and B redrawn every episode, "
-        f"B = 1 episode per meta-step, Adam lr {a.lr:g}, theta_0 = 1e-3 and the other coefficients 0; runs batched. "
+        "B = 1 episode per meta-step, "
+        + ("Adam lr as in the variant's name" if item == "fig4" else f"Adam lr {a.lr:g}")
+        + ", theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
         f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
@@ -264,6 +266,11 @@ def main(argv=None):
         s = run_variant(a.item, name, cfg, a)
         if s is not None:
             searches[name] = s
+    done = {n.replace(" ", "_") for n in searches}
+    item_dir = Path(a.runs_dir) / a.item
+    for d in sorted(item_dir.iterdir()) if item_dir.is_dir() else []:  # variants of earlier invocations too
+        if d.name not in done and RunDir.open(d).load_checkpoint(map_location="cpu") is not None:
+            searches[d.name.replace("_", " ")] = RuleSearch.from_run(d)
     if searches:
         summarize(a.item, searches, a)
 
