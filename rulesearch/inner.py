@@ -872,6 +872,7 @@ class _FastRun:
         with torch.set_grad_enabled(record):  # the coefficients once per run: the step graphs start at their leaves
             self.coefs = [low.coefficients(p, self.b, self.x) for low, p in zip(self.lows, params)]
         coefs = self.coef_leaves = [tuple(map(_leaf, cs)) for cs in self.coefs]
+        self.betas = [_beta(a) for _, a in coefs]  # a decay that is one number is the run's constant
         self.sinks = [[] for _ in ws]
         self.wrefs = [_MatRef(w, sink) for w, sink in zip(ws, self.sinks)]
         traces, snaps = [], {}
@@ -880,8 +881,7 @@ class _FastRun:
                 snaps[s] = [w.clone() for w in ws]
             t, correct = self._network(s, ws)
             t.facs = self._factors(t, correct, self.wrefs, params, coefs, record)
-            for w, (a, U, Vt) in zip(ws, t.facs):  # W <- (1 + a) W + U Vt, one pass when a is one number
-                beta = _beta(a)
+            for w, (a, U, Vt), beta in zip(ws, t.facs, self.betas):  # W <- (1 + a) W + U Vt (one pass if beta)
                 if beta is None and a is not None:
                     w.mul_((1.0 + a).reshape(-1, 1, 1))
                 if U is not None:
@@ -914,7 +914,7 @@ class _FastRun:
                 if snap is not None:
                     ws[i].copy_(snap[i])
                     continue
-                beta = _beta(a)
+                beta = self.betas[i]
                 if U is not None and (a is None or beta is not None):
                     inv = 1.0 if beta is None else 1.0 / beta
                     ws[i].baddbmm_(U.detach(), Vt.detach(), beta=inv, alpha=-inv)
@@ -944,7 +944,7 @@ class _FastRun:
                     v.grad = _add(v.grad, gv)
             self.network_vjp(s, t, ws, sinks)
             for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
-                beta = _beta(a)
+                beta = self.betas[i]
                 if beta is None and a is not None:
                     G[i].mul_((1.0 + a.detach()).reshape(-1, 1, 1))
                 if sinks[i]:
