@@ -418,14 +418,16 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 # meta-gradient is computed by a hand-written adjoint instead of autograd through the unrolled loop:
 #
 # * forward: the network's pass and errors run without autograd; the rule's factors ``U, V, a`` are computed under
-#   autograd from the step's signal tensors (made leaves) and the coefficients, and that small vector graph is kept
-#   with the signals (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
+#   autograd from the step's signal tensors and the rule's coefficients (leaves; the coefficients depend on the
+#   parameters only and are computed once per run), and that small vector graph is kept with the signals (a few
+#   vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
 # * backward, step ``s = N-1 .. 0``: the weights are reversed in place, ``W_s = (W_{s+1} - U V^T) / (1 + a)`` (or
 #   restored from a snapshot); with ``G = dL/dW_{s+1}``: ``dU = G V``, ``dV = G^T U``, ``da = <G, W_s>``; autograd
-#   carries these through the step's rule graph to ``theta`` and to the signals, whose gradients are carried back
-#   through the errors and the forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight
-#   matrix with a vector (``W y``, ``W^T e`` under bp, ``W^T y`` inside the rule) sends its weight gradient as a
-#   rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
+#   carries these through the step's rule graph to the coefficients (summed over the steps, then carried to
+#   ``theta`` once) and to the signals, whose gradients are carried back through the errors and the forward pass by
+#   hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under
+#   bp, ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T``
+#   is one more ``baddbmm_``.
 #
 # Memory: O(B (N * sum(n_l) + N / checkpoint_every * |W|)) instead of O(B N |W|) for autograd.
 
