@@ -102,8 +102,10 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     update = compile_rule(pool)
     print(f"rule: {pool.name} ({pool.n_terms} terms), compile paths {sorted(update.paths)}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}; time per update call: "
-          f"median of {args.repeats} round-robin calls ('(min)': speedup of the minima), forward, no autograd")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}; time per update call: "
+        f"median of {args.repeats} round-robin calls ('(min)': speedup of the minima), forward, no autograd"
+    )
     print("memory: peak bytes alive during one call (output included) from the torch.profiler memory timeline; "
           "'x' = multiples of one B*n_post*n_pre*itemsize array")  # fmt: skip
     ok = True
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
                 a, b = update(sig, theta), naive_update(pool, sig, theta)
                 err = float((a - b).abs().max() / b.abs().max())
                 (tc, tc_min), (tn, tn_min) = paired_times(
-                    [lambda: update(sig, theta), lambda: naive_update(pool, sig, theta)], args.repeats  # noqa: B023
+                    [lambda: update(sig, theta), lambda: naive_update(pool, sig, theta)],  # noqa: B023
+                    args.repeats,
                 )
                 mc = peak_memory(lambda: update(sig, theta))  # noqa: B023
                 mn = peak_memory(lambda: naive_update(pool, sig, theta))  # noqa: B023

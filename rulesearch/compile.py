@@ -271,9 +271,7 @@ class TorchCompiler:
     def _relation(self, c, role):
         name = type(c).__name__
         if name not in _RELATIONS:
-            raise UnsupportedNodeError(
-                f"Piecewise condition {c} ({name}) is not supported; use >, <, >=, <=."
-            )
+            raise UnsupportedNodeError(f"Piecewise condition {c} ({name}) is not supported; use >, <, >=, <=.")
         op = _RELATIONS[name]
         a, b = self.slot(c.lhs), self.slot(c.rhs)
 
@@ -331,9 +329,7 @@ class TorchCompiler:
         self.kinds.add("contraction")
         u, M = expr.args
         ru, rm = self.slot(u), self.slot(M)
-        return self._emit(
-            lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse"
-        )
+        return self._emit(lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse")
 
 
 def _contract(m, x, transpose: bool):
@@ -580,11 +576,7 @@ class CompiledRule:
             theta = params
             if not isinstance(theta, torch.Tensor):
                 raise ShapeError(f"theta must be a tensor of shape (R,) or (B, R) with R={self.n_params}.")
-            if (
-                theta.shape[-1:] != (self.n_params,)
-                or theta.dim() > 2
-                or (theta.dim() == 2 and theta.shape[0] != B)
-            ):
+            if theta.shape[-1:] != (self.n_params,) or theta.dim() > 2 or (theta.dim() == 2 and theta.shape[0] != B):
                 raise ShapeError(
                     f"theta has shape {tuple(theta.shape)}; expected ({self.n_params},) or ({B}, {self.n_params}) "
                     f"for rule {self.rule.name!r} with terms {list(self.rule.term_names())}."
@@ -673,9 +665,7 @@ def _role_shape(role, signals):
         return {"global": (dims["B"],), "post": (dims["B"], dims["post"]), "pre": (dims["B"], dims["pre"]),
                 "synapse": (dims["B"], dims["post"], dims["pre"])}[role]  # fmt: skip
     except KeyError:
-        raise SignalError(
-            f"Cannot infer the shape of a {role} state from signals {sorted(signals)}."
-        ) from None
+        raise SignalError(f"Cannot infer the shape of a {role} state from signals {sorted(signals)}.") from None
 
 
 def _role_of_value(x: torch.Tensor, role: str) -> str:
@@ -758,9 +748,7 @@ class RuleModule(torch.nn.Module):
         self.update = compile_rule(rule)
         vals = values if values is not None else rule.values
         if rule.is_linear:
-            init = torch.as_tensor(
-                vals if vals is not None else [0.0] * rule.n_terms, dtype=torch.get_default_dtype()
-            )
+            init = torch.as_tensor(vals if vals is not None else [0.0] * rule.n_terms, dtype=torch.get_default_dtype())
             self.theta = torch.nn.Parameter(init.clone())
         else:
             vals = dict(vals) if vals is not None else {c.name: 1.0 for c in rule.constants}

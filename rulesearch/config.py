@@ -284,9 +284,7 @@ def _check_field(value: Any, f: dataclasses.Field, tp: Any, key: str) -> Any:
         value = _convert(value, tp, key)
     except _Mismatch as err:
         detail = f" ({err.detail})" if err.detail else ""
-        raise ConfigError(
-            f"Config key {key!r}: received {_show(value)}, expected {_type_name(tp)}{detail}."
-        ) from None
+        raise ConfigError(f"Config key {key!r}: received {_show(value)}, expected {_type_name(tp)}{detail}.") from None
     choices = f.metadata.get("choices")
     if choices is not None:
         _check_choices(value, tuple(choices), key)
@@ -350,12 +348,10 @@ def _from_dict(cls: type[C], data: Any, prefix: str) -> C:
         if old in data:
             if new in data:
                 raise ConfigError(
-                    f"Config {_section(prefix, cls)} sets both {old!r} and its new name {new!r}; keep only "
-                    f"{new!r}."
+                    f"Config {_section(prefix, cls)} sets both {old!r} and its new name {new!r}; keep only {new!r}."
                 )
             warnings.warn(
-                f"Config key {_join(prefix, old)!r} was renamed to {_join(prefix, new)!r}; "
-                "update your config.",
+                f"Config key {_join(prefix, old)!r} was renamed to {_join(prefix, new)!r}; update your config.",
                 FutureWarning,
                 stacklevel=3,
             )
@@ -429,8 +425,7 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
         child = node.get(part)
         if not isinstance(child, dict):
             raise ConfigError(
-                f"Config key {_join(prefix, part)!r} is {_show(child)}, not a section; "
-                f"{dotted!r} cannot be set."
+                f"Config key {_join(prefix, part)!r} is {_show(child)}, not a section; {dotted!r} cannot be set."
             )
         node, node_cls = child, sub_cls
 

@@ -102,9 +102,7 @@ class Dataset:
         if not isinstance(self.name, str) or not self.name:
             raise DatasetError(f"Dataset name must be a non-empty string; received {self.name!r}.")
         if self.task not in _TASKS:
-            raise DatasetError(
-                f"Dataset {self.name!r}: task must be one of {_TASKS}; received {self.task!r}."
-            )
+            raise DatasetError(f"Dataset {self.name!r}: task must be one of {_TASKS}; received {self.task!r}.")
         x, y = self.images, self.labels
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise DatasetError(
@@ -279,9 +277,7 @@ class Dataset:
 
     def _require_classification(self, what: str) -> None:
         if self.task != "classification":
-            raise ConfigError(
-                f"Dataset {self.name!r}.{what}() needs a classification dataset; task is {self.task!r}."
-            )
+            raise ConfigError(f"Dataset {self.name!r}.{what}() needs a classification dataset; task is {self.task!r}.")
 
 
 def _describe(x: Any) -> str:
@@ -341,9 +337,7 @@ def _classification(
         idx = _first_per_class_indices(labels, per_class, n_classes, name)
         images, labels = images[idx], labels[idx]
     shape = tuple(images.shape[1:])
-    x = torch.from_numpy(
-        np.ascontiguousarray(images).reshape(len(images), -1).astype(np.float32) / np.float32(scale)
-    )
+    x = torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1).astype(np.float32) / np.float32(scale))
     info = dict(info or {})
     if per_class is not None:
         info["per_class"] = int(per_class)
@@ -513,8 +507,7 @@ def load_emnist(
         raise ConfigError(f"EMNIST part must be one of {_EMNIST_PARTS}; received {part!r}.")
     if split is not None and split not in _EMNIST_CLASSES:
         raise ConfigError(
-            f"Unknown EMNIST split {split!r}; known: {sorted(_EMNIST_CLASSES)}"
-            f"{_did_you_mean(split, _EMNIST_CLASSES)}"
+            f"Unknown EMNIST split {split!r}; known: {sorted(_EMNIST_CLASSES)}{_did_you_mean(split, _EMNIST_CLASSES)}"
         )
     root = _resolve_root(path)
     splits = [split] if split is not None else ["balanced", "bymerge"]
@@ -611,16 +604,13 @@ def _emnist_from_npz(file: Path, split: str | None, part: str, per_class: int | 
         raise DatasetError(f"Could not read {str(file)!r} as an npz archive ({err}).") from err
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(
-            f"{str(file)!r}: expected images (N, H, W) and labels (N,), received {images.shape} and "
-            f"{labels.shape}."
+            f"{str(file)!r}: expected images (N, H, W) and labels (N,), received {images.shape} and {labels.shape}."
         )
     split = split or _split_from_name(file.name)
     return _emnist_dataset(images, labels, split, part, per_class, mapping, file)
 
 
-def _emnist_from_idx(
-    images: Path, labels: Path, split: str | None, part: str, per_class: int | None
-) -> Dataset:
+def _emnist_from_idx(images: Path, labels: Path, split: str | None, part: str, per_class: int | None) -> Dataset:
     x, y = _read_idx_pair(images, labels)
     return _emnist_dataset(x.transpose(0, 2, 1), y, split, part, per_class, None, images)
 
@@ -661,9 +651,7 @@ def _load_mnist_like(
     )
 
 
-def load_mnist(
-    path: str | os.PathLike | None = None, part: str = "train", per_class: int | None = None
-) -> Dataset:
+def load_mnist(path: str | os.PathLike | None = None, part: str = "train", per_class: int | None = None) -> Dataset:
     """MNIST from the IDX files ``train-images-idx3-ubyte.gz`` (``t10k-...`` for the test part) in path."""
     return _load_mnist_like("mnist", path, part, per_class, [str(d) for d in range(10)])
 
@@ -750,9 +738,7 @@ def make_lowrank(
         raise ConfigError(f"lowrank: noise must be >= 0; received {noise!r}.")
     rng = np.random.default_rng(seed)
     z = rng.random((n_samples, n_in))
-    w_true = (rng.standard_normal((n_in, rank)) / np.sqrt(n_in)) @ (
-        rng.standard_normal((rank, n_out)) / np.sqrt(rank)
-    )
+    w_true = (rng.standard_normal((n_in, rank)) / np.sqrt(n_in)) @ (rng.standard_normal((rank, n_out)) / np.sqrt(rank))
     y = z @ w_true + noise * rng.standard_normal((n_samples, n_out))
     return Dataset(
         name="lowrank",
@@ -813,9 +799,7 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, **options: An
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASETS:
-        raise DatasetError(
-            f"Unknown dataset {name!r}; known: {sorted(DATASETS)}{_did_you_mean(key, DATASETS)}"
-        )
+        raise DatasetError(f"Unknown dataset {name!r}; known: {sorted(DATASETS)}{_did_you_mean(key, DATASETS)}")
     loader = DATASETS[key]
     params = inspect.signature(loader).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -866,9 +850,7 @@ def split_classes(dataset: Dataset, spec: Any = "all", seed: int = 0) -> ClassSp
     ClassSplit(meta_train=[0, 1, 2], meta_test=[3, 4, 5, 6, 7, 8, 9])
     """
     if dataset.task != "classification":
-        raise ConfigError(
-            f"split_classes needs a classification dataset; {dataset.name!r} is {dataset.task}."
-        )
+        raise ConfigError(f"split_classes needs a classification dataset; {dataset.name!r} is {dataset.task}.")
     n = dataset.n_classes
     everything = list(range(n))
     if isinstance(spec, str):
@@ -890,18 +872,14 @@ def split_classes(dataset: Dataset, spec: Any = "all", seed: int = 0) -> ClassSp
         )
     if isinstance(spec, float):
         if not 0.0 < spec < 1.0 or n < 2:
-            raise ConfigError(
-                f"A fractional class split must lie in (0, 1) with >= 2 classes; received {spec!r}."
-            )
+            raise ConfigError(f"A fractional class split must lie in (0, 1) with >= 2 classes; received {spec!r}.")
         n_train = min(max(int(round(spec * n)), 1), n - 1)
         perm = np.random.default_rng(seed).permutation(n)
         return ClassSplit(sorted(int(c) for c in perm[:n_train]), sorted(int(c) for c in perm[n_train:]))
     try:
         items = list(spec)
     except TypeError as err:
-        raise ConfigError(
-            f"Cannot read class split {spec!r}: expected a name, fraction or class lists."
-        ) from err
+        raise ConfigError(f"Cannot read class split {spec!r}: expected a name, fraction or class lists.") from err
     if len(items) == 2 and all(not isinstance(s, (int, np.integer, str)) for s in items):
         train = _check_class_list(items[0], n, "split_classes meta_train")
         test = _check_class_list(items[1], n, "split_classes meta_test")

@@ -241,9 +241,7 @@ class TaskSampler:
             try:
                 allowed = [int(c) for c in classes]
             except (TypeError, ValueError) as err:
-                raise ConfigError(
-                    f"TaskSampler: classes must be a sequence of ints; received {classes!r}."
-                ) from err
+                raise ConfigError(f"TaskSampler: classes must be a sequence of ints; received {classes!r}.") from err
             bad = [c for c in allowed if not 0 <= c < ds.n_classes]
             if bad or len(set(allowed)) != len(allowed) or not allowed:
                 raise ConfigError(
@@ -277,9 +275,7 @@ class TaskSampler:
         self._table = table  # (C, width): row i holds the sample indices of class allowed[i] in file order
 
     def __repr__(self) -> str:
-        opts = "".join(
-            f", {k}=True" for k in ("replacement", "remap_labels", "fixed_images") if getattr(self, k)
-        )
+        opts = "".join(f", {k}=True" for k in ("replacement", "remap_labels", "fixed_images") if getattr(self, k))
         n = "regression" if self._regression else f"{len(self.classes)} classes"
         return f"TaskSampler({self.dataset.name!r} [{n}], M={self.M}, K={self.K}, Q={self.Q}{opts})"
 
@@ -336,17 +332,13 @@ class TaskSampler:
         slots, keys, perms = [], [], []
         for g in gens:  # the only random draws; their order defines the episode
             slots.append(
-                torch.randint(C, (M,), generator=g)
-                if self.replacement
-                else torch.randperm(C, generator=g)[:M]
+                torch.randint(C, (M,), generator=g) if self.replacement else torch.randperm(C, generator=g)[:M]
             )
             if not self.fixed_images:
                 keys.append(torch.rand(M, width, generator=g, dtype=torch.float64))
             perms.append(torch.randperm(M * K, generator=g))
         slots, perm = torch.stack(slots), torch.stack(perms)  # (B, M), (B, M*K)
-        first = (
-            (slots[:, :, None] == slots[:, None, :]).int().argmax(dim=2)
-        )  # (B, M): first slot of that class
+        first = (slots[:, :, None] == slots[:, None, :]).int().argmax(dim=2)  # (B, M): first slot of that class
         if self.fixed_images:
             pos = torch.arange(K + Q).expand(B, M, K + Q)
         else:

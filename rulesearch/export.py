@@ -245,9 +245,7 @@ def expr_to_json(expr) -> dict:
 def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
     """Decode a tree written by :func:`expr_to_json`; ``signals`` maps names to (derived) signals."""
     if not isinstance(node, Mapping) or not isinstance(node.get("type"), str):
-        raise InvalidRuleError(
-            f"Malformed expression node {str(node)[:80]!r}: expected an object with a 'type'."
-        )
+        raise InvalidRuleError(f"Malformed expression node {str(node)[:80]!r}: expected an object with a 'type'.")
     t = node["type"]
     try:
         if t == "Signal":
@@ -258,9 +256,7 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
                 )
             sig = signals[name]
             if sig.role != node["role"]:
-                raise InvalidRuleError(
-                    f"Signal {name!r} has role {sig.role!r} but the file says {node['role']!r}."
-                )
+                raise InvalidRuleError(f"Signal {name!r} has role {sig.role!r} but the file says {node['role']!r}.")
             return sig
         if t == "Constant":
             return Constant(_str(node["name"]))
@@ -305,9 +301,7 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
         if isinstance(e, InvalidRuleError):
             raise
         raise InvalidRuleError(f"Malformed {t} node {str(node)[:80]!r}: {e!r}.") from None
-    raise InvalidRuleError(
-        f"Node type {t!r} is not allowed in rule files (allowed: Add, Mul, Pow, numbers, ...)."
-    )
+    raise InvalidRuleError(f"Node type {t!r} is not allowed in rule files (allowed: Add, Mul, Pow, numbers, ...).")
 
 
 def _int(v) -> int:
@@ -426,9 +420,7 @@ def _signals_from_json(spec: Mapping) -> dict[str, Signal]:
             return known
         if not progressed:
             break
-    raise InvalidRuleError(
-        f"Cannot resolve derived signals {sorted(pending)} (unknown dependencies or a cycle)."
-    )
+    raise InvalidRuleError(f"Cannot resolve derived signals {sorted(pending)} (unknown dependencies or a cycle).")
 
 
 def rule_from_json(data) -> object:

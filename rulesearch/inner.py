@@ -191,9 +191,7 @@ def _needs(obj, what: str) -> frozenset:
         needs |= frozenset(getattr(spec, "needs", ()))
     unknown = needs - SIGNALS
     if unknown:
-        raise SignalError(
-            f"{what} needs unknown signal(s) {sorted(unknown)}; base signals are {sorted(SIGNALS)}."
-        )
+        raise SignalError(f"{what} needs unknown signal(s) {sorted(unknown)}; base signals are {sorted(SIGNALS)}.")
     return needs
 
 
@@ -248,9 +246,7 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
     if observe is not None:
         obs = frozenset(getattr(observe, "needs", ()))
         if obs - SIGNALS:
-            raise SignalError(
-                f"observer needs unknown signal(s) {sorted(obs - SIGNALS)}; base: {sorted(SIGNALS)}."
-            )
+            raise SignalError(f"observer needs unknown signal(s) {sorted(obs - SIGNALS)}; base: {sorted(SIGNALS)}.")
         needs = [nd | obs for nd in needs]
     for i in range(n):
         names = [s.name for s in specs[i] + fb_specs[i]]
@@ -288,12 +284,9 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
     need_reward = any("reward" in nd for nd in needs) or need_mod
     if need_reward and reward == "correct" and regression:
         raise ConfigError(
-            "reward='correct' is undefined for float regression targets; pass reward='neg_loss' "
-            "(reward = -loss)."
+            "reward='correct' is undefined for float regression targets; pass reward='neg_loss' (reward = -loss)."
         )
-    need_loss = any("loss" in nd for nd in needs) or (
-        need_reward and (reward == "neg_loss" or modulator is not None)
-    )
+    need_loss = any("loss" in nd for nd in needs) or (need_reward and (reward == "neg_loss" or modulator is not None))
     need_correct = need_reward and reward == "correct"
     return _Plan(
         updates,
@@ -372,8 +365,7 @@ def _step(net, plan, ws, fbs, states, x, target, label, s, modulator, reward_mod
         if s == 0 and (not torch.is_tensor(dw) or tuple(dw.shape) != tuple(ws[i].shape)):
             got = tuple(dw.shape) if torch.is_tensor(dw) else type(dw).__name__
             raise ShapeError(
-                f"update of layer {i} returned dW of shape {got}; expected (B, n_post, n_pre) = "
-                f"{tuple(ws[i].shape)}."
+                f"update of layer {i} returned dW of shape {got}; expected (B, n_post, n_pre) = {tuple(ws[i].shape)}."
             )
         new_ws.append(ws[i] + dw)
         dfb = None
@@ -1022,8 +1014,11 @@ def _fast_params(low, params, b, like):
     if not rule._linear:
         return _general_params(params, rule._const_names, rule.rule.name, b, like)
     r = rule.n_params
-    if not torch.is_tensor(params) or params.shape[-1:] != (r,) or params.dim() > 2 or (
-        params.dim() == 2 and params.shape[0] != b
+    if (
+        not torch.is_tensor(params)
+        or params.shape[-1:] != (r,)
+        or params.dim() > 2
+        or (params.dim() == 2 and params.shape[0] != b)
     ):
         shape = tuple(params.shape) if torch.is_tensor(params) else type(params).__name__
         raise ShapeError(
@@ -1104,12 +1099,7 @@ def _unpack(batch):
 
 
 def _check_x(net, x, name, b=None, allow_empty=False):
-    if (
-        not torch.is_tensor(x)
-        or x.dim() != 3
-        or x.shape[-1] != net.n_in
-        or (b is not None and x.shape[0] != b)
-    ):
+    if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != net.n_in or (b is not None and x.shape[0] != b):
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ShapeError(
             f"{name} has shape {shape}; expected (B, N, n_in) with n_in = {net.n_in} "
@@ -1243,9 +1233,7 @@ def run_episodes(
     target_query = make_targets(net, y_query, dtype, (b, int(x_query.shape[1])))
     regression = y_train.is_floating_point()
     labels_train = None if regression else y_train
-    plan = _make_plan(
-        net, update, params, feedback_update, feedback_params, observe, reward, modulator, regression
-    )
+    plan = _make_plan(net, update, params, feedback_update, feedback_params, observe, reward, modulator, regression)
 
     seed = getattr(batch, "seed", None) if seed is None else seed
     t = getattr(batch, "t", 0) if t is None else t
@@ -1266,9 +1254,7 @@ def run_episodes(
     if _check_weights(net, weights) != b:
         raise ShapeError(f"weights hold {weights[0].shape[0]} episodes but the batch has B = {b}.")
     if any(w.dtype != dtype for w in weights):
-        raise ShapeError(
-            f"weights must have the batch's dtype {dtype}; received {[w.dtype for w in weights]}."
-        )
+        raise ShapeError(f"weights must have the batch's dtype {dtype}; received {[w.dtype for w in weights]}.")
     feedback = list(feedback) if stored else []
     if stored:
         _check_feedback(net, feedback, b)

@@ -173,9 +173,7 @@ class Network:
     def __post_init__(self) -> None:
         sizes = self.sizes
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
-            raise ConfigError(
-                f"sizes must be a sequence of layer widths such as {DIGITS}; received {sizes!r}."
-            )
+            raise ConfigError(f"sizes must be a sequence of layer widths such as {DIGITS}; received {sizes!r}.")
         if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, Integral) or n < 1 for n in sizes):
             raise ConfigError(
                 f"sizes must hold at least two positive integers (input, ..., output); received {sizes!r}."
@@ -250,9 +248,7 @@ class Network:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:
-                raise ConfigError(
-                    f"Unknown Network key {key!r}; allowed: {', '.join(names)}.{_suggest(key, names)}"
-                )
+                raise ConfigError(f"Unknown Network key {key!r}; allowed: {', '.join(names)}.{_suggest(key, names)}")
         d = dict(d)
         if "sizes" in d:
             d["sizes"] = tuple(d["sizes"])
@@ -509,9 +505,7 @@ def _check_input(net: Network, x: Tensor, b: int, name: str = "x") -> None:
         raise ShapeError(f"{name} must be a floating-point tensor; received dtype {x.dtype}.")
 
 
-def make_targets(
-    net: Network, y: Tensor, dtype: torch.dtype, batch_shape: tuple[int, ...] | None = None
-) -> Tensor:
+def make_targets(net: Network, y: Tensor, dtype: torch.dtype, batch_shape: tuple[int, ...] | None = None) -> Tensor:
     """Output targets ``(..., n_out)`` from integer labels (one-hot) or, under MSE, float targets.
 
     Parameters
@@ -530,13 +524,9 @@ def make_targets(
                 f"loss 'ce' needs integer class labels (int64); received a float tensor of shape "
                 f"{tuple(y.shape)}. Pass labels, or use Network(loss='mse') for float regression targets."
             )
-        if y.shape[-1] != net.n_out or (
-            batch_shape is not None and tuple(y.shape[:-1]) != tuple(batch_shape)
-        ):
+        if y.shape[-1] != net.n_out or (batch_shape is not None and tuple(y.shape[:-1]) != tuple(batch_shape)):
             want = "(..., n_out)" if batch_shape is None else str((*batch_shape, net.n_out))
-            raise ShapeError(
-                f"float targets have shape {tuple(y.shape)}; expected {want} with n_out = {net.n_out}."
-            )
+            raise ShapeError(f"float targets have shape {tuple(y.shape)}; expected {want} with n_out = {net.n_out}.")
         return y.to(dtype)
     if y.dtype == torch.bool or y.is_complex():
         raise ShapeError(f"labels must be integer class ids (int64); received dtype {y.dtype}.")
@@ -612,9 +602,7 @@ def errors(
     if net.feedback not in ("bp", "sign"):
         _check_feedback(net, feedback, b)
     if len(activities) != net.n_layers + 1:
-        raise ShapeError(
-            f"activities must hold y_0..y_L ({net.n_layers + 1} tensors); received {len(activities)}."
-        )
+        raise ShapeError(f"activities must hold y_0..y_L ({net.n_layers + 1} tensors); received {len(activities)}.")
     _check_input(net, activities[0], b, "activities[0]")
     if z is None and net.activation not in _INVERTIBLE:
         z = [None] + [_matvec(w, a) for w, a in zip(weights, activities[:-1])]
@@ -673,9 +661,7 @@ def _alignment(net, weights, feedback, ys, zs, target) -> tuple[Tensor, Tensor]:
     n = net.n_layers
     e_out = ys[-1] - target
     layers = range(n - 1, 0, -1)
-    fb = _propagate(
-        net, ys, zs, e_out, _feedback_mats(net, weights, feedback, layers), layers, net.feedback == "dfa"
-    )
+    fb = _propagate(net, ys, zs, e_out, _feedback_mats(net, weights, feedback, layers), layers, net.feedback == "dfa")
     bp = _propagate(net, ys, zs, e_out, list(weights), layers, False)
     if n == 1:
         empty = e_out.new_zeros((e_out.shape[0], 0))

@@ -54,9 +54,7 @@ f0 = pool.select(["F0"])
 ehebb = pool.select(["F0", "F2"])
 oja = pool.select(["F0", "F9"])
 bio = pool.select(["F0", "F2", "F9"])
-f0, ehebb, oja, bio = (
-    Rule(r.terms, n) for r, n in ((f0, "f0"), (ehebb, "ehebb"), (oja, "oja"), (bio, "bio"))
-)
+f0, ehebb, oja, bio = (Rule(r.terms, n) for r, n in ((f0, "f0"), (ehebb, "ehebb"), (oja, "oja"), (bio, "bio")))
 
 NAMED_RULES = {"pool": pool, "f0": f0, "ehebb": ehebb, "oja": oja, "bio": bio}
 

@@ -69,9 +69,7 @@ def _check_expr(expr, where: str) -> sp.Expr:
     except (sp.SympifyError, TypeError) as e:
         raise InvalidRuleError(f"{where}: expected a SymPy expression over signals, got {expr!r}.") from e
     if not isinstance(expr, sp.Expr):
-        raise InvalidRuleError(
-            f"{where}: expected a scalar SymPy expression, got {type(expr).__name__}: {expr}."
-        )
+        raise InvalidRuleError(f"{where}: expected a scalar SymPy expression, got {type(expr).__name__}: {expr}.")
     try:
         role_of(expand_derived(expr))
         for s in state_signals(expr):
@@ -185,9 +183,7 @@ class Rule:
         object.__setattr__(self, "terms", terms)
         if self.expr is None:
             if not terms:
-                raise InvalidRuleError(
-                    "A rule needs at least one term (or a general expression via Rule.general)."
-                )
+                raise InvalidRuleError("A rule needs at least one term (or a general expression via Rule.general).")
             if not all(isinstance(t, Term) for t in terms):
                 raise InvalidRuleError("Rule terms must be Term objects: Term(name, expr).")
             names = [t.name for t in terms]
@@ -198,9 +194,7 @@ class Rule:
             if self.values is not None:
                 vals = tuple(float(v) for v in self.values)
                 if len(vals) != len(terms):
-                    raise InvalidRuleError(
-                        f"values has {len(vals)} entries, expected {len(terms)} (one per term)."
-                    )
+                    raise InvalidRuleError(f"values has {len(vals)} entries, expected {len(terms)} (one per term).")
                 object.__setattr__(self, "values", vals)
         else:
             if terms:
@@ -335,9 +329,7 @@ class Pool:
         return Pool(self.terms + tuple(other.terms))
 
     def __mul__(self, other: Pool) -> Pool:
-        return Pool(
-            tuple(Term(f"{a.name}*{b.name}", a.expr * b.expr) for a in self.terms for b in other.terms)
-        )
+        return Pool(tuple(Term(f"{a.name}*{b.name}", a.expr * b.expr) for a in self.terms for b in other.terms))
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -386,7 +378,5 @@ class NetworkRule:
 
     def params_per_layer(self, params: Sequence, n_layers: int) -> list:
         if len(params) != len(self.groups):
-            raise InvalidRuleError(
-                f"Expected {len(self.groups)} parameter entries (one per group), got {len(params)}."
-            )
+            raise InvalidRuleError(f"Expected {len(self.groups)} parameter entries (one per group), got {len(params)}.")
         return [params[self.group_of(layer)] for layer in range(n_layers)]

@@ -134,8 +134,7 @@ def run_path(name: str, out: str | os.PathLike | None = None) -> Path:
         return Path(out)
     if not name or Path(name).name != name:
         raise RunDirectoryError(
-            f"Run name {name!r} must be a plain directory name (no '/', not empty); "
-            "use --out to choose a full path."
+            f"Run name {name!r} must be a plain directory name (no '/', not empty); use --out to choose a full path."
         )
     return Path.cwd() / "runs" / name
 
@@ -251,11 +250,7 @@ _LEAF_TYPES = (torch.Tensor, int, float, bool, str, bytes, type(None))
 def _check_state(obj: Any, where: str) -> None:
     """Refuse at save time what ``torch.load(weights_only=True)`` would refuse at load time."""
     if isinstance(obj, _LEAF_TYPES) and type(obj).__module__ != "numpy":  # np.float64 subclasses float
-        if (
-            isinstance(obj, torch.Tensor)
-            and type(obj) is not torch.Tensor
-            and not isinstance(obj, torch.nn.Parameter)
-        ):
+        if isinstance(obj, torch.Tensor) and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
             raise TypeError(
                 f"Checkpoint entry {where} is a {type(obj).__name__} (a tensor subclass); "
                 "store a plain tensor (.detach().clone() or torch.Tensor(x))."
@@ -269,8 +264,7 @@ def _check_state(obj: Any, where: str) -> None:
         for key, value in obj.items():
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise TypeError(
-                    f"Checkpoint entry {where} has key {key!r} ({type(key).__name__}); "
-                    "keys must be str or int."
+                    f"Checkpoint entry {where} has key {key!r} ({type(key).__name__}); keys must be str or int."
                 )
             _check_state(value, f"{where}[{key!r}]")
         return
@@ -311,9 +305,7 @@ def _csv_value(value: Any, column: str) -> Any:
         return repr(value)
     if isinstance(value, (bool, int, str)):
         return value
-    raise TypeError(
-        f"Metric {column!r} is a {type(value).__name__}; metrics are numbers, strings, bools or None."
-    )
+    raise TypeError(f"Metric {column!r} is a {type(value).__name__}; metrics are numbers, strings, bools or None.")
 
 
 def _encode_rows(header: Sequence[str], rows: Sequence[Mapping[str, Any]], with_header: bool) -> bytes:
@@ -382,9 +374,7 @@ class RunDir:
         cfg_class = type(config) if hasattr(type(config), "from_dict") else None
         config = _plain_config(config)
         if run.path.exists() and not run.path.is_dir():
-            raise RunDirectoryError(
-                f"Run path {str(run.path)!r} exists and is not a directory; choose another --out."
-            )
+            raise RunDirectoryError(f"Run path {str(run.path)!r} exists and is not a directory; choose another --out.")
         has_run = (run.path / MANIFEST).exists() or (run.path / CONFIG).exists()
         if has_run:
             state = "a finished run" if run.is_finished else "an unfinished run"
@@ -466,8 +456,7 @@ class RunDir:
         rel = Path(name)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise RunDirectoryError(
-                f"File name {str(name)!r} must be a relative path inside the run directory "
-                "(no '..', not absolute)."
+                f"File name {str(name)!r} must be a relative path inside the run directory (no '..', not absolute)."
             )
         return self.path / rel
 
@@ -671,11 +660,7 @@ class RunDir:
     def _load_file(self, step: int, map_location: Any) -> dict[str, Any]:
         path = self.checkpoint_path(step)
         payload = torch.load(path, map_location=map_location, weights_only=True)
-        if (
-            not isinstance(payload, dict)
-            or payload.get("format") != _CHECKPOINT_FORMAT
-            or "state" not in payload
-        ):
+        if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT or "state" not in payload:
             raise RunDirectoryError(
                 f"{path} is not a rulesearch checkpoint (expected a dict with 'format' "
                 f"{_CHECKPOINT_FORMAT}, 'step' and 'state')."
@@ -708,9 +693,7 @@ class RunDir:
             except RunDirectoryError:
                 raise
             except Exception as err:
-                raise RunDirectoryError(
-                    f"Checkpoint {self.checkpoint_path(step)} is unreadable: {err}"
-                ) from err
+                raise RunDirectoryError(f"Checkpoint {self.checkpoint_path(step)} is unreadable: {err}") from err
         steps = self.checkpoint_steps()
         if not steps:
             return None
@@ -728,13 +711,9 @@ class RunDir:
                 )
                 continue
             return candidate, state
-        raise RunDirectoryError(
-            f"Every checkpoint in {self.checkpoint_dir} is unreadable: {'; '.join(errors)}"
-        )
+        raise RunDirectoryError(f"Every checkpoint in {self.checkpoint_dir} is unreadable: {'; '.join(errors)}")
 
-    def resume(
-        self, *, map_location: Any = "cpu", step_column: str = "step"
-    ) -> tuple[int, dict[str, Any]] | None:
+    def resume(self, *, map_location: Any = "cpu", step_column: str = "step") -> tuple[int, dict[str, Any]] | None:
         """Load the newest readable checkpoint and drop metric rows logged after it.
 
         Returns ``(step, state)``, or None when there is no checkpoint (then every metric row is dropped, as

@@ -109,9 +109,7 @@ class Signal(sp.Symbol):
     ``reward_baseline`` s with different ``tau``). A rule refuses two different definitions under one name.
     """
 
-    def __new__(
-        cls, name: str, role: str, definition=None, description: str = "", latex: str | None = None, key=None
-    ):
+    def __new__(cls, name: str, role: str, definition=None, description: str = "", latex: str | None = None, key=None):
         if role not in ROLES:
             raise InvalidRuleError(f"Signal {name!r}: role {role!r} is not one of {ROLES}.")
         if not isinstance(name, str) or not name.isidentifier():
@@ -167,13 +165,9 @@ post = Signal("post", "post", description="post-synaptic activity y_i", latex="y
 err = Signal("err", "post", description="error e_i of the post-synaptic neuron (sigma' included)", latex="e")
 pre_err = Signal("pre_err", "pre", description="error e'_j of the pre-synaptic neuron", latex="e'")
 w = Signal("w", "synapse", description="forward weight W_ij", latex="W")
-fb = Signal(
-    "fb", "synapse", description="feedback weight B_ji carrying the error from post i to pre j", latex="B"
-)
+fb = Signal("fb", "synapse", description="feedback weight B_ji carrying the error from post i to pre j", latex="B")
 mod = Signal("mod", "global", description="global modulator (default: reward)", latex="m")
-reward = Signal(
-    "reward", "global", description="1 if the current sample is classified correctly, else 0", latex="r"
-)
+reward = Signal("reward", "global", description="1 if the current sample is classified correctly, else 0", latex="r")
 loss = Signal("loss", "global", description="loss of the current training sample", latex=r"\ell")
 
 BASE_SIGNALS = {s.name: s for s in (pre, post, err, pre_err, w, fb, mod, reward, loss)}
@@ -295,9 +289,7 @@ def role_of(expr) -> str:
             f"{', '.join(ELEMENTWISE_FUNCTIONS)} or register an operator."
         )
     if not isinstance(expr, sp.Basic) or isinstance(expr, (sp.MatrixBase, sp.logic.boolalg.Boolean)):
-        raise InvalidRuleError(
-            f"Expected a scalar SymPy expression over signals, got {type(expr).__name__}: {expr!r}."
-        )
+        raise InvalidRuleError(f"Expected a scalar SymPy expression over signals, got {type(expr).__name__}: {expr!r}.")
     raise InvalidRuleError(
         f"Unsupported node {type(expr).__name__} in {expr}: supported are Add, Mul, Pow, numbers, signals, "
         f"the operators {', '.join(o.__name__ for o in OPERATORS)} and the functions "

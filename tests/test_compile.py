@@ -90,8 +90,10 @@ def paper_update(theta: np.ndarray, sig: dict) -> np.ndarray:
     arr = {k: v.numpy() for k, v in sig.items()}
     return np.stack(
         [
-            sum(th[b, r] * paper_term(r, arr["pre"][b], arr["post"][b], arr["err"][b], arr["pre_err"][b], arr["w"][b])
-                for r in range(10))  # fmt: skip
+            sum(
+                th[b, r] * paper_term(r, arr["pre"][b], arr["post"][b], arr["err"][b], arr["pre_err"][b], arr["w"][b])
+                for r in range(10)
+            )  # fmt: skip
             for b in range(B)
         ]
     )
@@ -157,8 +159,19 @@ def test_synapse_local_terms_match_per_synapse_loop(expr, gen):
     ref = torch.tensor(
         [
             [
-                [0.7 * f(a["pre"][b][j], a["post"][b][i], a["err"][b][i], a["pre_err"][b][j], a["w"][b][i][j],
-                         a["fb"][b][i][j], a["mod"][b]) for j in range(n_pre)]  # fmt: skip
+                [
+                    0.7
+                    * f(
+                        a["pre"][b][j],
+                        a["post"][b][i],
+                        a["err"][b][i],
+                        a["pre_err"][b][j],
+                        a["w"][b][i][j],
+                        a["fb"][b][i][j],
+                        a["mod"][b],
+                    )
+                    for j in range(n_pre)
+                ]  # fmt: skip
                 for i in range(n_post)
             ]
             for b in range(B)

@@ -231,9 +231,7 @@ def test_parse_and_apply_cli_overrides():
         "inner.sizes": [4, 2],
         "meta.l1": None,
     }
-    cfg = apply_overrides(
-        RunExample(name="x"), ["inner.lr=0.1", "inner.feedback=bp", "name=007", "out=runs/a"]
-    )
+    cfg = apply_overrides(RunExample(name="x"), ["inner.lr=0.1", "inner.feedback=bp", "name=007", "out=runs/a"])
     assert cfg.inner.lr == 0.1 and cfg.inner.feedback == "bp"
     assert cfg.name == "007" and cfg.out == Path("runs/a")  # str fields keep the raw text
     with pytest.raises(ConfigError, match="key=value"):

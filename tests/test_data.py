@@ -39,9 +39,7 @@ def write_idx(path, array, compress=None):
 
 def fake_chars(np_rng, n, n_classes=47, hw=(28, 28)):
     images = np_rng.integers(0, 256, size=(n, *hw), dtype=np.uint8)
-    labels = np.concatenate([np.arange(n_classes), np_rng.integers(0, n_classes, n - n_classes)]).astype(
-        np.uint8
-    )
+    labels = np.concatenate([np.arange(n_classes), np_rng.integers(0, n_classes, n - n_classes)]).astype(np.uint8)
     return images, labels
 
 
@@ -115,9 +113,7 @@ def test_emnist_idx_uncompressed_in_gzip_subfolder_and_file_path(tmp_path, np_rn
 
 def test_emnist_default_split_prefers_balanced_then_bymerge(tmp_path, np_rng):
     images, labels = fake_chars(np_rng, 50)
-    np.savez(
-        tmp_path / "emnist_bymerge_test.npz", images=images, labels=labels, mapping=np.array(EMNIST_MAPPING)
-    )
+    np.savez(tmp_path / "emnist_bymerge_test.npz", images=images, labels=labels, mapping=np.array(EMNIST_MAPPING))
     assert load_dataset("emnist", tmp_path).name == "emnist-bymerge-test"
     np.savez(tmp_path / "emnist_balanced_test.npz", images=images[:49], labels=labels[:49])
     assert load_dataset("emnist", tmp_path).name == "emnist-balanced-test"
@@ -132,18 +128,14 @@ def test_emnist_npz_file_and_per_class_first_n_in_file_order(tmp_path, np_rng):
 
     full = load_dataset("emnist", path)
     assert full.n_samples == n and full.n_classes == 47
-    np.testing.assert_allclose(
-        full.images.numpy(), images.reshape(n, -1) / 255.0, atol=1e-7
-    )  # already upright
+    np.testing.assert_allclose(full.images.numpy(), images.reshape(n, -1) / 255.0, atol=1e-7)  # already upright
 
     sub = load_dataset("emnist", path, per_class=5)
     expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:5] for c in range(n_classes)]))
     assert sub.n_samples == 5 * n_classes
     assert torch.equal(sub.n_per_class(), torch.full((47,), 5))
     np.testing.assert_array_equal(sub.labels.numpy(), labels[expected])
-    np.testing.assert_allclose(
-        sub.images.numpy(), images[expected].reshape(len(expected), -1) / 255.0, atol=1e-7
-    )
+    np.testing.assert_allclose(sub.images.numpy(), images[expected].reshape(len(expected), -1) / 255.0, atol=1e-7)
     assert sub.info["per_class"] == 5
     # the same subset through the Dataset method
     assert torch.equal(full.first_per_class(5).images, sub.images)

@@ -39,9 +39,7 @@ def assert_batches_equal(a: EpisodeBatch, b: EpisodeBatch) -> None:
 
 
 def cat(batches: list[EpisodeBatch]) -> dict:
-    return {
-        n: torch.cat([getattr(b, n) for b in batches]) for n in ("x_train", "y_train", "x_query", "y_query")
-    }
+    return {n: torch.cat([getattr(b, n) for b in batches]) for n in ("x_train", "y_train", "x_query", "y_query")}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -49,9 +47,7 @@ def cat(batches: list[EpisodeBatch]) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 def test_episode_seed_stable_and_distinct():
     assert episode_seed(1, 2, 3, "task") == episode_seed(1, 2, 3, "task")
-    seeds = {
-        episode_seed(s, t, k, st) for s in (0, 1) for t in (0, 1) for k in (0, 1) for st in ("task", "init")
-    }
+    seeds = {episode_seed(s, t, k, st) for s in (0, 1) for t in (0, 1) for k in (0, 1) for st in ("task", "init")}
     assert len(seeds) == 16 and all(0 <= v < 2**63 for v in seeds)
     a = torch.rand(3, generator=episode_generator(0, 1, 2, "task"))
     assert torch.equal(a, torch.rand(3, generator=episode_generator(0, 1, 2, "task")))
@@ -200,9 +196,7 @@ def test_to_and_select(digits):
     d = b.to(dtype=torch.float64)
     assert d.x_train.dtype == torch.float64 and d.x_query.dtype == torch.float64
     assert d.y_train.dtype == torch.int64 and d.classes.dtype == torch.int64
-    assert (
-        torch.equal(d.x_train.float(), b.x_train) and b.x_train.dtype == torch.float32
-    )  # original untouched
+    assert torch.equal(d.x_train.float(), b.x_train) and b.x_train.dtype == torch.float32  # original untouched
     assert b.to("cpu").x_train.device.type == "cpu"
     sub = b.select([3, 1])
     assert sub.ks == (3, 1) and torch.equal(sub.x_train[0], b.x_train[3])
@@ -216,9 +210,7 @@ def test_regression_episodes():
     s = TaskSampler(ds, M=2, K=10, Q=5)
     b = s.sample(0, 0, 4)
     assert b.is_regression
-    assert (
-        b.x_train.shape == (4, 20, 5) and b.y_train.shape == (4, 20, 3) and b.y_train.dtype == torch.float32
-    )
+    assert b.x_train.shape == (4, 20, 5) and b.y_train.shape == (4, 20, 3) and b.y_train.dtype == torch.float32
     assert b.x_query.shape == (4, 10, 5) and b.y_query.shape == (4, 10, 3) and b.classes.shape == (4, 0)
     for i in range(4):
         tr = [int(torch.nonzero((ds.images == row).all(1))[0]) for row in b.x_train[i]]

@@ -211,7 +211,9 @@ ROUND_TRIP = {
     "pool": pool,
     "bio with values": bio.with_values(BIO_VALUES),
     "general": Rule.general(
-        Constant("a") * err * pre + sp.exp(Constant("b") * w) * layer_sum(post), ["a", "b"], name="g",
+        Constant("a") * err * pre + sp.exp(Constant("b") * w) * layer_sum(post),
+        ["a", "b"],
+        name="g",
         values={"a": 0.1, "b": -3.0},
     ),  # fmt: skip
     "derived": Rule([Term("h", derived("hebb_rt", post * pre, "Hebbian", "H") * mod), Term("d", -w)]),
@@ -322,8 +324,9 @@ HOSTILE = {
     "Integer as bool": _mutate(_EXPR, {"type": "Integer", "value": True}),
     "Rational as string": _mutate(_EXPR, {"type": "Rational", "p": 1, "q": "2"}),
     "Rational by zero": _mutate(_EXPR, {"type": "Rational", "p": 1, "q": 0}),
-    "huge numeric power": _mutate(_EXPR, {"type": "Pow", "args": [{"type": "Integer", "value": 10},
-                                                                  {"type": "Integer", "value": 10**12}]}),  # fmt: skip
+    "huge numeric power": _mutate(
+        _EXPR, {"type": "Pow", "args": [{"type": "Integer", "value": 10}, {"type": "Integer", "value": 10**12}]}
+    ),  # fmt: skip
     "unknown NumberSymbol": _mutate(_EXPR, {"type": "NumberSymbol", "name": "oo"}),
     "wrong format": _mutate(("format",), "rulesearch.rule/99"),
     "no format": _mutate(("format",), _DELETE),
@@ -353,8 +356,9 @@ HOSTILE = {
     "signal not an object": _mutate(("signals",), {"x": 5}),
     "signal bad node": _mutate(("signals",), {"x": {"kind": "derived", "role": "post", "expr": {"type": "Import"}}}),
     "signal shadows builtin": _mutate(("signals",), {"pre": {"kind": "derived", "role": "pre", "expr": _I}}),
-    "signal name is code": _mutate(("signals",), {"__import__('os')": {"kind": "derived", "role": "global",
-                                                                         "expr": _I}}),  # fmt: skip
+    "signal name is code": _mutate(
+        ("signals",), {"__import__('os')": {"kind": "derived", "role": "global", "expr": _I}}
+    ),  # fmt: skip
     "signal bad role": _mutate(("signals",), {"x": {"kind": "derived", "role": "root", "expr": _I}}),
     "signal bad kind": _mutate(("signals",), {"x": {"kind": "eval", "role": "post", "expr": _I}}),
     "signal latex int": _mutate(("signals",), {"x": {"kind": "derived", "role": "global", "expr": _I, "latex": 1}}),

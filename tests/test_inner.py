@@ -53,10 +53,7 @@ class TraceRule:
 
     def __call__(self, s, p):
         err = s["err"]
-        return (
-            -(p[0] * err)[:, :, None] * s["pre"][:, None, :]
-            - (p[1] * err)[:, :, None] * s["xbar"][:, None, :]
-        )
+        return -(p[0] * err)[:, :, None] * s["pre"][:, None, :] - (p[1] * err)[:, :, None] * s["xbar"][:, None, :]
 
 
 class EHebb:
@@ -204,9 +201,7 @@ def test_batched_equals_separate(gen, mode, kind):
             "train_loss",
             "train_accuracy",
         ):
-            torch.testing.assert_close(
-                getattr(res, field)[j : j + 1], getattr(one, field), rtol=1e-10, atol=1e-12
-            )
+            torch.testing.assert_close(getattr(res, field)[j : j + 1], getattr(one, field), rtol=1e-10, atol=1e-12)
         for a, b in zip(res.weights + res.feedback, one.weights + one.feedback):
             torch.testing.assert_close(a[j : j + 1], b, rtol=1e-10, atol=1e-14)
     if kind == "compiled-adjoint":
@@ -284,9 +279,7 @@ def test_meta_gradient_plastic_feedback(gen):
     batch = make_batch(gen, b=2, n=6, sizes=(5, 4, 3))
 
     def fn(p):
-        return run_episodes(
-            net, batch, f0, 0.5, seed=0, feedback_update=kolen_pollack, feedback_params=p
-        ).loss.sum()
+        return run_episodes(net, batch, f0, 0.5, seed=0, feedback_update=kolen_pollack, feedback_params=p).loss.sum()
 
     _fd_check(fn, torch.tensor([0.3, 0.05], dtype=F64))
 
@@ -306,11 +299,7 @@ def test_meta_gradient_per_layer_params(gen):
 @pytest.mark.parametrize("mode", FEEDBACK_MODES)
 def test_every_mode_runs(gen, mode):
     net = Network(sizes=SMALL, feedback=mode)
-    kw = (
-        {"feedback_update": kolen_pollack, "feedback_params": torch.tensor([0.1, 0.0])}
-        if mode == "plastic"
-        else {}
-    )
+    kw = {"feedback_update": kolen_pollack, "feedback_params": torch.tensor([0.1, 0.0])} if mode == "plastic" else {}
     res = run_episodes(net, make_batch(gen), f0, 0.1, seed=0, **kw)
     assert res.loss.shape == res.accuracy.shape == (3,)
     assert res.angles.shape == res.angles_per_sample.shape == (3, 2)
@@ -391,9 +380,7 @@ def test_plastic_needs_feedback_update_and_others_refuse_it(gen):
 def test_stateful_signal_carried_across_steps(gen):
     net = Network(sizes=SMALL, feedback="fa")
     rec = Recorder()
-    res = run_episodes(
-        net, make_batch(gen, n=5), TraceRule(), torch.tensor([0.1, 0.1], dtype=F64), seed=0, observe=rec
-    )
+    res = run_episodes(net, make_batch(gen, n=5), TraceRule(), torch.tensor([0.1, 0.1], dtype=F64), seed=0, observe=rec)
     for layer in range(3):
         trace = torch.zeros_like(rec.at(0, layer)[2]["pre"])
         for step in range(5):
@@ -455,9 +442,7 @@ def test_global_signals_reward_loss_mod(gen):
         torch.testing.assert_close(res.train_accuracy[:, step], correct)
     assert res.train_loss.shape == (3, 3)
     rec = Recorder(needs={"reward", "loss", "mod"})
-    run_episodes(
-        net, batch, f0, 0.0, seed=0, observe=rec, reward="neg_loss", modulator=lambda t, r, lo: 2 * r + t
-    )
+    run_episodes(net, batch, f0, 0.0, seed=0, observe=rec, reward="neg_loss", modulator=lambda t, r, lo: 2 * r + t)
     s = rec.at(1, 0)[2]
     torch.testing.assert_close(s["reward"], -s["loss"])
     torch.testing.assert_close(s["mod"], 2 * s["reward"] + 1)
@@ -542,9 +527,7 @@ def test_bad_inputs(gen):
         run_episodes(net, batch, Wrong(), 0.1, seed=0)
     reg = Network(sizes=SMALL, loss="mse")
     with pytest.raises(ConfigError, match="reward='neg_loss'"):
-        run_episodes(
-            reg, make_batch(gen, regression=True), f0, 0.1, seed=0, observe=Recorder(needs={"reward"})
-        )
+        run_episodes(reg, make_batch(gen, regression=True), f0, 0.1, seed=0, observe=Recorder(needs={"reward"}))
     res = run_episodes(
         reg,
         make_batch(gen, regression=True),

@@ -193,9 +193,7 @@ def test_mse_float_targets(gen):
     es = errors(net, ws, [], forward(net, ws, x), target)
     ref = _autograd_output_and_dz(net, ws, x, target)
     torch.testing.assert_close(es[-1], ref[-1], rtol=1e-12, atol=0)
-    torch.testing.assert_close(
-        sample_loss(net, ws, x, target), 0.5 * ((forward(net, ws, x)[-1] - target) ** 2).sum(-1)
-    )
+    torch.testing.assert_close(sample_loss(net, ws, x, target), 0.5 * ((forward(net, ws, x)[-1] - target) ** 2).sum(-1))
 
 
 def test_fa_errors_use_feedback(gen):
@@ -220,9 +218,7 @@ def test_dfa_errors(gen):
     es = errors(net, ws, ds, ys, y)
     for i in range(3):
         d = (1 - torch.exp(-net.beta * ys[i])) if i > 0 else (1 - torch.exp(-net.beta * x))
-        torch.testing.assert_close(
-            es[i], torch.einsum("bi,bij->bj", es[-1], ds[i]) * d, rtol=1e-12, atol=1e-15
-        )
+        torch.testing.assert_close(es[i], torch.einsum("bi,bij->bj", es[-1], ds[i]) * d, rtol=1e-12, atol=1e-15)
 
 
 def test_sign_feedback_from_current_weights(gen):
@@ -234,9 +230,7 @@ def test_sign_feedback_from_current_weights(gen):
     assert torch.equal(feedback_matrices(net, ws2, [])[1], -mats[1])
     es = errors(net, ws, [], forward(net, ws, x), y)
     ys = forward(net, ws, x)
-    torch.testing.assert_close(
-        es[2], torch.einsum("bi,bij->bj", es[3], mats[2]) * (1 - torch.exp(-10 * ys[2]))
-    )
+    torch.testing.assert_close(es[2], torch.einsum("bi,bij->bj", es[3], mats[2]) * (1 - torch.exp(-10 * ys[2])))
 
 
 def test_silu_errors_with_and_without_z(gen):
@@ -276,9 +270,7 @@ def test_bad_inputs(gen):
 
 
 def _query(gen, b=3, n=20, sizes=SMALL):
-    return 0.5 * torch.rand(b, n, sizes[0], generator=gen, dtype=F64), torch.randint(
-        sizes[-1], (b, n), generator=gen
-    )
+    return 0.5 * torch.rand(b, n, sizes[0], generator=gen, dtype=F64), torch.randint(sizes[-1], (b, n), generator=gen)
 
 
 def test_evaluate_matches_cross_entropy(gen):
@@ -314,9 +306,7 @@ def test_alignment_angles(gen):
         cos = F.cosine_similarity(e_fb[i].mean(1), e_bp[i].mean(1), dim=-1)
         torch.testing.assert_close(a_fa[:, i - 1], torch.rad2deg(torch.arccos(cos)), rtol=1e-9, atol=1e-9)
         cps = F.cosine_similarity(e_fb[i], e_bp[i], dim=-1)
-        torch.testing.assert_close(
-            a_fa_ps[:, i - 1], torch.rad2deg(torch.arccos(cps)).mean(-1), rtol=1e-9, atol=1e-9
-        )
+        torch.testing.assert_close(a_fa_ps[:, i - 1], torch.rad2deg(torch.arccos(cps)).mean(-1), rtol=1e-9, atol=1e-9)
 
 
 def test_orthonormality(gen):

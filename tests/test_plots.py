@@ -25,9 +25,7 @@ def metrics(np_rng, n_steps: int = 40, n_runs: int | None = None) -> pd.DataFram
         frame = pd.DataFrame(
             {
                 "step": steps,
-                "meta_accuracy": np.clip(
-                    0.2 + steps / n_steps * 0.6 + 0.05 * np_rng.standard_normal(n_steps), 0, 1
-                ),
+                "meta_accuracy": np.clip(0.2 + steps / n_steps * 0.6 + 0.05 * np_rng.standard_normal(n_steps), 0, 1),
                 "theta.F0": 0.01 * steps + 0.01 * np_rng.standard_normal(n_steps),
                 "theta.F1": -0.005 * steps,
                 "angle.0": 80 - steps + np_rng.standard_normal(n_steps),
@@ -48,9 +46,7 @@ def assert_png(path):
 
 
 @pytest.mark.parametrize("n_runs", [None, 3], ids=["single", "runs"])
-@pytest.mark.parametrize(
-    "plot", [plot_meta_accuracy, plot_coefficients, plot_alignment], ids=lambda f: f.__name__
-)
+@pytest.mark.parametrize("plot", [plot_meta_accuracy, plot_coefficients, plot_alignment], ids=lambda f: f.__name__)
 def test_plots_write_png(tmp_path, np_rng, plot, n_runs):
     df = metrics(np_rng, n_runs=n_runs)
     path = plot(df, tmp_path / "fig.png")
@@ -71,9 +67,7 @@ def test_other_formats(tmp_path, np_rng):
 
 
 def test_many_coefficients_fit(tmp_path, np_rng):
-    df = pd.DataFrame(
-        {"step": np.arange(10), **{f"theta.F{k}": np_rng.standard_normal(10) for k in range(30)}}
-    )
+    df = pd.DataFrame({"step": np.arange(10), **{f"theta.F{k}": np_rng.standard_normal(10) for k in range(30)}})
     assert_png(plot_coefficients(df, tmp_path / "many.png"))
 
 

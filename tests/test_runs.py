@@ -305,9 +305,7 @@ def test_checkpoint_round_trip_with_weights_only(run, monkeypatch):
     assert_same(state, loaded)
     gen = torch.Generator()
     gen.set_state(loaded["torch_rng"])
-    assert torch.equal(
-        torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(5))
-    )
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(5)))
 
 
 def test_no_checkpoint_returns_none(run):

@@ -138,7 +138,7 @@ ILLEGAL = [
     ("nan", lambda: sp.nan * pre, ["Non-finite number nan"]),
     ("infinity", lambda: sp.oo * pre, ["Non-finite number oo"]),
     ("Float beyond float64", lambda: sp.Float("1e400") * pre, ["Non-finite number 1.000E+400", "float64"]),
-    ("Integer beyond float64", lambda: -sp.Integer(10) ** 309 * pre, ["Non-finite number -1.000E+309"]),
+    ("Integer beyond float64", lambda: -(sp.Integer(10) ** 309) * pre, ["Non-finite number -1.000E+309"]),
     ("Rational beyond float64", lambda: sp.Rational(10**400, 7) * pre, ["Non-finite number 1.429E+399"]),
 ]
 
