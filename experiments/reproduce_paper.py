@@ -224,7 +224,14 @@ def _protocol(item: str, a) -> str:
         + ", theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
-        f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate: "
+        f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
+        + (
+            " (one invocation per variant: its --lr, --term-scale, --episodes and --runs; every variant under "
+            "runs/paper/fig4 is summarised)"
+            if item == "fig4"
+            else ""
+        )
+        + ": "
         f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs} --lr {a.lr:g}"
         + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
