@@ -224,7 +224,7 @@ def _protocol(item: str, a) -> str:
         + ", theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
-        f"'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
+        "'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
         + (
             " (one invocation per variant: its --lr, --term-scale, --episodes and --runs; every variant under "
             "runs/paper/fig4 is summarised)"
