@@ -571,18 +571,27 @@ class CompiledRule:
             signals = {**signals, **{n: signals[n].expand(B) for n in scalars}}
         return B, n_post, n_pre, signals, like
 
+    def _params(self, params, B: int, like: torch.Tensor):
+        """Validated ``params``: ``theta`` of shape ``(R,)`` or ``(B, R)`` (linear), or the general rule's constants
+        (:func:`_general_params`), all in the dtype and device of ``like``. Also used once per run by the inner
+        loop's fast path, which skips the per-call checks."""
+        if not self._linear:
+            return _general_params(params, self._const_names, self.rule.name, B, like)
+        theta = params
+        if not isinstance(theta, torch.Tensor):
+            raise ShapeError(f"theta must be a tensor of shape (R,) or (B, R) with R={self.n_params}.")
+        if theta.shape[-1:] != (self.n_params,) or theta.dim() > 2 or (theta.dim() == 2 and theta.shape[0] != B):
+            raise ShapeError(
+                f"theta has shape {tuple(theta.shape)}; expected ({self.n_params},) or ({B}, {self.n_params}) "
+                f"for rule {self.rule.name!r} with terms {list(self.rule.term_names())}."
+            )
+        _check_like(theta, "theta", like)
+        _check_finite(theta, "theta")
+        return theta
+
     def _coefficients(self, params, vals, B, ref):
         if self._linear:
             theta = params
-            if not isinstance(theta, torch.Tensor):
-                raise ShapeError(f"theta must be a tensor of shape (R,) or (B, R) with R={self.n_params}.")
-            if theta.shape[-1:] != (self.n_params,) or theta.dim() > 2 or (theta.dim() == 2 and theta.shape[0] != B):
-                raise ShapeError(
-                    f"theta has shape {tuple(theta.shape)}; expected ({self.n_params},) or ({B}, {self.n_params}) "
-                    f"for rule {self.rule.name!r} with terms {list(self.rule.term_names())}."
-                )
-            _check_like(theta, "theta", ref)
-            _check_finite(theta, "theta")
             P = theta.index_select(-1, self._r_idx.to(theta.device)) * self._c.to(theta)
         else:
             P = self._c.to(ref)
@@ -595,8 +604,7 @@ class CompiledRule:
 
     def __call__(self, signals: Mapping, params) -> torch.Tensor:
         B, n_post, n_pre, signals, ref = self._check(signals)
-        if not self._linear:
-            params = _general_params(params, self._const_names, self.rule.name, B, ref)
+        params = self._params(params, B, ref)
         vals = self._comp.run({"signals": signals, "params": params})
         C = self._coefficients(params, vals, B, ref)  # [pairs] or [B, pairs]
         full = (B, n_post, n_pre)
@@ -636,7 +644,9 @@ def _col(ref, vals, shape, like):
     x = TorchCompiler.value(ref, vals)
     if not isinstance(x, torch.Tensor):
         return torch.full(shape, float(x), dtype=like.dtype, device=like.device)
-    return x if x.shape == shape else torch.broadcast_to(x.reshape(-1, 1) if x.dim() <= 1 else x, shape)
+    if x.shape == shape:
+        return x
+    return torch.broadcast_to(x.reshape(-1, 1) if x.dim() <= 1 and len(shape) == 2 else x, shape)
 
 
 def _reference_tensor(signals: Mapping) -> torch.Tensor:

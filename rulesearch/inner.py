@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .compile import _col
 from .errors import ConfigError, DivergenceError, ShapeError, SignalError
 from .networks import (
     Network,
@@ -555,10 +556,7 @@ class _LowRank:
     def _vec(self, ref, vals, shape, like):
         """A global ``(B,)``, post or pre value of the tape at ``shape`` (constants cached)."""
         if ref[0] != "const":
-            x = vals[ref[1]]
-            if x.shape == shape:
-                return x
-            return torch.broadcast_to(x.reshape(-1, 1) if x.dim() <= 1 and len(shape) == 2 else x, shape)
+            return _col(ref, vals, shape, like)
         key = (shape, ref[1], like.dtype, like.device)
         hit = self.consts.get(key)
         if hit is None:
@@ -721,7 +719,6 @@ class _FastRun:
         nds = list(enumerate(plan.needs))  # the activities, errors and loss that are some layer's signal
         self.leaf_ys = sorted({i for i, nd in nds if "pre" in nd and i > 0} | {i + 1 for i, nd in nds if "post" in nd})
         self.leaf_es = sorted({i + 1 for i, nd in nds if "err" in nd} | {i for i, nd in nds if "pre_err" in nd})
-        self.leaf_loss = any("loss" in nd for nd in plan.needs) or (plan.need_reward and reward == "neg_loss")
 
     # ---- parameters: unique tensors (the autograd.Function's inputs) and per-layer structure ----------------
     def set_params(self, params_per_layer) -> None:
@@ -788,7 +785,7 @@ class _FastRun:
             if record:
                 for v in [t.ys[i] for i in self.leaf_ys] + [t.es[i] for i in self.leaf_es]:
                     v.requires_grad_()
-                if self.leaf_loss:
+                if plan.need_loss:  # a signal, or the reward -loss (the fast path has no modulator)
                     t.loss.requires_grad_()
                 for ref in wrefs:
                     ref.log = t.products
@@ -1008,26 +1005,7 @@ def _fast_layers(net, plan, observe, modulator, fbs):
 
 def _fast_params(low, params, b, like):
     """Validate a layer's parameters once per run (the fast path skips the per-call checks)."""
-    from .compile import _check_finite, _check_like, _general_params
-
-    rule = low.rule
-    if not rule._linear:
-        return _general_params(params, rule._const_names, rule.rule.name, b, like)
-    r = rule.n_params
-    if (
-        not torch.is_tensor(params)
-        or params.shape[-1:] != (r,)
-        or params.dim() > 2
-        or (params.dim() == 2 and params.shape[0] != b)
-    ):
-        shape = tuple(params.shape) if torch.is_tensor(params) else type(params).__name__
-        raise ShapeError(
-            f"theta has shape {shape}; expected ({r},) or ({b}, {r}) for rule {rule.rule.name!r} with terms "
-            f"{list(rule.rule.term_names())}."
-        )
-    _check_like(params, "theta", like)
-    _check_finite(params, "theta")
-    return params
+    return low.rule._params(params, b, like)
 
 
 def _run_checkpointed(net, plan, ws, fbs, x, target, labels, modulator, reward, observe, tracker, every):
