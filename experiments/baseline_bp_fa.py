@@ -22,8 +22,9 @@ import torch
 from rulesearch.compile import compile_rule
 from rulesearch.data import default_data_dir, load_dataset
 from rulesearch.episodes import TaskSampler
+from rulesearch.evaluate import seed_episodes
 from rulesearch.inner import run_episodes
-from rulesearch.networks import DIGITS, PAPER, Network, init_params
+from rulesearch.networks import DIGITS, PAPER, Network
 from rulesearch.pools import f0
 from rulesearch.stats import bootstrap_ci
 
@@ -34,14 +35,10 @@ F0_UPDATE = compile_rule(f0)  # dW = -lr e x^T
 
 def mean_accuracy(net, sampler, lr, seeds, episodes):
     """Per-seed mean query accuracy of f0 at a fixed learning rate; all seeds' episodes run as one batch."""
-    batches = [sampler.sample(seed=s, t=0, ks=range(episodes)) for s in seeds]
-    inits = [init_params(net, s, 0, range(episodes)) for s in seeds]
-    cat = [torch.cat([getattr(b, f) for b in batches]) for f in ("x_train", "y_train", "x_query", "y_query")]
-    weights = [torch.cat(ws) for ws in zip(*(w for w, _ in inits))]
-    feedback = [torch.cat(fs) for fs in zip(*(f for _, f in inits))]
+    batch, weights, feedback = seed_episodes(sampler, net, seeds, episodes)
     with torch.no_grad():
         res = run_episodes(
-            net, tuple(cat), F0_UPDATE, torch.tensor([lr]), weights, feedback, metrics=False, raise_on_divergence=False
+            net, batch, F0_UPDATE, torch.tensor([lr]), weights, feedback, metrics=False, raise_on_divergence=False
         )
     acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy)
     return acc.reshape(len(seeds), episodes).mean(1).tolist()

@@ -28,8 +28,9 @@ import torch
 from rulesearch.compile import compile_rule
 from rulesearch.data import load_dataset
 from rulesearch.episodes import TaskSampler
+from rulesearch.evaluate import seed_episodes
 from rulesearch.inner import run_episodes
-from rulesearch.networks import DIGITS, Network, init_params
+from rulesearch.networks import DIGITS, Network
 from rulesearch.pools import oja
 from rulesearch.stats import bootstrap_ci
 
@@ -48,14 +49,10 @@ UPDATE = compile_rule(oja)  # theta = (eta, eta_Oja); eta_Oja = 0 is plain backp
 
 def accuracy(net, sampler, thetas, seeds, episodes):
     """Query accuracy (diverged = 0) of every theta row on the same episodes: ``(len(thetas), len(seeds))``."""
-    n = len(seeds) * episodes
-    batches = [sampler.sample(seed=s, t=0, ks=range(episodes)) for s in seeds]
-    x, y, xq, yq = (torch.cat([getattr(b, f) for b in batches]) for f in ("x_train", "y_train", "x_query", "y_query"))
-    inits = [init_params(net, s, 0, range(episodes)) for s in seeds]
-    w0 = [torch.cat(ws) for ws in zip(*(w for w, _ in inits))]
+    one, w0, _ = seed_episodes(sampler, net, seeds, episodes)
     rep = len(thetas)
-    params = torch.tensor(thetas, dtype=torch.float32).repeat_interleave(n, dim=0)
-    batch = tuple(t.repeat((rep,) + (1,) * (t.dim() - 1)) for t in (x, y, xq, yq))
+    params = torch.tensor(thetas, dtype=torch.float32).repeat_interleave(len(seeds) * episodes, dim=0)
+    batch = tuple(t.repeat((rep,) + (1,) * (t.dim() - 1)) for t in one)
     weights = [w.repeat(rep, 1, 1) for w in w0]
     with torch.no_grad():
         res = run_episodes(net, batch, UPDATE, params, weights, [], metrics=False, raise_on_divergence=False)

@@ -58,7 +58,7 @@ from .rule import NetworkRule, Rule
 from .runs import RunDir, atomic_open, atomic_write_text
 from .stats import bootstrap_ci
 
-__all__ = ["EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation"]
+__all__ = ["EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation", "seed_episodes"]
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,22 @@ def evaluate(
         return _evaluate(rule, network or NetworkConfig(), task or TaskConfig(), cfg, feedback_rule)
 
 
+def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, device=None):
+    """Episodes ``(s, 0, k)``, ``k < episodes``, of every seed ``s`` as one batch (rows ordered by seed, then k):
+    ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`."""
+    batches = [sampler.sample(s, 0, range(episodes)) for s in seeds]
+    inits = [init_params(net, s, 0, range(episodes), dtype=dtype) for s in seeds]
+
+    def cat(name):
+        x = torch.cat([getattr(b, name) for b in batches])
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+    batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
+    weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
+    feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
+    return batch, weights, feedback
+
+
 def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:
     import pandas as pd
 
@@ -288,16 +304,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
             prm = [p.to(device) for p in prm]
         for i in range(0, len(seeds), per_chunk):
             chunk = seeds[i : i + per_chunk]
-            batches = [sampler.sample(s, 0, range(E)) for s in chunk]
-            inits = [init_params(mnet, s, 0, range(E), dtype=dtype) for s in chunk]
-
-            def cat(name, batches=batches):
-                x = torch.cat([getattr(b, name) for b in batches])
-                return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-
-            batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
-            weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
-            feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
+            batch, weights, feedback = seed_episodes(sampler, mnet, chunk, E, dtype, device)
             with torch.no_grad():
                 res = run_episodes(mnet, batch, upd, prm, weights, feedback, raise_on_divergence=False, **extra)
             acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu()
