@@ -1100,11 +1100,11 @@ class _Trainer:
         if self.meta.term_scale == "rms" and p.learner.linear:
             ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
             sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
+            eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
 
             def observe(step, layer, signals, dW):
-                eye = torch.eye(ups[layer].n_params, dtype=dW.dtype, device=dW.device)
-                for r in range(len(eye)):
-                    sums[layer][r] += float(ups[layer](signals, eye[r]).pow(2).mean().sqrt())
+                rms = torch.stack([ups[layer](signals, e).pow(2).mean().sqrt() for e in eyes[layer]])
+                sums[layer] += rms.double().cpu()
 
             batch, weights, feedback = p.episodes(0, [0])
             expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in init.items()}
