@@ -48,9 +48,12 @@ def emnist_task(data_dir: str | None) -> dict:
 
 def variants(item: str, a) -> list[tuple[str, dict]]:
     """(variant name, config dict) for an item."""
+    steps = (f" {a.term_scale}-scaled" if a.term_scale != "none" else "") + (f" clip={a.clip:g}" if a.clip else "")
     if item == "lambda":
         task = {"dataset": "digits"}
-        return [(f"{a.l1_mode} l1={l1:g}", {"rule": "pool", "task": task, "meta": {"l1": l1, "l1_mode": a.l1_mode}})
+        tag = f" lr={a.lr:g}{steps}" if steps else ""  # the first sweep (lr 3e-4, plain Adam) carries no tag
+        meta = {"l1_mode": a.l1_mode}
+        return [(f"{a.l1_mode} l1={l1:g}{tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
     task = emnist_task(a.data_dir)
     if item == "fig3":
@@ -58,7 +61,7 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
                 for fb in ("bp", "fa")]  # fmt: skip
     if item == "fig4":
         meta = {"l1_mode": a.l1_mode}
-        tag = f"lr={a.lr:g}" + (f" {a.term_scale}-scaled" if a.term_scale != "none" else "")
+        tag = f"lr={a.lr:g}{steps}"
         return [(f"pool {a.l1_mode} l1={l1:g} {tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
     if item == "rules":
@@ -70,7 +73,7 @@ def run_variant(item: str, name: str, cfg: dict, a) -> RuleSearch:
     """Meta-train one variant (or continue / reuse its run directory)."""
     path = Path(a.runs_dir) / item / name.replace(" ", "_")
     common = {"episodes": a.episodes, "runs": a.runs, "compare": False, "threads": a.threads, "device": a.device,
-              "lr": a.lr, "term_scale": a.term_scale}  # fmt: skip
+              "lr": a.lr, "term_scale": a.term_scale, "clip": a.clip}  # fmt: skip
     cfg = {**cfg, "meta": {**cfg.get("meta", {}), **common}}
     if path.exists() and RunDir.open(path).is_finished:
         return RuleSearch.from_run(path)
@@ -234,6 +237,7 @@ def _protocol(item: str, a) -> str:
         + ": "
         f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs} --lr {a.lr:g}"
         + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
+        + (f" --clip {a.clip:g}" if a.clip else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + "`."
     )
@@ -252,7 +256,8 @@ def main(argv=None):
         help="L1 in the meta-loss (the paper) or a proximal soft-threshold step (fig4, lambda)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 1e-3)")
-    p.add_argument("--term-scale", default="none", choices=("none", "rms"), help="per-term Adam step sizes")
+    p.add_argument("--term-scale", default="none", choices=("none", "rms", "capped"), help="per-term Adam step sizes")
+    p.add_argument("--clip", type=float, default=None, help="clip each run's meta-gradient to this norm")
     p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")

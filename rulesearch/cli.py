@@ -153,7 +153,8 @@ def discover(
         str | None,
         typer.Option(
             help="Adam step per coefficient: none (one lr, the paper) or rms (lr scaled by rms(F0)/rms(F_r) of the "
-            "terms' updates in a probe episode, so every coefficient's step changes dW about equally)."
+            "terms' updates in a probe episode, so every coefficient's step changes dW about equally) or capped "
+            "(the same, never above lr)."
         ),
     ] = None,
     theta0: Annotated[float | None, typer.Option(help="Initial value of the first coefficient (default 1e-3).")] = None,

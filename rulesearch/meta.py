@@ -315,8 +315,10 @@ class MetaConfig(Config):
         help="Adam step size per coefficient of a linear rule: 'none' (lr for all, the paper) or 'rms': "
         "lr_r = lr * rms(T_ref) / rms(T_r), the RMS of each term's update in a probe episode under the initial rule "
         "(T_ref: the term that starts at theta0), so that one step of any coefficient changes dW about equally "
-        "(in the pool, (sum y) e x^T and W are 10-30x larger than e x^T; bilinear-form terms 30-100x smaller).",
-        choices=("none", "rms"),
+        "(in the pool, (sum y) e x^T and W are 10-30x larger than e x^T; bilinear-form terms 30-100x smaller); "
+        "'capped': the same but never above lr (only large terms get smaller steps: a term that starts tiny, such "
+        "as a product of two errors, would otherwise get a step 30-100x lr).",
+        choices=("none", "rms", "capped"),
     )
     theta0: float = option(
         1e-3,
@@ -414,6 +416,7 @@ class NeuralConfig(Config):
     skip: bool = option(True, help="Add a linear skip part over the features (starts as -theta0 e_i x_j).")
     checkpoint: bool = option(True, help="Recompute the MLP in the backward pass (bounded memory).")
     init_scale: float = option(1.0, help="Scale of the MLP's initial hidden weights.")
+    out_scale: float = option(1e-3, help="Fixed factor on the MLP's output (keeps Adam's first steps small).")
 
     def build(self) -> NeuralRule:
         return NeuralRule(
@@ -423,6 +426,7 @@ class NeuralConfig(Config):
             skip=self.skip,
             checkpoint=self.checkpoint,
             init_scale=self.init_scale,
+            out_scale=self.out_scale,
         )
 
 
@@ -1055,8 +1059,10 @@ def _process_group(distributed: bool | None, device: str):
             shutdown()
 
 
-def _rms_multipliers(learner, init: dict[str, Tensor], sums: list[Tensor]) -> dict[str, Tensor]:
-    """``rms(T_ref) / rms(T_r)`` per parameter name from per-layer RMS sums ``sums[layer][r]`` (see
+def _rms_multipliers(
+    learner, init: dict[str, Tensor], sums: list[Tensor], cap: float = float("inf")
+) -> dict[str, Tensor]:
+    """``min(cap, rms(T_ref) / rms(T_r))`` per parameter name from per-layer RMS sums ``sums[layer][r]`` (see
     :meth:`_Trainer.lr_scale`); ``T_ref`` is the term with the largest initial ``|theta|`` in that layout."""
     base = getattr(learner, "base", learner)
     out = {}
@@ -1071,7 +1077,7 @@ def _rms_multipliers(learner, init: dict[str, Tensor], sums: list[Tensor]) -> di
             g = base.names.index(k)
             rms = torch.stack([sums[layer] for layer in range(base.n_layers) if base.rule.group_of(layer) == g]).mean(0)
         ref = rms.gather(-1, v[0].abs().double().cpu().reshape(rms.shape).argmax(-1, keepdim=True))
-        mult = torch.where(rms > 0, ref / rms.clamp_min(1e-300), torch.ones_like(rms))
+        mult = torch.where(rms > 0, ref / rms.clamp_min(1e-300), torch.ones_like(rms)).clamp(max=cap)
         out[k] = mult.to(dtype=v.dtype, device=v.device)
     return out
 
@@ -1090,14 +1096,14 @@ class _Trainer:
 
         'rms': ``rms(T_ref) / rms(T_r)`` per layer and term, measured on episode ``(seed, 0, 0)`` of the first run
         under the initial coefficients (so a resumed run gets the same values), averaged over the layers that share
-        a coefficient; a term that is zero throughout keeps the multiplier 1.
+        a coefficient; a term that is zero throughout keeps the multiplier 1. 'capped': ``min(1, ...)``.
         """
         if self._lr_scale is not None:
             return self._lr_scale
         p = self.p
         init = p.learner.init(p.seeds[:1], p.dtype, p.device)
         scale = {k: torch.ones_like(v[0]) for k, v in init.items()}
-        if self.meta.term_scale == "rms" and p.learner.linear:
+        if self.meta.term_scale != "none" and p.learner.linear:
             ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
             sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
             eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
@@ -1113,7 +1119,7 @@ class _Trainer:
                     p.net, batch, p.update, p.learner.layer_params(expanded), weights, feedback, observe=observe,
                     metrics=False, raise_on_divergence=False, **p.feedback_kwargs(expanded),
                 )  # fmt: skip
-            scale.update(_rms_multipliers(p.learner, init, sums))
+            scale.update(_rms_multipliers(p.learner, init, sums, 1.0 if self.meta.term_scale == "capped" else math.inf))
         self._lr_scale = scale
         return scale
 
@@ -1494,6 +1500,7 @@ class RuleSearch:
                     skip=obj.skip,
                     checkpoint=obj.checkpoint,
                     init_scale=obj.init_scale,
+                    out_scale=obj.out_scale,
                 )
             else:
                 rule_name = getattr(obj, "name", type(obj).__name__)

@@ -2,7 +2,7 @@ r"""Neural plasticity rules: a small MLP over a synapse's signals that outputs i
 
 .. math::
 
-    \Delta W_{ij} = \sum_f a_f\, \phi_f(i, j) + \mathrm{MLP}_\psi\big(\phi_1(i, j), \dots, \phi_F(i, j)\big),
+    \Delta W_{ij} = \sum_f a_f\, \phi_f(i, j) + s\,\mathrm{MLP}_\psi\big(\phi_1(i, j), \dots, \phi_F(i, j)\big),
 
 where the features :math:`\phi_f` are signals of the synapse: pre-synaptic (:math:`x_j`, :math:`e'_j`,
 :math:`(W^\top y)_j`), post-synaptic (:math:`y_i`, :math:`e_i`, :math:`(W x)_i`), synaptic (:math:`W_{ij}`,
@@ -153,6 +153,11 @@ class NeuralRule:
         Recompute the MLP in the backward pass (bounded memory through long unrolled inner loops).
     init_scale : float
         Scale of the hidden layers' initial weights (times :math:`1/\sqrt{\text{fan-in}}`).
+    out_scale : float
+        Fixed factor :math:`s` on the MLP's output, :math:`\Delta W = a^\top\phi + s\,\mathrm{MLP}(\phi)`. An
+        Adam step moves every output weight by about the learning rate whatever its effect; a small :math:`s`
+        (default :math:`10^{-3}`, the scale of :math:`\theta_0`) keeps the first steps from adding a weight drift
+        that swamps the pseudo-gradient.
     name : str
         Used in exports and run directories.
     params : dict, optional
@@ -172,6 +177,7 @@ class NeuralRule:
     skip: bool = True
     checkpoint: bool = True
     init_scale: float = 1.0
+    out_scale: float = 1e-3
     name: str = "neural"
     params: dict | None = field(default=None, compare=False, repr=False)
 
@@ -191,6 +197,8 @@ class NeuralRule:
             raise ConfigError("A neural rule needs hidden layers, the skip part, or both (hidden=() and skip=False).")
         if not (isinstance(self.init_scale, (int, float)) and math.isfinite(self.init_scale) and self.init_scale > 0):
             raise ConfigError(f"init_scale must be a finite number > 0; received {self.init_scale!r}.")
+        if not (isinstance(self.out_scale, (int, float)) and math.isfinite(self.out_scale) and self.out_scale > 0):
+            raise ConfigError(f"out_scale must be a finite number > 0; received {self.out_scale!r}.")
         if self.params is not None:
             object.__setattr__(self, "params", self._check_params(self.params, batched_ok=False))
         roles = [_feature_role(f) for f in self.features]
@@ -283,8 +291,8 @@ class NeuralRule:
         """A copy carrying trained parameters (used by ``__call__`` when no params are passed)."""
         params = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.as_tensor(v)) for k, v in params.items()}
         return NeuralRule(
-            self.features, self.hidden, self.activation, self.skip, self.checkpoint, self.init_scale, self.name,
-            params,
+            self.features, self.hidden, self.activation, self.skip, self.checkpoint, self.init_scale, self.out_scale,
+            self.name, params,
         )  # fmt: skip
 
     # ---- evaluation -------------------------------------------------------------------------------------
@@ -379,7 +387,7 @@ class NeuralRule:
                 h = torch.matmul(h, _bw(params[f"w{k}"], batched, 1)) + _bw(params[f"b{k}"], batched, 2)
                 if k < n:
                     h = act(h)
-            out = h.squeeze(-1)
+            out = h.squeeze(-1) * self.out_scale
             dw = out if dw is None else dw + out
         return dw.expand(B, n_post, n_pre)
 
@@ -393,6 +401,7 @@ class NeuralRule:
             "skip": self.skip,
             "checkpoint": self.checkpoint,
             "init_scale": self.init_scale,
+            "out_scale": self.out_scale,
             "name": self.name,
         }
 
@@ -414,6 +423,7 @@ class NeuralRule:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise InvalidRuleError(f"Not a neural rule: expected format {FORMAT!r}, got {got!r}.")
         spec = {k: data[k] for k in ("features", "hidden", "activation", "skip", "checkpoint", "init_scale", "name")}
+        spec["out_scale"] = data.get("out_scale", 1.0)  # files written before out_scale existed: an unscaled MLP
         spec["features"], spec["hidden"] = tuple(spec["features"]), tuple(spec["hidden"])
         params = data.get("params")
         if run is not None:
@@ -430,7 +440,7 @@ class NeuralRule:
         mlp = "-".join(map(str, (self.n_features, *self.hidden, 1))) if self.hidden else "none"
         return (
             f"NeuralRule {self.name!r}: dW_ij = {'a . phi_ij + ' if self.skip else ''}MLP(phi_ij); features: {feats}; "
-            f"MLP {mlp} ({self.activation}); {self.n_params} parameters"
+            f"MLP {mlp} ({self.activation}, output x {self.out_scale:g}); {self.n_params} parameters"
         )
 
     def __repr__(self) -> str:

@@ -161,6 +161,10 @@ def test_term_scale_rms_equalizes_each_terms_step(per_layer):
     assert torch.all(scale[..., 0] == 1.0) and scale.shape == fitted.theta_.shape[1:]
     assert not torch.equal(fitted.theta_, search(meta=dataclasses.replace(meta, term_scale="none")).fit().theta_)
     assert torch.all(meta_mod._Trainer(search(meta=tiny_meta()).fit()._problem).lr_scale()["theta"] == 1.0)
+    capped = meta_mod._Trainer(search(meta=dataclasses.replace(meta, term_scale="capped")).fit()._problem)
+    expected = torch.clamp(rms[..., :1] / rms, max=1.0)
+    assert (scale > 1).any() and (scale < 1).any()  # the probe has terms both smaller and larger than F0
+    torch.testing.assert_close(capped.lr_scale()["theta"], expected, rtol=1e-10, atol=0)
 
 
 def test_metrics_columns_and_steps():

@@ -59,7 +59,7 @@ def naive(rule, sig, params):
                         h = h @ p[f"w{k}"] + p[f"b{k}"]
                         if k < len(rule.hidden):
                             h = act(h)
-                    val = val + h[0]
+                    val = val + rule.out_scale * h[0]
                 out[b, i, j] = val
     return out
 
