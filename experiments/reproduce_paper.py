@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from rulesearch.data import default_data_dir
+from rulesearch.errors import DivergenceError
 from rulesearch.meta import RuleSearch
 from rulesearch.runs import RunDir
 from rulesearch.stats import bootstrap_ci, moving_average
@@ -80,7 +81,11 @@ def run_variant(item: str, name: str, cfg: dict, a) -> RuleSearch:
     if a.summarize_only:
         return RuleSearch.from_run(path) if path.exists() else None
     t0 = time.time()
-    search = RuleSearch.from_config(cfg, out=path, resume=path.exists(), progress=a.progress).fit()
+    try:
+        search = RuleSearch.from_config(cfg, out=path, resume=path.exists(), progress=a.progress).fit()
+    except DivergenceError as err:  # every run stopped: summarise what it reached, go on with the next variant
+        print(f"{item}/{name}: {err}", flush=True)
+        return RuleSearch.from_run(path)
     print(f"{item}/{name}: {a.episodes} episodes x {a.runs} runs in {time.time() - t0:.0f} s", flush=True)
     return search
 
@@ -223,15 +228,19 @@ def _protocol(item: str, a) -> str:
     return (
         f"Data: {data}; softplus beta=10, 5-way K=50 Q=10 (250 online steps), Xavier W and B redrawn every episode, "
         "B = 1 episode per meta-step, "
-        + ("Adam lr as in the variant's name" if item == "fig4" else f"Adam lr {a.lr:g}")
+        + (
+            "Adam lr as in the variant's name (untagged lambda variants: lr 3e-4, plain Adam)"
+            if item in ("fig4", "lambda")
+            else f"Adam lr {a.lr:g}"
+        )
         + ", theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
         "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
         "'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
         + (
-            " (one invocation per variant: its --lr, --term-scale, --episodes and --runs; every variant under "
-            "runs/paper/fig4 is summarised)"
-            if item == "fig4"
+            f" (one invocation per variant: its --lr, --term-scale, --clip, --episodes and --runs; every variant "
+            f"under runs/paper/{item} is summarised)"
+            if item in ("fig4", "lambda")
             else ""
         )
         + ": "

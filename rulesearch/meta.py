@@ -312,7 +312,8 @@ class MetaConfig(Config):
     clip: float | None = option(None, help="Clip each run's meta-gradient to this L2 norm (default: no clipping).")
     term_scale: str = option(
         "none",
-        help="Adam step size per coefficient of a linear rule: 'none' (lr for all, the paper) or 'rms': "
+        help="Adam step size per coefficient of a linear rule (or of a neural rule's skip part): 'none' (lr for "
+        "all, the paper) or 'rms': "
         "lr_r = lr * rms(T_ref) / rms(T_r), the RMS of each term's update in a probe episode under the initial rule "
         "(T_ref: the term that starts at theta0), so that one step of any coefficient changes dW about equally "
         "(in the pool, (sum y) e x^T and W are 10-30x larger than e x^T; bilinear-form terms 30-100x smaller); "
@@ -443,6 +444,11 @@ class DiscoverConfig(Config):
     network: NetworkConfig = option(default_factory=NetworkConfig, help="The inner-loop network.")
     meta: MetaConfig = option(default_factory=MetaConfig, help="The outer loop.")
     neural: NeuralConfig = option(default_factory=NeuralConfig, help="The neural rule (rule = 'neural').")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rule != "neural" and self.neural != NeuralConfig():  # unused: the defaults, so that a run resumes
+            object.__setattr__(self, "neural", NeuralConfig())  # whatever the neural defaults were when it started
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1069,7 +1075,7 @@ def _rms_multipliers(
     for k, v in init.items():
         if k == _FB:
             continue
-        if base.kind == "shared":
+        if isinstance(base, _Neural) or base.kind == "shared":
             rms = torch.stack(sums).mean(0)
         elif base.kind == "per_layer":
             rms = torch.stack(sums)
@@ -1096,21 +1102,34 @@ class _Trainer:
 
         'rms': ``rms(T_ref) / rms(T_r)`` per layer and term, measured on episode ``(seed, 0, 0)`` of the first run
         under the initial coefficients (so a resumed run gets the same values), averaged over the layers that share
-        a coefficient; a term that is zero throughout keeps the multiplier 1. 'capped': ``min(1, ...)``.
+        a coefficient; a term that is zero throughout keeps the multiplier 1. 'capped': ``min(1, ...)``. A neural
+        rule's skip coefficients are scaled the same way (term ``f`` is the feature ``phi_f``); its MLP keeps lr.
         """
         if self._lr_scale is not None:
             return self._lr_scale
         p = self.p
         init = p.learner.init(p.seeds[:1], p.dtype, p.device)
         scale = {k: torch.ones_like(v[0]) for k, v in init.items()}
-        if self.meta.term_scale != "none" and p.learner.linear:
-            ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
-            sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
-            eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
+        base = getattr(p.learner, "base", p.learner)
+        neural = isinstance(base, _Neural) and "skip" in init
+        if self.meta.term_scale != "none" and (p.learner.linear or neural):
+            if neural:  # the skip part a^T phi: term f is the feature phi_f, the same in every layer
+                rule = base.rule
+                sums = [torch.zeros(rule.n_features, dtype=torch.float64) for _ in range(p.net.n_layers)]
+
+                def rms_of(layer, signals):
+                    feats = rule.features_of(signals)
+                    return torch.stack([feats[f].pow(2).mean().sqrt() for f in rule.features])
+            else:
+                ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
+                sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
+                eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
+
+                def rms_of(layer, signals):
+                    return torch.stack([ups[layer](signals, e).pow(2).mean().sqrt() for e in eyes[layer]])
 
             def observe(step, layer, signals, dW):
-                rms = torch.stack([ups[layer](signals, e).pow(2).mean().sqrt() for e in eyes[layer]])
-                sums[layer] += rms.double().cpu()
+                sums[layer] += rms_of(layer, signals).double().cpu()
 
             batch, weights, feedback = p.episodes(0, [0])
             expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in init.items()}
@@ -1119,7 +1138,8 @@ class _Trainer:
                     p.net, batch, p.update, p.learner.layer_params(expanded), weights, feedback, observe=observe,
                     metrics=False, raise_on_divergence=False, **p.feedback_kwargs(expanded),
                 )  # fmt: skip
-            scale.update(_rms_multipliers(p.learner, init, sums, 1.0 if self.meta.term_scale == "capped" else math.inf))
+            cap = 1.0 if self.meta.term_scale == "capped" else math.inf
+            scale.update(_rms_multipliers(p.learner, {"skip": init["skip"]} if neural else init, sums, cap))
         self._lr_scale = scale
         return scale
 
@@ -2054,7 +2074,13 @@ def _pseudo_gradient_term(rule: Rule) -> tuple[int, float] | None:
 
 
 def _pseudo_gradient_lr(rule) -> float | None:
-    """The learning rate ``c * theta_r`` of the rule's ``-e_i x_j`` term (mean over layer groups), if it has one."""
+    """The learning rate ``c * theta_r`` of the rule's ``-e_i x_j`` term (mean over layer groups), if it has one; for
+    a neural rule, minus its skip coefficient of the feature ``err*pre``."""
+    if isinstance(rule, NeuralRule):
+        ids = [i for i, f in enumerate(rule.features) if sorted(f.split("*")) == ["err", "pre"]]
+        if not (rule.skip and ids and rule.params is not None):
+            return None
+        return -float(rule.params["skip"][..., ids[0]].double().mean())
     groups = [r for _, r in rule.groups] if isinstance(rule, NetworkRule) else [rule]
     vals = []
     for r in groups:

@@ -61,16 +61,19 @@ FEATURES: dict[str, tuple[str, frozenset, str]] = {
     "w": ("synapse", frozenset({"w"}), "W_ij, the weight"),
     "fb": ("synapse", frozenset({"fb"}), "B_ji, the feedback weight (W's layout)"),
     "wTpost": ("pre", frozenset({"w", "post"}), "(W^T y)_j, contraction of post activity"),
+    "oja": ("pre", frozenset({"pre", "w", "post"}), "x_j - (W^T y)_j, pre activity minus its reconstruction"),
     "wpre": ("post", frozenset({"w", "pre"}), "(W x)_i, the pre-activation z_i"),
     "wTerr": ("pre", frozenset({"w", "err"}), "(W^T e)_j, error carried back through W (weight transport)"),
 }
 
 DEFAULT_FEATURES = (
     "pre", "post", "err", "pre_err", "w", "wTpost",
-    "err*pre", "err*pre_err", "post*pre", "post*wTpost",
+    "err*pre", "err*pre_err", "post*oja",
 )  # fmt: skip
-"""Activities, errors, the weight, :math:`(W^\\top y)_j` and the products that make up the paper's F0, F2 and
-F9 (Oja: ``post*pre - post*wTpost``)."""
+"""Activities, errors, the weight, :math:`(W^\\top y)_j` and the paper's F0, F2 and F9 (Oja:
+``post*oja`` :math:`= y_i (x_j - (W^\\top y)_j)`). Oja's term is one feature, not ``post*pre`` and
+``post*wTpost``: a skip step of 3e-4 on either part alone (pure Hebb, or its growth term) makes the digits network
+diverge within one episode, while their difference is stable."""
 
 NEURAL_ACTIVATIONS = {"tanh": torch.tanh, "softplus": torch.nn.functional.softplus, "silu": torch.nn.functional.silu}
 
@@ -114,6 +117,8 @@ def _base(signals: Mapping, name: str) -> Tensor:
         return torch.matmul(signals["post"].unsqueeze(-2), signals["w"]).squeeze(-2)
     if name == "wTerr":
         return torch.matmul(signals["err"].unsqueeze(-2), signals["w"]).squeeze(-2)
+    if name == "oja":
+        return signals["pre"] - _base(signals, "wTpost")
     if name == "wpre":
         return torch.matmul(signals["w"], signals["pre"].unsqueeze(-1)).squeeze(-1)
     return signals[name]

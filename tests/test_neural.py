@@ -45,7 +45,7 @@ def naive(rule, sig, params):
                 base = {
                     "pre": sig["pre"][b, j], "post": sig["post"][b, i], "err": sig["err"][b, i],
                     "pre_err": sig["pre_err"][b, j], "w": sig["w"][b, i, j], "fb": sig["fb"][b, i, j],
-                    "wTpost": wTy[b, j], "wpre": wx[b, i], "wTerr": wTe[b, j],
+                    "wTpost": wTy[b, j], "wpre": wx[b, i], "wTerr": wTe[b, j], "oja": sig["pre"][b, j] - wTy[b, j],
                 }  # fmt: skip
                 phi = torch.stack(
                     [base[f] if "*" not in f else base[f.split("*")[0]] * base[f.split("*")[1]] for f in rule.features]
@@ -137,7 +137,7 @@ def test_trains_on_digits_with_finite_gradients(tmp_path):
         neural=NeuralConfig(hidden=(4,)),
         network=NetworkConfig(sizes=(64, 12, 10), feedback="fa"),
         task=TaskConfig(dataset="digits", M=3, K=3, Q=2),
-        meta=MetaConfig(episodes=3, runs=2, lr=1e-2, dtype="float64", compare=False, threads=1),
+        meta=MetaConfig(episodes=3, runs=2, lr=1e-2, dtype="float64", threads=1),
         out=tmp_path / "run",
         progress=False,
     ).fit()
@@ -153,6 +153,9 @@ def test_trains_on_digits_with_finite_gradients(tmp_path):
     assert isinstance(again, NeuralRule)
     torch.testing.assert_close(again.params["w0"], s.params_["w0"][1].double())
     assert "NeuralRule" in s.to_latex()
+    # the f0 comparison runs at the learned rate of the skip part's -e_i x_j (the first run's rule)
+    assert s.compare_lr() == pytest.approx(-float(s.params_["skip"][0, DEFAULT_FEATURES.index("err*pre")]))
+    assert {"f0_fa_first", "f0_bp_last", "compare_lr"} <= set(s.summary_)
 
 
 def test_batched_neural_runs_equal_separate_runs():
