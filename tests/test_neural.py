@@ -195,3 +195,53 @@ def test_json_roundtrip_and_errors(gen):
     with pytest.raises(ShapeError, match="no trained params"):
         rule(sig)
     assert set(DEFAULT_FEATURES) - {f for f in DEFAULT_FEATURES if "*" in f} <= set(FEATURES)
+
+
+def test_out_scale_scales_only_the_mlp(gen):
+    sig = signals(gen)
+    rule, big = NeuralRule(hidden=(4,)), NeuralRule(hidden=(4,), out_scale=1.0)
+    params = random_params(rule, gen)
+    skip = rule(sig, {**params, "w1": torch.zeros_like(params["w1"]), "b1": torch.zeros_like(params["b1"])})
+    torch.testing.assert_close(rule(sig, params) - skip, 1e-3 * (big(sig, params) - skip))
+    data = big.with_params(params).to_json()
+    del data["out_scale"]  # a file written before out_scale existed: an unscaled MLP
+    assert NeuralRule.from_json(data).out_scale == 1.0
+    with pytest.raises(ConfigError, match="out_scale"):
+        NeuralRule(out_scale=0.0)
+
+
+def test_term_scale_capped_scales_the_skip_part():
+    """The skip coefficient of feature f steps by lr * min(1, rms(e x) / rms(phi_f)); the MLP keeps lr."""
+    import rulesearch.meta as meta_mod
+
+    s = RuleSearch(
+        rule="neural",
+        neural=NeuralConfig(hidden=(3,)),
+        network=NetworkConfig(sizes=(64, 12, 10), feedback="fa"),
+        task=TaskConfig(dataset="digits", M=3, K=3, Q=2),
+        meta=MetaConfig(episodes=1, lr=1e-2, term_scale="capped", dtype="float64", compare=False, threads=1),
+        progress=False,
+    ).fit()
+    p = s._problem
+    rule = p.learner.rule
+    rms = torch.zeros(p.net.n_layers, rule.n_features, dtype=F64)
+
+    def observe(step, layer, sig, dW):
+        feats = rule.features_of(sig)
+        rms[layer] += torch.stack([feats[f].pow(2).mean().sqrt() for f in rule.features])
+
+    init = p.learner.init(p.seeds[:1], p.dtype, p.device)
+    batch, weights, feedback = p.episodes(0, [0])
+    run_episodes(p.net, batch, rule, init, weights, feedback, observe=observe, metrics=False)
+    rms = rms.mean(0)
+    ref = rms[rule.features.index("err*pre")]
+    scale = meta_mod._Trainer(p).lr_scale()
+    torch.testing.assert_close(scale["skip"], torch.clamp(ref / rms, max=1.0), rtol=1e-10, atol=0)
+    assert (scale["skip"] < 1).any() and all(torch.all(v == 1) for k, v in scale.items() if k != "skip")
+
+
+def test_unused_neural_section_takes_the_defaults():
+    from rulesearch.meta import DiscoverConfig
+
+    assert DiscoverConfig.from_dict({"rule": "pool", "neural": {"hidden": [3]}}).neural == NeuralConfig()
+    assert DiscoverConfig.from_dict({"rule": "neural", "neural": {"hidden": [3]}}).neural.hidden == (3,)
