@@ -17,7 +17,7 @@ feature alone makes the network diverge within one episode) and the meta-gradien
 The learned rule is then distilled (:func:`rulesearch.distill.distill_run`, sparse backend): a formula is fitted to
 its weight changes on fresh episodes and re-run in the loop.
 
-    python experiments/neural_digits.py                          # 40 meta-steps x 2 runs (~15 min on 2 cores)
+    python experiments/neural_digits.py                          # 30 meta-steps x 1 run (~5 min on 2 cores)
     python experiments/neural_digits.py --episodes 100 --runs 5
 
 Writes results/neural_digits.md (meta-accuracy beside f0 under fa and bp on the same tasks, the skip part, the
@@ -32,15 +32,22 @@ import shutil
 import time
 from pathlib import Path
 
+import sympy as sp
+
 from rulesearch.distill import distill_run
 from rulesearch.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig
 from rulesearch.runs import RunDir
 
 
+def _coef(term: sp.Expr) -> float:
+    """Minus the magnitude of a term's numeric coefficient (sort key: largest first)."""
+    return -abs(float(term.as_coeff_Mul()[0]))
+
+
 def main(argv=None) -> RuleSearch:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--episodes", type=int, default=40, help="meta-steps per run")
-    p.add_argument("--runs", type=int, default=2, help="independent runs (seeds), trained as one batch")
+    p.add_argument("--episodes", type=int, default=30, help="meta-steps per run")
+    p.add_argument("--runs", type=int, default=1, help="independent runs (seeds), trained as one batch")
     p.add_argument("--hidden", type=int, default=16, help="hidden width of the MLP")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--threads", type=int, default=None)
@@ -100,8 +107,10 @@ def main(argv=None) -> RuleSearch:
             "",
             "## Distilled (sparse backend, classic grammar; first run's rule)",
             "",
-            f"$$\\Delta W_{{ij}} = {res.latex()}$$",
+            f"$${res.latex()}$$",
             "",
+            "- largest coefficients: "
+            + ", ".join(f"`{sp.sstr(t.evalf(3))}`" for t in sorted(sp.Add.make_args(res.formula), key=_coef)[:4]),
             f"- held-out relative error of the formula against the neural rule's weight changes: "
             f"{res.heldout_error:.3f}",
             f"- closed loop (the formula re-run in the inner loop on fresh episodes): {cl}",

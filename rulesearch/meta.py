@@ -1934,7 +1934,7 @@ def rule_latex(rule, intervals=None, precision: int = 3) -> str:
 def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
     """Markdown coefficient table(s) of a trained rule, with a 95% interval column when ``intervals`` is given."""
     if isinstance(rule, NeuralRule):
-        return rule.describe()
+        return _neural_table(rule, precision)
     blocks = []
     for g, (layers, r) in enumerate(_groups(rule)):
         table = markdown_table(r, precision=precision)
@@ -1950,10 +1950,25 @@ def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
     return "\n\n".join(blocks)
 
 
+def _neural_table(rule: NeuralRule, precision: int) -> str:
+    """A neural rule's skip coefficients a_f (one line per feature) and the norm of its MLP parameters."""
+    if rule.params is None:
+        return rule.describe()
+    width = max(8, *(len(f) for f in rule.features))
+    lines = [f"{'feature':<{width}} {'a (skip)':>12}"]
+    if rule.skip:
+        lines += [f"{f:<{width}} {a:>12.{precision}g}" for f, a in zip(rule.features, rule.params["skip"].tolist())]
+    mlp = [v.double() for k, v in rule.params.items() if k != "skip"]
+    if mlp:
+        norm = float(torch.sqrt(sum((v**2).sum() for v in mlp)))
+        lines.append(f"MLP {'-'.join(map(str, (rule.n_features, *rule.hidden, 1)))}: |psi| = {norm:.{precision}g}")
+    return "\n".join(lines)
+
+
 def coefficient_table(rule, intervals=None, precision: int = 4) -> str:
     """Plain-text coefficient table: term, locality, value (and 95% interval) per term and layer group."""
     if isinstance(rule, NeuralRule):
-        return rule.describe()
+        return _neural_table(rule, precision)
     blocks = []
     for g, (layers, r) in enumerate(_groups(rule)):
         iv = _group_intervals(rule, intervals, g)
