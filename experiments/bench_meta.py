@@ -159,7 +159,8 @@ def _child(cfg: dict) -> dict:
         "eps_per_s": b / seconds,
         "seconds": seconds,
         "times": times,
-        "mem_mb_per_episode": (_rss_mb("VmHWM") - base) / b,
+        # the kernel syncs per-thread RSS counters lazily: VmHWM can read a few pages below VmRSS when nothing grew
+        "mem_mb_per_episode": max(0.0, _rss_mb("VmHWM") - base) / b,
     }
     if cuda:
         out["cuda_mb_per_episode"] = (torch.cuda.max_memory_allocated(device) / 2**20 - base_cuda) / b
