@@ -52,7 +52,7 @@ from .meta import (
     resolve_rule,
     threads,
 )
-from .networks import init_params
+from .networks import stack_episodes
 from .neural import NeuralRule
 from .rule import NetworkRule, Rule
 from .runs import RunDir, atomic_open, atomic_write_text
@@ -245,17 +245,7 @@ def evaluate(
 def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, device=None):
     """Episodes ``(s, 0, k)``, ``k < episodes``, of every seed ``s`` as one batch (rows ordered by seed, then k):
     ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`."""
-    batches = [sampler.sample(s, 0, range(episodes)) for s in seeds]
-    inits = [init_params(net, s, 0, range(episodes), dtype=dtype) for s in seeds]
-
-    def cat(name):
-        x = torch.cat([getattr(b, name) for b in batches])
-        return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-
-    batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
-    weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
-    feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
-    return batch, weights, feedback
+    return stack_episodes(sampler, net, [(s, 0, range(episodes)) for s in seeds], dtype, device)
 
 
 def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:

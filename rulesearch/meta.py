@@ -117,7 +117,7 @@ from .errors import ConfigError, DivergenceError, InvalidRuleError, NotFittedErr
 from .export import FORMAT as RULE_FORMAT
 from .export import latex_table, markdown_table
 from .inner import InnerResult, run_episodes
-from .networks import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network, init_params
+from .networks import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network, stack_episodes
 from .neural import DEFAULT_FEATURES, NEURAL_ACTIVATIONS, NeuralRule
 from .neural import FORMAT as NEURAL_FORMAT
 from .rule import NetworkRule, Pool, Rule
@@ -420,15 +420,12 @@ class NeuralConfig(Config):
     out_scale: float = option(1e-3, help="Fixed factor on the MLP's output (keeps Adam's first steps small).")
 
     def build(self) -> NeuralRule:
-        return NeuralRule(
-            features=self.features,
-            hidden=self.hidden,
-            activation=self.activation,
-            skip=self.skip,
-            checkpoint=self.checkpoint,
-            init_scale=self.init_scale,
-            out_scale=self.out_scale,
-        )
+        return NeuralRule(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def of(cls, rule: NeuralRule) -> NeuralConfig:
+        """The structure of a neural rule as a config."""
+        return cls(**{f.name: getattr(rule, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -787,9 +784,9 @@ class _Neural:
         if "skip" in params:
             for f, v in zip(self.rule.features, params["skip"][s].detach().cpu().double().tolist()):
                 out[f"skip.{f}"] = v
-        mlp = [params[k][s].detach().cpu().double() for k in self.names if k != "skip"]
-        if mlp:
-            out["mlp_norm"] = float(torch.sqrt(sum((p**2).sum() for p in mlp)))
+        norm = self.rule.mlp_norm({k: v[s] for k, v in params.items()})
+        if norm is not None:
+            out["mlp_norm"] = norm
         return out
 
     def trained(self, params: dict[str, Tensor], s: int | None = None):
@@ -998,19 +995,8 @@ class _Problem:
         each run (a data-parallel rank's share)."""
         net = net or self.net
         ks = [range(self.B)] * len(runs) if ks is None else ks
-        pairs = [(tt, s, kk) for tt in ([t] if isinstance(t, int) else t) for s, kk in zip(runs, ks)]
-        batches = [self.sampler.sample(self.seeds[s], tt, kk) for tt, s, kk in pairs]
-        inits = [init_params(net, self.seeds[s], tt, kk, dtype=self.dtype) for tt, s, kk in pairs]
-        dev, dt = self.device, self.dtype
-
-        def cat(name):
-            x = torch.cat([getattr(b, name) for b in batches])
-            return x.to(device=dev, dtype=dt if x.is_floating_point() else None)
-
-        batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
-        weights = [torch.cat(ws).to(dev) for ws in zip(*(w for w, _ in inits))]
-        feedback = [torch.cat(fs).to(dev) for fs in zip(*(f for _, f in inits))]
-        return batch, weights, feedback
+        items = [(self.seeds[s], tt, kk) for tt in ([t] if isinstance(t, int) else t) for s, kk in zip(runs, ks)]
+        return stack_episodes(self.sampler, net, items, self.dtype, self.device)
 
 
 @contextlib.contextmanager
@@ -1513,15 +1499,7 @@ class RuleSearch:
             obj = resolve_rule(self.rule, None, neural)
             if isinstance(obj, NeuralRule):
                 rule_name = "neural"
-                neural = NeuralConfig(
-                    features=obj.features,
-                    hidden=obj.hidden,
-                    activation=obj.activation,
-                    skip=obj.skip,
-                    checkpoint=obj.checkpoint,
-                    init_scale=obj.init_scale,
-                    out_scale=obj.out_scale,
-                )
+                neural = NeuralConfig.of(obj)
             else:
                 rule_name = getattr(obj, "name", type(obj).__name__)
                 rule_json = _strip_values(rule_to_json(obj))
@@ -1958,9 +1936,8 @@ def _neural_table(rule: NeuralRule, precision: int) -> str:
     lines = [f"{'feature':<{width}} {'a (skip)':>12}"]
     if rule.skip:
         lines += [f"{f:<{width}} {a:>12.{precision}g}" for f, a in zip(rule.features, rule.params["skip"].tolist())]
-    mlp = [v.double() for k, v in rule.params.items() if k != "skip"]
-    if mlp:
-        norm = float(torch.sqrt(sum((v**2).sum() for v in mlp)))
+    norm = rule.mlp_norm()
+    if norm is not None:
         lines.append(f"MLP {'-'.join(map(str, (rule.n_features, *rule.hidden, 1)))}: |psi| = {norm:.{precision}g}")
     return "\n".join(lines)
 

@@ -80,6 +80,7 @@ __all__ = [
     "INITS",
     "Network",
     "init_params",
+    "stack_episodes",
     "forward",
     "make_targets",
     "output_error",
@@ -302,6 +303,23 @@ def init_params(
     weights = [torch.stack(lst).to(dtype=dtype, device=device) for lst in per_w]
     feedback = [torch.stack(lst).to(dtype=dtype, device=device) for lst in per_f]
     return weights, feedback
+
+
+def stack_episodes(sampler, net: Network, items, dtype=torch.float32, device=None):
+    """Episodes ``(seed, t, k)`` for ``k in ks`` of every ``(seed, t, ks)`` in ``items``, as one batch (rows in that
+    order): ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`, the tasks drawn by
+    ``sampler`` (a :class:`~rulesearch.episodes.TaskSampler`) and the initial weights by :func:`init_params`."""
+    batches = [sampler.sample(seed, t, ks) for seed, t, ks in items]
+    inits = [init_params(net, seed, t, ks, dtype=dtype) for seed, t, ks in items]
+
+    def cat(name):
+        x = torch.cat([getattr(b, name) for b in batches])
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+    batch = (cat("x_train"), cat("y_train"), cat("x_query"), cat("y_query"))
+    weights = [torch.cat(ws).to(device) for ws in zip(*(w for w, _ in inits))]
+    feedback = [torch.cat(fs).to(device) for fs in zip(*(f for _, f in inits))]
+    return batch, weights, feedback
 
 
 # ---- elementary maps (hot path: no validation) -------------------------------------------------------------

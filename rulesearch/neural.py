@@ -38,6 +38,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,10 +296,13 @@ class NeuralRule:
     def with_params(self, params) -> NeuralRule:
         """A copy carrying trained parameters (used by ``__call__`` when no params are passed)."""
         params = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.as_tensor(v)) for k, v in params.items()}
-        return NeuralRule(
-            self.features, self.hidden, self.activation, self.skip, self.checkpoint, self.init_scale, self.out_scale,
-            self.name, params,
-        )  # fmt: skip
+        return dataclasses.replace(self, params=params)
+
+    def mlp_norm(self, params=None) -> float | None:
+        """The L2 norm of the MLP's parameters (``params`` or the trained ones; None without hidden layers)."""
+        params = self.params if params is None else params
+        mlp = [params[k].detach().double() for k in self.param_shapes() if k != "skip"]
+        return float(torch.sqrt(sum((p**2).sum() for p in mlp))) if mlp else None
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def features_of(self, signals: Mapping) -> dict[str, Tensor]:
@@ -399,16 +403,8 @@ class NeuralRule:
     # ---- exports ----------------------------------------------------------------------------------------
     def spec(self) -> dict:
         """The structure as plain data (no parameters)."""
-        return {
-            "features": list(self.features),
-            "hidden": list(self.hidden),
-            "activation": self.activation,
-            "skip": self.skip,
-            "checkpoint": self.checkpoint,
-            "init_scale": self.init_scale,
-            "out_scale": self.out_scale,
-            "name": self.name,
-        }
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**out, "features": list(self.features), "hidden": list(self.hidden)}
 
     def to_json(self, runs: Sequence[Mapping] | None = None) -> dict:
         """JSON-able dict: the structure, the trained params (if any) and optionally every run's params."""
@@ -427,7 +423,7 @@ class NeuralRule:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise InvalidRuleError(f"Not a neural rule: expected format {FORMAT!r}, got {got!r}.")
-        spec = {k: data[k] for k in ("features", "hidden", "activation", "skip", "checkpoint", "init_scale", "name")}
+        spec = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in ("params", "out_scale")}
         spec["out_scale"] = data.get("out_scale", 1.0)  # files written before out_scale existed: an unscaled MLP
         spec["features"], spec["hidden"] = tuple(spec["features"]), tuple(spec["hidden"])
         params = data.get("params")
