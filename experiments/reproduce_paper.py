@@ -29,6 +29,7 @@ percentile bootstrap intervals across runs (the paper: 98%, 500 resamples).
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -177,6 +178,10 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
             if h[col].notna().any():
                 curve = curve.merge(per_step(h, col), on="step")
         curves[name] = curve
+    if item in ("fig4", "lambda"):  # variants summarised before whose run directories are not here: kept
+        kept_rows, kept_curves, kept_tex = _earlier_variants(item, RESULTS, set(searches))
+        rows, tex = rows + kept_rows, tex + kept_tex
+        curves.update(kept_curves)
     table = pd.DataFrame(rows)
     long = pd.concat([c.assign(variant=n) for n, c in curves.items()])
     long.to_csv(RESULTS / f"{item}.csv", index=False)
@@ -196,6 +201,27 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
     md = [f"# {titles[item]}", "", _protocol(item, a), "", markdown_table(table), ""]
     (RESULTS / f"{item}.md").write_text("\n".join(md))
     print("\n".join(md))
+
+
+def _earlier_variants(item: str, results: Path, names: set[str]) -> tuple[list[dict], dict, list[str]]:
+    """The rows (``<item>.md``), per-step curves (``<item>.csv``) and LaTeX blocks (``<item>.tex``) of variants in
+    an earlier summary that are not in ``names``: a sweep's variants run in separate invocations (or on other
+    machines) stay in the summary without their run directories."""
+    md, csv, tex = (results / f"{item}.{ext}" for ext in ("md", "csv", "tex"))
+    if not (md.exists() and csv.exists()):
+        return [], {}, []
+    lines = [ln for ln in md.read_text().splitlines() if ln.startswith("| ")]
+    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    rows = [dict(zip(split[0], r)) for r in split[1:] if r[0] not in names]
+    for r in rows:
+        r["episodes"], r["runs"] = int(r["episodes"]), int(r["runs"])
+    keep = {r["variant"] for r in rows}
+    long = pd.read_csv(csv)
+    curves = {n: g.drop(columns="variant").reset_index(drop=True) for n, g in long.groupby("variant") if n in keep}
+    head = f"% {item}: "
+    blocks = re.split(f"(?m)^(?={re.escape(head)})", tex.read_text()) if tex.exists() else []
+    kept_tex = [b.rstrip() for b in blocks if b.startswith(head) and b[len(head) :].split("\n", 1)[0] in keep]
+    return rows, curves, kept_tex
 
 
 def _plot_coefficients(h: pd.DataFrame, cols: list[str], path: Path, title: str) -> None:

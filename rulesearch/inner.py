@@ -924,7 +924,8 @@ class _FastRun:
                         outs.append(Vt)
                         cots.append(torch.bmm(U.detach().transpose(1, 2), g))
                 if a is not None and a.requires_grad:
-                    da = torch.bmm(g.reshape(g.shape[0], 1, -1), ws[i].reshape(g.shape[0], -1, 1)).reshape(-1)
+                    # <G, W_s>: a (1, n) x (n, 1) bmm is ~4x slower at B > 1
+                    da = torch.linalg.vecdot(g.flatten(1), ws[i].flatten(1))
                     outs.append(a)
                     cots.append(da if a.dim() else da.sum())
             if outs:

@@ -306,7 +306,8 @@ class MetaConfig(Config):
     l1_mode: str = option(
         "subgradient",
         help="'subgradient': L1 in the meta-loss (the paper); 'proximal': soft-threshold after each Adam step by "
-        "lr*lambda, so coefficients reach exactly zero.",
+        "lr*lambda/(sqrt(v)+eps), Adam's own metric, so coefficients reach exactly zero (a coefficient stays at 0 "
+        "while its mean query-loss gradient is below lambda; with meta.clip, lambda is clipped with the gradient).",
         choices=("subgradient", "proximal"),
     )
     clip: float | None = option(None, help="Clip each run's meta-gradient to this L2 norm (default: no clipping).")
@@ -716,9 +717,6 @@ class _Linear:
         """Per-run ``sum |theta|`` (shape ``(S,)``)."""
         return sum(p.abs().flatten(1).sum(1) for p in params.values())
 
-    def prox(self, p: Tensor, amount: float) -> Tensor:
-        return torch.sign(p) * torch.clamp(p.abs() - amount, min=0.0)
-
     def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
         out = {}
         for name, rule in zip(self.names, self.groups):
@@ -840,9 +838,6 @@ class _WithFeedback:
 
     def l1(self, params: dict[str, Tensor]):
         return self.base.l1(self._forward(params))
-
-    def prox(self, p: Tensor, amount: float) -> Tensor:
-        return self.base.prox(p, amount)
 
     def feedback_values(self, params: dict[str, Tensor], s: int | None = None) -> Tensor:
         """The feedback coefficients of run ``s`` (None: the mean over runs), float64 on the CPU."""
@@ -1074,6 +1069,26 @@ def _rms_multipliers(
     return out
 
 
+def adam_step(p, g, m, v, t, lr, betas, eps, l1=None):
+    r"""One Adam step (bias-corrected, step ``t`` >= 1) on ``p`` with gradient ``g``; returns ``(p, m, v)``.
+
+    With ``l1`` (a number or a tensor that broadcasts to ``p``) the step is proximal in Adam's own metric
+    :math:`D = \sqrt{\hat v} + \epsilon`: :math:`p \leftarrow S_{\eta\lambda/D}(p - \eta \hat m / D)`, the
+    soft threshold :math:`S_\tau(u) = \mathrm{sign}(u)\max(|u| - \tau, 0)`. So a coefficient stays exactly zero
+    while its mean loss gradient is below ``l1`` (the KKT condition of ``loss + l1 * |p|_1``), whatever the
+    gradient's scale; ``lr`` may be a tensor (per-coefficient step sizes).
+    """
+    b1, b2 = betas
+    m = m * b1 + g * (1 - b1)
+    v = v * b2 + g * g * (1 - b2)
+    denom = v.sqrt() / (1 - b2**t).sqrt() + eps
+    p = p - (lr / (1 - b1**t)) * m / denom
+    if l1 is not None:
+        tau = lr * l1 / denom
+        p = torch.sign(p) * torch.clamp(p.abs() - tau, min=0.0)
+    return p, m, v
+
+
 class _Trainer:
     """The meta-training loop over a :class:`_Problem` (state in :class:`_State`)."""
 
@@ -1283,7 +1298,6 @@ class _Trainer:
         runs = sorted(grads)
         dev = self.p.device
         idx = torch.tensor(runs, device=dev)
-        b1, b2 = meta.betas
         if meta.clip is not None:
             norm = torch.stack([torch.sqrt(sum(x.pow(2).sum() for x in grads[s].values())) for s in runs])
             scale = torch.clamp(meta.clip / (norm + 1e-6), max=1.0)
@@ -1295,16 +1309,12 @@ class _Trainer:
             shape = (-1, *([1] * (g.dim() - 1)))
             if meta.clip is not None:
                 g = g * scale.to(g.dtype).reshape(shape)
-            m = st.m[k][idx] * b1 + g * (1 - b1)
-            v = st.v[k][idx] * b2 + g * g * (1 - b2)
-            tt = steps.to(g.dtype).reshape(shape)
-            bc1 = 1 - b1**tt
-            bc2 = 1 - b2**tt
-            denom = v.sqrt() / bc2.sqrt() + meta.eps
             lr = meta.lr * self.lr_scale()[k].to(g.dtype)
-            p = st.params[k][idx] - (lr / bc1) * m / denom
+            l1 = None  # the proximal threshold's lambda, clipped with the loss gradient (as the subgradient's is)
             if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
-                p = self.p.learner.prox(p, lr * meta.l1)
+                l1 = meta.l1 * (scale.to(g.dtype).reshape(shape) if meta.clip is not None else 1.0)
+            p, m, v = adam_step(st.params[k][idx], g, st.m[k][idx], st.v[k][idx], steps.to(g.dtype).reshape(shape),
+                                lr, meta.betas, meta.eps, l1=l1)  # fmt: skip
             ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
             new[k] = (m, v, p)
         keep = idx[ok]

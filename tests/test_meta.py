@@ -136,6 +136,16 @@ def test_proximal_l1_reaches_exact_zeros():
     assert (s.theta_ == 0).sum() >= 5
 
 
+def test_proximal_threshold_is_clipped_with_the_gradient():
+    # Adam's step is invariant to the gradient's scale, and so is the proximal threshold once lambda is clipped
+    # with the gradient: a clip far below the gradient norm leaves the first step unchanged (an unclipped lambda
+    # would zero every coefficient)
+    steps = [search(meta=tiny_meta(episodes=1, lr=1e-2, l1=0.05, l1_mode="proximal", clip=c, eps=1e-16)).fit().theta_
+             for c in (None, 1e-3)]  # fmt: skip
+    assert (steps[0] != 0).sum() >= 3
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_term_scale_rms_equalizes_each_terms_step(per_layer):
     from rulesearch.compile import compile_rule
@@ -420,3 +430,31 @@ def test_default_discover_config_is_the_main_job():
     net = cfg.network.build(64, 10)
     assert net.sizes == (64, 170, 130, 100, 70, 10)
     assert dataclasses.replace(cfg.network, sizes=None).build(784, 47).sizes == (784, 170, 130, 100, 70, 47)
+
+
+def test_adam_step_matches_torch_adam_and_its_prox_keeps_the_kkt_zeros():
+    from rulesearch.meta import adam_step
+
+    def f64(t):
+        return torch.tensor(float(t), dtype=torch.float64)
+
+    torch.manual_seed(0)
+    target = torch.randn(4, dtype=torch.float64)
+    ref = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([ref], lr=1e-2)
+    p, m, v = (torch.zeros(4, dtype=torch.float64) for _ in range(3))
+    for t in range(1, 21):
+        opt.zero_grad()
+        ((ref - target) ** 2).sum().backward()
+        opt.step()
+        p, m, v = adam_step(p, 2 * (p - target), m, v, f64(t), 1e-2, (0.9, 0.999), 1e-8)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-12)
+    # constant loss gradients below / above lambda, at two scales: the first coefficient stays exactly 0, the
+    # second moves against (gradient - lambda); plain Adam would move both by lr per step
+    for scale in (1.0, 1e-3):
+        g = torch.tensor([0.5, 2.0], dtype=torch.float64) * scale
+        p, m, v = (torch.zeros(2, dtype=torch.float64) for _ in range(3))
+        for t in range(1, 301):
+            p, m, v = adam_step(p, g, m, v, f64(t), 1e-3, (0.9, 0.999), 1e-12, l1=scale)
+        assert p[0] == 0
+        assert p[1] < -0.1
