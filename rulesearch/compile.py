@@ -57,9 +57,11 @@ from .signals import (
     Contract,
     Signal,
     expand_derived,
+    pre,
     role_of,
     signals_in,
     state_signals,
+    w,
 )
 
 __all__ = [
@@ -321,9 +323,11 @@ class TorchCompiler:
     def _compile_Bilinear(self, expr):
         self.kinds.add("bilinear")
         u, M, v = expr.args
-        left = self.slot(Contract(M, u))  # (M^T u)_j, shared with any F9-like term
-        rv = self.slot(v)
-        return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], rv[1]), "global")
+        if M == w and v == pre:  # u^T (W x): W x is the pre-activation z, which the fast inner loop already has
+            left, right = self.slot(Contract(M, v)), self.slot(u)
+        else:  # (M^T u)^T v: M^T u is shared with any F9-like term
+            left, right = self.slot(Contract(M, u)), self.slot(v)
+        return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], right[1]), "global")
 
     def _compile_OrderedContract(self, expr):
         self.kinds.add("contraction")

@@ -440,13 +440,19 @@ class _MatRef:
     ``(post, pre)`` to ``sink``.
     """
 
-    __slots__ = ("mat", "sink", "log")
+    __slots__ = ("mat", "sink", "log", "pre", "z")
 
     def __init__(self, mat, sink=None, log=None):
         self.mat, self.sink, self.log = mat, sink, log
+        self.pre = self.z = None  # the step's input x and pre-activation z = W x (set per step)
 
     def mv(self, v: Tensor) -> Tensor:
-        """``M v`` for ``v`` of shape ``(B, n_pre)``."""
+        """``M v`` for ``v`` of shape ``(B, n_pre)``; ``W x`` is the step's pre-activation ``z``, not recomputed (its
+        gradient joins ``dL/dz`` in the adjoint)."""
+        if v is self.pre and v is not None:
+            if self.log is not None and torch.is_grad_enabled() and not self.z.requires_grad:
+                self.z.requires_grad_()
+            return self.z
         return self._product(v, False)
 
     def vm(self, u: Tensor) -> Tensor:
@@ -496,14 +502,14 @@ class _LowRank:
     """The factored form ``dW = a W + U V^T`` of one layer's compiled rule (fast path only).
 
     The rule's structure is analysed once: ``U V^T = U_d M V_d^T`` with the distinct post and pre vectors ``U_d``,
-    ``V_d`` and their coefficient matrix ``M`` (folded into the side with more distinct vectors), and
-    ``M = sum_j g_j M_j`` over the distinct global factors ``g = [1, g_1, ...]``; likewise ``a = sum_j g_j a_j``.
-    The ``M_j, a_j`` depend on the parameters only: :meth:`coefficients` computes them once per run, and a call
-    (:meth:`factors`) runs the tape and a handful of batched ops; no per-call validation (the inner loop validated
-    shapes and parameters once per run). Raises :class:`_Unsupported` for other shapes of rules.
+    ``V_d`` and their coefficient matrix ``M`` (folded into the side with more distinct vectors; on a tie, into the
+    shorter one), and ``M = sum_j g_j M_j`` over the distinct global factors ``g = [1, g_1, ...]``; likewise
+    ``a = sum_j g_j a_j``. The ``M_j, a_j`` depend on the parameters only: :meth:`coefficients` computes them once
+    per run, and a call (:meth:`factors`) runs the tape and a handful of batched ops; no per-call validation (the
+    inner loop validated shapes and parameters once per run). Raises :class:`_Unsupported` for other shapes of rules.
     """
 
-    __slots__ = ("rule", "consts", "g_refs", "E", "decay", "decay_global", "u_keys", "v_keys", "T", "keep_u")
+    __slots__ = ("rule", "consts", "g_refs", "E", "decay", "decay_global", "u_keys", "v_keys", "T")
 
     def __init__(self, rule):
         self.rule, self.consts = rule, {}
@@ -515,7 +521,7 @@ class _LowRank:
         self.E = torch.zeros(len(self.g_refs) + 1, A.shape[0], dtype=torch.float64)  # which products g_j scales
         self.E[g_of, range(A.shape[0])] = 1.0
         self.decay = self.u_keys = self.v_keys = self.T = None
-        self.decay_global = self.keep_u = False
+        self.decay_global = False
         for s_ref, cols, us, vs, consts in rule._groups:
             if consts is not None:  # no vectors: a W when the synapse factor is the weights (checked per call)
                 if s_ref is None or self.decay is not None:
@@ -526,7 +532,6 @@ class _LowRank:
                 raise _Unsupported("a synapse factor times outer products")
             else:
                 self.u_keys, self.v_keys = list(dict.fromkeys(us)), list(dict.fromkeys(vs))
-                self.keep_u = len(self.u_keys) <= len(self.v_keys)
                 T = torch.zeros(A.shape[0], len(self.u_keys), len(self.v_keys), dtype=torch.float64)
                 for col, u, v in zip(cols, us, vs):
                     T[:, self.u_keys.index(u), self.v_keys.index(v)] = A[:, col]
@@ -582,7 +587,9 @@ class _LowRank:
         if M is not None:
             Ud = torch.stack([self._vec(u, vals, (b, n_post), like) for u in self.u_keys], -1)
             Vd = torch.stack([self._vec(v, vals, (b, n_pre), like) for v in self.v_keys], 1)
-            U, Vt = (Ud, torch.bmm(M, Vd)) if self.keep_u else (torch.bmm(Ud, M), Vd)
+            J, D = len(self.u_keys), len(self.v_keys)
+            keep_u = J < D or (J == D and n_pre <= n_post)  # fold M into the cheaper side
+            U, Vt = (Ud, torch.bmm(M, Vd)) if keep_u else (torch.bmm(Ud, M), Vd)
         return a, U, Vt
 
 
@@ -806,6 +813,7 @@ class _FastRun:
                     sig["pre_err"] = t.es[i]
                 if "w" in nd:
                     sig["w"] = wrefs[i]
+                    wrefs[i].pre, wrefs[i].z = t.ys[i], t.zs[i + 1]
                 if "fb" in nd:
                     sig["fb"] = wrefs[i] if net.feedback == "bp" else self.fbs[i]
                 if "reward" in nd:
@@ -825,7 +833,8 @@ class _FastRun:
         net, plan, n = self.net, self.plan, self.net.n_layers
         gy = [None] + [y.grad for y in t.ys[1:]]
         ge = [None if e is None else e.grad for e in t.es]
-        gz: list = [None] * (n + 1)
+        # a rule's W x (see _MatRef.mv); an activity that is its pre-activation (linear) has it in gy already
+        gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
         if plan.any_err:
             mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
             for i in reversed(plan.err_layers):  # ascending: e_i's gradient is complete (e_i feeds e_{i-1} only)
@@ -841,7 +850,7 @@ class _FastRun:
                     gy[i], gz[i] = _add(gy[i], dy), _add(gz[i], dz)
             gy[n] = _add(gy[n], ge[n])
         if gy[n] is not None:
-            gz[n] = _output_backward(net, gy[n], t.ys[n])
+            gz[n] = _add(gz[n], _output_backward(net, gy[n], t.ys[n]))
         if t.loss is not None and t.loss.grad is not None:  # the loss' gradient w.r.t. the logits (CE) or outputs
             gz[n] = _add(gz[n], t.loss.grad.unsqueeze(-1) * (t.ys[n] - self.target[:, s]))
         for i in range(n, 0, -1):
