@@ -124,7 +124,13 @@ def per_step(h: pd.DataFrame, column: str, window: int = 10) -> pd.DataFrame:
 
 def markdown_table(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in df.itertuples(index=False)]
+
+    def cell(v) -> str:  # n/a: a column added after a kept row was summarised; a count with such a gap is float
+        if isinstance(v, float) and (np.isnan(v) or v.is_integer()):
+            return "n/a" if np.isnan(v) else str(int(v))
+        return str(v)
+
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -134,14 +140,15 @@ def plot_band(curves: dict[str, pd.DataFrame], column: str, ylabel: str, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    many = len(curves) > 4  # a sweep's legend goes beside the axes
+    fig, ax = plt.subplots(figsize=(11.0 if many else 6.4, 4.0))
     for label, df in curves.items():
         ax.plot(df["step"], df[column], label=label)
         ax.fill_between(df["step"], df[f"{column}_lo"], df[f"{column}_hi"], alpha=0.25)
     ax.set_xlabel("episode (meta-step)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(**({"fontsize": 8, "loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -158,7 +165,10 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
         angles = [c for c in h.columns if c.startswith("angle.")]
         ews = [c for c in h.columns if c.startswith("ew.")]
         h = h.assign(angle_mean=h[angles].mean(axis=1), ew_mean=h[ews].mean(axis=1) if ews else np.nan)
-        row = {"variant": name, "episodes": int(h["step"].max()), "runs": s.n_runs_}
+        full = s.history_  # a stopped run has no rows after its stop
+        n = int(full["step"].max())
+        row = {"variant": name, "episodes": n, "runs": s.n_runs_,
+               "runs not stopped": int(full.loc[full["step"] == n, "run"].nunique())}  # fmt: skip
         for col, label in (("meta_accuracy", "meta-acc"), ("angle_mean", "angle"), ("ew_mean", "E_W")):
             first, last = window_means(h, col)
             row[f"{label} first 10%"] = ci(first)
@@ -171,6 +181,11 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
             row["coefficients (mean [95% CI] across runs)"] = "; ".join(
                 f"{n}={ci(theta[:, j])}" for j, n in enumerate(names)
             )
+            if item in ("fig4", "lambda") and s.theta_.dim() == 2:
+                shares = term_shares(s)
+                row["share of the update (mean [95% CI] across runs)"] = "; ".join(
+                    f"{n}={ci(shares[:, j])}" for j, n in enumerate(names)
+                )
             tex.append(f"% {item}: {name}\n" + s.to_latex())
         rows.append(row)
         curve = per_step(h, "meta_accuracy")
@@ -201,6 +216,36 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
     md = [f"# {titles[item]}", "", _protocol(item, a), "", markdown_table(table), ""]
     (RESULTS / f"{item}.md").write_text("\n".join(md))
     print("\n".join(md))
+
+
+def term_shares(s: RuleSearch) -> np.ndarray:
+    r"""Each term's share of the learned update, per run ``(S, R)``: on a fresh episode of each run (meta-step index
+    = its number of episodes, never trained on) under its final coefficients,
+    :math:`c_r = \sum_{t, \ell} \mathrm{rms}(\theta_r F^r_{t\ell}) / \sum_{r'} (\ldots)`. The raw coefficients
+    are not comparable across terms whose scales differ by orders of magnitude (``-W`` vs ``e x^T``); the shares
+    are."""
+    from rulesearch.compile import compile_rule
+    from rulesearch.inner import run_episodes
+    from rulesearch.networks import stack_episodes
+
+    cfg = s.config()
+    dataset = cfg.task.load()
+    sampler = cfg.task.sampler(dataset, "train")
+    net = cfg.network.build(dataset.n_features, sampler.n_outputs)
+    theta = s.theta_.double()
+    seeds, t = [cfg.meta.seed + r for r in range(theta.shape[0])], int(s.history_["step"].max())
+    batch, weights, feedback = stack_episodes(sampler, net, [(seed, t, [0]) for seed in seeds], torch.float64)
+    update, eye = compile_rule(s.rule_), torch.eye(theta.shape[1], dtype=torch.float64)
+    acc = torch.zeros_like(theta)
+
+    def observe(step, layer, signals, dW):
+        for r in range(theta.shape[1]):
+            acc[:, r] += update(signals, eye[r]).pow(2).mean((-2, -1)).sqrt() * theta[:, r].abs()
+
+    with torch.no_grad():
+        run_episodes(net, batch, update, theta, weights, feedback, observe=observe, metrics=False,
+                     raise_on_divergence=False)  # fmt: skip
+    return (acc / acc.sum(1, keepdim=True)).numpy()
 
 
 def _earlier_variants(item: str, results: Path, names: set[str]) -> tuple[list[dict], dict, list[str]]:
