@@ -142,7 +142,8 @@ def discover(
     l1_mode: Annotated[
         str | None,
         typer.Option(
-            help="L1 as a subgradient in the meta-loss (default) or a proximal soft-threshold step (proximal)."
+            help="L1 as a subgradient in the meta-loss (default) or a proximal soft-threshold step in Adam's metric "
+            "(proximal): a coefficient then stays exactly 0 while its mean query-loss gradient is below lambda."
         ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 3e-4; the paper's 1e-3).")] = None,

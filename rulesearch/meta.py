@@ -10,9 +10,9 @@ fresh network on each with the rule (:func:`rulesearch.inner.run_episodes`), and
 
 (Shervani-Tabar & Rosenbaum 2023, Eq. 6, Alg. 1). The defaults are the paper's: Adam with learning rate
 ``1e-3``, :math:`\theta_0 = 10^{-3}` and the other coefficients 0, no gradient clipping, the L1 term as a
-subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step so that coefficients reach exactly
-zero, ``B > 1``, per-layer coefficients ``(L, R)``, several independent runs trained together as one batch, neural
-rules (:class:`rulesearch.neural.NeuralRule`).
+subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step in Adam's metric so that
+coefficients reach exactly zero (:func:`adam_step`), ``B > 1``, per-layer coefficients ``(L, R)``, several
+independent runs trained together as one batch, neural rules (:class:`rulesearch.neural.NeuralRule`).
 
 Runs
 ----
