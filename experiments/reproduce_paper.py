@@ -310,7 +310,7 @@ def _protocol(item: str, a) -> str:
         "'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
         + (
             f" (one invocation per variant: its --lr, --term-scale, --clip, --episodes and --runs; every variant "
-            f"under runs/paper/{item} is summarised)"
+            f"under {a.runs_dir}/{item} is summarised)"
             if item in ("fig4", "lambda")
             else ""
         )
@@ -319,6 +319,8 @@ def _protocol(item: str, a) -> str:
         + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
         + (f" --clip {a.clip:g}" if a.clip else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
+        + (f" --runs-dir {a.runs_dir}" if a.runs_dir != "runs/paper" else "")
+        + (f" --results {a.results}" if a.results != "results/paper" else "")
         + "`."
     )
 
