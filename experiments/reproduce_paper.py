@@ -166,9 +166,9 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
         ews = [c for c in h.columns if c.startswith("ew.")]
         h = h.assign(angle_mean=h[angles].mean(axis=1), ew_mean=h[ews].mean(axis=1) if ews else np.nan)
         full = s.history_  # a stopped run has no rows after its stop
-        n = int(full["step"].max())
+        n, planned = int(full["step"].max()), s.config().meta.episodes
         row = {"variant": name, "episodes": n, "runs": s.n_runs_,
-               "runs not stopped": int(full.loc[full["step"] == n, "run"].nunique())}  # fmt: skip
+               "runs not stopped": int(full.loc[full["step"] == planned, "run"].nunique())}  # fmt: skip
         for col, label in (("meta_accuracy", "meta-acc"), ("angle_mean", "angle"), ("ew_mean", "E_W")):
             first, last = window_means(h, col)
             row[f"{label} first 10%"] = ci(first)
