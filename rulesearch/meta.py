@@ -1070,7 +1070,8 @@ def _rms_multipliers(
 
 
 def adam_step(p, g, m, v, t, lr, betas, eps, l1=None):
-    r"""One Adam step (bias-corrected, step ``t`` >= 1) on ``p`` with gradient ``g``; returns ``(p, m, v)``.
+    r"""One Adam step (bias-corrected; ``t`` >= 1, the step count as a tensor) on ``p`` with gradient ``g``; returns
+    ``(p, m, v)``.
 
     With ``l1`` (a number or a tensor that broadcasts to ``p``) the step is proximal in Adam's own metric
     :math:`D = \sqrt{\hat v} + \epsilon`: :math:`p \leftarrow S_{\eta\lambda/D}(p - \eta \hat m / D)`, the
