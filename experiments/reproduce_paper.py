@@ -44,8 +44,11 @@ from rulesearch.runs import RunDir
 from rulesearch.stats import bootstrap_ci, moving_average
 
 
-def emnist_task(data_dir: str | None) -> dict:
-    return {"dataset": "emnist", "data_dir": data_dir or str(default_data_dir()), "options": {"per_class": 400}}
+def emnist_task(data_dir: str | None, paper_sampling: bool = False) -> dict:
+    """EMNIST, the first 400 per class; ``paper_sampling``: the paper code's episodes (classes with replacement,
+    the first K / next Q images of each class)."""
+    task = {"dataset": "emnist", "data_dir": data_dir or str(default_data_dir()), "options": {"per_class": 400}}
+    return {**task, "replacement": True, "fixed_images": True} if paper_sampling else task
 
 
 def variants(item: str, a) -> list[tuple[str, dict]]:
@@ -57,13 +60,13 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
         meta = {"l1_mode": a.l1_mode}
         return [(f"{a.l1_mode} l1={l1:g}{tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
-    task = emnist_task(a.data_dir)
+    task = emnist_task(a.data_dir, a.paper_sampling)
     if item == "fig3":
         return [(fb, {"rule": "f0", "task": task, "network": {"feedback": fb}, "meta": {"l1": 0.0}})
                 for fb in ("bp", "fa")]  # fmt: skip
     if item == "fig4":
         meta = {"l1_mode": a.l1_mode}
-        tag = f"lr={a.lr:g}{steps}"
+        tag = f"lr={a.lr:g}{steps}" + (" paper-sampling" if a.paper_sampling else "")
         return [(f"pool {a.l1_mode} l1={l1:g} {tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
     if item == "rules":
@@ -318,6 +321,7 @@ def _protocol(item: str, a) -> str:
         f"`python experiments/reproduce_paper.py {item} --episodes {a.episodes} --runs {a.runs} --lr {a.lr:g}"
         + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
         + (f" --clip {a.clip:g}" if a.clip else "")
+        + (" --paper-sampling" if a.paper_sampling else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + (f" --runs-dir {a.runs_dir}" if a.runs_dir != "runs/paper" else "")
         + (f" --results {a.results}" if a.results != "results/paper" else "")
@@ -340,6 +344,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 1e-3)")
     p.add_argument("--term-scale", default="none", choices=("none", "rms", "capped"), help="per-term Adam step sizes")
     p.add_argument("--clip", type=float, default=None, help="clip each run's meta-gradient to this norm")
+    p.add_argument("--paper-sampling", action="store_true", help="fig4: EMNIST episodes as the paper's code draws "
+                   "them (classes with replacement, the first K / next Q images per class)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="EMNIST folder (default $RULESEARCH_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -351,6 +357,8 @@ def main(argv=None):
     p.add_argument("--summarize-only", action="store_true", help="only rewrite the summary from the runs")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     a = p.parse_args(argv)
+    if a.paper_sampling and a.item != "fig4":
+        p.error("--paper-sampling is a fig4 option (its variants are tagged; other items' names are fixed)")
     if a.item == "oja":
         from oja_followup import main as oja_main
 
