@@ -185,7 +185,7 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
                 f"{n}={ci(theta[:, j])}" for j, n in enumerate(names)
             )
             if item in ("fig4", "lambda") and s.theta_.dim() == 2:
-                shares = term_shares(s)
+                shares = s.term_shares().numpy()
                 row["share of the update (mean [95% CI] across runs)"] = "; ".join(
                     f"{n}={ci(shares[:, j])}" for j, n in enumerate(names)
                 )
@@ -219,36 +219,6 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
     md = [f"# {titles[item]}", "", _protocol(item, a), "", markdown_table(table), ""]
     (RESULTS / f"{item}.md").write_text("\n".join(md))
     print("\n".join(md))
-
-
-def term_shares(s: RuleSearch) -> np.ndarray:
-    r"""Each term's share of the learned update, per run ``(S, R)``: on a fresh episode of each run (meta-step index
-    = its number of episodes, never trained on) under its final coefficients,
-    :math:`c_r = \sum_{t, \ell} \mathrm{rms}(\theta_r F^r_{t\ell}) / \sum_{r'} (\ldots)`. The raw coefficients
-    are not comparable across terms whose scales differ by orders of magnitude (``-W`` vs ``e x^T``); the shares
-    are."""
-    from rulesearch.compile import compile_rule
-    from rulesearch.inner import run_episodes
-    from rulesearch.networks import stack_episodes
-
-    cfg = s.config()
-    dataset = cfg.task.load()
-    sampler = cfg.task.sampler(dataset, "train")
-    net = cfg.network.build(dataset.n_features, sampler.n_outputs)
-    theta = s.theta_.double()
-    seeds, t = [cfg.meta.seed + r for r in range(theta.shape[0])], int(s.history_["step"].max())
-    batch, weights, feedback = stack_episodes(sampler, net, [(seed, t, [0]) for seed in seeds], torch.float64)
-    update, eye = compile_rule(s.rule_), torch.eye(theta.shape[1], dtype=torch.float64)
-    acc = torch.zeros_like(theta)
-
-    def observe(step, layer, signals, dW):
-        for r in range(theta.shape[1]):
-            acc[:, r] += update(signals, eye[r]).pow(2).mean((-2, -1)).sqrt() * theta[:, r].abs()
-
-    with torch.no_grad():
-        run_episodes(net, batch, update, theta, weights, feedback, observe=observe, metrics=False,
-                     raise_on_divergence=False)  # fmt: skip
-    return (acc / acc.sum(1, keepdim=True)).numpy()
 
 
 def _earlier_variants(item: str, results: Path, names: set[str]) -> tuple[list[dict], dict, list[str]]:

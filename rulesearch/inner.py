@@ -449,7 +449,7 @@ class _MatRef:
     def mv(self, v: Tensor) -> Tensor:
         """``M v`` for ``v`` of shape ``(B, n_pre)``; ``W x`` is the step's pre-activation ``z``, not recomputed (its
         gradient joins ``dL/dz`` in the adjoint)."""
-        if v is self.pre and v is not None:
+        if v is self.pre:
             if self.log is not None and torch.is_grad_enabled() and not self.z.requires_grad:
                 self.z.requires_grad_()
             return self.z

@@ -1046,6 +1046,12 @@ def _process_group(distributed: bool | None, device: str):
             shutdown()
 
 
+def _term_ms(update, eye: Tensor, signals) -> Tensor:
+    """Per episode the mean square over the synapses of every term ``F_r`` of a compiled linear rule (``theta`` the
+    one-hot rows of ``eye``): ``(B, R)``."""
+    return torch.stack([update(signals, e).pow(2).mean((-2, -1)) for e in eye], -1)
+
+
 def _rms_multipliers(
     learner, init: dict[str, Tensor], sums: list[Tensor], cap: float = float("inf")
 ) -> dict[str, Tensor]:
@@ -1128,7 +1134,7 @@ class _Trainer:
                 eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
 
                 def rms_of(layer, signals):
-                    return torch.stack([ups[layer](signals, e).pow(2).mean().sqrt() for e in eyes[layer]])
+                    return _term_ms(ups[layer], eyes[layer], signals).mean(0).sqrt()
 
             def observe(step, layer, signals, dW):
                 sums[layer] += rms_of(layer, signals).double().cpu()
@@ -1308,12 +1314,12 @@ class _Trainer:
         for k in st.params:
             g = torch.stack([grads[s][k] for s in runs]).to(st.params[k].dtype)
             shape = (-1, *([1] * (g.dim() - 1)))
-            if meta.clip is not None:
-                g = g * scale.to(g.dtype).reshape(shape)
+            clipped = scale.to(g.dtype).reshape(shape) if meta.clip is not None else 1.0
+            g = g * clipped
             lr = meta.lr * self.lr_scale()[k].to(g.dtype)
             l1 = None  # the proximal threshold's lambda, clipped with the loss gradient (as the subgradient's is)
             if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
-                l1 = meta.l1 * (scale.to(g.dtype).reshape(shape) if meta.clip is not None else 1.0)
+                l1 = meta.l1 * clipped
             p, m, v = adam_step(st.params[k][idx], g, st.m[k][idx], st.v[k][idx], steps.to(g.dtype).reshape(shape),
                                 lr, meta.betas, meta.eps, l1=l1)  # fmt: skip
             ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
@@ -1782,6 +1788,37 @@ class RuleSearch:
         if run.is_finished:
             search.summary_.update({k: v for k, v in run.summary().items() if k not in search.summary_})
         return search
+
+    def term_shares(self) -> Tensor:
+        r"""Each term's share of the learned update, per run ``(S, R)``, float64:
+        :math:`c_r = \sum_{t, \ell} \mathrm{rms}(\theta_r F^r_{t\ell}) / \sum_{r'} (\ldots)` over the online
+        steps and layers of a fresh episode of each run (meta-step index = the steps trained, ``k = 0``) under its
+        final coefficients. Raw coefficients are not comparable across terms whose scales differ by orders of
+        magnitude (``-W`` vs ``e x^T``); the shares are. Needs one coefficient vector per run (a linear rule with
+        shared coefficients, fixed feedback)."""
+        self._check_fitted()
+        p = self._problem
+        if not (p.learner.linear and torch.is_tensor(self.theta_) and self.theta_.dim() == 2) or isinstance(
+            p.learner, _WithFeedback
+        ):
+            raise ConfigError(
+                "term_shares needs a linear rule with one coefficient vector per run (theta_ of shape (runs, terms)) "
+                "and fixed feedback; per-layer, grouped, neural and plastic-feedback rules have no single share per "
+                "term."
+            )
+        theta = self.theta_.detach().to(torch.float64).cpu()
+        t = int(self.history_["step"].max())
+        batch, weights, feedback = stack_episodes(p.sampler, p.net, [(seed, t, [0]) for seed in p.seeds], torch.float64)
+        eye = torch.eye(theta.shape[1], dtype=torch.float64)
+        acc = torch.zeros_like(theta)
+
+        def observe(step, layer, signals, dW):
+            acc.add_(_term_ms(p.update, eye, signals).sqrt() * theta.abs())
+
+        with torch.no_grad():
+            run_episodes(p.net, batch, p.update, theta, weights, feedback, observe=observe, metrics=False,
+                         raise_on_divergence=False)  # fmt: skip
+        return acc / acc.sum(1, keepdim=True)
 
     # ---- exports and display ----------------------------------------------------------------------------------
     def _intervals(self):

@@ -458,3 +458,15 @@ def test_adam_step_matches_torch_adam_and_its_prox_keeps_the_kkt_zeros():
             p, m, v = adam_step(p, g, m, v, f64(t), 1e-3, (0.9, 0.999), 1e-12, l1=scale)
         assert p[0] == 0
         assert p[1] < -0.1
+
+
+def test_term_shares_split_the_learned_update():
+    s = search(meta=tiny_meta(episodes=2, runs=2, l1=0.0)).fit()
+    shares = s.term_shares()
+    assert shares.shape == (2, pool.n_params) and shares.dtype == torch.float64
+    torch.testing.assert_close(shares.sum(1), torch.ones(2, dtype=torch.float64))
+    assert bool(((shares > 0) == (s.theta_ != 0)).all())  # a term at 0 has no share
+    only_f0 = search("f0", tiny_meta(episodes=1, runs=1, l1=0.0)).fit().term_shares()
+    torch.testing.assert_close(only_f0, torch.ones(1, 1, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="term_shares"):
+        search(meta=tiny_meta(episodes=1, runs=1, per_layer=True)).fit().term_shares()
