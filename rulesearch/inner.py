@@ -421,6 +421,10 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 #   hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under
 #   bp, ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T``
 #   is one more ``baddbmm_``.
+# * ``da = <G, W_s>`` needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``, ``da_s = (c - <dV, V>) /
+#   (1 + a_s)`` (``dV = G^T U`` is at hand), and ``<G_s, W_s> = (1 + a_s) da_s + sum_r p_r^T W_s q_r``, where each
+#   rank-1 factor's ``p^T W_s q`` is a dot product of vectors the step already has (``dL/dz . z`` for ``z = W y``).
+#   It is computed exactly at the end weights and at every snapshot, so rounding cannot build up.
 #
 # Memory: O(B (N * sum(n_l) + N / checkpoint_every * |W|)) instead of O(B N |W|) for autograd.
 
@@ -437,7 +441,7 @@ class _MatRef:
     While the forward sweep keeps the rule's graph (``log`` set, grad enabled), a product of a vector without a graph
     (a signal) is a leaf, logged for :meth:`backward` by hand; a product of an expression is a :class:`_Product`
     node. Both read ``M`` as reversed to the product's step by then, and send ``dL/dM`` as a rank-1 factor
-    ``(post, pre)`` to ``sink``.
+    ``(post, pre)`` to ``sink``, with two vectors whose dot product is ``post^T M pre`` (for the decay's gradient).
     """
 
     __slots__ = ("mat", "sink", "log", "pre", "z")
@@ -469,10 +473,11 @@ class _MatRef:
         self.log.append((self, v, out, transpose))
         return out
 
-    def backward(self, v: Tensor, g: Tensor, transpose: bool, need_v: bool) -> Tensor | None:
-        """Send the weight gradient of the product of ``v`` (output gradient ``g``) to the sink; returns the
-        gradient w.r.t. ``v`` if ``need_v``."""
-        self.sink.append((v.detach(), g) if transpose else (g, v.detach()))
+    def backward(self, v: Tensor, out: Tensor, g: Tensor, transpose: bool, need_v: bool) -> Tensor | None:
+        """Send the weight gradient of the product ``out`` of ``v`` (output gradient ``g``) to the sink; returns
+        the gradient w.r.t. ``v`` if ``need_v``."""
+        v, out = v.detach(), out.detach()
+        self.sink.append((v, g, out, g) if transpose else (g, v, g, out))
         if not need_v:
             return None
         return _matvec(self.mat, g) if transpose else _vecmat(g, self.mat)
@@ -489,13 +494,14 @@ class _Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, ref, transpose):
         ctx.ref, ctx.transpose = ref, transpose
-        ctx.save_for_backward(v)
-        return _vecmat(v, ref.mat) if transpose else _matvec(ref.mat, v)
+        out = _vecmat(v, ref.mat) if transpose else _matvec(ref.mat, v)
+        ctx.save_for_backward(v, out)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return ctx.ref.backward(v, g, ctx.transpose, ctx.needs_input_grad[0]), None, None
+        v, out = ctx.saved_tensors
+        return ctx.ref.backward(v, out, g, ctx.transpose, ctx.needs_input_grad[0]), None, None
 
 
 class _LowRank:
@@ -680,6 +686,11 @@ def _beta(a) -> float | None:
     return 1.0 + float(a)
 
 
+def _one_plus(a: Tensor, beta: float | None):
+    """``1 + a``: the Python number ``beta`` where :func:`_beta` gave one, else a tensor."""
+    return beta if beta is not None else 1.0 + a
+
+
 @dataclass(eq=False)
 class _Trace:
     """What the forward sweep keeps of one online step for the adjoint: activities ``ys``, pre-activations ``zs``,
@@ -829,7 +840,8 @@ class _FastRun:
     def network_vjp(self, s, t: _Trace, ws, sinks) -> None:
         """Carry the gradients of step ``s``'s signal leaves (filled by the backward of its rule graph) back through
         its errors and forward pass, by hand, at the weights ``ws`` of that step; each weight product sends its
-        weight gradient to ``sinks`` as a rank-1 factor ``(post, pre)``."""
+        weight gradient to ``sinks`` as a rank-1 factor ``(post, pre)`` and two vectors whose dot product is
+        ``post^T W pre``."""
         net, plan, n = self.net, self.plan, self.net.n_layers
         gy = [None] + [y.grad for y in t.ys[1:]]
         ge = [None if e is None else e.grad for e in t.es]
@@ -844,7 +856,7 @@ class _FastRun:
                 g_back = ge[i] * t.ds[i]
                 ge[src] = _add(ge[src], _matvec(mats[i], g_back))
                 if net.feedback == "bp":
-                    sinks[i].append((t.es[src], g_back))
+                    sinks[i].append((t.es[src], g_back, t.backs[i], g_back))
                 if i > 0:
                     dy, dz = _derivative_backward(net, ge[i] * t.backs[i], t.ys[i], t.zs[i], t.ds[i])
                     gy[i], gz[i] = _add(gy[i], dy), _add(gz[i], dz)
@@ -858,7 +870,7 @@ class _FastRun:
                 gz[i] = _add(gz[i], _activate_backward(net, gy[i], t.ys[i], t.zs[i]))
             if gz[i] is None:
                 continue
-            sinks[i - 1].append((gz[i], t.ys[i - 1]))
+            sinks[i - 1].append((gz[i], t.ys[i - 1], gz[i], t.zs[i]))
             if i > 1:
                 gy[i - 1] = _add(gy[i - 1], _vecmat(gz[i], ws[i - 1]))
 
@@ -896,7 +908,8 @@ class _FastRun:
 
     # ---- adjoint sweep -------------------------------------------------------------------------------------
     def adjoint(self, ws_final, grads):
-        """``dL/dparams`` (one per param tensor) and ``dL/dW_0`` from ``grads = dL/dW_N``."""
+        """``dL/dparams`` (one per param tensor) and ``dL/dW_0`` from ``grads = dL/dW_N``; runs under autograd's
+        backward (no grad mode), so the graph's tensors enter the sweep's products as they are."""
         traces, snaps, sinks = self.traces, self.snaps, self.sinks
         self.traces = self.snaps = None
         if traces is None:
@@ -906,6 +919,8 @@ class _FastRun:
             ref.mat = w
         G = [torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format)
              for w, g in zip(ws, grads)]  # fmt: skip
+        gw: list = [None] * len(ws)  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
+        recur = [w.numel() >= _DA_RECURSION_MIN for w in ws]
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
@@ -913,44 +928,56 @@ class _FastRun:
             for i, (a, U, Vt) in enumerate(facs):  # W_{s+1} -> W_s
                 if snap is not None:
                     ws[i].copy_(snap[i])
+                    gw[i] = None
                     continue
                 beta = self.betas[i]
                 if U is not None and (a is None or beta is not None):
                     inv = 1.0 if beta is None else 1.0 / beta
-                    ws[i].baddbmm_(U.detach(), Vt.detach(), beta=inv, alpha=-inv)
+                    ws[i].baddbmm_(U, Vt, beta=inv, alpha=-inv)
                     continue
                 if U is not None:
-                    ws[i].baddbmm_(U.detach(), Vt.detach(), alpha=-1)
-                ws[i].div_(beta if beta is not None else (1.0 + a.detach()).reshape(-1, 1, 1))
-            outs, cots = [], []
+                    ws[i].baddbmm_(U, Vt, alpha=-1)
+                ws[i].div_(beta if beta is not None else (1.0 + a).reshape(-1, 1, 1))
+            outs, cots, das = [], [], [None] * len(facs)
             for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
-                g = G[i]
+                g, need_a = G[i], a is not None and a.requires_grad
+                dV = None
                 if U is not None:
                     if U.requires_grad:
                         outs.append(U)
-                        cots.append(torch.bmm(Vt.detach(), g.transpose(1, 2)).transpose(1, 2))
+                        cots.append(torch.bmm(Vt, g.transpose(1, 2)).transpose(1, 2))
+                    if Vt.requires_grad or (need_a and gw[i] is not None):
+                        dV = torch.bmm(U.transpose(1, 2), g)
                     if Vt.requires_grad:
                         outs.append(Vt)
-                        cots.append(torch.bmm(U.detach().transpose(1, 2), g))
-                if a is not None and a.requires_grad:
-                    # <G, W_s>: a (1, n) x (n, 1) bmm is ~4x slower at B > 1
-                    da = torch.linalg.vecdot(g.flatten(1), ws[i].flatten(1))
+                        cots.append(dV)
+                if need_a:  # da = <G, W_s> (see above)
+                    if gw[i] is None:
+                        da = torch.linalg.vecdot(g.flatten(1), ws[i].flatten(1))
+                    else:
+                        da = gw[i] if dV is None else gw[i] - torch.linalg.vecdot(dV.flatten(1), Vt.flatten(1))
+                        da = da / _one_plus(a, self.betas[i])
+                    das[i] = da
                     outs.append(a)
                     cots.append(da if a.dim() else da.sum())
             if outs:
                 _backward(outs, cots)
             for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
                 if out.grad is not None:
-                    gv = ref.backward(v, out.grad, transpose, v.requires_grad)
+                    gv = ref.backward(v, out, out.grad, transpose, v.requires_grad)
                     v.grad = _add(v.grad, gv)
             self.network_vjp(s, t, ws, sinks)
-            for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q
+            for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
                 beta = self.betas[i]
+                if das[i] is not None and recur[i]:
+                    gw[i] = das[i] * _one_plus(a, beta)
+                    for _, _, o1, o2 in sinks[i]:  # p^T W_s q
+                        gw[i] = gw[i] + torch.linalg.vecdot(o1, o2)
                 if beta is None and a is not None:
-                    G[i].mul_((1.0 + a.detach()).reshape(-1, 1, 1))
+                    G[i].mul_((1.0 + a).reshape(-1, 1, 1))
                 if sinks[i]:
-                    P = torch.stack([p for p, _ in sinks[i]], -1)
-                    Q = torch.stack([q for _, q in sinks[i]], -2)
+                    P = torch.stack([p for p, *_ in sinks[i]], -1)
+                    Q = torch.stack([q for _, q, *_ in sinks[i]], -2)
                     G[i].baddbmm_(P, Q, beta=1.0 if beta is None else beta)
                     sinks[i].clear()
                 elif beta is not None:
@@ -990,6 +1017,10 @@ class _Adjoint(torch.autograd.Function):
 
 _SNAPSHOT_EVERY = 50
 """Default interval of exact weight snapshots in the adjoint (``checkpoint_every=None``)."""
+
+_DA_RECURSION_MIN = 1 << 18
+"""Weights per layer (``B n_post n_pre``) from which the adjoint gets the decay's ``<G, W_s>`` by its recursion
+(about ten small ops per step) rather than by one pass over ``G`` and ``W`` (measured on CPU)."""
 
 
 def _fast_layers(net, plan, observe, modulator, fbs):

@@ -5,13 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rulesearch import inner
 from rulesearch.compile import compile_rule
 from rulesearch.errors import ConfigError, DivergenceError
 from rulesearch.inner import _low_rank_of, run_episodes
 from rulesearch.networks import Network, init_params
 from rulesearch.pools import bio, f0, oja, pool
 from rulesearch.rule import Rule, Term
-from rulesearch.signals import Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
+from rulesearch.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
 
 F64 = torch.float64
 SIZES = (9, 7, 6, 4)
@@ -95,6 +96,27 @@ def test_adjoint_global_decay_and_general_rule(per_episode):
         out[method] = torch.autograd.grad(res.loss.sum(), list(params.values()))
     for a, b in zip(out["adjoint"], out["autograd"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("every", [4, 50])
+@pytest.mark.parametrize("feedback", ["fa", "bp"])
+@pytest.mark.parametrize("decay", ["constant", "global", "per_episode", "bilinear"])
+def test_decay_gradient_by_recursion(monkeypatch, decay, feedback, every):
+    """The decay's <G, W_s> by its recursion (forced here; these layers are below _DA_RECURSION_MIN) equals autograd:
+    a constant decay (pool), one with a global factor (one per step), per-episode coefficients, a decay by
+    ``e^T W x`` (the step's pre-activation); with snapshots in between (every 4) or only at the first step."""
+    monkeypatch.setattr(inner, "_DA_RECURSION_MIN", 0)
+    net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
+    rule, shape = pool, None
+    if decay == "global":
+        rule = Rule((*pool.terms, Term("D", -layer_sum(post) * w)), "pool_d")
+    elif decay == "per_episode":
+        shape = (3, pool.n_params)
+    elif decay == "bilinear":
+        rule = Rule((Term("F0", -err * pre), Term("B", -Bilinear(err, w, pre) * w)), "bilinear")
+    _, g_ref = _grad(net, batch, rule, _theta(rule, shape=shape), method="autograd")
+    _, g = _grad(net, batch, rule, _theta(rule, shape=shape), method="adjoint", checkpoint_every=every)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("every", [1, 4, 50])
