@@ -10,7 +10,9 @@ allocator peak), for
 * ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
 * ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
 
-at B in {1, 8, 32}, with the fast/naive speed-up, floor/fast ratio and fast/naive memory ratio. A last child
+at B in {1, 8, 32}, with the fast/naive speed-up, fast/floor time ratio and fast/naive memory ratio. The fast/floor
+ratio is the median over ``--repeats`` pairs of a fast and a floor run back to back in the fast child (so a drifting
+machine speed cancels); the floor row's own timing is from its child. A last child
 checks that fast and naive meta-gradients agree (relative error < 1e-4, float64). The last lines give a PASS/FAIL
 verdict for each target of issue 6 (``TARGETS``). Memory needs Linux (``/proc/self/status``).
 
@@ -145,15 +147,15 @@ def _child(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device) / 2**20
-    times = []
-    for _ in range(cfg["repeats"]):
+
+    def timed(fn, *args, **kw):
         t0 = time.perf_counter()
-        if cfg["impl"] == "naive":
-            run_naive(batch)
-        else:
-            run_fast(batch, grad=cfg["impl"] == "fast")
+        fn(*args, **kw)
         sync()
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    run = run_naive if cfg["impl"] == "naive" else lambda bt: run_fast(bt, grad=cfg["impl"] == "fast")
+    times = [timed(run, batch) for _ in range(cfg["repeats"])]
     seconds = statistics.median(times)
     out = {
         "eps_per_s": b / seconds,
@@ -164,6 +166,10 @@ def _child(cfg: dict) -> dict:
     }
     if cuda:
         out["cuda_mb_per_episode"] = (torch.cuda.max_memory_allocated(device) / 2**20 - base_cuda) / b
+    if cfg["impl"] == "fast":  # fast/floor from pairs timed back to back in this process: robust to machine drift
+        pairs = [(timed(run_fast, batch), timed(run_fast, batch, grad=False)) for _ in range(cfg["repeats"])]
+        out["floor_ratio"] = statistics.median(f / q for f, q in pairs)
+        out["pairs"] = pairs
     return out
 
 
@@ -200,7 +206,7 @@ def _verdicts(table: dict, errors: dict) -> list[str]:
         return f"# {text}: {found or '-'} (target {target}) {verdict}"
 
     speed = ratios("fast", "naive", lambda f, n: f["eps_per_s"] / n["eps_per_s"]).get(("bio", 32))
-    floor = ratios("floor", "fast", lambda f, q: f["eps_per_s"] / q["eps_per_s"])
+    floor = {k: r["fast"]["floor_ratio"] for k, r in table.items() if "floor_ratio" in r.get("fast", {})}
     memory = ratios("fast", "naive", lambda f, n: _mem(f) / _mem(n) if _mem(n) > 0 else float("inf"))
     out = [line("speed-up fast/naive, bio, B=32", ">= 4x, stretch 10x", speed and f"{speed:.1f}x",
                 speed is not None and speed >= TARGETS["speedup_bio_B32"])]  # fmt: skip
@@ -258,7 +264,7 @@ def main(argv=None) -> int:
           f"{args.data} data, device {args.device}, {args.threads} thread(s), "
           f"fast/floor: median of {args.repeats}")  # fmt: skip
     print(f"# {'rule':<5} {'impl':<6} {'B':>3} {'episodes/s':>11} {'s/episode':>10} {'RSS MB/ep':>10} "
-          f"{'GPU MB/ep':>10} {'fast/naive':>10} {'floor/fast':>10} {'mem f/n':>8}")  # fmt: skip
+          f"{'GPU MB/ep':>10} {'fast/naive':>10} {'fast/floor':>10} {'mem f/n':>8}")  # fmt: skip
     results, table, errors = [], {}, {}
     for rule in args.rules.split(","):
         for b in batches:
@@ -277,8 +283,8 @@ def main(argv=None) -> int:
                 if impl == "fast" and "eps_per_s" in row.get("naive", {}):
                     extra[0] = f"{r['eps_per_s'] / row['naive']['eps_per_s']:.1f}x"
                     extra[2] = f"{_mem(r) / _mem(row['naive']):.1%}" if _mem(row["naive"]) > 0 else "-"
-                if impl == "floor" and "eps_per_s" in row.get("fast", {}):
-                    extra[1] = f"{r['eps_per_s'] / row['fast']['eps_per_s']:.2f}"
+                if impl == "fast" and "floor_ratio" in r:
+                    extra[1] = f"{r['floor_ratio']:.2f}"
                 gpu = f"{r['cuda_mb_per_episode']:.1f}" if "cuda_mb_per_episode" in r else "-"
                 print(f"  {rule:<5} {impl:<6} {b:>3} {r['eps_per_s']:>11.3f} {1 / r['eps_per_s']:>10.3f} "
                       f"{r['mem_mb_per_episode']:>10.1f} {gpu:>10} {extra[0]:>10} {extra[1]:>10} {extra[2]:>8}",

@@ -724,6 +724,82 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+class _SegmentG:
+    """``G = dL/dW`` of one layer in the adjoint sweep, over a segment of steps ``hi, hi - 1, ..., lo``:
+    ``G_{j+1} = c (G_d + P Q)`` with the dense ``G_d = G_{hi+1}``, the scale ``c`` and the rank-1 factors ``P Q``
+    that the segment's steps added so far. So the factors' cotangents of the whole segment come from one pass over
+    ``G_d`` each (bmms with ``L k`` rows for ``L = hi - lo + 1``: far faster than ``L`` passes with ``k`` rows on a
+    large layer) plus low-rank corrections, and ``G_d`` is updated once, after step ``lo`` (one ``baddbmm_``)::
+
+        G_{j+1} V_j = c (G_d V_j + P (Q V_j)),    U_j^T G_{j+1} = c (U_j^T G_d + (U_j^T P) Q),
+        G_j = (1 + a_j) G_{j+1} + P_j Q_j:    c <- (1 + a_j) c,  P <- [P, P_j / c],  Q <- [Q, Q_j].
+
+    With ``length`` 1 it is the plain sweep (every step's ``G`` dense)."""
+
+    __slots__ = ("G", "length", "c", "P", "Q", "dU", "dV", "k", "hi", "lo")
+
+    def __init__(self, G: Tensor, length: int):
+        self.G, self.length, self.c, self.P, self.Q, self.lo = G, length, 1.0, [], [], None
+
+    def begin(self, hi: int, factors: list, need_u: bool, need_v: bool) -> None:
+        """Start the segment of steps ``hi .. hi - len(factors) + 1`` (one step if no factors), their ``(a, U, Vt)``
+        in that order: the cotangents of all of them at ``G_d``."""
+        self.hi, self.lo = hi, hi - max(len(factors), 1) + 1
+        self.dU = self.dV = None
+        if not factors:
+            return
+        self.k = factors[0][1].shape[-1]
+        if need_u:  # (B, L k, n_post): row j k + r is V_j[r]^T G_d^T
+            Vs = factors[0][2] if len(factors) == 1 else torch.cat([f[2] for f in factors], 1)
+            self.dU = torch.bmm(Vs, self.G.transpose(1, 2))
+        if need_v:  # (B, L k, n_pre)
+            Us = factors[0][1] if len(factors) == 1 else torch.cat([f[1] for f in factors], -1)
+            self.dV = torch.bmm(Us.transpose(1, 2), self.G)
+
+    def factor_cotangents(self, j: int, U: Tensor, Vt: Tensor, need_u: bool, need_v: bool):
+        """``(G_{j+1} V_j, U_j^T G_{j+1})`` (None where not needed) for step ``j`` of the segment."""
+        rows = slice((self.hi - j) * self.k, (self.hi - j + 1) * self.k)
+        dU = self.dU[:, rows].transpose(1, 2) if need_u else None
+        dV = self.dV[:, rows] if need_v else None
+        if self.P:
+            P, Q = torch.cat(self.P, -1), torch.cat(self.Q, 1)
+            if need_u:
+                dU = dU + torch.bmm(P, torch.bmm(Q, Vt.transpose(1, 2)))
+            if need_v:
+                dV = dV + torch.bmm(torch.bmm(U.transpose(1, 2), P), Q)
+        c = self.c
+        if not (isinstance(c, float) and c == 1.0):
+            c = c if isinstance(c, float) else c.reshape(-1, 1, 1)
+            dU = None if dU is None else dU * c
+            dV = None if dV is None else dV * c
+        return dU, dV
+
+    def step(self, j: int, one_a, P: Tensor | None, Q: Tensor | None) -> None:
+        """Step ``j``'s ``G_j = (1 + a_j) G_{j+1} + P Q`` (``one_a`` None: no decay; ``P`` None: no factors);
+        after the segment's last step, ``G_d`` becomes ``G_j``."""
+        if one_a is not None:
+            self.c = one_a * self.c
+        c = self.c
+        scaled = not (isinstance(c, float) and c == 1.0)
+        if j > self.lo:
+            if P is not None:
+                self.P.append(P / (c if isinstance(c, float) else c.reshape(-1, 1, 1)) if scaled else P)
+                self.Q.append(Q)
+            return
+        G = self.G
+        if P is not None and not self.P and isinstance(c, float):  # one step: G <- c G + P Q
+            G.baddbmm_(P, Q, beta=c)
+        else:
+            if P is not None:
+                self.P.append(P / (c if isinstance(c, float) else c.reshape(-1, 1, 1)) if scaled else P)
+                self.Q.append(Q)
+            if self.P:
+                G.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1))
+            if scaled:
+                G.mul_(c if isinstance(c, float) else c.reshape(-1, 1, 1))
+        self.c, self.P, self.Q, self.lo, self.dU, self.dV = 1.0, [], [], None, None, None
+
+
 class _FastRun:
     """The in-place online loop of low-rank compiled rules and its hand-written adjoint (see above)."""
 
@@ -917,10 +993,10 @@ class _FastRun:
         ws = [w.detach().clone() for w in ws_final]
         for ref, w in zip(self.wrefs, ws):  # the graphs' products read the weights as reversed below
             ref.mat = w
-        G = [torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format)
-             for w, g in zip(ws, grads)]  # fmt: skip
+        big = [w.numel() >= _BIG_LAYER for w in ws]
+        G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
+                       _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
         gw: list = [None] * len(ws)  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
-        recur = [w.numel() >= _DA_RECURSION_MIN for w in ws]
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
@@ -940,20 +1016,26 @@ class _FastRun:
                 ws[i].div_(beta if beta is not None else (1.0 + a).reshape(-1, 1, 1))
             outs, cots, das = [], [], [None] * len(facs)
             for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
-                g, need_a = G[i], a is not None and a.requires_grad
-                dV = None
+                need_a = a is not None and a.requires_grad
+                dU = dV = None
                 if U is not None:
-                    if U.requires_grad:
+                    need_u, need_v = U.requires_grad, Vt.requires_grad or (need_a and big[i])
+                    if G[i].lo is None:  # a new segment: down to the step above the next snapshot (exact da there)
+                        lo = max(s - G[i].length + 1, (s - 1) // self.snap_every * self.snap_every + 1, 0)
+                        later = [traces[j].facs[i] for j in range(s - 1, lo - 1, -1)]
+                        G[i].begin(s, [facs[i], *later], need_u, need_v)
+                    dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
+                    if need_u:
                         outs.append(U)
-                        cots.append(torch.bmm(Vt, g.transpose(1, 2)).transpose(1, 2))
-                    if Vt.requires_grad or (need_a and gw[i] is not None):
-                        dV = torch.bmm(U.transpose(1, 2), g)
+                        cots.append(dU)
                     if Vt.requires_grad:
                         outs.append(Vt)
                         cots.append(dV)
+                elif G[i].lo is None:
+                    G[i].begin(s, [], False, False)
                 if need_a:  # da = <G, W_s> (see above)
-                    if gw[i] is None:
-                        da = torch.linalg.vecdot(g.flatten(1), ws[i].flatten(1))
+                    if gw[i] is None:  # G is dense here (a segment's first step)
+                        da = torch.linalg.vecdot(G[i].G.flatten(1), ws[i].flatten(1))
                     else:
                         da = gw[i] if dV is None else gw[i] - torch.linalg.vecdot(dV.flatten(1), Vt.flatten(1))
                         da = da / _one_plus(a, self.betas[i])
@@ -968,20 +1050,18 @@ class _FastRun:
                     v.grad = _add(v.grad, gv)
             self.network_vjp(s, t, ws, sinks)
             for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
-                beta = self.betas[i]
-                if das[i] is not None and recur[i]:
-                    gw[i] = das[i] * _one_plus(a, beta)
+                one_a = None if a is None else _one_plus(a, self.betas[i])
+                if das[i] is not None and big[i]:
+                    gw[i] = das[i] * one_a
                     for _, _, o1, o2 in sinks[i]:  # p^T W_s q
                         gw[i] = gw[i] + torch.linalg.vecdot(o1, o2)
-                if beta is None and a is not None:
-                    G[i].mul_((1.0 + a).reshape(-1, 1, 1))
+                P = Q = None
                 if sinks[i]:
                     P = torch.stack([p for p, *_ in sinks[i]], -1)
                     Q = torch.stack([q for _, q, *_ in sinks[i]], -2)
-                    G[i].baddbmm_(P, Q, beta=1.0 if beta is None else beta)
                     sinks[i].clear()
-                elif beta is not None:
-                    G[i].mul_(beta)
+                G[i].step(s, one_a, P, Q)
+        G = [g.G for g in G]
         done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
                 if leaf is not None and leaf.grad is not None]  # fmt: skip
         if done:
@@ -1018,9 +1098,12 @@ class _Adjoint(torch.autograd.Function):
 _SNAPSHOT_EVERY = 50
 """Default interval of exact weight snapshots in the adjoint (``checkpoint_every=None``)."""
 
-_DA_RECURSION_MIN = 1 << 18
-"""Weights per layer (``B n_post n_pre``) from which the adjoint gets the decay's ``<G, W_s>`` by its recursion
-(about ten small ops per step) rather than by one pass over ``G`` and ``W`` (measured on CPU)."""
+_BIG_LAYER = 1 << 18
+"""Weights per layer (``B n_post n_pre``) from which the adjoint trades passes over ``G`` and ``W`` for a few small
+ops per step: the decay's ``<G, W_s>`` by its recursion, the factors' cotangents by segments (measured on CPU)."""
+
+_SEGMENT = 8
+"""Steps per segment of a large layer's ``dL/dW`` in the adjoint (:class:`_SegmentG`)."""
 
 
 def _fast_layers(net, plan, observe, modulator, fbs):

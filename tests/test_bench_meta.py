@@ -25,6 +25,7 @@ def test_bench_meta_prints_rows_and_verdicts(monkeypatch, capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("  bio")]
     assert [r[1] for r in rows] == ["naive", "fast", "floor", "check"]
     assert all(float(r[3]) > 0 and float(r[5]) >= 0 for r in rows[:3])  # episodes/s, RSS MB/episode
+    assert float(rows[1][8]) > 0  # fast/floor, from pairs timed in the fast child
     verdicts = [line for line in out.splitlines() if line.startswith("# ") and "(target" in line]
     assert len(verdicts) == 4
     assert verdicts[0].endswith("n/a (not measured)")  # B=32 not run

@@ -99,21 +99,22 @@ def test_adjoint_global_decay_and_general_rule(per_episode):
 
 
 @pytest.mark.parametrize("every", [4, 50])
-@pytest.mark.parametrize("feedback", ["fa", "bp"])
-@pytest.mark.parametrize("decay", ["constant", "global", "per_episode", "bilinear"])
-def test_decay_gradient_by_recursion(monkeypatch, decay, feedback, every):
-    """The decay's <G, W_s> by its recursion (forced here; these layers are below _DA_RECURSION_MIN) equals autograd:
-    a constant decay (pool), one with a global factor (one per step), per-episode coefficients, a decay by
-    ``e^T W x`` (the step's pre-activation); with snapshots in between (every 4) or only at the first step."""
-    monkeypatch.setattr(inner, "_DA_RECURSION_MIN", 0)
+@pytest.mark.parametrize("feedback", ["fa", "bp", "dfa"])
+@pytest.mark.parametrize("rule", ["bio", "pool", "global", "per_episode", "bilinear"])
+def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
+    """The sweep for layers of >= _BIG_LAYER weights (forced here for these small ones): the factors' cotangents by
+    segments of 3 steps (cut at snapshots: every 4, or only at the first step) and the decay's <G, W_s> by its
+    recursion equal autograd, for bio, the pool's constant decay, a decay with a global factor (one per step),
+    per-episode coefficients and a decay by ``e^T W x`` (the step's pre-activation)."""
+    monkeypatch.setattr(inner, "_BIG_LAYER", 0)
+    monkeypatch.setattr(inner, "_SEGMENT", 3)
     net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
-    rule, shape = pool, None
-    if decay == "global":
-        rule = Rule((*pool.terms, Term("D", -layer_sum(post) * w)), "pool_d")
-    elif decay == "per_episode":
-        shape = (3, pool.n_params)
-    elif decay == "bilinear":
-        rule = Rule((Term("F0", -err * pre), Term("B", -Bilinear(err, w, pre) * w)), "bilinear")
+    shape = (3, pool.n_params) if rule == "per_episode" else None
+    rule = {
+        "bio": bio,
+        "global": Rule((*pool.terms, Term("D", -layer_sum(post) * w)), "pool_d"),
+        "bilinear": Rule((Term("F0", -err * pre), Term("B", -Bilinear(err, w, pre) * w)), "bilinear"),
+    }.get(rule, pool)
     _, g_ref = _grad(net, batch, rule, _theta(rule, shape=shape), method="autograd")
     _, g = _grad(net, batch, rule, _theta(rule, shape=shape), method="adjoint", checkpoint_every=every)
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
