@@ -487,6 +487,36 @@ class _MatRef:
         raise _Unsupported(getattr(func, "__name__", str(func)))
 
 
+def _fold(M: Tensor, vecs: list, post: bool) -> Tensor:
+    """``M`` folded into the stacked vectors: ``U = [u_1 .. u_J] M`` (``post``) or ``Vt = M [v_1 .. v_D]^T``; under
+    autograd by :class:`_Fold`, which keeps the vectors (signals the trace holds anyway), not a stacked copy."""
+    if torch.is_grad_enabled() and (M.requires_grad or any(v.requires_grad for v in vecs)):
+        return _Fold.apply(M, post, *vecs)
+    return torch.bmm(torch.stack(vecs, -1), M) if post else torch.bmm(M, torch.stack(vecs, 1))
+
+
+class _Fold(torch.autograd.Function):
+    """:func:`_fold` under autograd: its backward restacks the saved vectors."""
+
+    @staticmethod
+    def forward(ctx, M, post, *vecs):
+        ctx.post = post
+        ctx.save_for_backward(M, *vecs)
+        return torch.bmm(torch.stack(vecs, -1), M) if post else torch.bmm(M, torch.stack(vecs, 1))
+
+    @staticmethod
+    def backward(ctx, g):
+        M, *vecs = ctx.saved_tensors
+        need_m, need_v = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
+        if ctx.post:  # U = X M, X = [u]: dM = X^T dU, dX = dU M^T
+            dM = torch.bmm(torch.stack(vecs, 1), g) if need_m else None
+            dX = torch.bmm(g, M.transpose(1, 2)).unbind(-1) if need_v else [None] * len(vecs)
+        else:  # Vt = M X^T, X^T = [v]^T: dM = dVt X, dX^T = M^T dVt
+            dM = torch.bmm(g, torch.stack(vecs, -1)) if need_m else None
+            dX = torch.bmm(M.transpose(1, 2), g).unbind(1) if need_v else [None] * len(vecs)
+        return (dM, None, *dX)
+
+
 class _Product(torch.autograd.Function):
     """A product ``M v`` (or ``M^T u``) of an expression ``v`` in a rule's graph; its backward (in the adjoint sweep)
     is :meth:`_MatRef.backward`."""
@@ -591,11 +621,14 @@ class _LowRank:
                 M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
         U = Vt = None
         if M is not None:
-            Ud = torch.stack([self._vec(u, vals, (b, n_post), like) for u in self.u_keys], -1)
-            Vd = torch.stack([self._vec(v, vals, (b, n_pre), like) for v in self.v_keys], 1)
-            J, D = len(self.u_keys), len(self.v_keys)
+            us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
+            vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
+            J, D = len(us), len(vs)
             keep_u = J < D or (J == D and n_pre <= n_post)  # fold M into the cheaper side
-            U, Vt = (Ud, torch.bmm(M, Vd)) if keep_u else (torch.bmm(Ud, M), Vd)
+            if keep_u:
+                U, Vt = torch.stack(us, -1), _fold(M, vs, False)
+            else:
+                U, Vt = _fold(M, us, True), torch.stack(vs, 1)
         return a, U, Vt
 
 
@@ -695,8 +728,8 @@ def _one_plus(a: Tensor, beta: float | None):
 class _Trace:
     """What the forward sweep keeps of one online step for the adjoint: activities ``ys``, pre-activations ``zs``,
     errors ``es`` (those that are signals are leaves of the rule's graph), per error index the feedback product
-    ``backs`` and derivative ``ds`` it was made of, the sample loss, every layer's factors ``(a, U, Vt)`` and the
-    rule's logged products of signals (:class:`_MatRef`)."""
+    ``backs`` (not for ``e_0`` but under bp) and derivative ``ds`` it was made of, the sample loss, every layer's
+    factors ``(a, U, Vt)`` and the rule's logged products of signals (:class:`_MatRef`)."""
 
     ys: list
     zs: list
@@ -866,9 +899,11 @@ class _FastRun:
             es[n] = y_out - target
             mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
             for i in plan.err_layers:
-                t.backs[i] = _vecmat(es[n] if net.feedback == "dfa" else es[i + 1], mats[i])
+                back = _vecmat(es[n] if net.feedback == "dfa" else es[i + 1], mats[i])
                 t.ds[i] = self.dx[:, s] if i == 0 else _derivative(net, ys[i], zs[i])
-                es[i] = t.backs[i] * t.ds[i]
+                es[i] = back * t.ds[i]
+                if i > 0 or net.feedback == "bp":  # the adjoint's derivative backward (and bp's p^T W q)
+                    t.backs[i] = back
         return t, correct
 
     def _factors(self, t: _Trace, correct, wrefs, params, coefs, record: bool) -> list:
