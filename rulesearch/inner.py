@@ -800,9 +800,8 @@ class _SegmentG:
                 dU = dU + torch.bmm(P, torch.bmm(Q, Vt.transpose(1, 2)))
             if need_v:
                 dV = dV + torch.bmm(torch.bmm(U.transpose(1, 2), P), Q)
-        c = self.c
-        if not (isinstance(c, float) and c == 1.0):
-            c = c if isinstance(c, float) else c.reshape(-1, 1, 1)
+        if _scaled(self.c):
+            c = _scale_of(self.c)
             dU = None if dU is None else dU * c
             dV = None if dV is None else dV * c
         return dU, dV
@@ -810,27 +809,30 @@ class _SegmentG:
     def step(self, j: int, one_a, P: Tensor | None, Q: Tensor | None) -> None:
         """Step ``j``'s ``G_j = (1 + a_j) G_{j+1} + P Q`` (``one_a`` None: no decay; ``P`` None: no factors);
         after the segment's last step, ``G_d`` becomes ``G_j``."""
-        if one_a is not None:
-            self.c = one_a * self.c
-        c = self.c
-        scaled = not (isinstance(c, float) and c == 1.0)
-        if j > self.lo:
-            if P is not None:
-                self.P.append(P / (c if isinstance(c, float) else c.reshape(-1, 1, 1)) if scaled else P)
-                self.Q.append(Q)
-            return
-        G = self.G
-        if P is not None and not self.P and isinstance(c, float):  # one step: G <- c G + P Q
-            G.baddbmm_(P, Q, beta=c)
+        c = self.c = self.c if one_a is None else one_a * self.c
+        if j == self.lo and P is not None and not self.P and isinstance(c, float):  # one step: G <- c G + P Q
+            self.G.baddbmm_(P, Q, beta=c)
         else:
             if P is not None:
-                self.P.append(P / (c if isinstance(c, float) else c.reshape(-1, 1, 1)) if scaled else P)
+                self.P.append(P / _scale_of(c) if _scaled(c) else P)
                 self.Q.append(Q)
+            if j > self.lo:
+                return
             if self.P:
-                G.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1))
-            if scaled:
-                G.mul_(c if isinstance(c, float) else c.reshape(-1, 1, 1))
+                self.G.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1))
+            if _scaled(c):
+                self.G.mul_(_scale_of(c))
         self.c, self.P, self.Q, self.lo, self.dU, self.dV = 1.0, [], [], None, None, None
+
+
+def _scaled(c) -> bool:
+    """Whether the scale ``c`` (a Python number or a tensor) is other than the number 1."""
+    return not (isinstance(c, float) and c == 1.0)
+
+
+def _scale_of(c):
+    """A scale (a number, ``()`` or ``(B,)``) shaped to multiply ``(B, m, n)`` tensors."""
+    return c if isinstance(c, float) else c.reshape(-1, 1, 1)
 
 
 class _FastRun:
