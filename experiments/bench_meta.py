@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     impls = args.impls.split(",")
     print(f"# bench_meta: sizes 784-170-130-100-70-47, M=5 K={K} Q={Q} ({5 * K} online steps), fa, float32, "
           f"{args.data} data, device {args.device}, {args.threads} thread(s), "
-          f"fast/floor: median of {args.repeats}")  # fmt: skip
+          f"s/episode: median of {args.repeats}, fast/floor: fastest of {args.repeats} interleaved pairs")  # fmt: skip
     print(f"# {'rule':<5} {'impl':<6} {'B':>3} {'episodes/s':>11} {'s/episode':>10} {'RSS MB/ep':>10} "
           f"{'GPU MB/ep':>10} {'fast/naive':>10} {'fast/floor':>10} {'mem f/n':>8}")  # fmt: skip
     results, table, errors = [], {}, {}

@@ -475,8 +475,7 @@ class _MatRef:
 
     def backward(self, v: Tensor, out: Tensor, g: Tensor, transpose: bool, need_v: bool) -> Tensor | None:
         """Send the weight gradient of the product ``out`` of ``v`` (output gradient ``g``) to the sink; returns
-        the gradient w.r.t. ``v`` if ``need_v``."""
-        v, out = v.detach(), out.detach()
+        the gradient w.r.t. ``v`` if ``need_v``. Runs under no-grad (the adjoint sweep or autograd's backward)."""
         self.sink.append((v, g, out, g) if transpose else (g, v, g, out))
         if not need_v:
             return None
@@ -492,6 +491,10 @@ def _fold(M: Tensor, vecs: list, post: bool) -> Tensor:
     autograd by :class:`_Fold`, which keeps the vectors (signals the trace holds anyway), not a stacked copy."""
     if torch.is_grad_enabled() and (M.requires_grad or any(v.requires_grad for v in vecs)):
         return _Fold.apply(M, post, *vecs)
+    return _fold_value(M, vecs, post)
+
+
+def _fold_value(M: Tensor, vecs, post: bool) -> Tensor:
     return torch.bmm(torch.stack(vecs, -1), M) if post else torch.bmm(M, torch.stack(vecs, 1))
 
 
@@ -502,7 +505,7 @@ class _Fold(torch.autograd.Function):
     def forward(ctx, M, post, *vecs):
         ctx.post = post
         ctx.save_for_backward(M, *vecs)
-        return torch.bmm(torch.stack(vecs, -1), M) if post else torch.bmm(M, torch.stack(vecs, 1))
+        return _fold_value(M, vecs, post)
 
     @staticmethod
     def backward(ctx, g):
@@ -775,11 +778,11 @@ class _SegmentG:
         self.G, self.length, self.c, self.P, self.Q, self.lo = G, length, 1.0, [], [], None
 
     def begin(self, hi: int, factors: list, need_u: bool, need_v: bool) -> None:
-        """Start the segment of steps ``hi .. hi - len(factors) + 1`` (one step if no factors), their ``(a, U, Vt)``
-        in that order: the cotangents of all of them at ``G_d``."""
-        self.hi, self.lo = hi, hi - max(len(factors), 1) + 1
+        """Start the segment of steps ``hi .. hi - len(factors) + 1``, their ``(a, U, Vt)`` in that order: the
+        cotangents of all of them at ``G_d``."""
+        self.hi, self.lo = hi, hi - len(factors) + 1
         self.dU = self.dV = None
-        if not factors:
+        if factors[0][1] is None:  # a decay only: no factor cotangents
             return
         self.k = factors[0][1].shape[-1]
         if need_u:  # (B, L k, n_post): row j k + r is V_j[r]^T G_d^T
@@ -1054,13 +1057,14 @@ class _FastRun:
             outs, cots, das = [], [], [None] * len(facs)
             for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                 need_a = a is not None and a.requires_grad
+                need_u = U is not None and U.requires_grad
+                need_v = U is not None and (Vt.requires_grad or (need_a and big[i]))
+                if G[i].lo is None:  # a new segment: down to the step above the next snapshot (exact da there)
+                    lo = max(s - G[i].length + 1, (s - 1) // self.snap_every * self.snap_every + 1, 0)
+                    later = [traces[j].facs[i] for j in range(s - 1, lo - 1, -1)]
+                    G[i].begin(s, [facs[i], *later], need_u, need_v)
                 dU = dV = None
                 if U is not None:
-                    need_u, need_v = U.requires_grad, Vt.requires_grad or (need_a and big[i])
-                    if G[i].lo is None:  # a new segment: down to the step above the next snapshot (exact da there)
-                        lo = max(s - G[i].length + 1, (s - 1) // self.snap_every * self.snap_every + 1, 0)
-                        later = [traces[j].facs[i] for j in range(s - 1, lo - 1, -1)]
-                        G[i].begin(s, [facs[i], *later], need_u, need_v)
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
                     if need_u:
                         outs.append(U)
@@ -1068,8 +1072,6 @@ class _FastRun:
                     if Vt.requires_grad:
                         outs.append(Vt)
                         cots.append(dV)
-                elif G[i].lo is None:
-                    G[i].begin(s, [], False, False)
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
                         da = torch.linalg.vecdot(G[i].G.flatten(1), ws[i].flatten(1))

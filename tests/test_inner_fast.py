@@ -100,12 +100,12 @@ def test_adjoint_global_decay_and_general_rule(per_episode):
 
 @pytest.mark.parametrize("every", [4, 50])
 @pytest.mark.parametrize("feedback", ["fa", "bp", "dfa"])
-@pytest.mark.parametrize("rule", ["bio", "pool", "global", "per_episode", "bilinear"])
+@pytest.mark.parametrize("rule", ["bio", "pool", "global", "per_episode", "bilinear", "decay_only"])
 def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
     """The sweep for layers of >= _BIG_LAYER weights (forced here for these small ones): the factors' cotangents by
     segments of 3 steps (cut at snapshots: every 4, or only at the first step) and the decay's <G, W_s> by its
     recursion equal autograd, for bio, the pool's constant decay, a decay with a global factor (one per step),
-    per-episode coefficients and a decay by ``e^T W x`` (the step's pre-activation)."""
+    per-episode coefficients and a decay by ``e^T W x`` (the step's pre-activation), with and without outer products."""
     monkeypatch.setattr(inner, "_BIG_LAYER", 0)
     monkeypatch.setattr(inner, "_SEGMENT", 3)
     net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
@@ -114,6 +114,7 @@ def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
         "bio": bio,
         "global": Rule((*pool.terms, Term("D", -layer_sum(post) * w)), "pool_d"),
         "bilinear": Rule((Term("F0", -err * pre), Term("B", -Bilinear(err, w, pre) * w)), "bilinear"),
+        "decay_only": Rule((Term("B", -Bilinear(err, w, pre) * w),), "decay_only"),
     }.get(rule, pool)
     _, g_ref = _grad(net, batch, rule, _theta(rule, shape=shape), method="autograd")
     _, g = _grad(net, batch, rule, _theta(rule, shape=shape), method="adjoint", checkpoint_every=every)
