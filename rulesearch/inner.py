@@ -486,38 +486,32 @@ class _MatRef:
         raise _Unsupported(getattr(func, "__name__", str(func)))
 
 
-def _fold(M: Tensor, vecs: list, post: bool) -> Tensor:
-    """``M`` folded into the stacked vectors: ``U = [u_1 .. u_J] M`` (``post``) or ``Vt = M [v_1 .. v_D]^T``; under
-    autograd by :class:`_Fold`, which keeps the vectors (signals the trace holds anyway), not a stacked copy."""
-    if torch.is_grad_enabled() and (M.requires_grad or any(v.requires_grad for v in vecs)):
-        return _Fold.apply(M, post, *vecs)
-    return _fold_value(M, vecs, post)
+@dataclass(eq=False, slots=True)
+class _Factors:
+    """One layer's update ``dW = a W + U Vt`` of one step (fast path), with what its hand-written backward needs:
+    the distinct post and pre vectors ``us``, ``vs`` (values of the rule's tape, whose graph the adjoint enters)
+    and their coefficient matrix ``M`` (``(B, J, D)``), folded into ``Vt = M [v]`` (``post_side`` False) or into
+    ``U = [u] M``; ``U`` and ``Vt`` themselves carry no graph."""
 
+    a: Tensor | None
+    U: Tensor | None = None
+    Vt: Tensor | None = None
+    us: list | None = None
+    vs: list | None = None
+    M: Tensor | None = None
+    post_side: bool = False
 
-def _fold_value(M: Tensor, vecs, post: bool) -> Tensor:
-    return torch.bmm(torch.stack(vecs, -1), M) if post else torch.bmm(M, torch.stack(vecs, 1))
-
-
-class _Fold(torch.autograd.Function):
-    """:func:`_fold` under autograd: its backward restacks the saved vectors."""
-
-    @staticmethod
-    def forward(ctx, M, post, *vecs):
-        ctx.post = post
-        ctx.save_for_backward(M, *vecs)
-        return _fold_value(M, vecs, post)
-
-    @staticmethod
-    def backward(ctx, g):
-        M, *vecs = ctx.saved_tensors
-        need_m, need_v = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
-        if ctx.post:  # U = X M, X = [u]: dM = X^T dU, dX = dU M^T
-            dM = torch.bmm(torch.stack(vecs, 1), g) if need_m else None
-            dX = torch.bmm(g, M.transpose(1, 2)).unbind(-1) if need_v else [None] * len(vecs)
-        else:  # Vt = M X^T, X^T = [v]^T: dM = dVt X, dX^T = M^T dVt
-            dM = torch.bmm(g, torch.stack(vecs, -1)) if need_m else None
-            dX = torch.bmm(M.transpose(1, 2), g).unbind(1) if need_v else [None] * len(vecs)
-        return (dM, None, *dX)
+    def vector_cotangents(self, dU: Tensor | None, dV: Tensor | None, need_x: bool, need_m: bool):
+        """``(d[u], d[v], dM)`` from ``dU = dL/dU`` and ``dV = dL/dVt`` (None where not needed): for ``Vt = M X``
+        (``X = [v]``), ``dX = M^T dV`` and ``dM = dV X^T``; for ``U = X M`` (``X = [u]``), ``dX = dU M^T`` and
+        ``dM = X^T dU``. ``need_x``: the folded side's vectors need theirs."""
+        if self.post_side:  # U = X M
+            dX = torch.bmm(dU, self.M.transpose(1, 2)).unbind(-1) if need_x else None
+            dM = torch.bmm(torch.stack(self.us, 1), dU) if need_m else None
+            return dX, None if dV is None else dV.unbind(1), dM
+        dX = torch.bmm(self.M.transpose(1, 2), dV).unbind(1) if need_x else None
+        dM = torch.bmm(dV, torch.stack(self.vs, -1)) if need_m else None
+        return None if dU is None else dU.unbind(-1), dX, dM
 
 
 class _Product(torch.autograd.Function):
@@ -608,7 +602,7 @@ class _LowRank:
         return hit
 
     def factors(self, signals, params, coef, wref, b, n_post, n_pre, like):
-        """``(a, U, Vt)`` with ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
+        """:class:`_Factors` of ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
         ``(B,)``/``()``/None, ``U`` ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises
         _Unsupported."""
         M, a = coef
@@ -622,17 +616,18 @@ class _LowRank:
             if M is not None:
                 M = g @ M if M.dim() == 2 else torch.bmm(g.unsqueeze(1), M).squeeze(1)
                 M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
-        U = Vt = None
+        f = _Factors(a)
         if M is not None:
-            us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
-            vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
-            J, D = len(us), len(vs)
-            keep_u = J < D or (J == D and n_pre <= n_post)  # fold M into the cheaper side
-            if keep_u:
-                U, Vt = torch.stack(us, -1), _fold(M, vs, False)
-            else:
-                U, Vt = _fold(M, us, True), torch.stack(vs, 1)
-        return a, U, Vt
+            f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
+            f.vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
+            J, D = len(f.us), len(f.vs)
+            f.post_side, f.M = J > D or (J == D and n_pre > n_post), M  # fold M into the cheaper side
+            with torch.no_grad():  # the adjoint differentiates U and Vt by hand (_Factors.vector_cotangents)
+                if f.post_side:
+                    f.U, f.Vt = torch.bmm(torch.stack(f.us, -1), M), torch.stack(f.vs, 1)
+                else:
+                    f.U, f.Vt = torch.stack(f.us, -1), torch.bmm(M, torch.stack(f.vs, 1))
+        return f
 
 
 _ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
@@ -760,6 +755,18 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+def _cotangents_needed(f: _Factors, big: bool) -> tuple:
+    """Which cotangents a layer's factors ``f`` need: ``(da, dU, dV, the folded side's vectors, dM)``; ``dV``
+    also for a large layer's decay (its ``<G, W>`` recursion)."""
+    need_a = f.a is not None and f.a.requires_grad
+    if f.U is None:
+        return need_a, False, False, False, False
+    u_req, v_req, m_req = any(u.requires_grad for u in f.us), any(v.requires_grad for v in f.vs), f.M.requires_grad
+    if f.post_side:
+        return need_a, u_req or m_req, v_req or (need_a and big), u_req, m_req
+    return need_a, u_req, v_req or m_req or (need_a and big), v_req, m_req
+
+
 class _SegmentG:
     """``G = dL/dW`` of one layer in the adjoint sweep, over a segment of steps ``hi, hi - 1, ..., lo``:
     ``G_{j+1} = c (G_d + P Q)`` with the dense ``G_d = G_{hi+1}``, the scale ``c`` and the rank-1 factors ``P Q``
@@ -782,14 +789,14 @@ class _SegmentG:
         cotangents of all of them at ``G_d``."""
         self.hi, self.lo = hi, hi - len(factors) + 1
         self.dU = self.dV = None
-        if factors[0][1] is None:  # a decay only: no factor cotangents
+        if factors[0].U is None:  # a decay only: no factor cotangents
             return
-        self.k = factors[0][1].shape[-1]
+        self.k = factors[0].U.shape[-1]
         if need_u:  # (B, L k, n_post): row j k + r is V_j[r]^T G_d^T
-            Vs = factors[0][2] if len(factors) == 1 else torch.cat([f[2] for f in factors], 1)
+            Vs = factors[0].Vt if len(factors) == 1 else torch.cat([f.Vt for f in factors], 1)
             self.dU = torch.bmm(Vs, self.G.transpose(1, 2))
         if need_v:  # (B, L k, n_pre)
-            Us = factors[0][1] if len(factors) == 1 else torch.cat([f[1] for f in factors], -1)
+            Us = factors[0].U if len(factors) == 1 else torch.cat([f.U for f in factors], -1)
             self.dV = torch.bmm(Us.transpose(1, 2), self.G)
 
     def factor_cotangents(self, j: int, U: Tensor, Vt: Tensor, need_u: bool, need_v: bool):
@@ -1009,7 +1016,8 @@ class _FastRun:
                 snaps[s] = [w.clone() for w in ws]
             t, correct = self._network(s, ws)
             t.facs = self._factors(t, correct, self.wrefs, params, coefs, record)
-            for w, (a, U, Vt), beta in zip(ws, t.facs, self.betas):  # W <- (1 + a) W + U Vt (one pass if beta)
+            for w, f, beta in zip(ws, t.facs, self.betas):  # W <- (1 + a) W + U Vt (one pass if beta)
+                a, U, Vt = f.a, f.U, f.Vt
                 if beta is None and a is not None:
                     w.mul_((1.0 + a).reshape(-1, 1, 1))
                 if U is not None:
@@ -1037,11 +1045,13 @@ class _FastRun:
         G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
         gw: list = [None] * len(ws)  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
+        needs: list = [None] * len(ws)  # per layer which cotangents the graph needs (the same every step)
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
             snap = snaps.pop(s, None)
-            for i, (a, U, Vt) in enumerate(facs):  # W_{s+1} -> W_s
+            for i, f in enumerate(facs):  # W_{s+1} -> W_s
+                a, U, Vt = f.a, f.U, f.Vt
                 if snap is not None:
                     ws[i].copy_(snap[i])
                     gw[i] = None
@@ -1054,11 +1064,12 @@ class _FastRun:
                 if U is not None:
                     ws[i].baddbmm_(U, Vt, alpha=-1)
                 ws[i].div_(beta if beta is not None else (1.0 + a).reshape(-1, 1, 1))
-            outs, cots, das = [], [], [None] * len(facs)
-            for i, (a, U, Vt) in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
-                need_a = a is not None and a.requires_grad
-                need_u = U is not None and U.requires_grad
-                need_v = U is not None and (Vt.requires_grad or (need_a and big[i]))
+            outs, cots, hand, das = [], [], [], [None] * len(facs)
+            for i, f in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
+                a, U, Vt = f.a, f.U, f.Vt
+                if needs[i] is None:
+                    needs[i] = _cotangents_needed(f, big[i])
+                need_a, need_u, need_v, need_x, need_m = needs[i]
                 if G[i].lo is None:  # a new segment: down to the step above the next snapshot (exact da there)
                     lo = max(s - G[i].length + 1, (s - 1) // self.snap_every * self.snap_every + 1, 0)
                     later = [traces[j].facs[i] for j in range(s - 1, lo - 1, -1)]
@@ -1066,12 +1077,13 @@ class _FastRun:
                 dU = dV = None
                 if U is not None:
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
-                    if need_u:
-                        outs.append(U)
-                        cots.append(dU)
-                    if Vt.requires_grad:
-                        outs.append(Vt)
-                        cots.append(dV)
+                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m)
+                    for vecs, gs in ((f.us, du), (f.vs, dv), ((f.M,), (dM,))):
+                        if gs is not None:
+                            for v, g in zip(vecs, gs):
+                                if v.requires_grad:
+                                    (hand if v.grad_fn is None else outs).append(v)
+                                    (hand if v.grad_fn is None else cots).append(g)
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
                         da = torch.linalg.vecdot(G[i].G.flatten(1), ws[i].flatten(1))
@@ -1079,16 +1091,19 @@ class _FastRun:
                         da = gw[i] if dV is None else gw[i] - torch.linalg.vecdot(dV.flatten(1), Vt.flatten(1))
                         da = da / _one_plus(a, self.betas[i])
                     das[i] = da
-                    outs.append(a)
-                    cots.append(da if a.dim() else da.sum())
-            if outs:
+                    (hand if a.grad_fn is None else outs).append(a)
+                    (hand if a.grad_fn is None else cots).append(da if a.dim() else da.sum())
+            if outs:  # the rule's graph: tape expressions, global factors
                 _backward(outs, cots)
+            for v, g in zip(hand[::2], hand[1::2]):  # leaves (signals, coefficients) after the engine's accumulation
+                v.grad = _add(v.grad, g)
             for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
                 if out.grad is not None:
                     gv = ref.backward(v, out, out.grad, transpose, v.requires_grad)
                     v.grad = _add(v.grad, gv)
             self.network_vjp(s, t, ws, sinks)
-            for i, (a, _U, _Vt) in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
+            for i, f in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
+                a = f.a
                 one_a = None if a is None else _one_plus(a, self.betas[i])
                 if das[i] is not None and big[i]:
                     gw[i] = das[i] * one_a
