@@ -74,7 +74,6 @@ from .networks import (
     _feedback_mats,
     _forward,
     _input_derivative,
-    _matvec,
     _orthonormality,
     _output_backward,
     _propagate,
@@ -444,11 +443,16 @@ class _MatRef:
     ``(post, pre)`` to ``sink``, with two vectors whose dot product is ``post^T M pre`` (for the decay's gradient).
     """
 
-    __slots__ = ("mat", "sink", "log", "pre", "z")
+    __slots__ = ("mat", "matT", "sink", "log", "pre", "z")
 
     def __init__(self, mat, sink=None, log=None):
-        self.mat, self.sink, self.log = mat, sink, log
+        self.sink, self.log = sink, log
+        self.read(mat)
         self.pre = self.z = None  # the step's input x and pre-activation z = W x (set per step)
+
+    def read(self, mat: Tensor) -> None:
+        """Read the weights ``mat`` (and their transposed view) from now on."""
+        self.mat, self.matT = mat, mat.transpose(1, 2)
 
     def mv(self, v: Tensor) -> Tensor:
         """``M v`` for ``v`` of shape ``(B, n_pre)``; ``W x`` is the step's pre-activation ``z``, not recomputed (its
@@ -465,11 +469,11 @@ class _MatRef:
 
     def _product(self, v: Tensor, transpose: bool) -> Tensor:
         if self.log is None or not torch.is_grad_enabled():
-            return _vecmat(v, self.mat) if transpose else _matvec(self.mat, v)
+            return _vecmat(v, self.mat if transpose else self.matT)
         if v.grad_fn is not None:
             return _Product.apply(v, self, transpose)
         x = v.detach()
-        out = (_vecmat(x, self.mat) if transpose else _matvec(self.mat, x)).requires_grad_()
+        out = _vecmat(x, self.mat if transpose else self.matT).requires_grad_()
         self.log.append((self, v, out, transpose))
         return out
 
@@ -479,7 +483,7 @@ class _MatRef:
         self.sink.append((v, g, out, g) if transpose else (g, v, g, out))
         if not need_v:
             return None
-        return _matvec(self.mat, g) if transpose else _vecmat(g, self.mat)
+        return _vecmat(g, self.matT if transpose else self.mat)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -501,17 +505,17 @@ class _Factors:
     M: Tensor | None = None
     post_side: bool = False
 
-    def vector_cotangents(self, dU: Tensor | None, dV: Tensor | None, need_x: bool, need_m: bool):
-        """``(d[u], d[v], dM)`` from ``dU = dL/dU`` and ``dV = dL/dVt`` (None where not needed): for ``Vt = M X``
-        (``X = [v]``), ``dX = M^T dV`` and ``dM = dV X^T``; for ``U = X M`` (``X = [u]``), ``dX = dU M^T`` and
-        ``dM = X^T dU``. ``need_x``: the folded side's vectors need theirs."""
+    def vector_cotangents(self, dUt, dV, need_x: bool, need_m: bool, MT: Tensor | None = None):
+        """``(d[u], d[v], dM)`` from ``dUt = (dL/dU)^T`` and ``dV = dL/dVt`` (None where not needed; ``MT``:
+        ``M^T`` if at hand): for ``Vt = M X`` (``X = [v]``), ``dX = M^T dV`` and ``dM = dV X^T``; for ``U = X M``
+        (``X = [u]``), ``dX^T = M dU^T`` and ``dM = X^T dU``. ``need_x``: the folded side's vectors need theirs."""
         if self.post_side:  # U = X M
-            dX = torch.bmm(dU, self.M.transpose(1, 2)).unbind(-1) if need_x else None
-            dM = torch.bmm(torch.stack(self.us, 1), dU) if need_m else None
+            dX = torch.bmm(self.M, dUt).unbind(1) if need_x else None
+            dM = torch.bmm(torch.stack(self.us, 1), dUt.transpose(1, 2)) if need_m else None
             return dX, None if dV is None else dV.unbind(1), dM
-        dX = torch.bmm(self.M.transpose(1, 2), dV).unbind(1) if need_x else None
+        dX = torch.bmm(self.M.transpose(1, 2) if MT is None else MT, dV).unbind(1) if need_x else None
         dM = torch.bmm(dV, torch.stack(self.vs, -1)) if need_m else None
-        return None if dU is None else dU.unbind(-1), dX, dM
+        return None if dUt is None else dUt.unbind(1), dX, dM
 
 
 class _Product(torch.autograd.Function):
@@ -521,7 +525,7 @@ class _Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, ref, transpose):
         ctx.ref, ctx.transpose = ref, transpose
-        out = _vecmat(v, ref.mat) if transpose else _matvec(ref.mat, v)
+        out = _vecmat(v, ref.mat if transpose else ref.matT)
         ctx.save_for_backward(v, out)
         return out
 
@@ -779,10 +783,11 @@ class _SegmentG:
 
     With ``length`` 1 it is the plain sweep (every step's ``G`` dense)."""
 
-    __slots__ = ("G", "length", "c", "P", "Q", "dU", "dV", "k", "hi", "lo")
+    __slots__ = ("G", "GT", "length", "c", "P", "Q", "dU", "dV", "k", "hi", "lo")
 
     def __init__(self, G: Tensor, length: int):
         self.G, self.length, self.c, self.P, self.Q, self.lo = G, length, 1.0, [], [], None
+        self.GT = G.transpose(1, 2)  # a view: follows G's in-place updates
 
     def begin(self, hi: int, factors: list, need_u: bool, need_v: bool) -> None:
         """Start the segment of steps ``hi .. hi - len(factors) + 1``, their ``(a, U, Vt)`` in that order: the
@@ -794,20 +799,22 @@ class _SegmentG:
         self.k = factors[0].U.shape[-1]
         if need_u:  # (B, L k, n_post): row j k + r is V_j[r]^T G_d^T
             Vs = factors[0].Vt if len(factors) == 1 else torch.cat([f.Vt for f in factors], 1)
-            self.dU = torch.bmm(Vs, self.G.transpose(1, 2))
+            self.dU = torch.bmm(Vs, self.GT)
         if need_v:  # (B, L k, n_pre)
             Us = factors[0].U if len(factors) == 1 else torch.cat([f.U for f in factors], -1)
             self.dV = torch.bmm(Us.transpose(1, 2), self.G)
 
     def factor_cotangents(self, j: int, U: Tensor, Vt: Tensor, need_u: bool, need_v: bool):
-        """``(G_{j+1} V_j, U_j^T G_{j+1})`` (None where not needed) for step ``j`` of the segment."""
-        rows = slice((self.hi - j) * self.k, (self.hi - j + 1) * self.k)
-        dU = self.dU[:, rows].transpose(1, 2) if need_u else None
-        dV = self.dV[:, rows] if need_v else None
+        """``((G_{j+1} V_j)^T, U_j^T G_{j+1})`` (None where not needed) for step ``j`` of the segment."""
+        dU, dV = self.dU, self.dV
+        if self.hi != self.lo:
+            rows = slice((self.hi - j) * self.k, (self.hi - j + 1) * self.k)
+            dU = dU[:, rows] if need_u else None
+            dV = dV[:, rows] if need_v else None
         if self.P:
             P, Q = torch.cat(self.P, -1), torch.cat(self.Q, 1)
-            if need_u:
-                dU = dU + torch.bmm(P, torch.bmm(Q, Vt.transpose(1, 2)))
+            if need_u:  # (P Q V^T)^T = (V Q^T) P^T
+                dU = dU + torch.bmm(torch.bmm(Vt, Q.transpose(1, 2)), P.transpose(1, 2))
             if need_v:
                 dV = dV + torch.bmm(torch.bmm(U.transpose(1, 2), P), Q)
         if _scaled(self.c):
@@ -971,13 +978,14 @@ class _FastRun:
         # a rule's W x (see _MatRef.mv); an activity that is its pre-activation (linear) has it in gy already
         gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
         if plan.any_err:
-            mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
+            fb_t = self.fb_t or [None if m is None else m.transpose(1, 2)
+                                 for m in _feedback_mats(net, ws, self.fbs, plan.err_layers)]  # fmt: skip
             for i in reversed(plan.err_layers):  # ascending: e_i's gradient is complete (e_i feeds e_{i-1} only)
                 if ge[i] is None:
                     continue
                 src = n if net.feedback == "dfa" else i + 1
                 g_back = ge[i] * t.ds[i]
-                ge[src] = _add(ge[src], _matvec(mats[i], g_back))
+                ge[src] = _add(ge[src], _vecmat(g_back, fb_t[i]))
                 if net.feedback == "bp":
                     sinks[i].append((t.es[src], g_back, t.backs[i], g_back))
                 if i > 0:
@@ -1040,7 +1048,12 @@ class _FastRun:
             raise RuntimeError("run_episodes' adjoint was already used; backward through it only once.")
         ws = [w.detach().clone() for w in ws_final]
         for ref, w in zip(self.wrefs, ws):  # the graphs' products read the weights as reversed below
-            ref.mat = w
+            ref.read(w)
+        self.fb_t = None  # the feedback matrices transposed (views; bp: of the reversed weights), unless per step
+        if self.plan.any_err and self.net.feedback != "sign":
+            mats = _feedback_mats(self.net, ws, self.fbs, self.plan.err_layers)
+            self.fb_t = [None if m is None else m.transpose(1, 2) for m in mats]
+        MT: list = [None] * len(ws)  # per layer M^T where M is the run's constant (a view)
         big = [w.numel() >= _BIG_LAYER for w in ws]
         G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
@@ -1077,7 +1090,9 @@ class _FastRun:
                 dU = dV = None
                 if U is not None:
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
-                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m)
+                    if MT[i] is None and f.M.grad_fn is None:
+                        MT[i] = f.M.transpose(1, 2)
+                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m, MT[i])
                     for vecs, gs in ((f.us, du), (f.vs, dv), ((f.M,), (dM,))):
                         if gs is not None:
                             for v, g in zip(vecs, gs):
