@@ -771,6 +771,38 @@ def _cotangents_needed(f: _Factors, big: bool) -> tuple:
     return need_a, u_req, v_req or m_req or (need_a and big), v_req, m_req
 
 
+class _CoefGrad:
+    """``dL/dM`` of a layer whose coefficient matrix ``M`` is the run's constant (a leaf), summed over many steps
+    by one bmm: ``sum_s dV_s X_s^T`` for ``Vt = M X`` (``X = [v]``), or ``(sum_s dU_s^T X_s)^T`` for ``U = X M``
+    (``X = [u]``, ``dUt = dU^T``). Steps are kept until they hold ``_COEF_BUFFER`` numbers, then summed into
+    ``M.grad``."""
+
+    __slots__ = ("M", "post_side", "cots", "vecs", "size")
+
+    def __init__(self, M: Tensor, post_side: bool):
+        self.M, self.post_side, self.cots, self.vecs, self.size = M, post_side, [], [], 0
+
+    def add(self, cot: Tensor, vecs: list) -> None:
+        """One step's ``dV`` (or ``dUt``) ``(B, k, n)`` and its vectors ``X``, ``(B, n)`` each."""
+        self.cots.append(cot)
+        self.vecs.append(vecs)
+        self.size += cot.numel() * (1 + len(vecs))
+        if self.size >= _COEF_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.cots:
+            return
+        if len(self.cots) == 1:
+            A, X = self.cots[0], torch.stack(self.vecs[0], -1)
+        else:  # (B, k, L n) and (B, L n, m): the steps side by side
+            A = torch.cat(self.cots, -1)
+            X = torch.stack([torch.cat(col, -1) for col in zip(*self.vecs)], -1)
+        g = torch.bmm(A, X)
+        self.M.grad = _add(self.M.grad, g.transpose(1, 2) if self.post_side else g)
+        self.cots, self.vecs, self.size = [], [], 0
+
+
 class _SegmentG:
     """``G = dL/dW`` of one layer in the adjoint sweep, over a segment of steps ``hi, hi - 1, ..., lo``:
     ``G_{j+1} = c (G_d + P Q)`` with the dense ``G_d = G_{hi+1}``, the scale ``c`` and the rank-1 factors ``P Q``
@@ -989,7 +1021,7 @@ class _FastRun:
                 if net.feedback == "bp":
                     sinks[i].append((t.es[src], g_back, t.backs[i], g_back))
                 if i > 0:
-                    dy, dz = _derivative_backward(net, ge[i] * t.backs[i], t.ys[i], t.zs[i], t.ds[i])
+                    dy, dz = _derivative_backward(net, ge[i], t.backs[i], t.ys[i], t.zs[i], t.ds[i], g_back)
                     gy[i], gz[i] = _add(gy[i], dy), _add(gz[i], dz)
             gy[n] = _add(gy[n], ge[n])
         if gy[n] is not None:
@@ -1054,6 +1086,7 @@ class _FastRun:
             mats = _feedback_mats(self.net, ws, self.fbs, self.plan.err_layers)
             self.fb_t = [None if m is None else m.transpose(1, 2) for m in mats]
         MT: list = [None] * len(ws)  # per layer M^T where M is the run's constant (a view)
+        coef_grads: list = [None] * len(ws)  # per layer its _CoefGrad where M is the run's constant
         big = [w.numel() >= _BIG_LAYER for w in ws]
         G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
@@ -1090,9 +1123,11 @@ class _FastRun:
                 dU = dV = None
                 if U is not None:
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
-                    if MT[i] is None and f.M.grad_fn is None:
-                        MT[i] = f.M.transpose(1, 2)
-                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m, MT[i])
+                    if need_m and f.M.grad_fn is None:  # the run's constant M: dM summed over many steps
+                        if coef_grads[i] is None:
+                            MT[i], coef_grads[i] = f.M.transpose(1, 2), _CoefGrad(f.M, f.post_side)
+                        coef_grads[i].add(dU if f.post_side else dV, f.us if f.post_side else f.vs)
+                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m and f.M.grad_fn is not None, MT[i])
                     for vecs, gs in ((f.us, du), (f.vs, dv), ((f.M,), (dM,))):
                         if gs is not None:
                             for v, g in zip(vecs, gs):
@@ -1130,6 +1165,9 @@ class _FastRun:
                     Q = torch.stack([q for _, q, *_ in sinks[i]], -2)
                     sinks[i].clear()
                 G[i].step(s, one_a, P, Q)
+        for cg in coef_grads:
+            if cg is not None:
+                cg.flush()
         G = [g.G for g in G]
         done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
                 if leaf is not None and leaf.grad is not None]  # fmt: skip
@@ -1173,6 +1211,9 @@ ops per step: the decay's ``<G, W_s>`` by its recursion, the factors' cotangents
 
 _SEGMENT = 8
 """Steps per segment of a large layer's ``dL/dW`` in the adjoint (:class:`_SegmentG`)."""
+
+_COEF_BUFFER = 1 << 18
+"""Numbers (cotangents and vectors) that :class:`_CoefGrad` keeps before it sums them into ``dL/dM``."""
 
 
 def _fast_layers(net, plan, observe, modulator, fbs):

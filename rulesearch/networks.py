@@ -386,12 +386,14 @@ def _activate_backward(net: Network, g: Tensor, y: Tensor, z: Tensor) -> Tensor:
     return g
 
 
-def _derivative_backward(net: Network, g: Tensor, y: Tensor, z: Tensor | None, d: Tensor):
-    """The vector-Jacobian product of :func:`_derivative` (value ``d``) with ``g``: ``(dL/dy, dL/dz)``, one of
-    them None (None twice for the linear activation)."""
+def _derivative_backward(net: Network, ge: Tensor, back: Tensor, y: Tensor, z: Tensor | None, d: Tensor, gd: Tensor):
+    """The vector-Jacobian product of ``e = back * d`` (``d`` = :func:`_derivative`) with ``ge`` through ``d``,
+    given ``gd = ge * d``: ``(dL/dy, dL/dz)``, one of them None (None twice for the linear activation)."""
     a = net.activation
-    if a == "softplus":  # d = -expm1(-beta y)
-        return g * (1.0 - d) * net.beta, None
+    if a == "softplus":  # d = -expm1(-beta y), d' = beta (1 - d): ge back d' = beta back (ge - gd)
+        g = (ge - gd) * back
+        return (g if net.beta == 1.0 else g * net.beta), None
+    g = ge * back
     if a == "tanh":  # d = 1 - y^2
         return g * y * -2.0, None
     if a == "sigmoid":  # d = y (1 - y)

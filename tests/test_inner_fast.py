@@ -121,6 +121,21 @@ def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("buffer", [0, 300])
+@pytest.mark.parametrize("rule", ["bio", "post", "per_episode"])
+def test_adjoint_coefficient_gradient_buffer(monkeypatch, rule, buffer):
+    """dL/dM of a constant coefficient matrix (no global factors), summed by _CoefGrad every step (buffer 0) or over
+    a few steps (300 numbers), equals autograd: bio folds M into Vt; ``post`` (as many post as pre vectors, layers
+    with more inputs than outputs) into U; per-episode coefficients (B, J, D)."""
+    monkeypatch.setattr(inner, "_COEF_BUFFER", buffer)
+    net, batch = Network(sizes=SIZES), _batch()
+    post_rule = Rule((Term("F0", -err * pre), Term("F1", -post * pre_err), Term("F2", -err * pre_err)), "post")
+    rule, shape = {"bio": (bio, None), "post": (post_rule, None), "per_episode": (bio, (3, bio.n_params))}[rule]
+    _, g_ref = _grad(net, batch, rule, _theta(rule, shape=shape), method="autograd")
+    _, g = _grad(net, batch, rule, _theta(rule, shape=shape), method="adjoint")
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
+
+
 @pytest.mark.parametrize("every", [1, 4, 50])
 def test_checkpointed_equals_plain(every):
     """Segment checkpointing (autograd path) and snapshot intervals (adjoint) give the same meta-gradient."""
