@@ -504,6 +504,15 @@ class _Factors:
     vs: list | None = None
     M: Tensor | None = None
     post_side: bool = False
+    g: Tensor | None = None  # with global factors: M = g M_j, g = [1, g_1, ...] (B, n_g + 1), g_j the tape's
+    gv: list | None = None
+    Mj: Tensor | None = None
+
+    @property
+    def m_requires_grad(self) -> bool:
+        if self.gv is None:
+            return self.M.requires_grad
+        return self.Mj.requires_grad or any(v.requires_grad for v in self.gv)
 
     def vector_cotangents(self, dUt, dV, need_x: bool, need_m: bool, MT: Tensor | None = None):
         """``(d[u], d[v], dM)`` from ``dUt = (dL/dU)^T`` and ``dV = dL/dVt`` (None where not needed; ``MT``:
@@ -613,14 +622,17 @@ class _LowRank:
         vals = self.rule._comp.run({"signals": signals, "params": params})
         if self.decay is not None and vals[self.decay[0][1]] is not wref:
             raise _Unsupported("a synapse factor other than the weights")
-        if self.g_refs:
-            g = torch.stack([self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]], -1)
-            if self.decay_global:
-                a = torch.linalg.vecdot(g, a)
-            if M is not None:
-                M = g @ M if M.dim() == 2 else torch.bmm(g.unsqueeze(1), M).squeeze(1)
-                M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
         f = _Factors(a)
+        if self.g_refs:
+            g = [self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]]
+            if self.decay_global:
+                f.a = torch.linalg.vecdot(torch.stack(g, -1), a)
+            if M is not None:  # M = g M_j, differentiated by hand (the adjoint)
+                f.gv, f.Mj = g[1:], M
+                with torch.no_grad():
+                    f.g = torch.stack(g, -1)
+                    M = f.g @ M if M.dim() == 2 else torch.bmm(f.g.unsqueeze(1), M).squeeze(1)
+                M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
         if M is not None:
             f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
             f.vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
@@ -765,42 +777,45 @@ def _cotangents_needed(f: _Factors, big: bool) -> tuple:
     need_a = f.a is not None and f.a.requires_grad
     if f.U is None:
         return need_a, False, False, False, False
-    u_req, v_req, m_req = any(u.requires_grad for u in f.us), any(v.requires_grad for v in f.vs), f.M.requires_grad
+    u_req, v_req, m_req = any(u.requires_grad for u in f.us), any(v.requires_grad for v in f.vs), f.m_requires_grad
     if f.post_side:
         return need_a, u_req or m_req, v_req or (need_a and big), u_req, m_req
     return need_a, u_req, v_req or m_req or (need_a and big), v_req, m_req
 
 
 class _CoefGrad:
-    """``dL/dM`` of a layer whose coefficient matrix ``M`` is the run's constant (a leaf), summed over many steps
-    by one bmm: ``sum_s dV_s X_s^T`` for ``Vt = M X`` (``X = [v]``), or ``(sum_s dU_s^T X_s)^T`` for ``U = X M``
-    (``X = [u]``, ``dUt = dU^T``). Steps are kept until they hold ``_COEF_BUFFER`` numbers, then summed into
-    ``M.grad``."""
+    """The gradient of a coefficient leaf (the run's constant), ``sum_s A_s X_s`` over the steps by one bmm:
+    ``A_s`` ``(B, k, n)``, ``X_s`` ``(B, n, m)`` or its ``m`` columns ``(B, n)``; ``form`` "T" adds the sum
+    transposed, "sum" summed over episodes. So ``dL/dM = sum_s dV_s X_s^T`` for ``Vt = M X`` (``X = [v]``),
+    ``(sum_s dU_s^T X_s)^T`` for ``U = X M`` (``X = [u]``), and ``dL/dM_j = sum_s g_s^T dM_s`` for ``M = g M_j``.
+    Steps are kept until they hold ``_COEF_BUFFER`` numbers, then summed into ``leaf.grad``."""
 
-    __slots__ = ("M", "post_side", "cots", "vecs", "size")
+    __slots__ = ("leaf", "form", "As", "Xs", "size")
 
-    def __init__(self, M: Tensor, post_side: bool):
-        self.M, self.post_side, self.cots, self.vecs, self.size = M, post_side, [], [], 0
+    def __init__(self, leaf: Tensor, form: str = ""):
+        self.leaf, self.form, self.As, self.Xs, self.size = leaf, form, [], [], 0
 
-    def add(self, cot: Tensor, vecs: list) -> None:
-        """One step's ``dV`` (or ``dUt``) ``(B, k, n)`` and its vectors ``X``, ``(B, n)`` each."""
-        self.cots.append(cot)
-        self.vecs.append(vecs)
-        self.size += cot.numel() * (1 + len(vecs))
+    def add(self, A: Tensor, X) -> None:
+        self.As.append(A)
+        self.Xs.append(X)
+        self.size += A.numel() + (X.numel() if torch.is_tensor(X) else A.numel() // A.shape[1] * len(X))
         if self.size >= _COEF_BUFFER:
             self.flush()
 
     def flush(self) -> None:
-        if not self.cots:
+        if not self.As:
             return
-        if len(self.cots) == 1:
-            A, X = self.cots[0], torch.stack(self.vecs[0], -1)
-        else:  # (B, k, L n) and (B, L n, m): the steps side by side
-            A = torch.cat(self.cots, -1)
-            X = torch.stack([torch.cat(col, -1) for col in zip(*self.vecs)], -1)
+        A = self.As[0] if len(self.As) == 1 else torch.cat(self.As, -1)  # (B, k, L n): the steps side by side
+        if torch.is_tensor(self.Xs[0]):
+            X = self.Xs[0] if len(self.Xs) == 1 else torch.cat(self.Xs, 1)
+        elif len(self.Xs) == 1:
+            X = torch.stack(self.Xs[0], -1)
+        else:
+            X = torch.stack([torch.cat(col, -1) for col in zip(*self.Xs)], -1)
         g = torch.bmm(A, X)
-        self.M.grad = _add(self.M.grad, g.transpose(1, 2) if self.post_side else g)
-        self.cots, self.vecs, self.size = [], [], 0
+        g = g.transpose(1, 2) if self.form == "T" else g.sum(0) if self.form == "sum" else g
+        self.leaf.grad = _add(self.leaf.grad, g)
+        self.As, self.Xs, self.size = [], [], 0
 
 
 class _SegmentG:
@@ -1123,12 +1138,24 @@ class _FastRun:
                 dU = dV = None
                 if U is not None:
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
-                    if need_m and f.M.grad_fn is None:  # the run's constant M: dM summed over many steps
+                    if need_m and f.gv is None:  # the run's constant M: dM summed over many steps
                         if coef_grads[i] is None:
-                            MT[i], coef_grads[i] = f.M.transpose(1, 2), _CoefGrad(f.M, f.post_side)
+                            MT[i], coef_grads[i] = f.M.transpose(1, 2), _CoefGrad(f.M, "T" if f.post_side else "")
                         coef_grads[i].add(dU if f.post_side else dV, f.us if f.post_side else f.vs)
-                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m and f.M.grad_fn is not None, MT[i])
-                    for vecs, gs in ((f.us, du), (f.vs, dv), ((f.M,), (dM,))):
+                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m and f.gv is not None, MT[i])
+                    dg = None
+                    if dM is not None:  # M = g M_j: dg = dM M_j^T, dM_j = sum_s g^T dM
+                        dM = dM.flatten(1)
+                        if f.Mj.requires_grad:
+                            if coef_grads[i] is None:
+                                coef_grads[i] = _CoefGrad(f.Mj, "sum" if f.Mj.dim() == 2 else "")
+                            coef_grads[i].add(f.g.unsqueeze(-1), dM.unsqueeze(1))
+                        if f.Mj.dim() == 2:
+                            dg = torch.mm(dM, f.Mj.t())
+                        else:
+                            dg = torch.bmm(f.Mj, dM.unsqueeze(-1)).squeeze(-1)
+                        dg = dg.unbind(1)[1:]
+                    for vecs, gs in ((f.us, du), (f.vs, dv), (f.gv, dg)):
                         if gs is not None:
                             for v, g in zip(vecs, gs):
                                 if v.requires_grad:
