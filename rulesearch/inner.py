@@ -443,10 +443,10 @@ class _MatRef:
     ``(post, pre)`` to ``sink``, with two vectors whose dot product is ``post^T M pre`` (for the decay's gradient).
     """
 
-    __slots__ = ("mat", "matT", "sink", "log", "pre", "z")
+    __slots__ = ("mat", "matT", "rev", "sink", "log", "pre", "z")
 
     def __init__(self, mat, sink=None, log=None):
-        self.sink, self.log = sink, log
+        self.sink, self.log, self.rev = sink, log, None  # rev: the adjoint's reversed weights (_ReverseW)
         self.read(mat)
         self.pre = self.z = None  # the step's input x and pre-activation z = W x (set per step)
 
@@ -483,7 +483,7 @@ class _MatRef:
         self.sink.append((v, g, out, g) if transpose else (g, v, g, out))
         if not need_v:
             return None
-        return _vecmat(g, self.matT if transpose else self.mat)
+        return self.rev.vecmat(g, transpose)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -818,6 +818,73 @@ class _CoefGrad:
         self.As, self.Xs, self.size = [], [], 0
 
 
+class _ReverseW:
+    """``W_s`` of one layer in the adjoint sweep, reversed step by step from ``W_N``:
+    ``W_s = (W_{s+1} - U_s Vt_s) / (1 + a_s)``. With ``length`` L > 1 (large layers) lazily, as
+    ``W_s = c (W_d - P Q)`` with the dense ``W_d`` updated in place once per L steps::
+
+        c <- c / (1 + a_s),   P <- [P, U_s / c_{s+1}],   Q <- [Q, Vt_s],
+
+    so a product ``g^T W_s = c (g^T W_d - (g^T P) Q)`` costs two small bmms instead of a pass over ``W`` per
+    step to reverse it. With length 1 every step is reversed at once (one ``baddbmm_``)."""
+
+    __slots__ = ("W", "WT", "length", "c", "P", "Q", "PQ")
+
+    def __init__(self, W: Tensor, length: int):
+        self.W, self.WT, self.length, self.c, self.P, self.Q, self.PQ = W, W.transpose(1, 2), length, 1.0, [], [], None
+
+    def undo(self, f: _Factors, beta: float | None) -> None:
+        """Reverse the step of factors ``f`` (``beta``: the run's constant ``1 + a`` or None)."""
+        a, U, Vt = f.a, f.U, f.Vt
+        if self.length == 1:
+            if U is not None and (a is None or beta is not None):
+                inv = 1.0 if beta is None else 1.0 / beta
+                self.W.baddbmm_(U, Vt, beta=inv, alpha=-inv)
+                return
+            if U is not None:
+                self.W.baddbmm_(U, Vt, alpha=-1)
+            self.W.div_(beta if beta is not None else (1.0 + a).reshape(-1, 1, 1))
+            return
+        if U is not None:
+            self.P.append(U / _scale_of(self.c) if _scaled(self.c) else U)
+            self.Q.append(Vt)
+            self.PQ = None
+        if a is not None:
+            self.c = self.c / _one_plus(a, beta)
+        if len(self.P) >= self.length:
+            self.dense()
+
+    def dense(self) -> Tensor:
+        """``W_s`` itself: the pending steps applied to ``W_d`` (one ``baddbmm_``)."""
+        if self.P:
+            self.W.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1), alpha=-1)
+        if _scaled(self.c):
+            self.W.mul_(_scale_of(self.c))
+        self.c, self.P, self.Q, self.PQ = 1.0, [], [], None
+        return self.W
+
+    def reset(self, W: Tensor) -> None:
+        """``W_s = W`` (a snapshot)."""
+        self.W.copy_(W)
+        self.c, self.P, self.Q, self.PQ = 1.0, [], [], None
+
+    def vecmat(self, g: Tensor, transpose: bool) -> Tensor:
+        """``g^T W_s`` for ``g`` ``(B, n_post)``, or ``g^T W_s^T`` (``transpose``) for ``g`` ``(B, n_pre)``."""
+        out = _vecmat(g, self.WT if transpose else self.W)
+        if self.P:
+            if self.PQ is None:
+                self.PQ = (torch.cat(self.P, -1), torch.cat(self.Q, 1)) if len(self.P) > 1 else (self.P[0], self.Q[0])
+            P, Q = self.PQ
+            if transpose:  # g^T Q^T P^T
+                low = torch.bmm(torch.bmm(g.unsqueeze(1), Q.transpose(1, 2)), P.transpose(1, 2))
+            else:
+                low = torch.bmm(torch.bmm(g.unsqueeze(1), P), Q)
+            out = out - low.squeeze(1)
+        if _scaled(self.c):
+            out = out * (self.c if isinstance(self.c, float) else self.c.reshape(-1, 1))
+        return out
+
+
 class _SegmentG:
     """``G = dL/dW`` of one layer in the adjoint sweep, over a segment of steps ``hi, hi - 1, ..., lo``:
     ``G_{j+1} = c (G_d + P Q)`` with the dense ``G_d = G_{hi+1}``, the scale ``c`` and the rank-1 factors ``P Q``
@@ -1014,9 +1081,9 @@ class _FastRun:
                 facs.append(self.lows[i].factors(sig, params[i], coefs[i], wrefs[i], b, n_post, n_pre, x))
         return facs
 
-    def network_vjp(self, s, t: _Trace, ws, sinks) -> None:
+    def network_vjp(self, s, t: _Trace, revs, sinks) -> None:
         """Carry the gradients of step ``s``'s signal leaves (filled by the backward of its rule graph) back through
-        its errors and forward pass, by hand, at the weights ``ws`` of that step; each weight product sends its
+        its errors and forward pass, by hand, at the weights ``revs`` of that step; each weight product sends its
         weight gradient to ``sinks`` as a rank-1 factor ``(post, pre)`` and two vectors whose dot product is
         ``post^T W pre``."""
         net, plan, n = self.net, self.plan, self.net.n_layers
@@ -1025,14 +1092,18 @@ class _FastRun:
         # a rule's W x (see _MatRef.mv); an activity that is its pre-activation (linear) has it in gy already
         gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
         if plan.any_err:
-            fb_t = self.fb_t or [None if m is None else m.transpose(1, 2)
-                                 for m in _feedback_mats(net, ws, self.fbs, plan.err_layers)]  # fmt: skip
+            fb_t = self.fb_t
+            if net.feedback == "sign":
+                ws = [r.dense() for r in revs]
+                fb_t = [
+                    None if m is None else m.transpose(1, 2) for m in _feedback_mats(net, ws, self.fbs, plan.err_layers)
+                ]
             for i in reversed(plan.err_layers):  # ascending: e_i's gradient is complete (e_i feeds e_{i-1} only)
                 if ge[i] is None:
                     continue
                 src = n if net.feedback == "dfa" else i + 1
                 g_back = ge[i] * t.ds[i]
-                ge[src] = _add(ge[src], _vecmat(g_back, fb_t[i]))
+                ge[src] = _add(ge[src], revs[i].vecmat(g_back, True) if fb_t is None else _vecmat(g_back, fb_t[i]))
                 if net.feedback == "bp":
                     sinks[i].append((t.es[src], g_back, t.backs[i], g_back))
                 if i > 0:
@@ -1050,7 +1121,7 @@ class _FastRun:
                 continue
             sinks[i - 1].append((gz[i], t.ys[i - 1], gz[i], t.zs[i]))
             if i > 1:
-                gy[i - 1] = _add(gy[i - 1], _vecmat(gz[i], ws[i - 1]))
+                gy[i - 1] = _add(gy[i - 1], revs[i - 1].vecmat(gz[i], False))
 
     # ---- forward sweep -------------------------------------------------------------------------------------
     def forward(self, ws0, record: bool):
@@ -1093,16 +1164,16 @@ class _FastRun:
         self.traces = self.snaps = None
         if traces is None:
             raise RuntimeError("run_episodes' adjoint was already used; backward through it only once.")
-        ws = [w.detach().clone() for w in ws_final]
-        for ref, w in zip(self.wrefs, ws):  # the graphs' products read the weights as reversed below
-            ref.read(w)
-        self.fb_t = None  # the feedback matrices transposed (views; bp: of the reversed weights), unless per step
-        if self.plan.any_err and self.net.feedback != "sign":
-            mats = _feedback_mats(self.net, ws, self.fbs, self.plan.err_layers)
-            self.fb_t = [None if m is None else m.transpose(1, 2) for m in mats]
-        MT: list = [None] * len(ws)  # per layer M^T where M is the run's constant (a view)
-        coef_grads: list = [None] * len(ws)  # per layer its _CoefGrad where M is the run's constant
-        big = [w.numel() >= _BIG_LAYER for w in ws]
+        big = [w.numel() >= _BIG_LAYER for w in ws_final]
+        revs = [_ReverseW(w.detach().clone(), _SEGMENT if b else 1) for w, b in zip(ws_final, big)]
+        for ref, rev in zip(self.wrefs, revs):  # the graphs' products read the weights as reversed below
+            ref.rev = rev
+        self.fb_t = None  # fa, dfa: the feedback matrices transposed (views); bp and sign: from the weights
+        if self.plan.any_err and self.net.feedback not in ("bp", "sign"):
+            self.fb_t = [f.transpose(1, 2) if i in self.plan.err_layers else None for i, f in enumerate(self.fbs)]
+        MT: list = [None] * len(revs)  # per layer M^T where M is the run's constant (a view)
+        coef_grads: list = [None] * len(revs)  # per layer its _CoefGrad where M is the run's constant
+        ws = [r.W for r in revs]
         G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
         gw: list = [None] * len(ws)  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
@@ -1112,19 +1183,11 @@ class _FastRun:
             facs = t.facs
             snap = snaps.pop(s, None)
             for i, f in enumerate(facs):  # W_{s+1} -> W_s
-                a, U, Vt = f.a, f.U, f.Vt
                 if snap is not None:
-                    ws[i].copy_(snap[i])
+                    revs[i].reset(snap[i])
                     gw[i] = None
-                    continue
-                beta = self.betas[i]
-                if U is not None and (a is None or beta is not None):
-                    inv = 1.0 if beta is None else 1.0 / beta
-                    ws[i].baddbmm_(U, Vt, beta=inv, alpha=-inv)
-                    continue
-                if U is not None:
-                    ws[i].baddbmm_(U, Vt, alpha=-1)
-                ws[i].div_(beta if beta is not None else (1.0 + a).reshape(-1, 1, 1))
+                else:
+                    revs[i].undo(f, self.betas[i])
             outs, cots, hand, das = [], [], [], [None] * len(facs)
             for i, f in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                 a, U, Vt = f.a, f.U, f.Vt
@@ -1163,7 +1226,7 @@ class _FastRun:
                                     (hand if v.grad_fn is None else cots).append(g)
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
-                        da = torch.linalg.vecdot(G[i].G.flatten(1), ws[i].flatten(1))
+                        da = torch.linalg.vecdot(G[i].G.flatten(1), revs[i].dense().flatten(1))
                     else:
                         da = gw[i] if dV is None else gw[i] - torch.linalg.vecdot(dV.flatten(1), Vt.flatten(1))
                         da = da / _one_plus(a, self.betas[i])
@@ -1178,7 +1241,7 @@ class _FastRun:
                 if out.grad is not None:
                     gv = ref.backward(v, out, out.grad, transpose, v.requires_grad)
                     v.grad = _add(v.grad, gv)
-            self.network_vjp(s, t, ws, sinks)
+            self.network_vjp(s, t, revs, sinks)
             for i, f in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
                 a = f.a
                 one_a = None if a is None else _one_plus(a, self.betas[i])
