@@ -409,21 +409,25 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 # term ``a W``; the whole paper pool), the online steps run in place (one ``baddbmm_`` per layer) and the
 # meta-gradient is computed by a hand-written adjoint instead of autograd through the unrolled loop:
 #
-# * forward: the network's pass and errors run without autograd; the rule's factors ``U, V, a`` are computed under
-#   autograd from the step's signal tensors and the rule's coefficients (leaves; the coefficients depend on the
-#   parameters only and are computed once per run), and that small vector graph is kept with the signals (a few
-#   vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
-# * backward, step ``s = N-1 .. 0``: the weights are reversed in place, ``W_s = (W_{s+1} - U V^T) / (1 + a)`` (or
-#   restored from a snapshot); with ``G = dL/dW_{s+1}``: ``dU = G V``, ``dV = G^T U``, ``da = <G, W_s>``; autograd
-#   carries these through the step's rule graph to the coefficients (summed over the steps, then carried to
-#   ``theta`` once) and to the signals, whose gradients are carried back through the errors and the forward pass by
-#   hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under
-#   bp, ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T``
-#   is one more ``baddbmm_``.
-# * ``da = <G, W_s>`` needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``, ``da_s = (c - <dV, V>) /
-#   (1 + a_s)`` (``dV = G^T U`` is at hand), and ``<G_s, W_s> = (1 + a_s) da_s + sum_r p_r^T W_s q_r``, where each
-#   rank-1 factor's ``p^T W_s q`` is a dot product of vectors the step already has (``dL/dz . z`` for ``z = W y``).
-#   It is computed exactly at the end weights and at every snapshot, so rounding cannot build up.
+# * forward: the network's pass and errors run without autograd; the rule's tape runs under autograd from the
+#   step's signal tensors (leaves), giving the distinct post and pre vectors ``[u]``, ``[v]`` and global factors
+#   ``g`` of ``U V^T = [u] M [v]^T`` with ``M = g M_j`` (the ``M_j`` depend on the parameters only: once per run);
+#   ``U`` and ``V`` themselves are formed without autograd (:class:`_Factors`). That small vector graph is kept
+#   with the signals (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
+# * backward, step ``s = N-1 .. 0``: the weights are reversed, ``W_s = (W_{s+1} - U V^T) / (1 + a)`` (or restored
+#   from a snapshot; large layers lazily, :class:`_ReverseW`); with ``G = dL/dW_{s+1}``: ``dU = G V``,
+#   ``dV = G^T U``, ``da = <G, W_s>`` (large layers: ``dU``, ``dV`` of 8 steps from one pass, :class:`_SegmentG`).
+#   The cotangents of ``[u]``, ``[v]``, ``g`` and ``M`` follow by hand (:meth:`_Factors.vector_cotangents`;
+#   ``dL/dM_j`` summed over many steps by one bmm, :class:`_CoefGrad`); autograd carries only those of tape
+#   expressions to the signals, whose gradients are carried back through the errors and the forward pass by hand
+#   (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under bp,
+#   ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is
+#   one more ``baddbmm_``.
+# * ``da = <G, W_s>`` on large layers needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``,
+#   ``da_s = (c - <dV, V>) / (1 + a_s)`` (``dV = G^T U`` is at hand), and ``<G_s, W_s> = (1 + a_s) da_s +
+#   sum_r p_r^T W_s q_r``, where each rank-1 factor's ``p^T W_s q`` is a dot product of vectors the step already
+#   has (``dL/dz . z`` for ``z = W y``). It is computed exactly at the end weights and at every snapshot, so
+#   rounding cannot build up.
 #
 # Memory: O(B (N * sum(n_l) + N / checkpoint_every * |W|)) instead of O(B N |W|) for autograd.
 
@@ -1297,10 +1301,12 @@ _SNAPSHOT_EVERY = 50
 
 _BIG_LAYER = 1 << 18
 """Weights per layer (``B n_post n_pre``) from which the adjoint trades passes over ``G`` and ``W`` for a few small
-ops per step: the decay's ``<G, W_s>`` by its recursion, the factors' cotangents by segments (measured on CPU)."""
+ops per step: the decay's ``<G, W_s>`` by its recursion, the factors' cotangents by segments, the weights reversed
+lazily (measured on CPU)."""
 
 _SEGMENT = 8
-"""Steps per segment of a large layer's ``dL/dW`` in the adjoint (:class:`_SegmentG`)."""
+"""Steps per segment of a large layer's ``dL/dW`` (:class:`_SegmentG`) and its lazily reversed weights
+(:class:`_ReverseW`) in the adjoint."""
 
 _COEF_BUFFER = 1 << 18
 """Numbers (cotangents and vectors) that :class:`_CoefGrad` keeps before it sums them into ``dL/dM``."""
