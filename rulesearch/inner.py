@@ -789,10 +789,11 @@ def _cotangents_needed(f: _Factors, big: bool) -> tuple:
 
 class _CoefGrad:
     """The gradient of a coefficient leaf (the run's constant), ``sum_s A_s X_s`` over the steps by one bmm:
-    ``A_s`` ``(B, k, n)``, ``X_s`` ``(B, n, m)`` or its ``m`` columns ``(B, n)``; ``form`` "T" adds the sum
-    transposed, "sum" summed over episodes. So ``dL/dM = sum_s dV_s X_s^T`` for ``Vt = M X`` (``X = [v]``),
-    ``(sum_s dU_s^T X_s)^T`` for ``U = X M`` (``X = [u]``), and ``dL/dM_j = sum_s g_s^T dM_s`` for ``M = g M_j``.
-    Steps are kept until they hold ``_COEF_BUFFER`` numbers, then summed into ``leaf.grad``."""
+    ``A_s`` ``(B, k, n)``, ``X_s`` ``(B, n, m)`` or its ``m`` columns ``(B, n)``, or (``A_s`` ``(B, k)``, ``X_s``
+    ``(B, m)``) per episode the outer product ``A_s^T X_s``; ``form`` "T" adds the sum transposed, "sum" summed over
+    episodes. So ``dL/dM = sum_s dV_s X_s^T`` for ``Vt = M X`` (``X = [v]``), ``(sum_s dU_s^T X_s)^T`` for
+    ``U = X M`` (``X = [u]``), and ``dL/dM_j = sum_s g_s^T dM_s`` for ``M = g M_j``. Steps are kept until they
+    hold ``_COEF_BUFFER`` numbers, then summed into ``leaf.grad``."""
 
     __slots__ = ("leaf", "form", "As", "Xs", "size")
 
@@ -808,6 +809,14 @@ class _CoefGrad:
 
     def flush(self) -> None:
         if not self.As:
+            return
+        if self.As[0].dim() == 2:  # outer products: (L B, k)^T (L B, m), or per episode (B, k, L) (B, L, m)
+            if self.form == "sum":
+                g = torch.mm(torch.cat(self.As).t(), torch.cat(self.Xs))
+            else:
+                g = torch.bmm(torch.stack(self.As, -1), torch.stack(self.Xs, 1))
+            self.leaf.grad = _add(self.leaf.grad, g)
+            self.As, self.Xs, self.size = [], [], 0
             return
         A = self.As[0] if len(self.As) == 1 else torch.cat(self.As, -1)  # (B, k, L n): the steps side by side
         if torch.is_tensor(self.Xs[0]):
@@ -1175,8 +1184,9 @@ class _FastRun:
         self.fb_t = None  # fa, dfa: the feedback matrices transposed (views); bp and sign: from the weights
         if self.plan.any_err and self.net.feedback not in ("bp", "sign"):
             self.fb_t = [f.transpose(1, 2) if i in self.plan.err_layers else None for i, f in enumerate(self.fbs)]
-        MT: list = [None] * len(revs)  # per layer M^T where M is the run's constant (a view)
+        MT: list = [None] * len(revs)  # per layer M^T (or M_j^T) where it is the run's constant (a view)
         coef_grads: list = [None] * len(revs)  # per layer its _CoefGrad where M is the run's constant
+        da_sums: list = [[] for _ in revs]  # per layer the steps' da where the decay a is the run's constant
         ws = [r.W for r in revs]
         G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
@@ -1209,16 +1219,20 @@ class _FastRun:
                         if coef_grads[i] is None:
                             MT[i], coef_grads[i] = f.M.transpose(1, 2), _CoefGrad(f.M, "T" if f.post_side else "")
                         coef_grads[i].add(dU if f.post_side else dV, f.us if f.post_side else f.vs)
-                    du, dv, dM = f.vector_cotangents(dU, dV, need_x, need_m and f.gv is not None, MT[i])
+                    du, dv, dM = f.vector_cotangents(
+                        dU, dV, need_x, need_m and f.gv is not None, MT[i] if f.gv is None else None
+                    )
                     dg = None
                     if dM is not None:  # M = g M_j: dg = dM M_j^T, dM_j = sum_s g^T dM
                         dM = dM.flatten(1)
                         if f.Mj.requires_grad:
                             if coef_grads[i] is None:
                                 coef_grads[i] = _CoefGrad(f.Mj, "sum" if f.Mj.dim() == 2 else "")
-                            coef_grads[i].add(f.g.unsqueeze(-1), dM.unsqueeze(1))
+                            coef_grads[i].add(f.g, dM)
                         if f.Mj.dim() == 2:
-                            dg = torch.mm(dM, f.Mj.t())
+                            if MT[i] is None:
+                                MT[i] = f.Mj.t()
+                            dg = torch.mm(dM, MT[i])
                         else:
                             dg = torch.bmm(f.Mj, dM.unsqueeze(-1)).squeeze(-1)
                         dg = dg.unbind(1)[1:]
@@ -1235,8 +1249,11 @@ class _FastRun:
                         da = gw[i] if dV is None else gw[i] - torch.linalg.vecdot(dV.flatten(1), Vt.flatten(1))
                         da = da / _one_plus(a, self.betas[i])
                     das[i] = da
-                    (hand if a.grad_fn is None else outs).append(a)
-                    (hand if a.grad_fn is None else cots).append(da if a.dim() else da.sum())
+                    if a.grad_fn is None:  # the run's constant: summed once, after the sweep
+                        da_sums[i].append(da)
+                    else:
+                        outs.append(a)
+                        cots.append(da if a.dim() else da.sum())
             if outs:  # the rule's graph: tape expressions, global factors
                 _backward(outs, cots)
             for v, g in zip(hand[::2], hand[1::2]):  # leaves (signals, coefficients) after the engine's accumulation
@@ -1262,6 +1279,10 @@ class _FastRun:
         for cg in coef_grads:
             if cg is not None:
                 cg.flush()
+        for f, das in zip(facs, da_sums):  # facs: step 0's, whose a is each layer's constant leaf
+            if das:
+                da = torch.stack(das).sum(0)
+                f.a.grad = _add(f.a.grad, da if f.a.dim() else da.sum())
         G = [g.G for g in G]
         done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
                 if leaf is not None and leaf.grad is not None]  # fmt: skip

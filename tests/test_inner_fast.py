@@ -126,15 +126,17 @@ def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
 
 
 @pytest.mark.parametrize("buffer", [0, 300])
-@pytest.mark.parametrize("rule", ["bio", "post", "per_episode"])
+@pytest.mark.parametrize("rule", ["bio", "post", "per_episode", "pool", "pool_per_episode"])
 def test_adjoint_coefficient_gradient_buffer(monkeypatch, rule, buffer):
-    """dL/dM of a constant coefficient matrix (no global factors), summed by _CoefGrad every step (buffer 0) or over
-    a few steps (300 numbers), equals autograd: bio folds M into Vt; ``post`` (as many post as pre vectors, layers
-    with more inputs than outputs) into U; per-episode coefficients (B, J, D)."""
+    """dL/dM of a constant coefficient matrix, summed by _CoefGrad every step (buffer 0) or over a few steps (300
+    numbers), equals autograd: bio folds M into Vt; ``post`` (as many post as pre vectors, layers with more inputs
+    than outputs) into U; per-episode coefficients (B, J, D); the pool's M = g M_j (global factors: outer products
+    g^T dM summed over steps and episodes, or per episode) and its constant decay (da summed after the sweep)."""
     monkeypatch.setattr(inner, "_COEF_BUFFER", buffer)
     net, batch = Network(sizes=SIZES), _batch()
     post_rule = Rule((Term("F0", -err * pre), Term("F1", -post * pre_err), Term("F2", -err * pre_err)), "post")
-    rule, shape = {"bio": (bio, None), "post": (post_rule, None), "per_episode": (bio, (3, bio.n_params))}[rule]
+    rule, shape = {"bio": (bio, None), "post": (post_rule, None), "per_episode": (bio, (3, bio.n_params)),
+                   "pool": (pool, None), "pool_per_episode": (pool, (3, pool.n_params))}[rule]  # fmt: skip
     _, g_ref = _grad(net, batch, rule, _theta(rule, shape=shape), method="autograd")
     _, g = _grad(net, batch, rule, _theta(rule, shape=shape), method="adjoint")
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
