@@ -530,6 +530,16 @@ class _Factors:
         dM = torch.bmm(dV, torch.stack(self.vs, -1)) if need_m else None
         return None if dUt is None else dUt.unbind(1), dX, dM
 
+    def global_cotangents(self, dM: Tensor, coef_grad, MjT: Tensor | None) -> tuple:
+        """For ``M = g M_j``: ``dg = dM M_j^T`` (the global factors' cotangents, ``(B,)`` each), and
+        ``g^T dM`` sent to ``coef_grad`` (``dL/dM_j``, None if not needed); ``MjT``: ``M_j^T`` of a shared
+        ``M_j``."""
+        dM = dM.flatten(1)
+        if coef_grad is not None:
+            coef_grad.add(self.g, dM)
+        dg = torch.mm(dM, MjT) if MjT is not None else torch.bmm(self.Mj, dM.unsqueeze(-1)).squeeze(-1)
+        return dg.unbind(1)[1:]
+
 
 class _Product(torch.autograd.Function):
     """A product ``M v`` (or ``M^T u``) of an expression ``v`` in a rule's graph; its backward (in the adjoint sweep)
@@ -627,26 +637,26 @@ class _LowRank:
         if self.decay is not None and vals[self.decay[0][1]] is not wref:
             raise _Unsupported("a synapse factor other than the weights")
         f = _Factors(a)
+        g = None
         if self.g_refs:
             g = [self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]]
             if self.decay_global:
                 f.a = torch.linalg.vecdot(torch.stack(g, -1), a)
-            if M is not None:  # M = g M_j, differentiated by hand (the adjoint)
-                f.gv, f.Mj = g[1:], M
-                with torch.no_grad():
-                    f.g = torch.stack(g, -1)
-                    M = f.g @ M if M.dim() == 2 else torch.bmm(f.g.unsqueeze(1), M).squeeze(1)
-                M = M.unflatten(-1, (len(self.u_keys), len(self.v_keys)))
-        if M is not None:
-            f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
-            f.vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
-            J, D = len(f.us), len(f.vs)
-            f.post_side, f.M = J > D or (J == D and n_pre > n_post), M  # fold M into the cheaper side
-            with torch.no_grad():  # the adjoint differentiates U and Vt by hand (_Factors.vector_cotangents)
-                if f.post_side:
-                    f.U, f.Vt = torch.bmm(torch.stack(f.us, -1), M), torch.stack(f.vs, 1)
-                else:
-                    f.U, f.Vt = torch.stack(f.us, -1), torch.bmm(M, torch.stack(f.vs, 1))
+        if M is None:
+            return f
+        f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
+        f.vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
+        J, D = len(f.us), len(f.vs)
+        f.post_side = J > D or (J == D and n_pre > n_post)  # fold M into the cheaper side
+        with torch.no_grad():  # the adjoint differentiates M = g M_j, U and Vt by hand (_Factors)
+            if g is not None:
+                f.gv, f.Mj, f.g = g[1:], M, torch.stack(g, -1)
+                M = (f.g @ M if M.dim() == 2 else torch.bmm(f.g.unsqueeze(1), M).squeeze(1)).unflatten(-1, (J, D))
+            f.M = M
+            if f.post_side:
+                f.U, f.Vt = torch.bmm(torch.stack(f.us, -1), M), torch.stack(f.vs, 1)
+            else:
+                f.U, f.Vt = torch.stack(f.us, -1), torch.bmm(M, torch.stack(f.vs, 1))
         return f
 
 
@@ -775,6 +785,32 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+def _cat(ts: list, dim: int) -> Tensor:
+    """``torch.cat(ts, dim)``, without a copy for one tensor."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
+def _add_low_rank(T: Tensor, P: list, Q: list, c, alpha: float) -> None:
+    """``T <- c (T + alpha P Q)`` in place, with ``P``, ``Q`` the lists of factors (one ``baddbmm_``)."""
+    if P:
+        T.baddbmm_(_cat(P, -1), _cat(Q, 1), alpha=alpha)
+    if _scaled(c):
+        T.mul_(_scale_of(c))
+
+
+def _coef_grad_of(f: _Factors) -> tuple:
+    """A layer's ``(M^T or M_j^T, _CoefGrad)`` for the sweep (either None where not needed): the run's constant
+    ``M`` (no global factors) or ``M_j`` (``M = g M_j``; ``M_j^T`` only if shared by the episodes)."""
+    if f.U is None:
+        return None, None
+    if f.gv is None:
+        cg = _CoefGrad(f.M, "T" if f.post_side else "") if f.M.requires_grad else None
+        return f.M.transpose(1, 2), cg
+    shared = f.Mj.dim() == 2
+    cg = _CoefGrad(f.Mj, "sum" if shared else "") if f.Mj.requires_grad else None
+    return (f.Mj.t() if shared else None), cg
+
+
 def _cotangents_needed(f: _Factors, big: bool) -> tuple:
     """Which cotangents a layer's factors ``f`` need: ``(da, dU, dV, the folded side's vectors, dM)``; ``dV``
     also for a large layer's decay (its ``<G, W>`` recursion)."""
@@ -812,21 +848,16 @@ class _CoefGrad:
             return
         if self.As[0].dim() == 2:  # outer products: (L B, k)^T (L B, m), or per episode (B, k, L) (B, L, m)
             if self.form == "sum":
-                g = torch.mm(torch.cat(self.As).t(), torch.cat(self.Xs))
+                g = torch.mm(_cat(self.As, 0).t(), _cat(self.Xs, 0))
             else:
                 g = torch.bmm(torch.stack(self.As, -1), torch.stack(self.Xs, 1))
-            self.leaf.grad = _add(self.leaf.grad, g)
-            self.As, self.Xs, self.size = [], [], 0
-            return
-        A = self.As[0] if len(self.As) == 1 else torch.cat(self.As, -1)  # (B, k, L n): the steps side by side
-        if torch.is_tensor(self.Xs[0]):
-            X = self.Xs[0] if len(self.Xs) == 1 else torch.cat(self.Xs, 1)
-        elif len(self.Xs) == 1:
-            X = torch.stack(self.Xs[0], -1)
-        else:
-            X = torch.stack([torch.cat(col, -1) for col in zip(*self.Xs)], -1)
-        g = torch.bmm(A, X)
-        g = g.transpose(1, 2) if self.form == "T" else g.sum(0) if self.form == "sum" else g
+        else:  # (B, k, L n) (B, L n, m): the steps side by side
+            if torch.is_tensor(self.Xs[0]):
+                X = _cat(self.Xs, 1)
+            else:
+                X = torch.stack([_cat(list(col), -1) for col in zip(*self.Xs)], -1)
+            g = torch.bmm(_cat(self.As, -1), X)
+            g = g.transpose(1, 2) if self.form == "T" else g.sum(0) if self.form == "sum" else g
         self.leaf.grad = _add(self.leaf.grad, g)
         self.As, self.Xs, self.size = [], [], 0
 
@@ -869,10 +900,7 @@ class _ReverseW:
 
     def dense(self) -> Tensor:
         """``W_s`` itself: the pending steps applied to ``W_d`` (one ``baddbmm_``)."""
-        if self.P:
-            self.W.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1), alpha=-1)
-        if _scaled(self.c):
-            self.W.mul_(_scale_of(self.c))
+        _add_low_rank(self.W, self.P, self.Q, self.c, -1.0)
         self.c, self.P, self.Q, self.PQ = 1.0, [], [], None
         return self.W
 
@@ -886,7 +914,7 @@ class _ReverseW:
         out = _vecmat(g, self.WT if transpose else self.W)
         if self.P:
             if self.PQ is None:
-                self.PQ = (torch.cat(self.P, -1), torch.cat(self.Q, 1)) if len(self.P) > 1 else (self.P[0], self.Q[0])
+                self.PQ = _cat(self.P, -1), _cat(self.Q, 1)
             P, Q = self.PQ
             if transpose:  # g^T Q^T P^T
                 low = torch.bmm(torch.bmm(g.unsqueeze(1), Q.transpose(1, 2)), P.transpose(1, 2))
@@ -925,11 +953,9 @@ class _SegmentG:
             return
         self.k = factors[0].U.shape[-1]
         if need_u:  # (B, L k, n_post): row j k + r is V_j[r]^T G_d^T
-            Vs = factors[0].Vt if len(factors) == 1 else torch.cat([f.Vt for f in factors], 1)
-            self.dU = torch.bmm(Vs, self.GT)
+            self.dU = torch.bmm(_cat([f.Vt for f in factors], 1), self.GT)
         if need_v:  # (B, L k, n_pre)
-            Us = factors[0].U if len(factors) == 1 else torch.cat([f.U for f in factors], -1)
-            self.dV = torch.bmm(Us.transpose(1, 2), self.G)
+            self.dV = torch.bmm(_cat([f.U for f in factors], -1).transpose(1, 2), self.G)
 
     def factor_cotangents(self, j: int, U: Tensor, Vt: Tensor, need_u: bool, need_v: bool):
         """``((G_{j+1} V_j)^T, U_j^T G_{j+1})`` (None where not needed) for step ``j`` of the segment."""
@@ -939,7 +965,7 @@ class _SegmentG:
             dU = dU[:, rows] if need_u else None
             dV = dV[:, rows] if need_v else None
         if self.P:
-            P, Q = torch.cat(self.P, -1), torch.cat(self.Q, 1)
+            P, Q = _cat(self.P, -1), _cat(self.Q, 1)
             if need_u:  # (P Q V^T)^T = (V Q^T) P^T
                 dU = dU + torch.bmm(torch.bmm(Vt, Q.transpose(1, 2)), P.transpose(1, 2))
             if need_v:
@@ -962,10 +988,7 @@ class _SegmentG:
                 self.Q.append(Q)
             if j > self.lo:
                 return
-            if self.P:
-                self.G.baddbmm_(torch.cat(self.P, -1), torch.cat(self.Q, 1))
-            if _scaled(c):
-                self.G.mul_(_scale_of(c))
+            _add_low_rank(self.G, self.P, self.Q, c, 1.0)
         self.c, self.P, self.Q, self.lo, self.dU, self.dV = 1.0, [], [], None, None, None
 
 
@@ -1184,14 +1207,13 @@ class _FastRun:
         self.fb_t = None  # fa, dfa: the feedback matrices transposed (views); bp and sign: from the weights
         if self.plan.any_err and self.net.feedback not in ("bp", "sign"):
             self.fb_t = [f.transpose(1, 2) if i in self.plan.err_layers else None for i, f in enumerate(self.fbs)]
-        MT: list = [None] * len(revs)  # per layer M^T (or M_j^T) where it is the run's constant (a view)
-        coef_grads: list = [None] * len(revs)  # per layer its _CoefGrad where M is the run's constant
-        da_sums: list = [[] for _ in revs]  # per layer the steps' da where the decay a is the run's constant
-        ws = [r.W for r in revs]
-        G = [_SegmentG(torch.zeros_like(w) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
-                       _SEGMENT if b else 1) for w, g, b in zip(ws, grads, big)]  # fmt: skip
-        gw: list = [None] * len(ws)  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
-        needs: list = [None] * len(ws)  # per layer which cotangents the graph needs (the same every step)
+        n = len(revs)
+        G = [_SegmentG(torch.zeros_like(r.W) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
+                       _SEGMENT if b else 1) for r, g, b in zip(revs, grads, big)]  # fmt: skip
+        gw: list = [None] * n  # per layer <G, W_{s+1}> where the decay needs da (None: compute it exactly)
+        # per layer, the same every step: which cotangents the graph needs, M^T (or M_j^T) and its _CoefGrad
+        needs, MT, coef_grads = [None] * n, [None] * n, [None] * n
+        da_sums: dict = {}  # per layer whose decay a is the run's constant: (a, the steps' da)
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
@@ -1206,7 +1228,7 @@ class _FastRun:
             for i, f in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                 a, U, Vt = f.a, f.U, f.Vt
                 if needs[i] is None:
-                    needs[i] = _cotangents_needed(f, big[i])
+                    needs[i], (MT[i], coef_grads[i]) = _cotangents_needed(f, big[i]), _coef_grad_of(f)
                 need_a, need_u, need_v, need_x, need_m = needs[i]
                 if G[i].lo is None:  # a new segment: down to the step above the next snapshot (exact da there)
                     lo = max(s - G[i].length + 1, (s - 1) // self.snap_every * self.snap_every + 1, 0)
@@ -1215,33 +1237,20 @@ class _FastRun:
                 dU = dV = None
                 if U is not None:
                     dU, dV = G[i].factor_cotangents(s, U, Vt, need_u, need_v)
-                    if need_m and f.gv is None:  # the run's constant M: dM summed over many steps
-                        if coef_grads[i] is None:
-                            MT[i], coef_grads[i] = f.M.transpose(1, 2), _CoefGrad(f.M, "T" if f.post_side else "")
+                    constant_m = f.gv is None
+                    if need_m and constant_m:  # dL/dM summed over many steps
                         coef_grads[i].add(dU if f.post_side else dV, f.us if f.post_side else f.vs)
                     du, dv, dM = f.vector_cotangents(
-                        dU, dV, need_x, need_m and f.gv is not None, MT[i] if f.gv is None else None
+                        dU, dV, need_x, need_m and not constant_m, MT[i] if constant_m else None
                     )
-                    dg = None
-                    if dM is not None:  # M = g M_j: dg = dM M_j^T, dM_j = sum_s g^T dM
-                        dM = dM.flatten(1)
-                        if f.Mj.requires_grad:
-                            if coef_grads[i] is None:
-                                coef_grads[i] = _CoefGrad(f.Mj, "sum" if f.Mj.dim() == 2 else "")
-                            coef_grads[i].add(f.g, dM)
-                        if f.Mj.dim() == 2:
-                            if MT[i] is None:
-                                MT[i] = f.Mj.t()
-                            dg = torch.mm(dM, MT[i])
-                        else:
-                            dg = torch.bmm(f.Mj, dM.unsqueeze(-1)).squeeze(-1)
-                        dg = dg.unbind(1)[1:]
+                    dg = None if dM is None else f.global_cotangents(dM, coef_grads[i], MT[i])
                     for vecs, gs in ((f.us, du), (f.vs, dv), (f.gv, dg)):
-                        if gs is not None:
-                            for v, g in zip(vecs, gs):
-                                if v.requires_grad:
-                                    (hand if v.grad_fn is None else outs).append(v)
-                                    (hand if v.grad_fn is None else cots).append(g)
+                        for v, g in zip(vecs or (), gs or ()):
+                            if v.grad_fn is not None:
+                                outs.append(v)
+                                cots.append(g)
+                            elif v.requires_grad:
+                                hand.append((v, g))
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
                         da = torch.linalg.vecdot(G[i].G.flatten(1), revs[i].dense().flatten(1))
@@ -1250,13 +1259,13 @@ class _FastRun:
                         da = da / _one_plus(a, self.betas[i])
                     das[i] = da
                     if a.grad_fn is None:  # the run's constant: summed once, after the sweep
-                        da_sums[i].append(da)
+                        da_sums.setdefault(i, (a, []))[1].append(da)
                     else:
                         outs.append(a)
                         cots.append(da if a.dim() else da.sum())
             if outs:  # the rule's graph: tape expressions, global factors
                 _backward(outs, cots)
-            for v, g in zip(hand[::2], hand[1::2]):  # leaves (signals, coefficients) after the engine's accumulation
+            for v, g in hand:  # leaves (signals) after the engine's accumulation
                 v.grad = _add(v.grad, g)
             for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
                 if out.grad is not None:
@@ -1279,10 +1288,9 @@ class _FastRun:
         for cg in coef_grads:
             if cg is not None:
                 cg.flush()
-        for f, das in zip(facs, da_sums):  # facs: step 0's, whose a is each layer's constant leaf
-            if das:
-                da = torch.stack(das).sum(0)
-                f.a.grad = _add(f.a.grad, da if f.a.dim() else da.sum())
+        for a, das in da_sums.values():
+            da = torch.stack(das).sum(0)
+            a.grad = _add(a.grad, da if a.dim() else da.sum())
         G = [g.G for g in G]
         done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
                 if leaf is not None and leaf.grad is not None]  # fmt: skip
