@@ -129,7 +129,10 @@ class TorchCompiler:
     """Turns SymPy expressions into a tape of torch instructions with shared subexpressions.
 
     ``slot(expr)`` returns ``("const", float)`` for constant expressions (folded at compile time) or
-    ``("slot", index)``; ``run(env)`` evaluates the tape into a list of tensors.
+    ``("slot", index)``; ``run(env)`` evaluates the tape into a list of tensors. ``vjps[index]`` is the
+    instruction's vector-Jacobian product ``(g, *args) -> cotangents of args`` (``g``: the cotangent of a global
+    ``(B,)`` value as a ``(B, 1)`` column) where one is written by hand (layer sums and bilinear forms: the fast
+    inner loop's adjoint applies them without autograd), else None.
     """
 
     _default_settings = {"functions": None}
@@ -144,13 +147,15 @@ class TorchCompiler:
         self._functions_user = dict(self._settings["functions"] or {})
         self.tape: list[tuple[Callable, tuple[int, ...]]] = []
         self.roles: list[str] = []
+        self.vjps: list[Callable | None] = []
         self.kinds: set[str] = set()  # which compile paths were used
         self._memo: dict[sp.Basic, tuple[str, object]] = {}
 
     # ---- tape --------------------------------------------------------------------------------------------
-    def _emit(self, fn, args: tuple[int, ...], role: str) -> tuple[str, int]:
+    def _emit(self, fn, args: tuple[int, ...], role: str, vjp: Callable | None = None) -> tuple[str, int]:
         self.tape.append((fn, args))
         self.roles.append(role)
+        self.vjps.append(vjp)
         return ("slot", len(self.tape) - 1)
 
     def slot(self, expr) -> tuple[str, object]:
@@ -318,7 +323,7 @@ class TorchCompiler:
     def _compile_LayerSum(self, expr):
         self.kinds.add("contraction")
         ru = self.slot(expr.args[0])
-        return self._emit(lambda env, x: x.sum(-1), (ru[1],), "global")
+        return self._emit(lambda env, x: x.sum(-1), (ru[1],), "global", _sum_vjp)
 
     def _compile_Bilinear(self, expr):
         self.kinds.add("bilinear")
@@ -327,13 +332,23 @@ class TorchCompiler:
             left, right = self.slot(Contract(M, v)), self.slot(u)
         else:  # (M^T u)^T v: M^T u is shared with any F9-like term
             left, right = self.slot(Contract(M, u)), self.slot(v)
-        return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], right[1]), "global")
+        return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], right[1]), "global", _vecdot_vjp)
 
     def _compile_OrderedContract(self, expr):
         self.kinds.add("contraction")
         u, M = expr.args
         ru, rm = self.slot(u), self.slot(M)
         return self._emit(lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse")
+
+
+def _sum_vjp(g, x):
+    """Cotangent of ``x`` ``(B, n)`` for ``s = sum_k x_k`` with ``ds = g`` ``(B, 1)``: ``g`` broadcast (a view)."""
+    return (g.expand_as(x),)
+
+
+def _vecdot_vjp(g, a, b):
+    """Cotangents of ``a``, ``b`` ``(B, n)`` for ``s = a . b`` with ``ds = g`` ``(B, 1)``: ``(g b, g a)``."""
+    return g * b, g * a
 
 
 def _contract(m, x, transpose: bool):

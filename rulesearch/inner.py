@@ -511,6 +511,7 @@ class _Factors:
     g: Tensor | None = None  # with global factors: M = g M_j, g = [1, g_1, ...] (B, n_g + 1), g_j the tape's
     gv: list | None = None
     Mj: Tensor | None = None
+    gvjp: list | None = None  # per g_j: (hand vjp, its arguments) if they are leaves (see _LowRank.hand_vjp)
 
     @property
     def m_requires_grad(self) -> bool:
@@ -531,13 +532,13 @@ class _Factors:
         return None if dUt is None else dUt.unbind(1), dX, dM
 
     def global_cotangents(self, dM: Tensor, coef_grad, MjT: Tensor | None) -> tuple:
-        """For ``M = g M_j``: ``dg = dM M_j^T`` (the global factors' cotangents, ``(B,)`` each), and
+        """For ``M = g M_j``: ``dg = dM M_j^T`` (the global factors' cotangents, ``(B, 1)`` columns), and
         ``g^T dM`` sent to ``coef_grad`` (``dL/dM_j``, None if not needed); ``MjT``: ``M_j^T`` of a shared
         ``M_j``."""
         dM = dM.flatten(1)
         if coef_grad is not None:
             coef_grad.add(self.g, dM)
-        dg = torch.mm(dM, MjT) if MjT is not None else torch.bmm(self.Mj, dM.unsqueeze(-1)).squeeze(-1)
+        dg = torch.mm(dM, MjT).unsqueeze(-1) if MjT is not None else torch.bmm(self.Mj, dM.unsqueeze(-1))
         return dg.unbind(1)[1:]
 
 
@@ -628,6 +629,18 @@ class _LowRank:
             hit = self.consts[key] = torch.full(shape, ref[1], dtype=like.dtype, device=like.device)
         return hit
 
+    def hand_vjp(self, ref, vals) -> tuple | None:
+        """``(vjp, args)`` of the global factor ``ref`` if its instruction has a hand VJP (``TorchCompiler.vjps``) and
+        its arguments are leaves of the step's graph (signals, logged products), else None (autograd carries it)."""
+        comp = self.rule._comp
+        vjp = comp.vjps[ref[1]] if ref[0] == "slot" else None
+        if vjp is None:
+            return None
+        args = [vals[k] for k in comp.tape[ref[1]][1]]
+        if not all(torch.is_tensor(x) and x.grad_fn is None for x in args):
+            return None
+        return vjp, args
+
     def factors(self, signals, params, coef, wref, b, n_post, n_pre, like):
         """:class:`_Factors` of ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
         ``(B,)``/``()``/None, ``U`` ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises
@@ -642,6 +655,8 @@ class _LowRank:
             g = [self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]]
             if self.decay_global:
                 f.a = torch.linalg.vecdot(torch.stack(g, -1), a)
+            if torch.is_grad_enabled():
+                f.gvjp = [self.hand_vjp(ref, vals) for ref in self.g_refs]
         if M is None:
             return f
         f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
@@ -1251,8 +1266,18 @@ class _FastRun:
                         dU, dV, need_x, need_m and not constant_m, MT[i] if constant_m else None
                     )
                     dg = None if dM is None else f.global_cotangents(dM, coef_grads[i], MT[i])
+                    if dg is not None and f.gvjp is not None:  # g_j = h(leaves) by its hand VJP
+                        for j, hv in enumerate(f.gvjp):
+                            if hv is not None:
+                                vjp, args = hv
+                                hand.extend((x, c) for x, c in zip(args, vjp(dg[j], *args)) if x.requires_grad)
+                        dg = [None if hv is not None else g for g, hv in zip(dg, f.gvjp)]
+                    if dg is not None:
+                        dg = [None if g is None else g.view(-1) for g in dg]
                     for vecs, gs in ((f.us, du), (f.vs, dv), (f.gv, dg)):
                         for v, g in zip(vecs or (), gs or ()):
+                            if g is None:
+                                continue
                             if v.grad_fn is not None:
                                 outs.append(v)
                                 cots.append(g)

@@ -142,6 +142,34 @@ def test_adjoint_coefficient_gradient_buffer(monkeypatch, rule, buffer):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
 
 
+def test_adjoint_hand_vjps_beside_autograd():
+    """Global factors by their hand VJPs (a layer sum, bilinear forms of signals and of W^T y, e^T W x) beside global
+    factors autograd carries (of expressions: tanh of a layer sum, the sum of y^2, a bilinear form of e * e) equal
+    autograd; the hand VJPs are really used (the pool's layer sum and forms have leaf arguments)."""
+    import sympy as sp
+
+    rule = Rule(
+        (
+            Term("A", -layer_sum(post) * err * pre),
+            Term("B", -sp.tanh(layer_sum(post)) * post * pre_err),
+            Term("C", -Bilinear(err * err, w, pre) * err * pre),
+            Term("D", -Bilinear(post, w, pre_err) * post * pre_err),
+            Term("E", -layer_sum(post**2) * err * pre_err),
+            Term("F", -Bilinear(err, w, pre) * post * pre),
+        ),
+        "mixed",
+    )
+    lr, why = inner._low_rank_of(compile_rule(rule))
+    assert lr is not None, why
+    vjps = [lr.rule._comp.vjps[ref[1]] for ref in lr.g_refs]
+    assert sum(v is not None for v in vjps) >= 4 and None in vjps
+    for feedback in ("fa", "bp"):
+        net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
+        _, g_ref = _grad(net, batch, rule, _theta(rule), method="autograd")
+        _, g = _grad(net, batch, rule, _theta(rule), method="adjoint")
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
+
+
 @pytest.mark.parametrize("every", [1, 4, 50])
 def test_checkpointed_equals_plain(every):
     """Segment checkpointing (autograd path) and snapshot intervals (adjoint) give the same meta-gradient."""
