@@ -130,9 +130,9 @@ class TorchCompiler:
 
     ``slot(expr)`` returns ``("const", float)`` for constant expressions (folded at compile time) or
     ``("slot", index)``; ``run(env)`` evaluates the tape into a list of tensors. ``vjps[index]`` is the
-    instruction's vector-Jacobian product ``(g, *args) -> cotangents of args`` (``g``: the cotangent of a global
-    ``(B,)`` value as a ``(B, 1)`` column) where one is written by hand (layer sums and bilinear forms: the fast
-    inner loop's adjoint applies them without autograd), else None.
+    instruction's accumulating vector-Jacobian product ``(g, args, cots) -> cots + g^T d(out)/d(args)`` (``g``: the
+    cotangent of a global ``(B,)`` value as a ``(B, 1)`` column; a None cotangent is zero) where one is written by
+    hand (layer sums and bilinear forms: the fast inner loop's adjoint applies them without autograd), else None.
     """
 
     _default_settings = {"functions": None}
@@ -341,14 +341,17 @@ class TorchCompiler:
         return self._emit(lambda env, x, m: torch.cumsum(x.unsqueeze(-1) * m, dim=-2), (ru[1], rm[1]), "synapse")
 
 
-def _sum_vjp(g, x):
-    """Cotangent of ``x`` ``(B, n)`` for ``s = sum_k x_k`` with ``ds = g`` ``(B, 1)``: ``g`` broadcast (a view)."""
-    return (g.expand_as(x),)
+def _sum_vjp(g, args, cots):
+    """``s = sum_k x_k``, ``x`` ``(B, n)``, ``ds = g`` ``(B, 1)``: ``c_x + g`` (broadcast; a view if ``c_x`` is
+    zero)."""
+    (x,), (cx,) = args, cots
+    return (g.expand_as(x) if cx is None else cx + g,)
 
 
-def _vecdot_vjp(g, a, b):
-    """Cotangents of ``a``, ``b`` ``(B, n)`` for ``s = a . b`` with ``ds = g`` ``(B, 1)``: ``(g b, g a)``."""
-    return g * b, g * a
+def _vecdot_vjp(g, args, cots):
+    """``s = a . b``, ``a``, ``b`` ``(B, n)``, ``ds = g`` ``(B, 1)``: ``(c_a + g b, c_b + g a)``."""
+    (a, b), (ca, cb) = args, cots
+    return (g * b if ca is None else torch.addcmul(ca, g, b)), (g * a if cb is None else torch.addcmul(cb, g, a))
 
 
 def _contract(m, x, transpose: bool):

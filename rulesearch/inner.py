@@ -1246,7 +1246,7 @@ class _FastRun:
                     gw[i] = None
                 else:
                     revs[i].undo(f, self.betas[i])
-            outs, cots, hand, das = [], [], [], [None] * len(facs)
+            outs, cots, hand, vjps, das = [], [], {}, [], [None] * len(facs)  # hand: leaf -> its cotangent
             for i, f in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                 a, U, Vt = f.a, f.U, f.Vt
                 if needs[i] is None:
@@ -1266,11 +1266,8 @@ class _FastRun:
                         dU, dV, need_x, need_m and not constant_m, MT[i] if constant_m else None
                     )
                     dg = None if dM is None else f.global_cotangents(dM, coef_grads[i], MT[i])
-                    if dg is not None and f.gvjp is not None:  # g_j = h(leaves) by its hand VJP
-                        for j, hv in enumerate(f.gvjp):
-                            if hv is not None:
-                                vjp, args = hv
-                                hand.extend((x, c) for x, c in zip(args, vjp(dg[j], *args)) if x.requires_grad)
+                    if dg is not None and f.gvjp is not None:  # g_j = h(leaves) by its hand VJP, below
+                        vjps.extend((hv, g) for hv, g in zip(f.gvjp, dg) if hv is not None)
                         dg = [None if hv is not None else g for g, hv in zip(dg, f.gvjp)]
                     if dg is not None:
                         dg = [None if g is None else g.view(-1) for g in dg]
@@ -1282,7 +1279,7 @@ class _FastRun:
                                 outs.append(v)
                                 cots.append(g)
                             elif v.requires_grad:
-                                hand.append((v, g))
+                                hand[v] = _add(hand.get(v), g)
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
                         da = _dot(G[i].G, revs[i].dense())
@@ -1297,7 +1294,10 @@ class _FastRun:
                         cots.append(da if a.dim() else da.sum())
             if outs:  # the rule's graph: tape expressions, global factors
                 _backward(outs, cots)
-            for v, g in hand:  # leaves (signals) after the engine's accumulation
+            for (vjp, args), g in vjps:  # accumulating into the leaves' cotangents (fused multiply-adds)
+                cs = vjp(g, args, [hand.get(x) for x in args])
+                hand.update((x, c) for x, c in zip(args, cs) if x.requires_grad)
+            for v, g in hand.items():  # leaves (signals) after the engine's accumulation
                 v.grad = _add(v.grad, g)
             for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
                 if out.grad is not None:
