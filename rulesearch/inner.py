@@ -418,9 +418,10 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 #   from a snapshot; large layers lazily, :class:`_ReverseW`); with ``G = dL/dW_{s+1}``: ``dU = G V``,
 #   ``dV = G^T U``, ``da = <G, W_s>`` (large layers: ``dU``, ``dV`` of 8 steps from one pass, :class:`_SegmentG`).
 #   The cotangents of ``[u]``, ``[v]``, ``g`` and ``M`` follow by hand (:meth:`_Factors.vector_cotangents`;
-#   ``dL/dM_j`` summed over many steps by one bmm, :class:`_CoefGrad`); autograd carries only those of tape
-#   expressions to the signals, whose gradients are carried back through the errors and the forward pass by hand
-#   (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under bp,
+#   ``dL/dM_j`` summed over many steps by one bmm, :class:`_CoefGrad`); a global factor of leaves (a layer sum or
+#   bilinear form of signals) by its tape instruction's hand VJP (``TorchCompiler.vjps``); autograd carries only the
+#   other tape expressions' cotangents to the signals, whose gradients are carried back through the errors and the
+#   forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under bp,
 #   ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is
 #   one more ``baddbmm_``.
 # * ``da = <G, W_s>`` on large layers needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``,
