@@ -421,9 +421,9 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
 #   ``dL/dM_j`` summed over many steps by one bmm, :class:`_CoefGrad`); a global factor of leaves (a layer sum or
 #   bilinear form of signals) by its tape instruction's hand VJP (``TorchCompiler.vjps``); autograd carries only the
 #   other tape expressions' cotangents to the signals, whose gradients are carried back through the errors and the
-#   forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``, ``W^T e`` under bp,
-#   ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is
-#   one more ``baddbmm_``.
+#   forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``,
+#   ``W^T e`` under bp, ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so
+#   ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
 # * ``da = <G, W_s>`` on large layers needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``,
 #   ``da_s = (c - <dV, V>) / (1 + a_s)`` (``dV = G^T U`` is at hand), and ``<G_s, W_s> = (1 + a_s) da_s +
 #   sum_r p_r^T W_s q_r``, where each rank-1 factor's ``p^T W_s q`` is a dot product of vectors the step already
