@@ -716,3 +716,29 @@ def test_module_docstring_examples_run(module):
     assert result.failed == 0
     if module == "compile":
         assert result.attempted > 0 and mod is compile_mod
+
+
+@pytest.mark.parametrize("with_cots", [False, True])
+def test_hand_vjps_equal_autograd(with_cots):
+    """Every tape instruction with a hand VJP (layer sums, bilinear forms of the pool) accumulates exactly autograd's
+    vector-Jacobian product into the given cotangents (None: zero)."""
+    g = torch.Generator().manual_seed(0)
+    b, n_post, n_pre = 3, 4, 5
+    shapes = {"pre": (b, n_pre), "pre_err": (b, n_pre), "post": (b, n_post), "err": (b, n_post),
+              "w": (b, n_post, n_pre)}  # fmt: skip
+    signals = {k: torch.rand(s, generator=g, dtype=torch.float64, requires_grad=True) for k, s in shapes.items()}
+    comp = compile_rule(pool)._comp
+    vals = comp.run({"signals": signals, "params": torch.ones(pool.n_params, dtype=torch.float64)})
+    checked = 0
+    for k, vjp in enumerate(comp.vjps):
+        if vjp is None:
+            continue
+        args = [vals[a] for a in comp.tape[k][1]]
+        dout = torch.rand(b, 1, generator=g, dtype=torch.float64)
+        cots = [torch.rand(a.shape, generator=g, dtype=torch.float64) if with_cots else None for a in args]
+        want = torch.autograd.grad(vals[k], args, dout.squeeze(-1), retain_graph=True)
+        got = vjp(dout, args, cots)
+        for w_, c, g_ in zip(want, cots, got):
+            torch.testing.assert_close(g_, w_ if c is None else c + w_, rtol=1e-12, atol=0)
+        checked += 1
+    assert checked == 3  # LayerSum(post), Bilinear(post, w, pre_err), Bilinear(err, w, pre)
