@@ -512,7 +512,7 @@ class _Factors:
     g: Tensor | None = None  # with global factors: M = g M_j, g = [1, g_1, ...] (B, n_g + 1), g_j the tape's
     gv: list | None = None
     Mj: Tensor | None = None
-    gvjp: list | None = None  # per g_j: (hand vjp, its arguments) if they are leaves (see _LowRank.hand_vjp)
+    gvjp: list | None = None  # per g_j: (hand vjp, its arguments) if they are leaves (see _LowRank.hand_vjps)
 
     @property
     def m_requires_grad(self) -> bool:
@@ -571,12 +571,15 @@ class _LowRank:
     inner loop validated shapes and parameters once per run). Raises :class:`_Unsupported` for other shapes of rules.
     """
 
-    __slots__ = ("rule", "consts", "g_refs", "E", "decay", "decay_global", "u_keys", "v_keys", "T")
+    __slots__ = ("rule", "consts", "g_refs", "g_vjps", "E", "decay", "decay_global", "u_keys", "v_keys", "T")
 
     def __init__(self, rule):
         self.rule, self.consts = rule, {}
         A = rule._A  # (products, columns): which products feed which (u, v) column
         self.g_refs = list(dict.fromkeys(ref for _, ref in rule._g))  # the distinct global factors
+        tape, vjps = rule._comp.tape, rule._comp.vjps  # per g_j: its instruction's hand VJP and argument slots
+        self.g_vjps = [(vjps[k], tape[k][1]) if kind == "slot" and vjps[k] is not None else None
+                       for kind, k in self.g_refs]  # fmt: skip
         g_of = [0] * A.shape[0]  # per product: 0 (none) or 1 + its global factor's index
         for k, ref in rule._g:
             g_of[k] = 1 + self.g_refs.index(ref)
@@ -630,17 +633,15 @@ class _LowRank:
             hit = self.consts[key] = torch.full(shape, ref[1], dtype=like.dtype, device=like.device)
         return hit
 
-    def hand_vjp(self, ref, vals) -> tuple | None:
-        """``(vjp, args)`` of the global factor ``ref`` if its instruction has a hand VJP (``TorchCompiler.vjps``) and
+    def hand_vjps(self, vals) -> list:
+        """Per global factor ``g_j``, ``(vjp, args)`` if its instruction has a hand VJP (``TorchCompiler.vjps``) and
         its arguments are leaves of the step's graph (signals, logged products), else None (autograd carries it)."""
-        comp = self.rule._comp
-        vjp = comp.vjps[ref[1]] if ref[0] == "slot" else None
-        if vjp is None:
-            return None
-        args = [vals[k] for k in comp.tape[ref[1]][1]]
-        if not all(torch.is_tensor(x) and x.grad_fn is None for x in args):
-            return None
-        return vjp, args
+        out = []
+        for hv in self.g_vjps:
+            args = None if hv is None else [vals[k] for k in hv[1]]
+            leaves = args is not None and all(torch.is_tensor(x) and x.grad_fn is None for x in args)
+            out.append((hv[0], args) if leaves else None)
+        return out
 
     def factors(self, signals, params, coef, wref, b, n_post, n_pre, like):
         """:class:`_Factors` of ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
@@ -657,7 +658,7 @@ class _LowRank:
             if self.decay_global:
                 f.a = torch.linalg.vecdot(torch.stack(g, -1), a)
             if torch.is_grad_enabled():
-                f.gvjp = [self.hand_vjp(ref, vals) for ref in self.g_refs]
+                f.gvjp = self.hand_vjps(vals)
         if M is None:
             return f
         f.us = [self._vec(u, vals, (b, n_post), like) for u in self.u_keys]
@@ -1237,6 +1238,16 @@ class _FastRun:
         # per layer, the same every step: which cotangents the graph needs, M^T (or M_j^T) and its _CoefGrad
         needs, MT, coef_grads = [None] * n, [None] * n, [None] * n
         da_sums: dict = {}  # per layer whose decay a is the run's constant: (a, the steps' da)
+        outs, cots, hand = [], [], {}  # per step (rebound below): the engine's pairs, leaf -> its cotangent
+
+        def route(v: Tensor, g: Tensor) -> None:
+            """The cotangent ``g`` of a tape value ``v``: to autograd's engine (an expression) or summed (a leaf)."""
+            if v.grad_fn is not None:
+                outs.append(v)
+                cots.append(g)
+            elif v.requires_grad:
+                hand[v] = _add(hand.get(v), g)
+
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
             facs = t.facs
@@ -1247,7 +1258,7 @@ class _FastRun:
                     gw[i] = None
                 else:
                     revs[i].undo(f, self.betas[i])
-            outs, cots, hand, vjps, das = [], [], {}, [], [None] * len(facs)  # hand: leaf -> its cotangent
+            outs, cots, hand, vjps, das = [], [], {}, [], [None] * len(facs)  # vjps: (hand VJP, dg_j) to apply
             for i, f in enumerate(facs):  # cotangents of the factors from G = dL/dW_{s+1}
                 a, U, Vt = f.a, f.U, f.Vt
                 if needs[i] is None:
@@ -1266,21 +1277,15 @@ class _FastRun:
                     du, dv, dM = f.vector_cotangents(
                         dU, dV, need_x, need_m and not constant_m, MT[i] if constant_m else None
                     )
-                    dg = None if dM is None else f.global_cotangents(dM, coef_grads[i], MT[i])
-                    if dg is not None and f.gvjp is not None:  # g_j = h(leaves) by its hand VJP, below
-                        vjps.extend((hv, g) for hv, g in zip(f.gvjp, dg) if hv is not None)
-                        dg = [None if hv is not None else g for g, hv in zip(dg, f.gvjp)]
-                    if dg is not None:
-                        dg = [None if g is None else g.view(-1) for g in dg]
-                    for vecs, gs in ((f.us, du), (f.vs, dv), (f.gv, dg)):
-                        for v, g in zip(vecs or (), gs or ()):
-                            if g is None:
-                                continue
-                            if v.grad_fn is not None:
-                                outs.append(v)
-                                cots.append(g)
-                            elif v.requires_grad:
-                                hand[v] = _add(hand.get(v), g)
+                    for vecs, gs in ((f.us, du), (f.vs, dv)):
+                        for v, g in zip(vecs, gs or ()):
+                            route(v, g)
+                    if dM is not None:  # M = g M_j: g_j by its hand VJP (below) or as a tape value
+                        for v, g, hv in zip(f.gv, f.global_cotangents(dM, coef_grads[i], MT[i]), f.gvjp):
+                            if hv is not None:
+                                vjps.append((hv, g))
+                            else:
+                                route(v, g.view(-1))
                 if need_a:  # da = <G, W_s> (see above)
                     if gw[i] is None:  # G is dense here (a segment's first step)
                         da = _dot(G[i].G, revs[i].dense())
