@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rulesearch.compile import compile_rule
-from rulesearch.data import default_data_dir, load_dataset
-from rulesearch.episodes import TaskSampler
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.evaluate import seed_episodes
-from rulesearch.inner import run_episodes
-from rulesearch.networks import DIGITS, PAPER, Network
-from rulesearch.pools import f0
-from rulesearch.stats import bootstrap_ci
+from rulesearch.inner.loop import run_episodes
+from rulesearch.io.stats import bootstrap_ci
+from rulesearch.lang.pools import f0
+from rulesearch.networks.feedforward import DIGITS, PAPER, Network
+from rulesearch.tasks.data import default_data_dir, load_dataset
+from rulesearch.tasks.episodes import TaskSampler
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 TUNE_SEED = 10_000

@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from rulesearch.compile import compile_rule
-from rulesearch.pools import pool
+from rulesearch.compile.compiler import compile_rule
+from rulesearch.lang.pools import pool
 from rulesearch.reference.naive import naive_update
 
 SIZES = (784, 170, 130, 100, 70, 47)

@@ -7,7 +7,7 @@ memory per episode ((child peak RSS - baseline) / B, the peak reset after the wa
 allocator peak), for
 
 * ``naive``: :func:`rulesearch.reference.seed_loop.seed_meta_gradient` (one episode at a time),
-* ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
+* ``fast``: :func:`rulesearch.inner.loop.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
 * ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
 
 at B in {1, 8, 32}, with the fast/naive speed-up, fast/floor time ratio and fast/naive memory ratio. The fast/floor
@@ -56,8 +56,8 @@ def _make_batch(cfg, torch, dtype, device, b, seed=0):
     """Synthetic images of the right shape (or EMNIST episodes with --data emnist)."""
     n_train, n_query = cfg["M"] * cfg["K"], cfg["M"] * cfg["Q"]
     if cfg["data"] == "emnist":
-        from rulesearch.data import load_dataset
-        from rulesearch.episodes import TaskSampler
+        from rulesearch.tasks.data import load_dataset
+        from rulesearch.tasks.episodes import TaskSampler
 
         ds = load_dataset("emnist", path=cfg["emnist_path"], per_class=400)
         batch = TaskSampler(ds, M=cfg["M"], K=cfg["K"], Q=cfg["Q"]).sample(seed=seed, t=0, ks=range(b))
@@ -89,10 +89,10 @@ def _child(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    from rulesearch.compile import compile_rule
-    from rulesearch.inner import run_episodes
-    from rulesearch.networks import Network
-    from rulesearch.pools import named_rule
+    from rulesearch.compile.compiler import compile_rule
+    from rulesearch.inner.loop import run_episodes
+    from rulesearch.lang.pools import named_rule
+    from rulesearch.networks.feedforward import Network
     from rulesearch.reference.seed_loop import seed_meta_gradient
 
     device = torch.device(cfg["device"])

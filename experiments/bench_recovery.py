@@ -32,15 +32,12 @@ import pandas as pd
 import sympy as sp
 import torch
 
-from rulesearch.data import load_dataset
 from rulesearch.distill import BACKENDS, pysr_status
 from rulesearch.distill.pipeline import distill, heldout_error
 from rulesearch.distill.samples import TARGET, collect_samples
-from rulesearch.episodes import TaskSampler
-from rulesearch.grammar import Grammar
-from rulesearch.networks import Network
-from rulesearch.rule import Rule
-from rulesearch.signals import (
+from rulesearch.lang.grammar import Grammar
+from rulesearch.lang.rule import Rule
+from rulesearch.lang.signals import (
     bcm_threshold,
     err,
     post,
@@ -53,6 +50,9 @@ from rulesearch.signals import (
     w,
     wT,
 )
+from rulesearch.networks.feedforward import Network
+from rulesearch.tasks.data import load_dataset
+from rulesearch.tasks.episodes import TaskSampler
 
 NOISES = (0.0, 0.01, 0.1)
 SIZES = (64, 32, 16, 10)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rulesearch.grammar import Grammar
-from rulesearch.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
-from rulesearch.signals import err, post, pre, pre_err, wT
+from rulesearch.lang.grammar import Grammar
+from rulesearch.lang.signals import err, post, pre, pre_err, wT
+from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
 
 def main(argv=None) -> RuleSearch:

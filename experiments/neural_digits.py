@@ -35,8 +35,8 @@ from pathlib import Path
 import sympy as sp
 
 from rulesearch.distill import distill_run
-from rulesearch.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig
-from rulesearch.runs import RunDir
+from rulesearch.io.runs import RunDir
+from rulesearch.train.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig
 
 
 def _coef(term: sp.Expr) -> float:

@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rulesearch.compile import compile_rule
-from rulesearch.data import load_dataset
-from rulesearch.episodes import TaskSampler
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.evaluate import seed_episodes
-from rulesearch.inner import run_episodes
-from rulesearch.networks import DIGITS, Network
-from rulesearch.pools import oja
-from rulesearch.stats import bootstrap_ci
+from rulesearch.inner.loop import run_episodes
+from rulesearch.io.stats import bootstrap_ci
+from rulesearch.lang.pools import oja
+from rulesearch.networks.feedforward import DIGITS, Network
+from rulesearch.tasks.data import load_dataset
+from rulesearch.tasks.episodes import TaskSampler
 
 ETAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 OJA_ETAS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)

@@ -15,12 +15,12 @@ import argparse
 
 import torch
 
-from rulesearch.compile import compile_rule
-from rulesearch.data import load_dataset
-from rulesearch.episodes import TaskSampler
-from rulesearch.inner import run_episodes
-from rulesearch.networks import DIGITS, PAPER, Network, init_params
-from rulesearch.pools import pool
+from rulesearch.compile.compiler import compile_rule
+from rulesearch.inner.loop import run_episodes
+from rulesearch.lang.pools import pool
+from rulesearch.networks.feedforward import DIGITS, PAPER, Network, init_params
+from rulesearch.tasks.data import load_dataset
+from rulesearch.tasks.episodes import TaskSampler
 
 
 def main(argv=None) -> None:

@@ -37,11 +37,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rulesearch.data import default_data_dir
 from rulesearch.errors import DivergenceError
-from rulesearch.meta import RuleSearch
-from rulesearch.runs import RunDir
-from rulesearch.stats import bootstrap_ci, moving_average
+from rulesearch.io.runs import RunDir
+from rulesearch.io.stats import bootstrap_ci, moving_average
+from rulesearch.tasks.data import default_data_dir
+from rulesearch.train.meta import RuleSearch
 
 
 def emnist_task(data_dir: str | None, paper_sampling: bool = False) -> dict:

@@ -3,7 +3,7 @@
 The data path: grammar -> rule -> compiled update -> inner loop -> meta-loss -> rule -> distilled formula -> LaTeX.
 """
 
-from .compile import CompiledRule, RuleModule, compile_rule
+from .compile.compiler import CompiledRule, RuleModule, compile_rule
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -17,11 +17,11 @@ from .errors import (
     SignalError,
     UnsupportedNodeError,
 )
-from .export import latex_table
-from .grammar import Grammar
-from .pools import PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
-from .rule import NetworkRule, Pool, Rule, Term
-from .signals import (
+from .lang.export import latex_table
+from .lang.grammar import Grammar
+from .lang.pools import PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
+from .lang.rule import NetworkRule, Pool, Rule, Term
+from .lang.signals import (
     Constant,
     Signal,
     bcm_threshold,

@@ -1,10 +1,10 @@
 """The ``rulesearch`` command line: thin verbs over library calls.
 
-``discover`` meta-learns a rule (:func:`rulesearch.meta.discover`), ``evaluate`` compares a rule with the f0
+``discover`` meta-learns a rule (:func:`rulesearch.train.meta.discover`), ``evaluate`` compares a rule with the f0
 baselines on fresh tasks (:func:`rulesearch.evaluate.evaluate_spec`), ``distill`` turns a trained rule into a
 formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaTeX, JSON or Markdown
-(:func:`rulesearch.meta.export_run`), ``terms`` lists the terms of a rule, pool or grammar
-(:func:`rulesearch.meta.terms_table`). Every command parses its options into a config object and calls one
+(:func:`rulesearch.train.meta.export_run`), ``terms`` lists the terms of a rule, pool or grammar
+(:func:`rulesearch.train.meta.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
 bad input and 1 for failed runs.
 
@@ -204,9 +204,9 @@ def discover(
     The paper's settings throughout, except the Adam learning rate: 3e-4 (the paper's 1e-3 diverges on digits;
     --lr 1e-3 restores it).
     """
-    from .config import apply_overrides, dump_yaml, load_config
-    from .meta import discover as run_discover
-    from .meta import main_job_config
+    from .io.config import apply_overrides, dump_yaml, load_config
+    from .train.meta import discover as run_discover
+    from .train.meta import main_job_config
 
     try:
         data = load_config(config) if config is not None else {}
@@ -341,8 +341,8 @@ def export(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
 ):
     """Print a trained rule (mean and 95% interval per coefficient across runs) as LaTeX, JSON or Markdown."""
-    from .meta import export_run
-    from .runs import atomic_write_text
+    from .io.runs import atomic_write_text
+    from .train.meta import export_run
 
     try:
         text = export_run(run, format, precision)
@@ -366,12 +366,12 @@ def terms(
     ] = False,
 ):
     """List the terms of a pool, rule or grammar with their LaTeX and locality class."""
-    from .meta import terms_table
+    from .train.meta import terms_table
 
     try:
         spec = f"grammar:{grammar}" if grammar is not None else rule
         if describe and grammar is not None:
-            from .grammar import Grammar
+            from .lang.grammar import Grammar
 
             g = {"default": Grammar.default, "classic": Grammar.classic}.get(grammar)
             if g is not None:

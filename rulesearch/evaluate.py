@@ -4,7 +4,7 @@ A rule (from a run directory, a JSON file, or a named rule) adapts fresh network
 feedback mode; so does the pseudo-gradient rule :math:`F^0 = -\eta\, e_i x_j` under feedback alignment and under
 backprop, on the same episodes and initial weights. Each of ``seeds`` independent evaluation seeds contributes the
 mean over its ``episodes`` episodes; the table gives the mean over seeds and a 95% percentile-bootstrap interval
-(:func:`rulesearch.stats.bootstrap_ci`).
+(:func:`rulesearch.io.stats.bootstrap_ci`).
 
 Evaluation episodes are ``(seed, 0, k)`` with seeds starting at ``EvalConfig.seed`` (10000), far from the
 training seeds (0, 1, ...), so the tasks are fresh draws; ``classes="held-out"`` restricts them to the classes
@@ -13,8 +13,8 @@ the task split kept out of meta-training, and another ``dataset`` tests transfer
 Examples
 --------
 >>> from rulesearch.evaluate import evaluate, EvalConfig
->>> from rulesearch.meta import NetworkConfig, TaskConfig
->>> from rulesearch.pools import f0
+>>> from rulesearch.train.meta import NetworkConfig, TaskConfig
+>>> from rulesearch.lang.pools import f0
 >>> ev = evaluate(f0.with_values([0.05]), network=NetworkConfig(sizes=(8, 6, 3)),
 ...               task=TaskConfig(dataset="teacher", options={"n_in": 8, "n_classes": 3}, M=3, K=5, Q=2),
 ...               config=EvalConfig(seeds=3, episodes=2, dtype="float64"))
@@ -38,9 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, option
 from .errors import ConfigError, InvalidRuleError
-from .meta import (
+from .io.config import Config, option
+from .io.runs import RunDir, atomic_open, atomic_write_text
+from .io.stats import bootstrap_ci
+from .lang.rule import NetworkRule, Rule
+from .networks.feedforward import stack_episodes
+from .neural import NeuralRule
+from .train.meta import (
     DiscoverConfig,
     NetworkConfig,
     TaskConfig,
@@ -52,11 +57,6 @@ from .meta import (
     resolve_rule,
     threads,
 )
-from .networks import stack_episodes
-from .neural import NeuralRule
-from .rule import NetworkRule, Rule
-from .runs import RunDir, atomic_open, atomic_write_text
-from .stats import bootstrap_ci
 
 __all__ = ["EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation", "seed_episodes"]
 
@@ -98,11 +98,11 @@ class EvalConfig(Config):
 
 
 def rule_params(rule, n_layers: int, theta0: float = 1e-3, dtype=torch.float64, device=None):
-    """The ``update`` and ``params`` for :func:`rulesearch.inner.run_episodes` of a trained rule object.
+    """The ``update`` and ``params`` for :func:`rulesearch.inner.loop.run_episodes` of a trained rule object.
 
     A rule without trained values gets ``theta0`` for its first term and 0 for the others (with a warning).
     """
-    from .compile import compile_rule
+    from .compile.compiler import compile_rule
 
     def theta(r: Rule):
         vals = r.values
@@ -244,15 +244,15 @@ def evaluate(
 
 def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, device=None):
     """Episodes ``(s, 0, k)``, ``k < episodes``, of every seed ``s`` as one batch (rows ordered by seed, then k):
-    ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`."""
+    ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.loop.run_episodes`."""
     return stack_episodes(sampler, net, [(s, 0, range(episodes)) for s in seeds], dtype, device)
 
 
 def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:
     import pandas as pd
 
-    from .inner import f0 as f0_update
-    from .inner import run_episodes
+    from .inner.loop import f0 as f0_update
+    from .inner.loop import run_episodes
 
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     device = _device(cfg.device)

@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from rulesearch.cli import app
-from rulesearch.runs import RunDir
+from rulesearch.io.runs import RunDir
 
 runner = CliRunner()
 

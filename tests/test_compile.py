@@ -12,13 +12,12 @@ import pytest
 import sympy as sp
 import torch
 
-from rulesearch import compile as compile_mod
-from rulesearch.compile import TORCH_FUNCTIONS, CompiledRule, RuleModule, TorchCompiler, compile_rule, lift
+from rulesearch.compile import compiler as compile_mod
+from rulesearch.compile.compiler import TORCH_FUNCTIONS, CompiledRule, RuleModule, TorchCompiler, compile_rule, lift
 from rulesearch.errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
-from rulesearch.pools import bio, ehebb, f0, oja, pool
-from rulesearch.reference.naive import naive_update
-from rulesearch.rule import Rule, Term
-from rulesearch.signals import (
+from rulesearch.lang.pools import bio, ehebb, f0, oja, pool
+from rulesearch.lang.rule import Rule, Term
+from rulesearch.lang.signals import (
     ELEMENTWISE_FUNCTIONS,
     Constant,
     bcm_threshold,
@@ -41,6 +40,7 @@ from rulesearch.signals import (
     wT,
     wv,
 )
+from rulesearch.reference.naive import naive_update
 
 F64 = torch.float64
 
@@ -705,7 +705,9 @@ def test_general_rule_module(gen):
     assert m.sympy() == GENERAL.with_values({"a": 2.0, "b": -1.0}).sympy()
 
 
-@pytest.mark.parametrize("module", ["signals", "rule", "export", "compile", "pools", "grammar"])
+@pytest.mark.parametrize(
+    "module", ["lang.signals", "lang.rule", "lang.export", "compile.compiler", "lang.pools", "lang.grammar"]
+)
 def test_module_docstring_examples_run(module):
     """The tutorials in the module docstrings are doctests (STYLE.md point 10)."""
     import doctest
@@ -714,7 +716,7 @@ def test_module_docstring_examples_run(module):
     mod = importlib.import_module(f"rulesearch.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
-    if module == "compile":
+    if module == "compile.compiler":
         assert result.attempted > 0 and mod is compile_mod
 
 

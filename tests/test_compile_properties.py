@@ -21,10 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulesearch.compile import compile_rule
-from rulesearch.reference.naive import naive_update
-from rulesearch.rule import Rule, Term
-from rulesearch.signals import (
+from rulesearch.compile.compiler import compile_rule
+from rulesearch.lang.rule import Rule, Term
+from rulesearch.lang.signals import (
     Constant,
     bilinear,
     derived,
@@ -43,6 +42,7 @@ from rulesearch.signals import (
     wT,
     wv,
 )
+from rulesearch.reference.naive import naive_update
 
 PATHS = ("outer", "synapse", "contraction", "bilinear", "elementwise")
 SEEN_PATHS: set[str] = set()

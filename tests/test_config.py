@@ -1,4 +1,4 @@
-"""Tests for rulesearch.config: strict, serializable, documented nested frozen dataclasses."""
+"""Tests for rulesearch.io.config: strict, serializable, documented nested frozen dataclasses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from rulesearch.config import (
+from rulesearch.errors import ConfigError
+from rulesearch.io.config import (
     Config,
     apply_overrides,
     dump_yaml,
@@ -27,7 +28,6 @@ from rulesearch.config import (
     to_dict,
     undocumented_fields,
 )
-from rulesearch.errors import ConfigError
 
 
 class Mode(enum.Enum):

@@ -1,4 +1,4 @@
-"""Tests of rulesearch.data: IDX / npz readers, registry, synthetic sets, class splits (offline)."""
+"""Tests of rulesearch.tasks.data: IDX / npz readers, registry, synthetic sets, class splits (offline)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rulesearch.data import (
+from rulesearch.errors import ConfigError, DatasetError
+from rulesearch.tasks.data import (
     DATASETS,
     EMNIST_MAPPING,
     ClassSplit,
@@ -20,7 +21,6 @@ from rulesearch.data import (
     read_idx,
     split_classes,
 )
-from rulesearch.errors import ConfigError, DatasetError
 
 _CODES = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C}
 _CODES.update({np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E})

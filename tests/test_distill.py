@@ -14,7 +14,7 @@ import pytest
 import sympy as sp
 import torch
 
-from rulesearch.compile import compile_rule
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.distill import (
     BACKENDS,
     Candidate,
@@ -51,12 +51,12 @@ from rulesearch.distill.select import (
     snap_constants,
 )
 from rulesearch.errors import BackendUnavailableError, ConfigError, NotFittedError, ShapeError
-from rulesearch.grammar import Grammar
-from rulesearch.networks import Network
-from rulesearch.pools import f0, oja
+from rulesearch.lang.grammar import Grammar
+from rulesearch.lang.pools import f0, oja
+from rulesearch.lang.rule import Rule
+from rulesearch.lang.signals import err, layer_sum, post, pre, reward, sanger, trace, w, wT
+from rulesearch.networks.feedforward import Network
 from rulesearch.reference.naive import naive_eval
-from rulesearch.rule import Rule
-from rulesearch.signals import err, layer_sum, post, pre, reward, sanger, trace, w, wT
 
 SIGNAL_FEATURES = [pre, post, err, w]
 TRUTH = 0.7 * err * pre - 0.2 * post**2 * w  # the planted rule of environment.md
@@ -619,7 +619,7 @@ def test_closed_loop_on_a_tiny_config(tiny_setup):
 
 @pytest.fixture
 def trained_run(tmp_path):
-    meta = pytest.importorskip("rulesearch.meta")
+    meta = pytest.importorskip("rulesearch.train.meta")
     search = meta.RuleSearch(
         rule="oja",
         network=meta.NetworkConfig(sizes=(64, 8, 10), feedback="fa"),
@@ -666,10 +666,10 @@ def test_distill_command(trained_run):
 
 
 def test_distill_update_of_a_black_box_neural_rule():
-    from rulesearch.data import load_dataset
     from rulesearch.distill.pipeline import distill_update
-    from rulesearch.episodes import TaskSampler
     from rulesearch.neural import NeuralRule
+    from rulesearch.tasks.data import load_dataset
+    from rulesearch.tasks.episodes import TaskSampler
 
     rule = NeuralRule(hidden=(4,))
     params = rule.init_params(torch.Generator().manual_seed(0), theta0=0.02)  # a fresh neural rule is exactly F0
@@ -685,8 +685,8 @@ def test_distill_run_of_a_network_rule(trained_run, tmp_path):
     import json
 
     from rulesearch.distill.pipeline import distill_run
-    from rulesearch.meta import rule_to_json
-    from rulesearch.rule import NetworkRule
+    from rulesearch.lang.rule import NetworkRule
+    from rulesearch.train.meta import rule_to_json
 
     path, _ = trained_run
     first = f0.with_values([0.05])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rulesearch import distributed as rsd
 from rulesearch.cli import app
 from rulesearch.errors import ConfigError
-from rulesearch.meta import RuleSearch
+from rulesearch.train import distributed as rsd
+from rulesearch.train.meta import RuleSearch
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 runs x B=2: the ranks' shares are episodes 0-2 and 3-5 of the step, so run 1 is split across the ranks

@@ -1,13 +1,13 @@
-"""Tests of rulesearch.episodes: determinism in (seed, t, k), batching, sharding, invariants, errors."""
+"""Tests of rulesearch.tasks.episodes: determinism in (seed, t, k), batching, sharding, invariants, errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rulesearch.data import Dataset, load_dataset
-from rulesearch.episodes import EpisodeBatch, TaskSampler, episode_generator, episode_seed
 from rulesearch.errors import ConfigError, DatasetError, ShapeError
+from rulesearch.tasks.data import Dataset, load_dataset
+from rulesearch.tasks.episodes import EpisodeBatch, TaskSampler, episode_generator, episode_seed
 
 N_PER = (30, 25, 40, 22, 35, 28)  # samples per class of the indexed toy set
 

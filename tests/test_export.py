@@ -1,4 +1,4 @@
-"""Exports (rulesearch.export): LaTeX in index notation, booktabs tables, JSON trees, hostile JSON.
+"""Exports (rulesearch.lang.export): LaTeX in index notation, booktabs tables, JSON trees, hostile JSON.
 
 Golden files live in ``tests/golden/``; refresh them with ``pytest tests/test_export.py --update-golden`` and review
 the diff.
@@ -16,9 +16,9 @@ import sympy as sp
 import sympy.parsing.sympy_parser as sympy_parser
 import torch
 
-from rulesearch.compile import compile_rule
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import InvalidRuleError, UnsupportedNodeError
-from rulesearch.export import (
+from rulesearch.lang.export import (
     FORMAT,
     expr_from_json,
     expr_latex,
@@ -29,10 +29,9 @@ from rulesearch.export import (
     rule_to_json,
     rule_to_latex,
 )
-from rulesearch.pools import NAMED_RULES, bio, ehebb, pool
-from rulesearch.reference.naive import naive_update
-from rulesearch.rule import Rule, Term
-from rulesearch.signals import (
+from rulesearch.lang.pools import NAMED_RULES, bio, ehebb, pool
+from rulesearch.lang.rule import Rule, Term
+from rulesearch.lang.signals import (
     BASE_SIGNALS,
     Constant,
     bcm_threshold,
@@ -55,6 +54,7 @@ from rulesearch.signals import (
     wT,
     wv,
 )
+from rulesearch.reference.naive import naive_update
 
 GOLDEN = Path(__file__).parent / "golden"
 BIO_VALUES = [1e-3, -0.0421, 0.137]

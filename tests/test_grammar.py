@@ -1,4 +1,4 @@
-"""Grammars (rulesearch.grammar): enumeration, each constraint, deduplication, stable order, errors."""
+"""Grammars (rulesearch.lang.grammar): enumeration, each constraint, deduplication, stable order, errors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sympy as sp
 import torch
 
 from rulesearch.errors import InvalidRuleError
-from rulesearch.grammar import Grammar, canonical
+from rulesearch.lang.grammar import Grammar, canonical
+from rulesearch.lang.rule import LOCALITY_CLASSES, Pool, Rule
+from rulesearch.lang.signals import err, layer_sum, mod, post, pre, pre_err, trace, w, wT, wv
 from rulesearch.reference.naive import naive_update
-from rulesearch.rule import LOCALITY_CLASSES, Pool, Rule
-from rulesearch.signals import err, layer_sum, mod, post, pre, pre_err, trace, w, wT, wv
 
 
 def test_monomials_by_degree_then_atom_order():
@@ -108,7 +108,7 @@ def test_order_is_stable_across_calls_instances_and_hash_seeds():
     names = g.term_names()
     assert g.term_names() == names == Grammar.default(max_degree=2).term_names()
     seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"  # a hash seed other than this process's
-    code = "from rulesearch.grammar import Grammar; print('|'.join(Grammar.default(max_degree=2).term_names()))"
+    code = "from rulesearch.lang.grammar import Grammar; print('|'.join(Grammar.default(max_degree=2).term_names()))"
     env = {**os.environ, "PYTHONHASHSEED": seed}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "|".join(names)

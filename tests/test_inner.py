@@ -1,4 +1,4 @@
-"""Tests of rulesearch.inner: the online inner loop against autograd, batching, meta-gradients, protocol."""
+"""Tests of rulesearch.inner.loop: the online inner loop against autograd, batching, meta-gradients, protocol."""
 
 import dataclasses
 from types import SimpleNamespace
@@ -7,11 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rulesearch.compile import compile_rule
-from rulesearch.data import load_dataset
-from rulesearch.episodes import TaskSampler
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError, DivergenceError, ShapeError, SignalError
-from rulesearch.inner import (
+from rulesearch.inner.loop import (
     F0,
     InnerResult,
     baselines,
@@ -20,8 +18,10 @@ from rulesearch.inner import (
     run_baseline,
     run_episodes,
 )
-from rulesearch.networks import FEEDBACK_MODES, Network, alignment_angles, init_params
-from rulesearch.pools import bio
+from rulesearch.lang.pools import bio
+from rulesearch.networks.feedforward import FEEDBACK_MODES, Network, alignment_angles, init_params
+from rulesearch.tasks.data import load_dataset
+from rulesearch.tasks.episodes import TaskSampler
 
 F64 = torch.float64
 SMALL = (6, 5, 4, 3)
@@ -578,8 +578,8 @@ def test_baselines(gen):
 
 
 def test_episode_batch_from_sampler_supplies_seed_t_ks():
-    from rulesearch.data import load_dataset
-    from rulesearch.episodes import TaskSampler
+    from rulesearch.tasks.data import load_dataset
+    from rulesearch.tasks.episodes import TaskSampler
 
     sampler = TaskSampler(load_dataset("digits"), M=3, K=4, Q=2)
     batch = sampler.sample(seed=5, t=2, ks=[4, 1])

@@ -5,14 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rulesearch import inner
-from rulesearch.compile import compile_rule
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError, DivergenceError
-from rulesearch.inner import _low_rank_of, run_episodes
-from rulesearch.networks import Network, init_params
-from rulesearch.pools import bio, f0, oja, pool
-from rulesearch.rule import Rule, Term
-from rulesearch.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
+from rulesearch.inner import loop as inner
+from rulesearch.inner.loop import _low_rank_of, run_episodes
+from rulesearch.lang.pools import bio, f0, oja, pool
+from rulesearch.lang.rule import Rule, Term
+from rulesearch.lang.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
+from rulesearch.networks.feedforward import Network, init_params
 
 F64 = torch.float64
 SIZES = (9, 7, 6, 4)

@@ -1,4 +1,4 @@
-"""Tests of rulesearch.meta: the meta-trainer end to end on tiny configs (float64, one thread)."""
+"""Tests of rulesearch.train.meta: the meta-trainer end to end on tiny configs (float64, one thread)."""
 
 import dataclasses
 import json
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from rulesearch import meta as meta_mod
 from rulesearch.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -20,7 +19,11 @@ from rulesearch.errors import (
     NotFittedError,
     RunDirectoryError,
 )
-from rulesearch.meta import (
+from rulesearch.io.runs import RunDir
+from rulesearch.lang.pools import bio, pool
+from rulesearch.lang.rule import NetworkRule
+from rulesearch.train import meta as meta_mod
+from rulesearch.train.meta import (
     DiscoverConfig,
     MetaConfig,
     NetworkConfig,
@@ -30,9 +33,6 @@ from rulesearch.meta import (
     load_rule,
     resolve_rule,
 )
-from rulesearch.pools import bio, pool
-from rulesearch.rule import NetworkRule
-from rulesearch.runs import RunDir
 
 TASK = TaskConfig(dataset="teacher", options={"n_in": 6, "n_classes": 3, "n_samples": 200}, M=3, K=4, Q=2)
 NET = NetworkConfig(sizes=(6, 5, 4, 3), feedback="fa")
@@ -148,8 +148,8 @@ def test_proximal_threshold_is_clipped_with_the_gradient():
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_term_scale_rms_equalizes_each_terms_step(per_layer):
-    from rulesearch.compile import compile_rule
-    from rulesearch.inner import run_episodes
+    from rulesearch.compile.compiler import compile_rule
+    from rulesearch.inner.loop import run_episodes
 
     meta = tiny_meta(episodes=1, term_scale="rms", per_layer=per_layer, l1=0.0)
     fitted = search(meta=meta).fit()
@@ -296,8 +296,8 @@ _SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    import rulesearch.runs
-    from rulesearch.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+    import rulesearch.io.runs
+    from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
     mode, out = sys.argv[1], sys.argv[2]
 
@@ -315,7 +315,7 @@ _SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, f, *a, **k)
 
-        rulesearch.runs.torch.save = save
+        rulesearch.io.runs.torch.save = save
 
     RuleSearch(
         rule="pool",
@@ -402,8 +402,8 @@ def test_rule_objects_are_stored_as_json_in_config(tmp_path):
 
 
 def test_grammar_and_terms_and_json_file(tmp_path):
-    from rulesearch.grammar import Grammar
-    from rulesearch.signals import err, pre, pre_err
+    from rulesearch.lang.grammar import Grammar
+    from rulesearch.lang.signals import err, pre, pre_err
 
     g = Grammar(atoms=(pre, err, pre_err), max_degree=2, required=("err",))
     s = search(g, tiny_meta(episodes=1)).fit()
@@ -433,7 +433,7 @@ def test_default_discover_config_is_the_main_job():
 
 
 def test_adam_step_matches_torch_adam_and_its_prox_keeps_the_kkt_zeros():
-    from rulesearch.meta import adam_step
+    from rulesearch.train.meta import adam_step
 
     def f64(t):
         return torch.tensor(float(t), dtype=torch.float64)

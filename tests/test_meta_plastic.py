@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 from rulesearch.cli import app
 from rulesearch.errors import ConfigError
 from rulesearch.evaluate import EvalConfig, evaluate_spec
-from rulesearch.meta import (
+from rulesearch.io.runs import RunDir
+from rulesearch.lang.pools import kp
+from rulesearch.train.meta import (
     MetaConfig,
     NetworkConfig,
     RuleSearch,
@@ -19,8 +21,6 @@ from rulesearch.meta import (
     load_rule,
     resolve_feedback_rule,
 )
-from rulesearch.pools import kp
-from rulesearch.runs import RunDir
 
 TASK = TaskConfig(dataset="teacher", options={"n_in": 6, "n_classes": 3, "n_samples": 150}, M=3, K=3, Q=2)
 PLASTIC = NetworkConfig(sizes=(6, 5, 3), feedback="plastic")
@@ -43,7 +43,7 @@ def deterministic(df):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Skip drawing the run and evaluation figures (tested elsewhere; matplotlib dominates these tests' time)."""
-    monkeypatch.setattr("rulesearch.plots.plot_run", lambda run: None)
+    monkeypatch.setattr("rulesearch.io.plots.plot_run", lambda run: None)
     monkeypatch.setattr("rulesearch.evaluate.plot_evaluation", lambda evaluation, path: path)
 
 

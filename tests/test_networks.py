@@ -1,4 +1,4 @@
-"""Tests of rulesearch.networks: configuration, initialization, forward pass, error pathways, metrics."""
+"""Tests of rulesearch.networks.feedforward: configuration, initialization, forward pass, error pathways, metrics."""
 
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rulesearch.errors import ConfigError, ShapeError
-from rulesearch.networks import (
+from rulesearch.networks.feedforward import (
     ACTIVATIONS,
     DIGITS,
     FEEDBACK_MODES,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from rulesearch.errors import ConfigError, ShapeError
-from rulesearch.inner import run_episodes
-from rulesearch.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig, load_rule
-from rulesearch.networks import Network
+from rulesearch.inner.loop import run_episodes
+from rulesearch.networks.feedforward import Network
 from rulesearch.neural import DEFAULT_FEATURES, FEATURES, NeuralRule
+from rulesearch.train.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig, load_rule
 
 F64 = torch.float64
 
@@ -212,7 +212,7 @@ def test_out_scale_scales_only_the_mlp(gen):
 
 def test_term_scale_capped_scales_the_skip_part():
     """The skip coefficient of feature f steps by lr * min(1, rms(e x) / rms(phi_f)); the MLP keeps lr."""
-    import rulesearch.meta as meta_mod
+    import rulesearch.train.meta as meta_mod
 
     s = RuleSearch(
         rule="neural",
@@ -241,7 +241,7 @@ def test_term_scale_capped_scales_the_skip_part():
 
 
 def test_unused_neural_section_takes_the_defaults():
-    from rulesearch.meta import DiscoverConfig
+    from rulesearch.train.meta import DiscoverConfig
 
     assert DiscoverConfig.from_dict({"rule": "pool", "neural": {"hidden": [3]}}).neural == NeuralConfig()
     assert DiscoverConfig.from_dict({"rule": "neural", "neural": {"hidden": [3]}}).neural.hidden == (3,)

@@ -1,4 +1,4 @@
-"""Tests for rulesearch.plots: figures from metrics, written atomically, without global matplotlib state."""
+"""Tests for rulesearch.io.plots: figures from metrics, written atomically, without global matplotlib state."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rulesearch import plots
-from rulesearch import runs as runs_module
-from rulesearch.plots import plot_alignment, plot_coefficients, plot_meta_accuracy, plot_run
-from rulesearch.runs import RunDir
+from rulesearch.io import plots
+from rulesearch.io import runs as runs_module
+from rulesearch.io.plots import plot_alignment, plot_coefficients, plot_meta_accuracy, plot_run
+from rulesearch.io.runs import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

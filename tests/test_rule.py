@@ -1,4 +1,4 @@
-"""Terms, rules, pools, network rules and locality (rulesearch.rule, rulesearch.pools)."""
+"""Terms, rules, pools, network rules and locality (rulesearch.lang.rule, rulesearch.lang.pools)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sympy as sp
 import torch
 
 from rulesearch.errors import InvalidRuleError
-from rulesearch.pools import NAMED_RULES, PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
-from rulesearch.rule import LOCALITY_CLASSES, NetworkRule, Pool, Rule, Term, locality_of, theta_symbols
-from rulesearch.signals import (
+from rulesearch.lang.pools import NAMED_RULES, PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
+from rulesearch.lang.rule import LOCALITY_CLASSES, NetworkRule, Pool, Rule, Term, locality_of, theta_symbols
+from rulesearch.lang.signals import (
     Constant,
     Signal,
     bilinear,

@@ -1,4 +1,4 @@
-"""Tests for rulesearch.runs: run directory creation, atomic writes, metrics, checkpoints, finished marker."""
+"""Tests for rulesearch.io.runs: run directory creation, atomic writes, metrics, checkpoints, finished marker."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import rulesearch
-from rulesearch import runs as runs_module
-from rulesearch.config import Config, option
 from rulesearch.errors import RunDirectoryError
-from rulesearch.runs import RunDir, atomic_write_text, run_path
+from rulesearch.io import runs as runs_module
+from rulesearch.io.config import Config, option
+from rulesearch.io.runs import RunDir, atomic_write_text, run_path
 
 CONFIG = {"seed": 3, "inner": {"lr": 0.1, "sizes": [4, 2]}, "device": "cpu"}
 
@@ -113,8 +113,8 @@ def test_resume_reopens_and_records(run):
 
 
 def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
-    from rulesearch.config import dump_yaml, load_yaml
-    from rulesearch.meta import DiscoverConfig
+    from rulesearch.io.config import dump_yaml, load_yaml
+    from rulesearch.train.meta import DiscoverConfig
 
     cfg = DiscoverConfig()
     run = RunDir.create(tmp_path / "old", cfg)

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rulesearch.compile import compile_rule
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError
-from rulesearch.inner import run_episodes
-from rulesearch.networks import Network
-from rulesearch.pools import bio, pool
+from rulesearch.inner.loop import run_episodes
+from rulesearch.lang.pools import bio, pool
+from rulesearch.networks.feedforward import Network
 from rulesearch.reference.seed_loop import seed_meta_gradient
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""Typed signals, operators and role inference (rulesearch.signals)."""
+"""Typed signals, operators and role inference (rulesearch.lang.signals)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import sympy as sp
 
 from rulesearch.errors import InvalidRuleError
-from rulesearch.signals import (
+from rulesearch.lang.signals import (
     BASE_SIGNALS,
     ROLES,
     Bilinear,

@@ -1,11 +1,11 @@
-"""Tests for rulesearch.stats: bootstrap confidence intervals and moving averages."""
+"""Tests for rulesearch.io.stats: bootstrap confidence intervals and moving averages."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rulesearch.stats import bootstrap_ci, moving_average
+from rulesearch.io.stats import bootstrap_ci, moving_average
 
 
 def test_ci_contains_the_mean(np_rng):

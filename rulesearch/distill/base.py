@@ -34,8 +34,8 @@ import numpy as np
 import sympy as sp
 
 from ..errors import ConfigError, InvalidRuleError, NotFittedError, RuleSearchError, ShapeError
-from ..rule import Rule, Term
-from ..signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_derived
+from ..lang.rule import Rule, Term
+from ..lang.signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_derived
 
 __all__ = [
     "BACKENDS",
@@ -81,7 +81,7 @@ class Candidate:
     source: str = ""
 
     def rule(self, name: str = "distilled") -> Rule:
-        """The candidate as a compilable :class:`~rulesearch.rule.Rule` (see :func:`formula_to_rule`)."""
+        """The candidate as a compilable :class:`~rulesearch.lang.rule.Rule` (see :func:`formula_to_rule`)."""
         return formula_to_rule(self.expr, name)
 
 
@@ -101,7 +101,7 @@ def expr_complexity(expr) -> int:
     :math:`(W^\\top y)_j` counts 1 plus its arguments, so ``Contract(w, post)`` costs 3 and is less simple than
     a plain signal.
 
-    >>> from rulesearch.signals import pre, post, w
+    >>> from rulesearch.lang.signals import pre, post, w
     >>> expr_complexity(post * pre), expr_complexity(0.5 * post**2 * w)
     (3, 7)
     """
@@ -238,13 +238,13 @@ def _split_terms(expr) -> list[tuple[float, sp.Expr]]:
 
 
 def formula_to_rule(expr, name: str = "distilled") -> Rule:
-    r"""A distilled formula as a :class:`~rulesearch.rule.Rule`.
+    r"""A distilled formula as a :class:`~rulesearch.lang.rule.Rule`.
 
     A sum of numeric coefficients times monomials becomes a *linear* rule (one term per monomial, ``values`` the
     coefficients, so :math:`\theta` is the distilled coefficient vector); anything else becomes a *general* rule
-    whose Floats are replaced by free :class:`~rulesearch.signals.Constant` s ``c0, c1, ...`` with their values.
+    whose Floats are replaced by free :class:`~rulesearch.lang.signals.Constant` s ``c0, c1, ...`` with their values.
 
-    >>> from rulesearch.signals import pre, post, w
+    >>> from rulesearch.lang.signals import pre, post, w
     >>> r = formula_to_rule(0.01 * post * pre - 0.002 * w)
     >>> r.term_names(), r.values
     (('w', 'post*pre'), (-0.002, 0.01))

@@ -1,6 +1,6 @@
 r"""Closed loop: run the distilled rule again and compare it with the rule it was distilled from.
 
-:func:`closed_loop` compiles the distilled :class:`~rulesearch.rule.Rule` and, on the same fresh episodes and
+:func:`closed_loop` compiles the distilled :class:`~rulesearch.lang.rule.Rule` and, on the same fresh episodes and
 initial weights,
 
 1. runs the *original* update (any update object: a compiled rule, a neural rule, a black box) and, at every step
@@ -15,9 +15,9 @@ when the distilled rule learns on its own.
 Examples
 --------
 >>> import torch
->>> from rulesearch.networks import Network
->>> from rulesearch.pools import f0
->>> from rulesearch.signals import err, pre
+>>> from rulesearch.networks.feedforward import Network
+>>> from rulesearch.lang.pools import f0
+>>> from rulesearch.lang.signals import err, pre
 >>> net = Network(sizes=(6, 5, 3), feedback="fa")
 >>> g = torch.Generator().manual_seed(0)
 >>> batch = (torch.rand(2, 8, 6, generator=g), torch.randint(3, (2, 8), generator=g),
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..compile import compile_rule
-from ..inner import run_episodes
-from ..rule import Rule
+from ..compile.compiler import compile_rule
+from ..inner.loop import run_episodes
+from ..lang.rule import Rule
 from .base import formula_to_rule
 
 __all__ = ["ClosedLoopReport", "closed_loop", "rule_params"]
@@ -165,7 +165,7 @@ def closed_loop(
     distilled : Rule, sympy.Expr, or sequence of them
         The distilled rule (with values) or formula; a sequence gives one per layer (None keeps the original there).
     update, params :
-        The original update object(s) and parameters, as for :func:`~rulesearch.inner.run_episodes`.
+        The original update object(s) and parameters, as for :func:`~rulesearch.inner.loop.run_episodes`.
     net, batch :
         The network and fresh episodes (not those the samples came from).
     layers : sequence of int, optional

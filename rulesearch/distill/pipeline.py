@@ -11,10 +11,10 @@ r"""The distillation pipeline: collect, fit, select, verify in the loop, export.
 Examples
 --------
 >>> import torch
->>> from rulesearch.data import load_dataset
->>> from rulesearch.episodes import TaskSampler
->>> from rulesearch.networks import Network
->>> from rulesearch.pools import oja
+>>> from rulesearch.tasks.data import load_dataset
+>>> from rulesearch.tasks.episodes import TaskSampler
+>>> from rulesearch.networks.feedforward import Network
+>>> from rulesearch.lang.pools import oja
 >>> sampler = TaskSampler(load_dataset("digits"), M=3, K=4, Q=2)
 >>> net = Network(sizes=(64, 12, 10), feedback="fa")
 >>> theta = torch.tensor([0.05, 0.01], dtype=torch.float64)
@@ -43,9 +43,9 @@ import sympy as sp
 import torch
 
 from ..errors import ConfigError, RunDirectoryError
-from ..grammar import Grammar
-from ..rule import NetworkRule, Rule
-from ..signals import BASE_SIGNALS
+from ..lang.grammar import Grammar
+from ..lang.rule import NetworkRule, Rule
+from ..lang.signals import BASE_SIGNALS
 from .base import DistillBackend, evaluate, get_backend
 from .closed_loop import ClosedLoopReport, closed_loop
 from .samples import collect_samples, samples_arrays, save_samples
@@ -322,14 +322,14 @@ def distill_update(
 
 def _context(run_path: Path, dataset=None):
     """Network, task sampler, dtype and run_episodes options from a run directory's config (meta.py format)."""
-    from ..runs import RunDir
+    from ..io.runs import RunDir
 
     run = RunDir.open(run_path)
     cfg = run.config()
     try:
-        from ..meta import DiscoverConfig
+        from ..train.meta import DiscoverConfig
     except ImportError as err:  # pragma: no cover - meta.py ships with the package
-        raise RunDirectoryError("Reading a run directory needs rulesearch.meta.") from err
+        raise RunDirectoryError("Reading a run directory needs rulesearch.train.meta.") from err
     try:
         dc = DiscoverConfig.from_dict(cfg)
     except ConfigError as err:
@@ -381,7 +381,7 @@ def distill_run(
         Write the outputs (``samples.parquet``, ``rule.json``, ``rule.tex``, ``front.csv``, ``summary.json``,
         ``report.md``).
     """
-    from ..meta import load_rule
+    from ..train.meta import load_rule
 
     run_path = Path(run_dir)
     run, dc, net, sampler, run_kwargs = _context(run_path)
@@ -419,7 +419,7 @@ def distill_run(
 
 
 def _write(run, sub: str, res: DistillResult) -> None:
-    from ..runs import atomic_open
+    from ..io.runs import atomic_open
 
     target = run.path / sub
     target.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 r"""Sample the local signals and the resulting updates while a network learns.
 
-:class:`SampleCollector` is an ``observe`` callback for :func:`~rulesearch.inner.run_episodes`. At every step
+:class:`SampleCollector` is an ``observe`` callback for :func:`~rulesearch.inner.loop.run_episodes`. At every step
 and layer it sees the detached signals and :math:`\Delta W` ``(B, n_post, n_pre)`` and
 
 1. advances its own copies of the declared state signals (traces, BCM threshold, reward baseline), so the
@@ -23,9 +23,9 @@ rule JSON (so derived and state signals round-trip) and the signals' dtype. :fun
 Examples
 --------
 >>> import torch
->>> from rulesearch.networks import Network
->>> from rulesearch.pools import oja
->>> from rulesearch.signals import pre, post, err, w, wT
+>>> from rulesearch.networks.feedforward import Network
+>>> from rulesearch.lang.pools import oja
+>>> from rulesearch.lang.signals import pre, post, err, w, wT
 >>> net = Network(sizes=(6, 5, 3), feedback="fa")
 >>> g = torch.Generator().manual_seed(0)
 >>> batch = (torch.rand(2, 8, 6, generator=g), torch.randint(3, (2, 8), generator=g),
@@ -48,12 +48,12 @@ import pandas as pd
 import sympy as sp
 import torch
 
-from ..compile import TorchCompiler, compile_rule
+from ..compile.compiler import TorchCompiler, compile_rule
 from ..errors import ConfigError, DivergenceError, ShapeError
-from ..grammar import Grammar
-from ..inner import SIGNALS, run_episodes
-from ..rule import Rule, Term
-from ..signals import BASE_SIGNALS, Signal, base_needs, expand_derived, signals_in
+from ..inner.loop import SIGNALS, run_episodes
+from ..lang.grammar import Grammar
+from ..lang.rule import Rule, Term
+from ..lang.signals import BASE_SIGNALS, Signal, base_needs, expand_derived, signals_in
 from .base import DistillDataError, term_name
 
 __all__ = [
@@ -297,7 +297,7 @@ def collect_samples(
     Parameters
     ----------
     net, batch, update, params :
-        As for :func:`~rulesearch.inner.run_episodes` (``update`` may be any update object, e.g. a compiled rule
+        As for :func:`~rulesearch.inner.loop.run_episodes` (``update`` may be any update object, e.g. a compiled rule
         or a neural rule; ``params`` its parameters).
     grammar : Grammar, optional
         Record every atom the grammar uses (default ``Grammar.classic()`` when neither ``grammar`` nor

@@ -1,6 +1,6 @@
 r"""The default backend: sparse regression over a term library (numpy; no optional dependency).
 
-The library :math:`\Theta` holds one column per candidate term :math:`T_r` (a :class:`~rulesearch.grammar.Grammar`'s
+The library :math:`\Theta` holds one column per candidate term :math:`T_r` (a :class:`~rulesearch.Grammar`'s
 terms, an explicit list, or every monomial of the features up to ``degree``), evaluated at the sampled rows. After
 dropping near-collinear columns (simplest member kept, identities reported; see
 :func:`~rulesearch.distill.select.find_collinear`) the columns are scaled to unit weighted RMS and
@@ -35,8 +35,8 @@ import scipy.linalg
 import sympy as sp
 
 from ..errors import ConfigError
-from ..grammar import Grammar
-from ..rule import Pool, Rule, Term
+from ..lang.grammar import Grammar
+from ..lang.rule import Pool, Rule, Term
 from .base import Candidate, DistillBackend, evaluate, expr_complexity, term_name
 from .select import CollinearityReport, find_collinear
 

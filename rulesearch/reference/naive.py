@@ -1,4 +1,4 @@
-r"""The naive broadcasting evaluator: the test oracle of :mod:`rulesearch.compile`.
+r"""The naive broadcasting evaluator: the test oracle of :mod:`rulesearch.compile.compiler`.
 
 Every subexpression is materialized as a full ``(B, n_post, n_pre)`` tensor; contractions are
 broadcast-multiply-sum over that tensor. Nothing is factored, fused or shared. Slow by design.
@@ -11,10 +11,10 @@ from collections.abc import Mapping
 import sympy as sp
 import torch
 
-from ..compile import _RELATIONS, TORCH_FUNCTIONS
+from ..compile.compiler import _RELATIONS, TORCH_FUNCTIONS
 from ..errors import UnsupportedNodeError
-from ..rule import Rule
-from ..signals import (
+from ..lang.rule import Rule
+from ..lang.signals import (
     BASE_SIGNALS,
     Bilinear,
     Constant,
@@ -65,13 +65,13 @@ def naive_eval(expr, signals: Mapping, params: Mapping, shape) -> torch.Tensor:
             return torch.pow(ev(e.args[0]), ev(e.args[1]))
         if isinstance(e, Contract):  # role of u decides the contracted index
             M, u = ev(e.args[0]), ev(e.args[1])
-            from ..signals import role_of
+            from ..lang.signals import role_of
 
             if role_of(e.args[1]) == "post":
                 return (M * u).sum(dim=1, keepdim=True).expand(shape)
             return (M * u).sum(dim=2, keepdim=True).expand(shape)
         if isinstance(e, LayerSum):
-            from ..signals import role_of
+            from ..lang.signals import role_of
 
             u = ev(e.args[0])
             dim = 1 if role_of(e.args[0]) == "post" else 2

@@ -1,7 +1,7 @@
 r"""The meta-trainer: meta-learn a plasticity rule by backpropagating through the unrolled online inner loop.
 
 For every meta-step ``t`` each run ``s`` draws ``B`` (``meta_batch``) fresh episodes ``(seed_s, t, k)``, adapts a
-fresh network on each with the rule (:func:`rulesearch.inner.run_episodes`), and takes one Adam step on
+fresh network on each with the rule (:func:`rulesearch.inner.loop.run_episodes`), and takes one Adam step on
 
 .. math::
 
@@ -33,7 +33,7 @@ Data parallel
 -------------
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA, rank ``r`` on ``cuda:LOCAL_RANK``), each
 rank runs its own contiguous block of the ``S * B`` episodes of a meta-step
-(:func:`rulesearch.distributed.rank_episodes`); the meta-gradients, divergence flags and per-episode metrics are
+(:func:`rulesearch.train.distributed.rank_episodes`); the meta-gradients, divergence flags and per-episode metrics are
 summed or gathered across ranks, so every rank takes the same Adam step and the parameters follow the
 single-process trajectory up to rounding. Only rank 0 writes the run directory, prints and shows progress; a
 resumed run continues from rank 0's checkpoint on every rank.
@@ -49,7 +49,7 @@ step act on the forward rule only: they select its terms, and would otherwise pu
 
 Run directory
 -------------
-With ``out=`` (or ``name=``) a :class:`~rulesearch.runs.RunDir` records the resolved config, a manifest,
+With ``out=`` (or ``name=``) a :class:`~rulesearch.io.runs.RunDir` records the resolved config, a manifest,
 ``metrics.csv`` (one row per meta-step and run: ``step`` (1-based, the state after that step), ``run``,
 ``seed``, ``meta_loss``, ``query_loss``, ``l1``, ``meta_accuracy``, ``skipped``, ``diverged``, ``grad_norm``,
 ``angle.1..`` (alignment angles of the hidden layers), ``ew.1..`` (weight orthonormality E_W per layer),
@@ -60,7 +60,7 @@ checkpoint and is bitwise identical to an uninterrupted run on the same device a
 
 Examples
 --------
->>> from rulesearch.meta import RuleSearch, TaskConfig, NetworkConfig, MetaConfig
+>>> from rulesearch.train.meta import RuleSearch, TaskConfig, NetworkConfig, MetaConfig
 >>> search = RuleSearch(
 ...     rule="ehebb",
 ...     network=NetworkConfig(sizes=(8, 6, 3), feedback="fa"),
@@ -101,8 +101,19 @@ import sympy as sp
 import torch
 from torch import Tensor
 
-from .config import Config, option
-from .data import DATASETS, Dataset, load_dataset, split_classes
+from ..errors import ConfigError, DivergenceError, InvalidRuleError, NotFittedError, RunDirectoryError
+from ..inner.loop import InnerResult, run_episodes
+from ..io.config import Config, option
+from ..io.runs import RunDir, run_path
+from ..io.stats import bootstrap_ci
+from ..lang.export import FORMAT as RULE_FORMAT
+from ..lang.export import latex_table, markdown_table
+from ..lang.rule import NetworkRule, Pool, Rule
+from ..networks.feedforward import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network, stack_episodes
+from ..neural import DEFAULT_FEATURES, NEURAL_ACTIVATIONS, NeuralRule
+from ..neural import FORMAT as NEURAL_FORMAT
+from ..tasks.data import DATASETS, Dataset, load_dataset, split_classes
+from ..tasks.episodes import TaskSampler, episode_generator
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -112,17 +123,6 @@ from .distributed import (
     shutdown,
     world,
 )
-from .episodes import TaskSampler, episode_generator
-from .errors import ConfigError, DivergenceError, InvalidRuleError, NotFittedError, RunDirectoryError
-from .export import FORMAT as RULE_FORMAT
-from .export import latex_table, markdown_table
-from .inner import InnerResult, run_episodes
-from .networks import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network, stack_episodes
-from .neural import DEFAULT_FEATURES, NEURAL_ACTIVATIONS, NeuralRule
-from .neural import FORMAT as NEURAL_FORMAT
-from .rule import NetworkRule, Pool, Rule
-from .runs import RunDir, run_path
-from .stats import bootstrap_ci
 
 __all__ = [
     "TaskConfig",
@@ -356,7 +356,7 @@ class MetaConfig(Config):
     method: str = option(
         "auto",
         help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
-        "'adjoint' or 'autograd' (see rulesearch.inner.run_episodes).",
+        "'adjoint' or 'autograd' (see rulesearch.inner.loop.run_episodes).",
         choices=("auto", "adjoint", "autograd"),
     )
     segment: int | None = option(
@@ -456,12 +456,12 @@ class DiscoverConfig(Config):
 
 def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig | None = None):
     """A rule object from a spec: a :class:`Rule`, :class:`NetworkRule`, :class:`NeuralRule`, :class:`Pool`,
-    :class:`~rulesearch.grammar.Grammar`, a named rule, ``'neural'``, ``'grammar:<name>'`` or a JSON file path.
+    :class:`~rulesearch.lang.grammar.Grammar`, a named rule, ``'neural'``, ``'grammar:<name>'`` or a JSON file path.
 
     ``terms`` keeps only the named terms of a linear rule.
     """
-    from .grammar import Grammar
-    from .pools import NAMED_RULES
+    from ..lang.grammar import Grammar
+    from ..lang.pools import NAMED_RULES
 
     rule = spec
     if isinstance(spec, str):
@@ -597,7 +597,7 @@ def resolve_feedback_rule(spec=None) -> Rule:
     ``spec``: a :class:`Rule`, a rule JSON dict, a named feedback rule (``kp``, Kolen-Pollack, the default), a named
     rule of :func:`resolve_rule` (``f0``, ...) or a rule JSON file. One coefficient vector serves all layers.
     """
-    from .pools import FEEDBACK_RULES, NAMED_RULES
+    from ..lang.pools import FEEDBACK_RULES, NAMED_RULES
 
     spec = "kp" if spec is None else spec
     if isinstance(spec, str) and spec in FEEDBACK_RULES:
@@ -670,7 +670,7 @@ class _Linear:
     linear = True
 
     def __init__(self, rule, n_layers: int, meta: MetaConfig):
-        from .compile import compile_rule
+        from ..compile.compiler import compile_rule
 
         self.rule = rule
         self.n_layers = n_layers
@@ -803,7 +803,7 @@ class _WithFeedback:
     """
 
     def __init__(self, base, rule: Rule, meta: MetaConfig):
-        from .compile import compile_rule
+        from ..compile.compiler import compile_rule
 
         self.base = base
         self.feedback_rule = rule
@@ -1010,7 +1010,7 @@ def threads(n: int | None):
 def _device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import BackendUnavailableError
+        from ..errors import BackendUnavailableError
 
         raise BackendUnavailableError(
             f"Config key 'meta.device' is {name!r} but CUDA is not available (torch {torch.__version__}, "
@@ -1018,7 +1018,7 @@ def _device(name: str) -> torch.device:
             f"-c constraints.txt) on a machine with a GPU, or use --device cpu."
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        from .errors import BackendUnavailableError
+        from ..errors import BackendUnavailableError
 
         raise BackendUnavailableError(f"Config key 'meta.device' is {name!r} but MPS is not available; use cpu.")
     return dev
@@ -1441,7 +1441,7 @@ class RuleSearch:
 
     Examples
     --------
-    >>> from rulesearch.meta import RuleSearch, MetaConfig, TaskConfig
+    >>> from rulesearch.train.meta import RuleSearch, MetaConfig, TaskConfig
     >>> search = RuleSearch(rule="f0", meta=MetaConfig(episodes=300, runs=5, l1=0.0),
     ...                     task=TaskConfig(dataset="emnist", options={"per_class": 400}), name="fig3-fa")
     >>> # search.fit(); print(search)  # 784-170-130-100-70-47, fa, 300 episodes x 5 runs batched
@@ -1719,7 +1719,7 @@ class RuleSearch:
 
     def _compare(self, state: _State, problem: _Problem) -> dict:
         """f0 under fa and under bp on the episodes of the first and last 10% of meta-steps (no gradients)."""
-        from .inner import f0 as f0_update
+        from ..inner.loop import f0 as f0_update
 
         lr = self.compare_lr()
         first, last = self._windows(state.t)
@@ -1742,7 +1742,7 @@ class RuleSearch:
         return out
 
     def _write_outputs(self, run: RunDir):
-        from .plots import plot_run
+        from ..io.plots import plot_run
 
         run.write_json("rule.json", self.to_json())
         try:
@@ -2016,7 +2016,7 @@ def terms_table(rule) -> str:
     rule = resolve_rule(rule)
     if isinstance(rule, NeuralRule):
         return rule.describe()
-    from .export import expr_latex
+    from ..lang.export import expr_latex
 
     lines = []
     for layers, r in _groups(rule):
@@ -2104,7 +2104,7 @@ def _strip_values(data: dict) -> dict:
 
 def _pseudo_gradient_term(rule: Rule) -> tuple[int, float] | None:
     """``(r, c)`` for the first term ``T^r = c * (-e_i x_j)`` of a linear rule, or None."""
-    from .signals import err, pre
+    from ..lang.signals import err, pre
 
     for r, term in enumerate(rule.terms):
         ratio = sp.cancel(term.expr / (-err * pre))

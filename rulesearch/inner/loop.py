@@ -38,7 +38,7 @@ Examples
 --------
 >>> import torch
 >>> from types import SimpleNamespace
->>> from rulesearch.networks import Network
+>>> from rulesearch.networks.feedforward import Network
 >>> net = Network(sizes=(6, 5, 3), feedback="fa")
 >>> g = torch.Generator().manual_seed(0)
 >>> batch = SimpleNamespace(
@@ -61,9 +61,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .compile import _col
-from .errors import ConfigError, DivergenceError, ShapeError, SignalError
-from .networks import (
+from ..compile.compiler import _col
+from ..errors import ConfigError, DivergenceError, ShapeError, SignalError
+from ..networks.feedforward import (
     Network,
     _activate_backward,
     _alignment,
@@ -119,7 +119,7 @@ class InnerResult:
     ew : Tensor, shape (B, L)
         Weight orthonormality ``E_W = ||z_l - W W^T y_l||^2`` per layer, averaged over query samples.
     weights, feedback : list of Tensor
-        The final weights ``(B, n_post, n_pre)`` and stored feedback (see :mod:`rulesearch.networks`).
+        The final weights ``(B, n_post, n_pre)`` and stored feedback (see :mod:`rulesearch.networks.feedforward`).
     states : list of dict
         The final derived-signal states per layer (forward and feedback updates).
     diverged : BoolTensor, shape (B,)
@@ -682,7 +682,7 @@ _ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
 
 def _low_rank_of(update) -> tuple[_LowRank | None, str]:
     """The fast factored form of ``update`` if it is a compiled rule of the supported shape, else a reason."""
-    from .compile import CompiledRule
+    from ..compile.compiler import CompiledRule
 
     if not isinstance(update, CompiledRule):
         return None, f"update {type(update).__name__} is not a CompiledRule"
@@ -1534,7 +1534,7 @@ def run_episodes(
         Passed as ``update(signals, params)``; a list/tuple always means one entry per layer.
     weights, feedback : list of Tensor, optional
         Initial weights ``(B, n_post, n_pre)`` and stored feedback; drawn by
-        :func:`~rulesearch.networks.init_params` from ``(seed, t, ks)`` when omitted.
+        :func:`~rulesearch.networks.feedforward.init_params` from ``(seed, t, ks)`` when omitted.
     seed, t, ks : int, int, sequence of int
         Episode identities for initialization. Default: the batch's own ``seed``, ``t``, ``ks`` attributes
         (an ``EpisodeBatch`` carries them), else ``t = 0`` and ``ks = range(B)``; ``seed`` has no default.

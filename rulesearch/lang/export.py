@@ -1,17 +1,17 @@
 r"""Exports of rules: SymPy, LaTeX (index notation), JSON trees, coefficient tables.
 
-Pure functions, one concern each; :class:`~rulesearch.rule.Rule` methods are thin wrappers. Exports never mutate
+Pure functions, one concern each; :class:`~rulesearch.lang.rule.Rule` methods are thin wrappers. Exports never mutate
 a rule and never touch disk.
 
 JSON stores expressions as trees of whitelisted node types (``Add``, ``Mul``, ``Pow``, ``Integer``, ``Rational``,
 ``Float`` as a decimal string, ``NumberSymbol``, ``Signal``, ``Constant``, the operators and the elementwise
-functions of :data:`~rulesearch.signals.ELEMENTWISE_FUNCTIONS`). Loading never evaluates strings; a hostile or
+functions of :data:`~rulesearch.lang.signals.ELEMENTWISE_FUNCTIONS`). Loading never evaluates strings; a hostile or
 malformed file raises :class:`~rulesearch.errors.InvalidRuleError`.
 
 Examples
 --------
->>> from rulesearch.signals import pre, err
->>> from rulesearch.rule import Rule, Term
+>>> from rulesearch.lang.signals import pre, err
+>>> from rulesearch.lang.rule import Rule, Term
 >>> print(Rule([Term("F0", -err * pre)]).latex(values=[0.001]))
 \Delta W_{ij} = - 0.001 e_{i} x_{j}
 """
@@ -25,7 +25,7 @@ import numpy as np
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from .errors import InvalidRuleError, UnsupportedNodeError
+from ..errors import InvalidRuleError, UnsupportedNodeError
 from .signals import (
     BASE_SIGNALS,
     ELEMENTWISE_FUNCTIONS,

@@ -214,7 +214,7 @@ def _dumps(obj: Any) -> str:
 def _plain_config(config: Any) -> dict[str, Any]:
     import dataclasses
 
-    from rulesearch.config import to_dict
+    from rulesearch.io.config import to_dict
 
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return to_dict(config)
@@ -411,7 +411,7 @@ class RunDir:
                 f"Directory {str(run.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
                 "refusing to write into it. Choose another --out."
             )
-        from rulesearch.config import dump_yaml
+        from rulesearch.io.config import dump_yaml
 
         run.path.mkdir(parents=True, exist_ok=True)
         env = _environment()
@@ -478,7 +478,7 @@ class RunDir:
 
     def config(self) -> dict[str, Any]:
         """The stored ``config.yaml`` as a dict."""
-        from rulesearch.config import load_config
+        from rulesearch.io.config import load_config
 
         return load_config(self.path / CONFIG)
 

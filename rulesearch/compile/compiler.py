@@ -29,7 +29,7 @@ Compiled rules are cached by structure: changing parameters never recompiles.
 Examples
 --------
 >>> import torch
->>> from rulesearch.pools import oja
+>>> from rulesearch.lang.pools import oja
 >>> upd = compile_rule(oja)
 >>> sorted(upd.needs)
 ['err', 'post', 'pre', 'w']
@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import sympy as sp
 import torch
 
-from .errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
-from .rule import Rule
-from .signals import (
+from ..errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
+from ..lang.rule import Rule
+from ..lang.signals import (
     Constant,
     Contract,
     Signal,
@@ -488,7 +488,7 @@ class CompiledRule:
             base |= st.needs
         # the shape (B, n_post, n_pre) must be readable from the signals: add post / pre only when nothing else
         # (a post, pre or synapse signal) gives n_post / n_pre, e.g. for a rule of global signals only
-        from .signals import BASE_SIGNALS
+        from ..lang.signals import BASE_SIGNALS
 
         given = {BASE_SIGNALS[n].role for n in base}
         if not given & {"post", "synapse"}:
@@ -681,7 +681,7 @@ def _reference_tensor(signals: Mapping) -> torch.Tensor:
 def _role_shape(role, signals):
     dims = {}
     for n, t in signals.items():
-        from .signals import BASE_SIGNALS
+        from ..lang.signals import BASE_SIGNALS
 
         sig = BASE_SIGNALS.get(n)
         if sig is None or not isinstance(t, torch.Tensor) or t.dim() == 0:  # a 0-d global gives no size

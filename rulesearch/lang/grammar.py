@@ -8,7 +8,7 @@ by degree, then by the order of the atoms.
 
 Examples
 --------
->>> from rulesearch.signals import pre, post, err
+>>> from rulesearch.lang.signals import pre, post, err
 >>> g = Grammar(atoms=(pre, post, err), max_degree=2)
 >>> g.size
 9
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .errors import InvalidRuleError
+from ..errors import InvalidRuleError
 from .rule import LOCALITY_CLASSES, Pool, Rule, Term, locality_of
 from .signals import (
     Signal,

@@ -2,7 +2,7 @@
 
 Each function takes a ``pandas.DataFrame`` laid out like ``metrics.csv`` (an x column ``step``, one column per
 quantity) and writes one figure atomically. When a ``run`` column is present, curves are the mean over runs at
-each step, with a shaded 95% bootstrap band (:func:`rulesearch.stats.bootstrap_ci`).
+each step, with a shaded 95% bootstrap band (:func:`rulesearch.io.stats.bootstrap_ci`).
 
 Figures are built on ``matplotlib.figure.Figure`` directly: no pyplot, no backend switch, no global state, so
 importing or calling this module never changes the caller's matplotlib setup and never opens a window.
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from rulesearch.runs import RunDir, atomic_open
-from rulesearch.stats import bootstrap_ci, moving_average
+from rulesearch.io.runs import RunDir, atomic_open
+from rulesearch.io.stats import bootstrap_ci, moving_average
 
 __all__ = ["plot_meta_accuracy", "plot_coefficients", "plot_alignment", "plot_run"]
 

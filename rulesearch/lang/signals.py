@@ -34,7 +34,7 @@ across online steps by the inner loop, e.g. a trace :math:`\bar x \leftarrow (1 
 
 Examples
 --------
->>> from rulesearch.signals import pre, post, err, w, wT, role_of
+>>> from rulesearch.lang.signals import pre, post, err, w, wT, role_of
 >>> role_of(post + pre)
 'synapse'
 >>> role_of(wT(post))
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .errors import InvalidRuleError
+from ..errors import InvalidRuleError
 
 __all__ = [
     "ROLES",

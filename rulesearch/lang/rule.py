@@ -3,12 +3,12 @@ r"""Rules: named terms with coefficients, or general expressions with free const
 A linear rule is :math:`\Delta W_{ij} = \sum_r \theta_r T^r_{ij}` with named terms :math:`T^r` (SymPy over
 signals). Its parameters are a tensor ``theta`` of shape ``(R,)``, ``(B, R)`` (one row per episode), or, for the
 caller to slice, ``(L, R)`` per layer and ``(S, ...)`` per independent run. A general rule is one SymPy expression
-with free :class:`~rulesearch.signals.Constant` s (a distilled formula); its parameters are a dict of named
+with free :class:`~rulesearch.lang.signals.Constant` s (a distilled formula); its parameters are a dict of named
 tensors of shape ``()`` or ``(B,)``.
 
 Examples
 --------
->>> from rulesearch.signals import pre, post, err
+>>> from rulesearch.lang.signals import pre, post, err
 >>> r = Rule([Term("F0", -err * pre), Term("oja", post * pre - post**2 * w)])
 >>> r.n_terms, r.term_names()
 (2, ('F0', 'oja'))
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .errors import InvalidRuleError
+from ..errors import InvalidRuleError
 from .signals import (
     BASE_SIGNALS,
     OPERATORS,
@@ -272,7 +272,7 @@ class Rule:
         other_terms = other.terms
         return Rule(tuple(self.terms) + tuple(other_terms), self.name)
 
-    # ---- exports (thin methods over rulesearch.export) -------------------------------------------------------
+    # ---- exports (thin methods over rulesearch.lang.export) -------------------------------------------------------
     def sympy(self, values=None) -> sp.Expr:
         """The update as one SymPy expression, with trained values substituted when known."""
         from .export import rule_to_sympy
@@ -299,13 +299,13 @@ class Rule:
 
     def torch(self, values=None):
         """A ``torch.nn.Module`` holding the coefficients as Parameters; ``.sympy()`` returns trained values."""
-        from .compile import RuleModule
+        from ..compile.compiler import RuleModule
 
         return RuleModule(self, values)
 
     def compile(self):
         """The compiled batched torch update (cached by structure)."""
-        from .compile import compile_rule
+        from ..compile.compiler import compile_rule
 
         return compile_rule(self)
 

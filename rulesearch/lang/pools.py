@@ -28,7 +28,7 @@ learning rate and decay, :math:`W - B` decays geometrically, so the feedback ali
 
 from __future__ import annotations
 
-from .errors import InvalidRuleError
+from ..errors import InvalidRuleError
 from .rule import Pool, Rule, Term
 from .signals import bilinear, err, fb, layer_sum, post, pre, pre_err, w, wT
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "world",

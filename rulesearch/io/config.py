@@ -551,7 +551,7 @@ def load_config(path: str | Path, cls: type[C] | None = None) -> C | dict[str, A
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write a config dataclass (or a plain dict) to YAML or JSON by the file's suffix, atomically."""
-    from rulesearch.runs import atomic_write_text
+    from rulesearch.io.runs import atomic_write_text
 
     path = Path(path)
     fmt = _format(path)
@@ -612,7 +612,7 @@ def _collect_docs(cls: type, prefix: str, out: list[FieldDoc]) -> None:
 def undocumented_fields(obj: type | types.ModuleType) -> list[str]:
     """Dotted names of fields without ``help`` text, in a config dataclass or in every dataclass of a module.
 
-    Use it in a meta-test: ``assert undocumented_fields(rulesearch.meta) == []``.
+    Use it in a meta-test: ``assert undocumented_fields(rulesearch.train.meta) == []``.
     """
     if isinstance(obj, types.ModuleType):
         classes = [v for v in vars(obj).values() if _is_config_class(v) and v.__module__ == obj.__name__]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rulesearch.data import Dataset
 from rulesearch.errors import ConfigError, DatasetError, ShapeError
+from rulesearch.tasks.data import Dataset
 
 __all__ = ["episode_seed", "episode_generator", "EpisodeBatch", "TaskSampler"]
 
@@ -155,7 +155,7 @@ class TaskSampler:
     M, K, Q : int
         Classes per episode, training samples per class, query samples per class (``Q = 0`` allowed).
     classes : sequence of int, optional
-        Allowed class ids (e.g. the meta-train side of :func:`rulesearch.data.split_classes`). Default: every
+        Allowed class ids (e.g. the meta-train side of :func:`rulesearch.tasks.data.split_classes`). Default: every
         class that has samples.
     replacement : bool
         Draw the ``M`` classes with replacement, as the paper's code does. A class drawn twice contributes
@@ -170,7 +170,7 @@ class TaskSampler:
 
     Examples
     --------
-    >>> from rulesearch.data import load_dataset
+    >>> from rulesearch.tasks.data import load_dataset
     >>> sampler = TaskSampler(load_dataset("digits"), M=5, K=10, Q=4)
     >>> batch = sampler.sample(seed=0, t=0, ks=range(8))
     >>> batch.x_train.shape, batch.y_train.shape, batch.x_query.shape, batch.classes.shape
@@ -192,8 +192,8 @@ class TaskSampler:
     ) -> None:
         if not isinstance(dataset, Dataset):
             raise ConfigError(
-                f"TaskSampler needs a rulesearch.data.Dataset; received {type(dataset).__name__}. "
-                f"Load one with rulesearch.data.load_dataset(name)."
+                f"TaskSampler needs a rulesearch.tasks.data.Dataset; received {type(dataset).__name__}. "
+                f"Load one with rulesearch.tasks.data.load_dataset(name)."
             )
         for name, value, low in (("M", M, 1), ("K", K, 1), ("Q", Q, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
