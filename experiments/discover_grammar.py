@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rulesearch.lang.grammar import Grammar
 from rulesearch.lang.signals import err, post, pre, pre_err, wT
-from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
 
 def main(argv=None) -> RuleSearch:

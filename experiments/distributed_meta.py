@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
 
 def main(argv=None) -> int:

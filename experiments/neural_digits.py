@@ -36,7 +36,7 @@ import sympy as sp
 
 from rulesearch.distill import distill_run
 from rulesearch.io.runs import RunDir
-from rulesearch.train.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig
+from rulesearch.train import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig
 
 
 def _coef(term: sp.Expr) -> float:

@@ -41,7 +41,7 @@ from rulesearch.errors import DivergenceError
 from rulesearch.io.runs import RunDir
 from rulesearch.io.stats import bootstrap_ci, moving_average
 from rulesearch.tasks.data import default_data_dir
-from rulesearch.train.meta import RuleSearch
+from rulesearch.train import RuleSearch
 
 
 def emnist_task(data_dir: str | None, paper_sampling: bool = False) -> dict:

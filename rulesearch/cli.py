@@ -1,10 +1,10 @@
 """The ``rulesearch`` command line: thin verbs over library calls.
 
-``discover`` meta-learns a rule (:func:`rulesearch.train.meta.discover`), ``evaluate`` compares a rule with the f0
+``discover`` meta-learns a rule (:func:`rulesearch.train.discover`), ``evaluate`` compares a rule with the f0
 baselines on fresh tasks (:func:`rulesearch.evaluate.evaluate_spec`), ``distill`` turns a trained rule into a
 formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaTeX, JSON or Markdown
-(:func:`rulesearch.train.meta.export_run`), ``terms`` lists the terms of a rule, pool or grammar
-(:func:`rulesearch.train.meta.terms_table`). Every command parses its options into a config object and calls one
+(:func:`rulesearch.train.export_run`), ``terms`` lists the terms of a rule, pool or grammar
+(:func:`rulesearch.train.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
 bad input and 1 for failed runs.
 
@@ -205,8 +205,8 @@ def discover(
     --lr 1e-3 restores it).
     """
     from .io.config import apply_overrides, dump_yaml, load_config
-    from .train.meta import discover as run_discover
-    from .train.meta import main_job_config
+    from .train import discover as run_discover
+    from .train import main_job_config
 
     try:
         data = load_config(config) if config is not None else {}
@@ -342,7 +342,7 @@ def export(
 ):
     """Print a trained rule (mean and 95% interval per coefficient across runs) as LaTeX, JSON or Markdown."""
     from .io.runs import atomic_write_text
-    from .train.meta import export_run
+    from .train import export_run
 
     try:
         text = export_run(run, format, precision)
@@ -366,7 +366,7 @@ def terms(
     ] = False,
 ):
     """List the terms of a pool, rule or grammar with their LaTeX and locality class."""
-    from .train.meta import terms_table
+    from .train import terms_table
 
     try:
         spec = f"grammar:{grammar}" if grammar is not None else rule

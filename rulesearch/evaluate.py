@@ -13,7 +13,7 @@ the task split kept out of meta-training, and another ``dataset`` tests transfer
 Examples
 --------
 >>> from rulesearch.evaluate import evaluate, EvalConfig
->>> from rulesearch.train.meta import NetworkConfig, TaskConfig
+>>> from rulesearch.train import NetworkConfig, TaskConfig
 >>> from rulesearch.lang.pools import f0
 >>> ev = evaluate(f0.with_values([0.05]), network=NetworkConfig(sizes=(8, 6, 3)),
 ...               task=TaskConfig(dataset="teacher", options={"n_in": 8, "n_classes": 3}, M=3, K=5, Q=2),
@@ -45,14 +45,14 @@ from .io.stats import bootstrap_ci
 from .lang.rule import NetworkRule, Rule
 from .networks.feedforward import stack_episodes
 from .neural import NeuralRule
-from .train.meta import (
+from .train import (
     DiscoverConfig,
     NetworkConfig,
     TaskConfig,
-    _device,
-    _pseudo_gradient_lr,
     load_feedback_rule,
     load_rule,
+    pseudo_gradient_lr,
+    resolve_device,
     resolve_feedback_rule,
     resolve_rule,
     threads,
@@ -255,7 +255,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
     from .inner.loop import run_episodes
 
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     dataset = task.load()
     side = "test" if cfg.classes == "held-out" else "train"
     sampler = task.sampler(dataset, side)
@@ -270,7 +270,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
         plastic = {"feedback_update": fb_update, "feedback_params": fb_params}
     lr = cfg.baseline_lr
     if lr is None:
-        lr = _pseudo_gradient_lr(rule) if not isinstance(rule, NeuralRule) else None
+        lr = pseudo_gradient_lr(rule) if not isinstance(rule, NeuralRule) else None
         if lr is None and isinstance(rule, NeuralRule) and rule.params is not None and "skip" in rule.params:
             idx = [i for i, f in enumerate(rule.features) if set(f.split("*")) == {"err", "pre"}]
             lr = float(-rule.params["skip"][idx[0]]) if idx else None

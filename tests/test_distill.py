@@ -619,7 +619,7 @@ def test_closed_loop_on_a_tiny_config(tiny_setup):
 
 @pytest.fixture
 def trained_run(tmp_path):
-    meta = pytest.importorskip("rulesearch.train.meta")
+    meta = pytest.importorskip("rulesearch.train")
     search = meta.RuleSearch(
         rule="oja",
         network=meta.NetworkConfig(sizes=(64, 8, 10), feedback="fa"),
@@ -686,13 +686,13 @@ def test_distill_run_of_a_network_rule(trained_run, tmp_path):
 
     from rulesearch.distill.pipeline import distill_run
     from rulesearch.lang.rule import NetworkRule
-    from rulesearch.train.meta import rule_to_json
+    from rulesearch.train import trained_rule_json
 
     path, _ = trained_run
     first = f0.with_values([0.05])
     second = oja.with_values([0.03, 0.01])
     file = tmp_path / "network_rule.json"
-    file.write_text(json.dumps(rule_to_json(NetworkRule({(0,): first, (1,): second}))))
+    file.write_text(json.dumps(trained_rule_json(NetworkRule({(0,): first, (1,): second}))))
     grammar = Grammar.default(reward_signals=False, max_degree=2)
     results = distill_run(path, rule=file, grammar=grammar, n_episodes=2, test_episodes=2, out="dnet")
     assert len(results) == 2

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from rulesearch.cli import app
 from rulesearch.errors import ConfigError
+from rulesearch.train import RuleSearch
 from rulesearch.train import distributed as rsd
-from rulesearch.train.meta import RuleSearch
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 runs x B=2: the ranks' shares are episodes 0-2 and 3-5 of the step, so run 1 is split across the ranks

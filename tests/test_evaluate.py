@@ -10,7 +10,7 @@ from rulesearch.errors import ConfigError
 from rulesearch.evaluate import EvalConfig, evaluate, evaluate_spec, rule_params
 from rulesearch.lang.pools import bio, f0
 from rulesearch.lang.rule import NetworkRule
-from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
 TASK = TaskConfig(dataset="teacher", options={"n_in": 6, "n_classes": 4, "n_samples": 300}, M=3, K=4, Q=3)
 NET = NetworkConfig(sizes=(6, 5, 4))

@@ -1,4 +1,4 @@
-"""Tests of rulesearch.train.meta: the meta-trainer end to end on tiny configs (float64, one thread)."""
+"""Tests of rulesearch.train: the meta-trainer end to end on tiny configs (float64, one thread)."""
 
 import dataclasses
 import json
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import rulesearch.train as meta_mod
 from rulesearch.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -22,8 +23,7 @@ from rulesearch.errors import (
 from rulesearch.io.runs import RunDir
 from rulesearch.lang.pools import bio, pool
 from rulesearch.lang.rule import NetworkRule
-from rulesearch.train import meta as meta_mod
-from rulesearch.train.meta import (
+from rulesearch.train import (
     DiscoverConfig,
     MetaConfig,
     NetworkConfig,
@@ -110,7 +110,7 @@ def test_defaults_are_the_papers():
         (0.9, 0.999),
     )
     s = search(meta=tiny_meta(episodes=1, l1=0.0, lr=1e-3))
-    state = meta_mod._Trainer(meta_mod._Problem(s.config(), resolve_rule("pool"))).fresh_state()
+    state = meta_mod.Trainer(meta_mod.Problem(s.config(), resolve_rule("pool"))).fresh_state()
     assert state.params["theta"].tolist() == [[1e-3] + [0.0] * 9]
 
 
@@ -153,7 +153,7 @@ def test_term_scale_rms_equalizes_each_terms_step(per_layer):
 
     meta = tiny_meta(episodes=1, term_scale="rms", per_layer=per_layer, l1=0.0)
     fitted = search(meta=meta).fit()
-    trainer = meta_mod._Trainer(fitted._problem)
+    trainer = meta_mod.Trainer(fitted._problem)
     scale = trainer.lr_scale()["theta"]
     p = fitted._problem
     update, eye = compile_rule(pool), torch.eye(pool.n_params, dtype=torch.float64)
@@ -170,8 +170,8 @@ def test_term_scale_rms_equalizes_each_terms_step(per_layer):
     torch.testing.assert_close(scale, rms[..., :1] / rms, rtol=1e-10, atol=0)
     assert torch.all(scale[..., 0] == 1.0) and scale.shape == fitted.theta_.shape[1:]
     assert not torch.equal(fitted.theta_, search(meta=dataclasses.replace(meta, term_scale="none")).fit().theta_)
-    assert torch.all(meta_mod._Trainer(search(meta=tiny_meta()).fit()._problem).lr_scale()["theta"] == 1.0)
-    capped = meta_mod._Trainer(search(meta=dataclasses.replace(meta, term_scale="capped")).fit()._problem)
+    assert torch.all(meta_mod.Trainer(search(meta=tiny_meta()).fit()._problem).lr_scale()["theta"] == 1.0)
+    capped = meta_mod.Trainer(search(meta=dataclasses.replace(meta, term_scale="capped")).fit()._problem)
     expected = torch.clamp(rms[..., :1] / rms, max=1.0)
     assert (scale > 1).any() and (scale < 1).any()  # the probe has terms both smaller and larger than F0
     torch.testing.assert_close(capped.lr_scale()["theta"], expected, rtol=1e-10, atol=0)
@@ -205,7 +205,7 @@ def test_divergence_skips_and_stops(tmp_path):
 
 def test_diverged_run_is_skipped_without_poisoning_others(monkeypatch):
     """Run 1's episodes at step 2 are NaN: it skips that step, run 0 continues exactly as if alone."""
-    original = meta_mod._Problem.episodes
+    original = meta_mod.Problem.episodes
 
     def poisoned(self, t, runs, net=None, ks=None):
         batch, w, fb = original(self, t, runs, net, ks)
@@ -215,7 +215,7 @@ def test_diverged_run_is_skipped_without_poisoning_others(monkeypatch):
         return batch, w, fb
 
     alone = search(meta=tiny_meta(runs=1)).fit()
-    monkeypatch.setattr(meta_mod._Problem, "episodes", poisoned)
+    monkeypatch.setattr(meta_mod.Problem, "episodes", poisoned)
     both = search(meta=tiny_meta(runs=2)).fit()
     torch.testing.assert_close(both.theta_[0], alone.theta_[0], rtol=1e-8, atol=1e-12)
     h = both.history_
@@ -297,7 +297,7 @@ _SCRIPT = textwrap.dedent(
     import os, signal, sys
     import torch
     import rulesearch.io.runs
-    from rulesearch.train.meta import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+    from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
 
     mode, out = sys.argv[1], sys.argv[2]
 
@@ -433,7 +433,7 @@ def test_default_discover_config_is_the_main_job():
 
 
 def test_adam_step_matches_torch_adam_and_its_prox_keeps_the_kkt_zeros():
-    from rulesearch.train.meta import adam_step
+    from rulesearch.train import adam_step
 
     def f64(t):
         return torch.tensor(float(t), dtype=torch.float64)

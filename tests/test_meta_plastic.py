@@ -11,7 +11,7 @@ from rulesearch.errors import ConfigError
 from rulesearch.evaluate import EvalConfig, evaluate_spec
 from rulesearch.io.runs import RunDir
 from rulesearch.lang.pools import kp
-from rulesearch.train.meta import (
+from rulesearch.train import (
     MetaConfig,
     NetworkConfig,
     RuleSearch,

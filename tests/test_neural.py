@@ -7,7 +7,7 @@ from rulesearch.errors import ConfigError, ShapeError
 from rulesearch.inner.loop import run_episodes
 from rulesearch.networks.feedforward import Network
 from rulesearch.neural import DEFAULT_FEATURES, FEATURES, NeuralRule
-from rulesearch.train.meta import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig, load_rule
+from rulesearch.train import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig, load_rule
 
 F64 = torch.float64
 
@@ -212,7 +212,7 @@ def test_out_scale_scales_only_the_mlp(gen):
 
 def test_term_scale_capped_scales_the_skip_part():
     """The skip coefficient of feature f steps by lr * min(1, rms(e x) / rms(phi_f)); the MLP keeps lr."""
-    import rulesearch.train.meta as meta_mod
+    import rulesearch.train as meta_mod
 
     s = RuleSearch(
         rule="neural",
@@ -235,13 +235,13 @@ def test_term_scale_capped_scales_the_skip_part():
     run_episodes(p.net, batch, rule, init, weights, feedback, observe=observe, metrics=False)
     rms = rms.mean(0)
     ref = rms[rule.features.index("err*pre")]
-    scale = meta_mod._Trainer(p).lr_scale()
+    scale = meta_mod.Trainer(p).lr_scale()
     torch.testing.assert_close(scale["skip"], torch.clamp(ref / rms, max=1.0), rtol=1e-10, atol=0)
     assert (scale["skip"] < 1).any() and all(torch.all(v == 1) for k, v in scale.items() if k != "skip")
 
 
 def test_unused_neural_section_takes_the_defaults():
-    from rulesearch.train.meta import DiscoverConfig
+    from rulesearch.train import DiscoverConfig
 
     assert DiscoverConfig.from_dict({"rule": "pool", "neural": {"hidden": [3]}}).neural == NeuralConfig()
     assert DiscoverConfig.from_dict({"rule": "neural", "neural": {"hidden": [3]}}).neural.hidden == (3,)

@@ -114,7 +114,7 @@ def test_resume_reopens_and_records(run):
 
 def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
     from rulesearch.io.config import dump_yaml, load_yaml
-    from rulesearch.train.meta import DiscoverConfig
+    from rulesearch.train import DiscoverConfig
 
     cfg = DiscoverConfig()
     run = RunDir.create(tmp_path / "old", cfg)

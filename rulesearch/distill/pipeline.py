@@ -327,9 +327,9 @@ def _context(run_path: Path, dataset=None):
     run = RunDir.open(run_path)
     cfg = run.config()
     try:
-        from ..train.meta import DiscoverConfig
+        from ..train import DiscoverConfig
     except ImportError as err:  # pragma: no cover - meta.py ships with the package
-        raise RunDirectoryError("Reading a run directory needs rulesearch.train.meta.") from err
+        raise RunDirectoryError("Reading a run directory needs rulesearch.train.") from err
     try:
         dc = DiscoverConfig.from_dict(cfg)
     except ConfigError as err:
@@ -381,7 +381,7 @@ def distill_run(
         Write the outputs (``samples.parquet``, ``rule.json``, ``rule.tex``, ``front.csv``, ``summary.json``,
         ``report.md``).
     """
-    from ..train.meta import load_rule
+    from ..train import load_rule
 
     run_path = Path(run_dir)
     run, dc, net, sampler, run_kwargs = _context(run_path)

@@ -612,7 +612,7 @@ def _collect_docs(cls: type, prefix: str, out: list[FieldDoc]) -> None:
 def undocumented_fields(obj: type | types.ModuleType) -> list[str]:
     """Dotted names of fields without ``help`` text, in a config dataclass or in every dataclass of a module.
 
-    Use it in a meta-test: ``assert undocumented_fields(rulesearch.train.meta) == []``.
+    Use it in a meta-test: ``assert undocumented_fields(rulesearch.train) == []``.
     """
     if isinstance(obj, types.ModuleType):
         classes = [v for v in vars(obj).values() if _is_config_class(v) and v.__module__ == obj.__name__]

@@ -26,16 +26,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = [
-    "world",
-    "is_rank0",
-    "init_distributed",
-    "rank_episodes",
-    "all_reduce_sum",
-    "gather_objects",
-    "broadcast_object",
-    "shutdown",
-]
+__all__ = []
 
 
 def _active() -> bool:

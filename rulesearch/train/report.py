@@ -1,0 +1,191 @@
+"""Text reports of trained rules: LaTeX and Markdown formulas with intervals, coefficient and term tables,
+and the export of a finished run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+
+from ..errors import ConfigError, RunDirectoryError
+from ..lang.export import latex_table, markdown_table
+from ..lang.rule import NetworkRule, Rule
+from ..neural import NeuralRule
+from .rules import load_feedback_rule, load_rule, resolve_rule
+
+__all__ = []
+
+
+def _groups(rule) -> list[tuple[tuple[int, ...], Rule]]:
+    return list(rule.groups) if isinstance(rule, NetworkRule) else [((), rule)]
+
+
+def _group_intervals(rule, intervals, g: int):
+    if intervals is None:
+        return None
+    iv = intervals[g] if isinstance(rule, NetworkRule) else intervals
+    return np.asarray(iv, dtype=float)
+
+
+def _layers_label(layers) -> str:
+    return f"layers {', '.join(str(i + 1) for i in layers)}" if len(layers) > 1 else f"layer {layers[0] + 1}"
+
+
+def rule_latex(rule, intervals=None, precision: int = 3) -> str:
+    """LaTeX of a trained rule: the update and a booktabs coefficient table (``intervals``: ``(R, 2)`` for a
+    Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``)."""
+    if isinstance(rule, NeuralRule):
+        return f"% {rule.describe()}\n% A neural rule has no closed form; distill it to get one."
+    groups = _groups(rule)
+    if not isinstance(rule, NetworkRule):
+        ivs = (
+            [intervals.tolist() if isinstance(intervals, np.ndarray) else intervals] if intervals is not None else None
+        )
+        return rule.latex(precision) + "\n\n" + latex_table([rule], precision=precision, intervals=ivs)
+    eqs = [rf"\text{{{_layers_label(layers)}}}:\quad " + r.latex(precision) for layers, r in groups]
+    rules = [Rule(r.terms, _layers_label(layers), values=r.values) for layers, r in groups]
+    if not all(r.terms == rules[0].terms for r in rules):
+        return (
+            "\n".join(eqs)
+            + "\n\n"
+            + "\n\n".join(
+                latex_table(
+                    [r],
+                    precision=precision,
+                    intervals=None if intervals is None else [_group_intervals(rule, intervals, g).tolist()],
+                )
+                for g, r in enumerate(rules)
+            )
+        )
+    ivs = None if intervals is None else [_group_intervals(rule, intervals, g).tolist() for g in range(len(rules))]
+    return "\n".join(eqs) + "\n\n" + latex_table(rules, precision=precision, intervals=ivs)
+
+
+def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
+    """Markdown coefficient table(s) of a trained rule, with a 95% interval column when ``intervals`` is given."""
+    if isinstance(rule, NeuralRule):
+        return _neural_table(rule, precision)
+    blocks = []
+    for g, (layers, r) in enumerate(_groups(rule)):
+        table = markdown_table(r, precision=precision)
+        iv = _group_intervals(rule, intervals, g)
+        if iv is not None:
+            lines = table.split("\n")
+            lines[0] += " 95% interval |"
+            lines[1] += "---|"
+            for i, (lo, hi) in enumerate(iv):
+                lines[2 + i] += f" [{lo:.{precision}g}, {hi:.{precision}g}] |"
+            table = "\n".join(lines)
+        blocks.append((f"**{_layers_label(layers)}**\n\n" if layers else "") + table)
+    return "\n\n".join(blocks)
+
+
+def _neural_table(rule: NeuralRule, precision: int) -> str:
+    """A neural rule's skip coefficients a_f (one line per feature) and the norm of its MLP parameters."""
+    if rule.params is None:
+        return rule.describe()
+    width = max(8, *(len(f) for f in rule.features))
+    lines = [f"{'feature':<{width}} {'a (skip)':>12}"]
+    if rule.skip:
+        lines += [f"{f:<{width}} {a:>12.{precision}g}" for f, a in zip(rule.features, rule.params["skip"].tolist())]
+    norm = rule.mlp_norm()
+    if norm is not None:
+        lines.append(f"MLP {'-'.join(map(str, (rule.n_features, *rule.hidden, 1)))}: |psi| = {norm:.{precision}g}")
+    return "\n".join(lines)
+
+
+def coefficient_table(rule, intervals=None, precision: int = 4) -> str:
+    """Plain-text coefficient table: term, locality, value (and 95% interval) per term and layer group."""
+    if isinstance(rule, NeuralRule):
+        return _neural_table(rule, precision)
+    blocks = []
+    for g, (layers, r) in enumerate(_groups(rule)):
+        iv = _group_intervals(rule, intervals, g)
+        width = max([8, *(len(n) for n in r.term_names())])
+        lines = [
+            f"{'term':<{width}} {'locality':<16} {'theta':>12}" + (f" {'95% interval':>26}" if iv is not None else "")
+        ]
+        values = r.values if r.values is not None else [float("nan")] * r.n_terms
+        for i, (term, loc) in enumerate(zip(r.term_names(), r.locality())):
+            line = f"{term:<{width}} {loc:<16} {values[i]:>12.{precision}g}"
+            if iv is not None:
+                line += f" {f'[{iv[i][0]:.{precision}g}, {iv[i][1]:.{precision}g}]':>26}"
+            lines.append(line)
+        blocks.append((_layers_label(layers) + "\n" if layers else "") + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def terms_table(rule) -> str:
+    """The terms of a rule, pool or grammar: index, name, locality and LaTeX (``rulesearch terms``)."""
+    rule = resolve_rule(rule)
+    if isinstance(rule, NeuralRule):
+        return rule.describe()
+    from ..lang.export import expr_latex
+
+    lines = []
+    for layers, r in _groups(rule):
+        width = max([4, *(len(n) for n in r.term_names())])
+        if layers:
+            lines.append(_layers_label(layers))
+        lines.append(f"{'#':>3}  {'name':<{width}}  {'locality':<16}  LaTeX")
+        for i, (t, loc) in enumerate(zip(r.terms, r.locality())):
+            try:
+                tex = expr_latex(t.expr)
+            except (TypeError, NotImplementedError) as err:  # a printer gap must not hide the listing
+                tex = f"{sp.sstr(t.expr)}  (no LaTeX: {type(err).__name__})"
+            lines.append(f"{i:>3}  {t.name:<{width}}  {loc:<16}  {tex}")
+    return "\n".join(lines)
+
+
+def export_run(source, fmt: str = "latex", precision: int = 3) -> str:
+    """A trained rule as ``latex``, ``json`` or ``markdown`` text, from a run directory (its ``rule.json``, or its
+    newest checkpoint if the run is unfinished) or a rule JSON file."""
+    fmts = ("latex", "json", "markdown")
+    if fmt not in fmts:
+        raise ConfigError(f"Unknown export format {fmt!r}; allowed: {', '.join(fmts)}.")
+    path = Path(source)
+    if path.is_dir() and not (path / "rule.json").is_file():
+        from .estimator import RuleSearch  # the estimator reports through this module
+
+        search = RuleSearch.from_run(path)
+        data = search.to_json()
+    else:
+        file = path / "rule.json" if path.is_dir() else path
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise RunDirectoryError(
+                f"{str(file)!r} does not exist; expected a run directory or a rule JSON file."
+            ) from err
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    rule = load_rule(data)
+    intervals = data.get("intervals")
+    if intervals is not None and isinstance(rule, Rule):
+        intervals = np.asarray(intervals, dtype=float)
+    elif intervals is not None:
+        intervals = [np.asarray(iv, dtype=float) for iv in intervals]
+    fb_rule = load_feedback_rule(data)
+    if fmt == "latex":
+        return _with_feedback(rule_latex(rule, intervals, precision), fb_rule, "latex", precision)
+    return _with_feedback(rule_markdown(rule, intervals, precision + 1), fb_rule, "markdown", precision + 1)
+
+
+def _with_feedback(text: str, feedback_rule: Rule | None, fmt: str, precision: int) -> str:
+    """``text`` followed by the plastic feedback rule (``dB_ji``, W's layout) as ``latex``, ``markdown``, ``table``
+    or ``formula``; ``text`` itself without one."""
+    if feedback_rule is None:
+        return text
+    if fmt == "formula":
+        return f"{text}\nfeedback: dB_ji = {sp.sstr(feedback_rule.sympy().evalf(precision))}"
+    if fmt == "latex":
+        block = "% plastic feedback rule\n" + rule_latex(feedback_rule, None, precision).replace(
+            r"\Delta W_{ij}", r"\Delta B_{ji}", 1
+        )
+    elif fmt == "markdown":
+        block = "**feedback rule (plastic)**\n\n" + rule_markdown(feedback_rule, None, precision)
+    else:
+        block = "feedback rule (plastic)\n" + coefficient_table(feedback_rule, None, precision)
+    return f"{text}\n\n{block}"

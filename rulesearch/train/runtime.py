@@ -1,0 +1,69 @@
+"""Where a fit runs: the torch device, the CPU thread count and the data-parallel process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ..errors import ConfigError
+from .distributed import (
+    init_distributed,
+    shutdown,
+    world,
+)
+
+__all__ = []
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(old)
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"Config key 'meta.device' is {name!r} but CUDA is not available (torch {torch.__version__}, "
+            f"cuda {torch.version.cuda}). Install a CUDA build of torch (pip install torch without "
+            f"-c constraints.txt) on a machine with a GPU, or use --device cpu."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"Config key 'meta.device' is {name!r} but MPS is not available; use cpu.")
+    return dev
+
+
+@contextlib.contextmanager
+def process_group(distributed: bool | None, device: str):
+    """``(device, (rank, world_size))`` of this process for a fit: data-parallel under torchrun (``WORLD_SIZE`` > 1)
+    or in an initialized process group unless ``distributed`` is False; a group joined here is left on exit."""
+    dev = resolve_device(device)
+    active = world()[1] > 1
+    if distributed is False or not (active or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        if distributed:
+            raise ConfigError(
+                "distributed=True (--distributed) needs several processes, but this one runs alone (WORLD_SIZE "
+                "unset or 1). Launch it with torchrun --nproc_per_node=N, or leave distributed unset."
+            )
+        yield dev, (0, 1)
+        return
+    dev = init_distributed(device=dev)
+    try:
+        yield dev, world()
+    finally:
+        if not active:
+            shutdown()

@@ -1,0 +1,396 @@
+r"""The meta-trainer: meta-learn a plasticity rule by backpropagating through the unrolled online inner loop.
+
+For every meta-step ``t`` each run ``s`` draws ``B`` (``meta_batch``) fresh episodes ``(seed_s, t, k)``, adapts a
+fresh network on each with the rule (:func:`rulesearch.inner.loop.run_episodes`), and takes one Adam step on
+
+.. math::
+
+    \mathcal{L}_{meta}(\theta) = \frac{1}{B} \sum_{k} \mathrm{CE}\big(f_{W_k(\theta)}(X^{query}_k), Y^{query}_k\big)
+    + \lambda \lVert\theta\rVert_1
+
+(Shervani-Tabar & Rosenbaum 2023, Eq. 6, Alg. 1). The defaults are the paper's: Adam with learning rate
+``1e-3``, :math:`\theta_0 = 10^{-3}` and the other coefficients 0, no gradient clipping, the L1 term as a
+subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step in Adam's metric so that
+coefficients reach exactly zero (:func:`adam_step`), ``B > 1``, per-layer coefficients ``(L, R)``, several
+independent runs trained together as one batch, neural rules (:class:`rulesearch.neural.NeuralRule`).
+
+Runs
+----
+Run ``s`` has seed ``seed + s``, its own parameters, Adam moments and step count; its episodes depend only on
+``(seed + s, t, k)``. ``S`` runs are trained as one batch of ``S * B`` episodes (the parameters ``[S, ...]`` are
+expanded to one row per episode), and each equals the same run trained alone. The Adam update is written out
+per run (not ``torch.optim.Adam``, whose step count is shared by a tensor's rows).
+
+Divergence
+----------
+If an episode of run ``s`` diverges (:attr:`InnerResult.diverged`, or a non-finite loss or gradient), run ``s``
+skips the meta-step (parameters and Adam state untouched; the step is logged with ``skipped = 1``). NaNs poison
+gradients even when masked, so when some runs diverge the step is recomputed for the others alone. After
+``max_skips`` consecutive skips the run stops; when every run has stopped, :meth:`RuleSearch.fit` raises
+:class:`~rulesearch.errors.DivergenceError`. Parameters are never updated with NaN.
+
+Data parallel
+-------------
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA, rank ``r`` on ``cuda:LOCAL_RANK``), each
+rank runs its own contiguous block of the ``S * B`` episodes of a meta-step
+(:func:`rulesearch.train.distributed.rank_episodes`); the meta-gradients, divergence flags and per-episode metrics are
+summed or gathered across ranks, so every rank takes the same Adam step and the parameters follow the
+single-process trajectory up to rounding. Only rank 0 writes the run directory, prints and shows progress; a
+resumed run continues from rank 0's checkpoint on every rank.
+
+Plastic feedback
+----------------
+Under ``network.feedback = "plastic"`` a second linear rule (``network.feedback_rule``, default ``kp``: Kolen-Pollack
+:math:`\Delta B_{ji} = -\theta^{fb}_0 e_i x_j - \theta^{fb}_1 B_{ji}`, in W's layout) updates the feedback matrices
+every step. Its coefficients ``fb_theta`` ``[S, R_fb]`` (shared by all layers; initial values ``meta.feedback_init``)
+are meta-learned with the forward rule's by default (``meta.meta_feedback``): a second parameter group with its own
+Adam moments, checkpointed, logged and exported (``feedback_rule`` in ``rule.json``). The L1 term and the proximal
+step act on the forward rule only: they select its terms, and would otherwise pull the feedback learning rate to 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from ..errors import RunDirectoryError
+from ..inner.loop import InnerResult, run_episodes
+from .distributed import (
+    all_reduce_sum,
+    gather_objects,
+    rank_episodes,
+)
+from .learners import _FB, NeuralLearner
+from .optim import _rms_multipliers, _term_ms, adam_step
+from .problem import Problem
+
+__all__ = []
+
+
+@dataclass
+class TrainState:
+    t: int  # meta-steps done
+    params: dict[str, Tensor]
+    m: dict[str, Tensor]
+    v: dict[str, Tensor]
+    steps: Tensor  # (S,) Adam steps taken per run
+    skips: Tensor  # (S,) consecutive skips
+    stopped: Tensor  # (S,) bool
+    stop_step: Tensor  # (S,) step at which the run stopped, -1 if running
+
+    def to_checkpoint(self) -> dict:
+        def cpu(d):
+            return {k: v.detach().cpu().clone() for k, v in d.items()}
+
+        return {
+            "t": self.t,
+            "params": cpu(self.params),
+            "adam_m": cpu(self.m),
+            "adam_v": cpu(self.v),
+            "adam_steps": self.steps.cpu().clone(),
+            "skips": self.skips.cpu().clone(),
+            "stopped": self.stopped.cpu().clone(),
+            "stop_step": self.stop_step.cpu().clone(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: Mapping, like: TrainState, device) -> TrainState:
+        def dev(d, ref):
+            if set(d) != set(ref):
+                raise RunDirectoryError(
+                    f"Checkpoint parameters {sorted(d)} do not match the rule's {sorted(ref)}; the run directory "
+                    f"belongs to another rule."
+                )
+            out = {}
+            for k, v in d.items():
+                if tuple(v.shape) != tuple(ref[k].shape):
+                    raise RunDirectoryError(
+                        f"Checkpoint parameter {k!r} has shape {tuple(v.shape)}, expected {tuple(ref[k].shape)}."
+                    )
+                out[k] = v.to(device=device, dtype=ref[k].dtype)
+            return out
+
+        return cls(
+            t=int(data["t"]),
+            params=dev(data["params"], like.params),
+            m=dev(data["adam_m"], like.params),
+            v=dev(data["adam_v"], like.params),
+            steps=data["adam_steps"].to(device),
+            skips=data["skips"].to(device),
+            stopped=data["stopped"].to(device),
+            stop_step=data["stop_step"].to(device),
+        )
+
+
+class Trainer:
+    """The meta-training loop over a :class:`Problem` (state in :class:`TrainState`)."""
+
+    def __init__(self, problem: Problem, world: tuple[int, int] = (0, 1)):
+        self.p = problem
+        self.meta = problem.cfg.meta
+        self.rank, self.world_size = world  # data-parallel: this rank runs its share of each meta-step's episodes
+        self._lr_scale: dict[str, Tensor] | None = None
+
+    def lr_scale(self) -> dict[str, Tensor]:
+        """Per-coefficient multipliers of the Adam learning rate (``meta.term_scale``), by parameter name.
+
+        'rms': ``rms(T_ref) / rms(T_r)`` per layer and term, measured on episode ``(seed, 0, 0)`` of the first run
+        under the initial coefficients (so a resumed run gets the same values), averaged over the layers that share
+        a coefficient; a term that is zero throughout keeps the multiplier 1. 'capped': ``min(1, ...)``. A neural
+        rule's skip coefficients are scaled the same way (term ``f`` is the feature ``phi_f``); its MLP keeps lr.
+        """
+        if self._lr_scale is not None:
+            return self._lr_scale
+        p = self.p
+        init = p.learner.init(p.seeds[:1], p.dtype, p.device)
+        scale = {k: torch.ones_like(v[0]) for k, v in init.items()}
+        base = getattr(p.learner, "base", p.learner)
+        neural = isinstance(base, NeuralLearner) and "skip" in init
+        if self.meta.term_scale != "none" and (p.learner.linear or neural):
+            if neural:  # the skip part a^T phi: term f is the feature phi_f, the same in every layer
+                rule = base.rule
+                sums = [torch.zeros(rule.n_features, dtype=torch.float64) for _ in range(p.net.n_layers)]
+
+                def rms_of(layer, signals):
+                    feats = rule.features_of(signals)
+                    return torch.stack([feats[f].pow(2).mean().sqrt() for f in rule.features])
+            else:
+                ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
+                sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
+                eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
+
+                def rms_of(layer, signals):
+                    return _term_ms(ups[layer], eyes[layer], signals).mean(0).sqrt()
+
+            def observe(step, layer, signals, dW):
+                sums[layer] += rms_of(layer, signals).double().cpu()
+
+            batch, weights, feedback = p.episodes(0, [0])
+            expanded = {k: v.repeat_interleave(p.B, dim=0) for k, v in init.items()}
+            with torch.no_grad():
+                run_episodes(
+                    p.net, batch, p.update, p.learner.layer_params(expanded), weights, feedback, observe=observe,
+                    metrics=False, raise_on_divergence=False, **p.feedback_kwargs(expanded),
+                )  # fmt: skip
+            cap = 1.0 if self.meta.term_scale == "capped" else math.inf
+            scale.update(_rms_multipliers(p.learner, {"skip": init["skip"]} if neural else init, sums, cap))
+        self._lr_scale = scale
+        return scale
+
+    def fresh_state(self) -> TrainState:
+        p = self.p
+        params = p.learner.init(p.seeds, p.dtype, p.device)
+        S = len(p.seeds)
+        dev = p.device
+        return TrainState(
+            t=0,
+            params=params,
+            m={k: torch.zeros_like(v) for k, v in params.items()},
+            v={k: torch.zeros_like(v) for k, v in params.items()},
+            steps=torch.zeros(S, dtype=torch.long, device=dev),
+            skips=torch.zeros(S, dtype=torch.long, device=dev),
+            stopped=torch.zeros(S, dtype=torch.bool, device=dev),
+            stop_step=torch.full((S,), -1, dtype=torch.long, device=dev),
+        )
+
+    def validate(self, st: TrainState) -> None:
+        """Two online steps of one episode (no gradients): surfaces signal, shape and device errors before a run
+        directory is created."""
+        p = self.p
+        batch, weights, feedback = p.episodes(0, [0])
+        small = (batch[0][:, :2], batch[1][:, :2], batch[2][:, :1], batch[3][:, :1])
+        expanded = {k: v[:1].repeat_interleave(p.B, dim=0) for k, v in st.params.items()}
+        with torch.no_grad():
+            run_episodes(
+                p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False,
+                raise_on_divergence=False, **p.feedback_kwargs(expanded),
+            )  # fmt: skip
+
+    def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
+        """This rank's share of the episodes ``(run, k)`` of ``runs`` (all of them in a single process): the inner
+        result (None for an empty share), the per-run leaves ``[len(runs), ...]`` and each result row's run index
+        into ``runs``."""
+        p = self.p
+        share = rank_episodes(len(runs) * p.B, self.rank, self.world_size)  # flat episode index i * B + k
+        rows = torch.tensor([j // p.B for j in share], dtype=torch.long, device=p.device)
+        idx = torch.tensor(runs, device=p.device)
+        leaves = {k: v.index_select(0, idx).detach().requires_grad_(grad) for k, v in params.items()}
+        if not share:
+            return None, leaves, rows
+        mine = sorted({j // p.B for j in share})
+        ks = [[j % p.B for j in share if j // p.B == i] for i in mine]
+        batch, weights, feedback = p.episodes(t, [runs[i] for i in mine], ks=ks)
+        expanded = {k: v.index_select(0, rows) for k, v in leaves.items()}
+        with torch.set_grad_enabled(grad):
+            res = run_episodes(
+                p.net,
+                batch,
+                p.update,
+                p.learner.layer_params(expanded),
+                weights,
+                feedback,
+                divergence_bound=self.meta.divergence_bound,
+                check_every=self.meta.check_every,
+                method=self.meta.method,
+                checkpoint_every=self.meta.segment,
+                raise_on_divergence=False,
+                **p.feedback_kwargs(expanded),
+            )
+        return res, leaves, rows
+
+    def _per_run(self, res: InnerResult | None, rows: Tensor, n: int):
+        """Per-run query loss of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
+        meta-batch), and whether an episode of the run diverged on any rank."""
+        p = self.p
+        loss = torch.zeros(n, dtype=p.dtype, device=p.device)
+        div = torch.zeros(n, dtype=p.dtype, device=p.device)
+        if res is not None:
+            loss = loss.index_add(0, rows, res.loss) / p.B
+            div = div.index_add(0, rows, (res.diverged | ~torch.isfinite(res.loss.detach())).to(p.dtype))
+        if self.world_size > 1:
+            all_reduce_sum([div])
+        return loss, div > 0
+
+    def _gathered(self, res: InnerResult | None):
+        """The per-episode metrics of every rank's share, in meta-batch order (``res`` itself in a single process)."""
+        if self.world_size == 1:
+            return res
+        fields = ("loss", "accuracy", "diverged", "angles", "ew")
+        mine = None if res is None else [getattr(res, f).detach().cpu() for f in fields]
+        parts = [x for x in gather_objects(mine) if x is not None]
+        return SimpleNamespace(**{f: torch.cat([x[i] for x in parts]) for i, f in enumerate(fields)})
+
+    def step(self, st: TrainState) -> list[dict]:
+        """One meta-step for every running run; returns the metric rows."""
+        meta, p = self.meta, self.p
+        t0 = time.perf_counter()
+        t = st.t
+        active = [s for s in range(len(p.seeds)) if not bool(st.stopped[s])]
+        results: dict[int, tuple[InnerResult, int]] = {}
+        bad: set[int] = set()
+        current = active
+        while current:  # diverged runs are dropped and the rest recomputed: NaNs would poison the gradient
+            res, leaves, rows = self._inner(t, current, st.params, grad=True)
+            loss_run, div = self._per_run(res, rows, len(current))
+            full = self._gathered(res)
+            results.update({s: (full, i) for i, s in enumerate(current)})
+            new_bad = {s for s, d in zip(current, div.tolist()) if d}
+            if not new_bad:
+                break
+            bad |= new_bad
+            current = [s for s in current if s not in new_bad]
+            del res, leaves, loss_run
+        grads: dict[int, dict[str, Tensor]] = {}
+        grad_norm: dict[int, float] = {}
+        if current:
+            total = loss_run.sum()
+            l1 = p.learner.l1(leaves)
+            if l1 is not None and meta.l1 > 0 and meta.l1_mode == "subgradient" and self.rank == 0:  # counted once
+                total = total + meta.l1 * l1.sum()
+            names = list(leaves)
+            g = [None] * len(names)
+            if total.requires_grad:  # a rank without episodes contributes zeros
+                g = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)
+            g = {k: (torch.zeros_like(leaves[k]) if gi is None else gi.detach()) for k, gi in zip(names, g)}
+            if self.world_size > 1:  # every rank now holds the meta-gradient of the whole meta-batch
+                all_reduce_sum(g.values())
+            norms = torch.sqrt(sum(gi.flatten(1).pow(2).sum(1) for gi in g.values()))
+            for i, s in enumerate(current):
+                gs = {k: gi[i] for k, gi in g.items()}
+                if not all(bool(torch.isfinite(x).all()) for x in gs.values()):
+                    continue
+                grads[s] = gs
+                grad_norm[s] = float(norms[i])
+            del total, leaves, loss_run
+        with torch.no_grad():  # the L1 term of the coefficients the episodes ran with (before the update)
+            l1_before = p.learner.l1(st.params)
+        updated = self._adam(st, grads)
+        rows = []
+        seconds = time.perf_counter() - t0
+        for s in active:
+            r, i = results[s]
+            skipped = s not in updated
+            if skipped:
+                st.skips[s] += 1
+                if int(st.skips[s]) >= meta.max_skips:
+                    st.stopped[s] = True
+                    st.stop_step[s] = t + 1
+            else:
+                st.skips[s] = 0
+            l1 = float(meta.l1 * l1_before[s]) if l1_before is not None else 0.0
+            rows.append(self._row(st, t, s, r, i, skipped, grad_norm.get(s, float("nan")), l1, seconds))
+        st.t = t + 1
+        return rows
+
+    def _adam(self, st: TrainState, grads: dict[int, dict[str, Tensor]]) -> set[int]:
+        """Per-run Adam (and proximal L1) on the runs in ``grads``; returns the runs actually updated (a run whose
+        new parameters would not be finite keeps its old state)."""
+        if not grads:
+            return set()
+        meta = self.meta
+        runs = sorted(grads)
+        dev = self.p.device
+        idx = torch.tensor(runs, device=dev)
+        if meta.clip is not None:
+            norm = torch.stack([torch.sqrt(sum(x.pow(2).sum() for x in grads[s].values())) for s in runs])
+            scale = torch.clamp(meta.clip / (norm + 1e-6), max=1.0)
+        steps = st.steps[idx] + 1
+        new: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        ok = torch.ones(len(runs), dtype=torch.bool, device=dev)
+        for k in st.params:
+            g = torch.stack([grads[s][k] for s in runs]).to(st.params[k].dtype)
+            shape = (-1, *([1] * (g.dim() - 1)))
+            clipped = scale.to(g.dtype).reshape(shape) if meta.clip is not None else 1.0
+            g = g * clipped
+            lr = meta.lr * self.lr_scale()[k].to(g.dtype)
+            l1 = None  # the proximal threshold's lambda, clipped with the loss gradient (as the subgradient's is)
+            if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
+                l1 = meta.l1 * clipped
+            p, m, v = adam_step(st.params[k][idx], g, st.m[k][idx], st.v[k][idx], steps.to(g.dtype).reshape(shape),
+                                lr, meta.betas, meta.eps, l1=l1)  # fmt: skip
+            ok &= torch.isfinite(p).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
+            new[k] = (m, v, p)
+        keep = idx[ok]
+        for k, (m, v, p) in new.items():
+            st.m[k][keep] = m[ok]
+            st.v[k][keep] = v[ok]
+            st.params[k][keep] = p[ok]
+        st.steps[keep] = steps[ok]
+        return {s for s, o in zip(runs, ok.tolist()) if o}
+
+    def _row(self, st, t, s, res: InnerResult, i: int, skipped: bool, grad_norm: float, l1: float, seconds: float):
+        """The metrics row of run ``s`` at meta-step ``t`` (``res`` rows ``i*B .. (i+1)*B``)."""
+        B = self.p.B
+        sl = slice(i * B, (i + 1) * B)
+        with torch.no_grad():
+            query = float(res.loss[sl].detach().double().mean())
+            acc = float(res.accuracy[sl].double().mean())
+        row = {
+            "step": t + 1,
+            "run": s,
+            "seed": self.p.seeds[s],
+            "meta_loss": query + l1,
+            "query_loss": query,
+            "l1": l1,
+            "meta_accuracy": acc,
+            "skipped": int(skipped),
+            "diverged": int(res.diverged[sl].sum()),
+            "grad_norm": grad_norm,
+        }
+        if res.angles.numel():
+            ang = res.angles[sl].double()
+            for layer in range(ang.shape[1]):
+                row[f"angle.{layer + 1}"] = float(torch.nanmean(ang[:, layer])) if ang.shape[0] else float("nan")
+        if res.ew.numel():
+            ew = res.ew[sl].double()
+            for layer in range(ew.shape[1]):
+                row[f"ew.{layer + 1}"] = float(torch.nanmean(ew[:, layer])) if ew.shape[0] else float("nan")
+        row.update(self.p.learner.columns(st.params, s))
+        row["seconds"] = seconds
+        return row
