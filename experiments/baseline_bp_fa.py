@@ -21,7 +21,7 @@ import torch
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.evaluate import seed_episodes
-from rulesearch.inner.loop import run_episodes
+from rulesearch.inner import run_episodes
 from rulesearch.io.stats import bootstrap_ci
 from rulesearch.lang.pools import f0
 from rulesearch.networks.feedforward import DIGITS, PAPER, Network

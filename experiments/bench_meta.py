@@ -7,7 +7,7 @@ memory per episode ((child peak RSS - baseline) / B, the peak reset after the wa
 allocator peak), for
 
 * ``naive``: :func:`rulesearch.reference.seed_loop.seed_meta_gradient` (one episode at a time),
-* ``fast``: :func:`rulesearch.inner.loop.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
+* ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
 * ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
 
 at B in {1, 8, 32}, with the fast/naive speed-up, fast/floor time ratio and fast/naive memory ratio. The fast/floor
@@ -90,7 +90,7 @@ def _child(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     from rulesearch.compile.compiler import compile_rule
-    from rulesearch.inner.loop import run_episodes
+    from rulesearch.inner import run_episodes
     from rulesearch.lang.pools import named_rule
     from rulesearch.networks.feedforward import Network
     from rulesearch.reference.seed_loop import seed_meta_gradient

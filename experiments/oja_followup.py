@@ -27,7 +27,7 @@ import torch
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.evaluate import seed_episodes
-from rulesearch.inner.loop import run_episodes
+from rulesearch.inner import run_episodes
 from rulesearch.io.stats import bootstrap_ci
 from rulesearch.lang.pools import oja
 from rulesearch.networks.feedforward import DIGITS, Network

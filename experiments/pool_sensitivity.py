@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from rulesearch.compile.compiler import compile_rule
-from rulesearch.inner.loop import run_episodes
+from rulesearch.inner import run_episodes
 from rulesearch.lang.pools import pool
 from rulesearch.networks.feedforward import DIGITS, PAPER, Network, init_params
 from rulesearch.tasks.data import load_dataset

@@ -98,7 +98,7 @@ class EvalConfig(Config):
 
 
 def rule_params(rule, n_layers: int, theta0: float = 1e-3, dtype=torch.float64, device=None):
-    """The ``update`` and ``params`` for :func:`rulesearch.inner.loop.run_episodes` of a trained rule object.
+    """The ``update`` and ``params`` for :func:`rulesearch.inner.run_episodes` of a trained rule object.
 
     A rule without trained values gets ``theta0`` for its first term and 0 for the others (with a warning).
     """
@@ -244,15 +244,15 @@ def evaluate(
 
 def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, device=None):
     """Episodes ``(s, 0, k)``, ``k < episodes``, of every seed ``s`` as one batch (rows ordered by seed, then k):
-    ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.loop.run_episodes`."""
+    ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`."""
     return stack_episodes(sampler, net, [(s, 0, range(episodes)) for s in seeds], dtype, device)
 
 
 def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:
     import pandas as pd
 
-    from .inner.loop import f0 as f0_update
-    from .inner.loop import run_episodes
+    from .inner import f0 as f0_update
+    from .inner import run_episodes
 
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     device = resolve_device(cfg.device)

@@ -11,7 +11,7 @@ where the features :math:`\phi_f` are signals of the synapse: pre-synaptic (:mat
 starts at zero, so a fresh neural rule is exactly :math:`F^0` and meta-learning bends it from there. Without the
 contraction features (:math:`(W^\top y)_j`) the rule cannot express Oja's subspace term.
 
-A :class:`NeuralRule` follows the update protocol of :mod:`rulesearch.inner.loop` (``needs``, ``states``,
+A :class:`NeuralRule` follows the update protocol of :mod:`rulesearch.inner` (``needs``, ``states``,
 ``__call__(signals, params) -> dW``), so the same inner loop and meta-trainer run it. Its parameters are a dict of
 tensors (see :meth:`NeuralRule.init_params`), each optionally with a leading episode dimension ``B`` (one
 parameter set per episode: independent runs trained as one batch).

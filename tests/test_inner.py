@@ -1,4 +1,4 @@
-"""Tests of rulesearch.inner.loop: the online inner loop against autograd, batching, meta-gradients, protocol."""
+"""Tests of rulesearch.inner: the online inner loop against autograd, batching, meta-gradients, protocol."""
 
 import dataclasses
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError, DivergenceError, ShapeError, SignalError
-from rulesearch.inner.loop import (
+from rulesearch.inner import (
     F0,
     InnerResult,
     baselines,

@@ -7,8 +7,8 @@ import torch
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError, DivergenceError
-from rulesearch.inner import loop as inner
-from rulesearch.inner.loop import _low_rank_of, run_episodes
+from rulesearch.inner import adjoint, matrices, run_episodes
+from rulesearch.inner.lowrank import _low_rank_of
 from rulesearch.lang.pools import bio, f0, oja, pool
 from rulesearch.lang.rule import Rule, Term
 from rulesearch.lang.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
@@ -110,8 +110,8 @@ def test_adjoint_large_layer_paths(monkeypatch, rule, feedback, every):
     recursion and the weights reversed lazily (3 steps pending at most; bp and sign feedback read them too) equal
     autograd, for bio, the pool's constant decay, a decay with a global factor (one per step), per-episode
     coefficients and a decay by ``e^T W x`` (the step's pre-activation), with and without outer products."""
-    monkeypatch.setattr(inner, "_BIG_LAYER", 0)
-    monkeypatch.setattr(inner, "_SEGMENT", 3)
+    monkeypatch.setattr(adjoint, "_BIG_LAYER", 0)
+    monkeypatch.setattr(adjoint, "_SEGMENT", 3)
     net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
     shape = (3, pool.n_params) if rule == "per_episode" else None
     rule = {
@@ -132,7 +132,7 @@ def test_adjoint_coefficient_gradient_buffer(monkeypatch, rule, buffer):
     numbers), equals autograd: bio folds M into Vt; ``post`` (as many post as pre vectors, layers with more inputs
     than outputs) into U; per-episode coefficients (B, J, D); the pool's M = g M_j (global factors: outer products
     g^T dM summed over steps and episodes, or per episode) and its constant decay (da summed after the sweep)."""
-    monkeypatch.setattr(inner, "_COEF_BUFFER", buffer)
+    monkeypatch.setattr(matrices, "_COEF_BUFFER", buffer)
     net, batch = Network(sizes=SIZES), _batch()
     post_rule = Rule((Term("F0", -err * pre), Term("F1", -post * pre_err), Term("F2", -err * pre_err)), "post")
     rule, shape = {"bio": (bio, None), "post": (post_rule, None), "per_episode": (bio, (3, bio.n_params)),
@@ -159,7 +159,7 @@ def test_adjoint_hand_vjps_beside_autograd():
         ),
         "mixed",
     )
-    lr, why = inner._low_rank_of(compile_rule(rule))
+    lr, why = _low_rank_of(compile_rule(rule))
     assert lr is not None, why
     vjps = [lr.rule._comp.vjps[ref[1]] for ref in lr.g_refs]
     assert sum(v is not None for v in vjps) >= 4 and None in vjps

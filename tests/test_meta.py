@@ -149,7 +149,7 @@ def test_proximal_threshold_is_clipped_with_the_gradient():
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_term_scale_rms_equalizes_each_terms_step(per_layer):
     from rulesearch.compile.compiler import compile_rule
-    from rulesearch.inner.loop import run_episodes
+    from rulesearch.inner import run_episodes
 
     meta = tiny_meta(episodes=1, term_scale="rms", per_layer=per_layer, l1=0.0)
     fitted = search(meta=meta).fit()

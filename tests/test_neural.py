@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rulesearch.errors import ConfigError, ShapeError
-from rulesearch.inner.loop import run_episodes
+from rulesearch.inner import run_episodes
 from rulesearch.networks.feedforward import Network
 from rulesearch.neural import DEFAULT_FEATURES, FEATURES, NeuralRule
 from rulesearch.train import MetaConfig, NetworkConfig, NeuralConfig, RuleSearch, TaskConfig, load_rule

@@ -7,7 +7,7 @@ import torch
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError
-from rulesearch.inner.loop import run_episodes
+from rulesearch.inner import run_episodes
 from rulesearch.lang.pools import bio, pool
 from rulesearch.networks.feedforward import Network
 from rulesearch.reference.seed_loop import seed_meta_gradient

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..compile.compiler import compile_rule
-from ..inner.loop import run_episodes
+from ..inner import run_episodes
 from ..lang.rule import Rule
 from .base import formula_to_rule
 
@@ -165,7 +165,7 @@ def closed_loop(
     distilled : Rule, sympy.Expr, or sequence of them
         The distilled rule (with values) or formula; a sequence gives one per layer (None keeps the original there).
     update, params :
-        The original update object(s) and parameters, as for :func:`~rulesearch.inner.loop.run_episodes`.
+        The original update object(s) and parameters, as for :func:`~rulesearch.inner.run_episodes`.
     net, batch :
         The network and fresh episodes (not those the samples came from).
     layers : sequence of int, optional

@@ -1,6 +1,6 @@
 r"""Sample the local signals and the resulting updates while a network learns.
 
-:class:`SampleCollector` is an ``observe`` callback for :func:`~rulesearch.inner.loop.run_episodes`. At every step
+:class:`SampleCollector` is an ``observe`` callback for :func:`~rulesearch.inner.run_episodes`. At every step
 and layer it sees the detached signals and :math:`\Delta W` ``(B, n_post, n_pre)`` and
 
 1. advances its own copies of the declared state signals (traces, BCM threshold, reward baseline), so the
@@ -50,7 +50,7 @@ import torch
 
 from ..compile.compiler import TorchCompiler, compile_rule
 from ..errors import ConfigError, DivergenceError, ShapeError
-from ..inner.loop import SIGNALS, run_episodes
+from ..inner import SIGNALS, run_episodes
 from ..lang.grammar import Grammar
 from ..lang.rule import Rule, Term
 from ..lang.signals import BASE_SIGNALS, Signal, base_needs, expand_derived, signals_in
@@ -297,7 +297,7 @@ def collect_samples(
     Parameters
     ----------
     net, batch, update, params :
-        As for :func:`~rulesearch.inner.loop.run_episodes` (``update`` may be any update object, e.g. a compiled rule
+        As for :func:`~rulesearch.inner.run_episodes` (``update`` may be any update object, e.g. a compiled rule
         or a neural rule; ``params`` its parameters).
     grammar : Grammar, optional
         Record every atom the grammar uses (default ``Grammar.classic()`` when neither ``grammar`` nor

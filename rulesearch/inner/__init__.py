@@ -1,0 +1,19 @@
+"""The online inner loop: a plan of the signals, the autograd step, the fast path with its hand-written adjoint, and
+baselines. :func:`run_episodes` is the entry point."""
+
+from .baselines import F0, KolenPollack, baselines, f0, kolen_pollack, run_baseline
+from .loop import InnerResult, run_episodes
+from .plan import REWARDS, SIGNALS
+
+__all__ = [
+    "SIGNALS",
+    "REWARDS",
+    "InnerResult",
+    "run_episodes",
+    "F0",
+    "f0",
+    "KolenPollack",
+    "kolen_pollack",
+    "run_baseline",
+    "baselines",
+]

@@ -307,7 +307,7 @@ def init_params(
 
 def stack_episodes(sampler, net: Network, items, dtype=torch.float32, device=None):
     """Episodes ``(seed, t, k)`` for ``k in ks`` of every ``(seed, t, ks)`` in ``items``, as one batch (rows in that
-    order): ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.loop.run_episodes`, the tasks drawn by
+    order): ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`, the tasks drawn by
     ``sampler`` (a :class:`~rulesearch.tasks.episodes.TaskSampler`) and the initial weights by :func:`init_params`."""
     batches = [sampler.sample(seed, t, ks) for seed, t, ks in items]
     inits = [init_params(net, seed, t, ks, dtype=dtype) for seed, t, ks in items]

@@ -1,5 +1,5 @@
 r"""The seed code's meta-training algorithm, kept naive on purpose: the test oracle and benchmark baseline of
-:func:`rulesearch.inner.loop.run_episodes`.
+:func:`rulesearch.inner.run_episodes`.
 
 What makes it naive (Shervani-Tabar & Rosenbaum 2023, Alg. 1 and the public code):
 
@@ -152,7 +152,7 @@ def seed_meta_gradient(
     """Meta-gradient of the mean query loss over the episodes of ``batch``, the seed code's way.
 
     Episode ``b`` starts from ``init_params(net, seed, t, [ks[b]])`` (the same weights as
-    :func:`rulesearch.inner.loop.run_episodes`); ``seed, t, ks`` default to the batch's own.
+    :func:`rulesearch.inner.run_episodes`); ``seed, t, ks`` default to the batch's own.
     """
     if net.activation != "softplus" or net.loss != "ce" or net.feedback not in ("fa", "bp"):
         raise ConfigError(

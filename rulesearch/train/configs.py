@@ -229,7 +229,7 @@ class MetaConfig(Config):
     method: str = option(
         "auto",
         help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
-        "'adjoint' or 'autograd' (see rulesearch.inner.loop.run_episodes).",
+        "'adjoint' or 'autograd' (see rulesearch.inner.run_episodes).",
         choices=("auto", "adjoint", "autograd"),
     )
     segment: int | None = option(

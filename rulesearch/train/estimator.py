@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DivergenceError, NotFittedError, RunDirectoryError
-from ..inner.loop import run_episodes
+from ..inner import run_episodes
 from ..io.runs import RunDir, run_path
 from ..io.stats import bootstrap_ci
 from ..lang.rule import NetworkRule, Rule
@@ -421,7 +421,7 @@ class RuleSearch:
 
     def _compare(self, state: TrainState, problem: Problem) -> dict:
         """f0 under fa and under bp on the episodes of the first and last 10% of meta-steps (no gradients)."""
-        from ..inner.loop import f0 as f0_update
+        from ..inner import f0 as f0_update
 
         lr = self.compare_lr()
         first, last = self._windows(state.t)

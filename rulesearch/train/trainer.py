@@ -1,7 +1,7 @@
 r"""The meta-trainer: meta-learn a plasticity rule by backpropagating through the unrolled online inner loop.
 
 For every meta-step ``t`` each run ``s`` draws ``B`` (``meta_batch``) fresh episodes ``(seed_s, t, k)``, adapts a
-fresh network on each with the rule (:func:`rulesearch.inner.loop.run_episodes`), and takes one Adam step on
+fresh network on each with the rule (:func:`rulesearch.inner.run_episodes`), and takes one Adam step on
 
 .. math::
 
@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RunDirectoryError
-from ..inner.loop import InnerResult, run_episodes
+from ..inner import InnerResult, run_episodes
 from .distributed import (
     all_reduce_sum,
     gather_objects,

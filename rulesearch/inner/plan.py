@@ -1,0 +1,176 @@
+"""The plan of an inner-loop run: what every layer's updates need, decided once per run.
+
+The signals a step computes are those some update (or observer) declares in ``needs``; errors are propagated only
+as deep as some update reads them. A missing signal raises a :class:`~rulesearch.errors.SignalError` that says how to
+get it computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError, SignalError
+
+__all__ = ["SIGNALS", "REWARDS"]
+
+
+SIGNALS = frozenset({"pre", "post", "err", "pre_err", "w", "fb", "mod", "reward", "loss"})
+"""The base signals an update may declare in ``needs``."""
+
+
+REWARDS = ("correct", "neg_loss")
+
+
+class _Signals(dict):
+    """A signal dict whose missing keys raise a :class:`SignalError` that says how to get them computed."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        raise SignalError(
+            f"Signal {key!r} was not computed at this step (computed: {sorted(self)}). The inner loop "
+            f"computes only the signals an update declares: add {key!r} to the `needs` of the update (or "
+            f"observer) that reads it. Base signals: {sorted(SIGNALS)}."
+        )
+
+
+# ---- plan: everything decided once per run -----------------------------------------------------------------
+
+
+def _per_layer(obj, n: int, name: str) -> list:
+    if isinstance(obj, (list, tuple)):
+        if len(obj) != n:
+            raise ConfigError(
+                f"{name} is a {type(obj).__name__} of length {len(obj)}; a sequence means one entry per "
+                f"layer and the network has {n} layers. Pass one shared object (not wrapped in a list/tuple) "
+                f"or {n} entries."
+            )
+        return list(obj)
+    return [obj] * n
+
+
+def _needs(obj, what: str) -> frozenset:
+    needs = getattr(obj, "needs", None)
+    if needs is None:
+        raise ConfigError(
+            f"{what} {obj!r} has no `needs` attribute; an update object must expose `needs` (a frozenset of "
+            f"signal names from {sorted(SIGNALS)}), optionally `states`, and `__call__(signals, params)`."
+        )
+    needs = frozenset(needs)
+    for spec in getattr(obj, "states", ()):
+        needs |= frozenset(getattr(spec, "needs", ()))
+    unknown = needs - SIGNALS
+    if unknown:
+        raise SignalError(f"{what} needs unknown signal(s) {sorted(unknown)}; base signals are {sorted(SIGNALS)}.")
+    return needs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    updates: list
+    params: list
+    specs: list  # per layer: tuple of state specs of the forward update
+    fb_updates: list | None
+    fb_params: list | None
+    fb_specs: list
+    needs: list  # per layer: frozenset of computed base signals
+    err_layers: tuple  # error indices to compute below L (descending)
+    mat_layers: tuple  # layers whose feedback matrix is needed
+    any_err: bool
+    need_loss: bool
+    need_correct: bool
+    need_reward: bool
+    need_mod: bool
+
+
+def _make_plan(net, update, params, feedback_update, feedback_params, observe, reward, modulator, regression):
+    n = net.n_layers
+    updates = _per_layer(update, n, "update")
+    params_l = _per_layer(params, n, "params")
+    for i, u in enumerate(updates):
+        if not callable(u):
+            raise ConfigError(f"update for layer {i} is not callable: {u!r}.")
+    needs = [_needs(u, f"update of layer {i}") for i, u in enumerate(updates)]
+    specs = [tuple(getattr(u, "states", ())) for u in updates]
+    fb_updates = fb_params = None
+    fb_specs = [()] * n
+    if net.feedback == "plastic":
+        if feedback_update is None:
+            raise ConfigError(
+                "feedback='plastic' needs a feedback_update (and feedback_params) that returns dfb in W's "
+                "layout (B, n_post, n_pre), e.g. feedback_update=kolen_pollack, "
+                "feedback_params=torch.tensor([lr, decay])."
+            )
+        fb_updates = _per_layer(feedback_update, n, "feedback_update")
+        fb_params = _per_layer(feedback_params, n, "feedback_params")
+        for i, u in enumerate(fb_updates):
+            if not callable(u):
+                raise ConfigError(f"feedback_update for layer {i} is not callable: {u!r}.")
+            needs[i] = needs[i] | _needs(u, f"feedback_update of layer {i}")
+        fb_specs = [tuple(getattr(u, "states", ())) for u in fb_updates]
+    elif feedback_update is not None:
+        raise ConfigError(
+            f"feedback_update is only used with Network(feedback='plastic'); this network has feedback="
+            f"{net.feedback!r}. Drop feedback_update or use dataclasses.replace(net, feedback='plastic')."
+        )
+    if observe is not None:
+        obs = frozenset(getattr(observe, "needs", ()))
+        if obs - SIGNALS:
+            raise SignalError(f"observer needs unknown signal(s) {sorted(obs - SIGNALS)}; base: {sorted(SIGNALS)}.")
+        needs = [nd | obs for nd in needs]
+    for i in range(n):
+        names = [s.name for s in specs[i] + fb_specs[i]]
+        clash = {x for x in names if names.count(x) > 1} | (set(names) & SIGNALS)
+        if clash:
+            raise ConfigError(
+                f"layer {i}: state name(s) {sorted(clash)} repeat or shadow a base signal; give every "
+                f"derived signal a unique name outside {sorted(SIGNALS)}."
+            )
+    if net.feedback == "dfa":
+        bad = [i for i, nd in enumerate(needs) if "fb" in nd]
+        if bad:
+            raise SignalError(
+                f"An update needs the signal 'fb' (layers {bad}) but feedback mode 'dfa' has no per-layer "
+                f"feedback matrix in W's layout (D_l maps e_L directly to e_l). Use feedback='fa', 'sign' or "
+                f"'plastic', or a rule without fb terms."
+            )
+    wanted = set()
+    for i, nd in enumerate(needs):
+        if "err" in nd:
+            wanted.add(i + 1)
+        if "pre_err" in nd:
+            wanted.add(i)
+    any_err = bool(wanted)
+    below = sorted((j for j in wanted if j < n), reverse=True)
+    if net.feedback == "dfa":
+        err_layers = tuple(below)
+    else:
+        err_layers = tuple(range(n - 1, below[-1] - 1, -1)) if below else ()
+    fb_signal = tuple(i for i, nd in enumerate(needs) if "fb" in nd)
+    mat_layers = tuple(sorted(set(err_layers) | set(fb_signal)))
+    if reward not in REWARDS:
+        raise ConfigError(f"Unknown reward {reward!r}; allowed: {', '.join(map(repr, REWARDS))}.")
+    need_mod = any("mod" in nd for nd in needs)
+    need_reward = any("reward" in nd for nd in needs) or need_mod
+    if need_reward and reward == "correct" and regression:
+        raise ConfigError(
+            "reward='correct' is undefined for float regression targets; pass reward='neg_loss' (reward = -loss)."
+        )
+    need_loss = any("loss" in nd for nd in needs) or (need_reward and (reward == "neg_loss" or modulator is not None))
+    need_correct = need_reward and reward == "correct"
+    return _Plan(
+        updates,
+        params_l,
+        specs,
+        fb_updates,
+        fb_params,
+        fb_specs,
+        needs,
+        err_layers,
+        mat_layers,
+        any_err,
+        need_loss,
+        need_correct,
+        need_reward,
+        need_mod,
+    )
