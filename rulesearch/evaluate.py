@@ -48,12 +48,11 @@ from .neural import NeuralRule
 from .train import (
     DiscoverConfig,
     NetworkConfig,
+    Problem,
     TaskConfig,
     load_feedback_rule,
     load_rule,
     pseudo_gradient_lr,
-    resolve_device,
-    resolve_feedback_rule,
     resolve_rule,
     threads,
 )
@@ -254,18 +253,14 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
     from .inner import f0 as f0_update
     from .inner import run_episodes
 
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    device = resolve_device(cfg.device)
-    dataset = task.load()
     side = "test" if cfg.classes == "held-out" else "train"
-    sampler = task.sampler(dataset, side)
-    net = network.build(dataset.n_features, sampler.n_outputs)
+    problem = Problem.of(task, network, side=side, dtype=cfg.dtype, device=cfg.device).load()
+    dtype, device, net = problem.dtype, problem.device, problem.net
     update, params = rule_params(rule, net.n_layers, cfg.theta0, dtype, device)
     plastic = {}
     if net.feedback == "plastic":
         if feedback_rule is None:
-            spec = network.feedback_rule_json if network.feedback_rule_json is not None else network.feedback_rule
-            feedback_rule = resolve_feedback_rule(spec)
+            feedback_rule = problem.feedback_rule()
         fb_update, fb_params = rule_params(feedback_rule, net.n_layers, cfg.theta0, dtype, device)
         plastic = {"feedback_update": fb_update, "feedback_params": fb_params}
     lr = cfg.baseline_lr
@@ -294,7 +289,7 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
             prm = [p.to(device) for p in prm]
         for i in range(0, len(seeds), per_chunk):
             chunk = seeds[i : i + per_chunk]
-            batch, weights, feedback = seed_episodes(sampler, mnet, chunk, E, dtype, device)
+            batch, weights, feedback = problem.batch([(s, 0, range(E)) for s in chunk], mnet)
             with torch.no_grad():
                 res = run_episodes(mnet, batch, upd, prm, weights, feedback, raise_on_divergence=False, **extra)
             acc = torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu()

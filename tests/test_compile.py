@@ -12,6 +12,7 @@ import pytest
 import sympy as sp
 import torch
 
+from rulesearch.compile import LowRank, WeightRef, low_rank_of
 from rulesearch.compile import compiler as compile_mod
 from rulesearch.compile.compiler import TORCH_FUNCTIONS, CompiledRule, RuleModule, TorchCompiler, compile_rule, lift
 from rulesearch.errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
@@ -237,9 +238,66 @@ def test_pool_compiles_to_one_fused_outer_product_group_and_one_weight_decay_gro
     """The structure the benchmark's speed and memory rest on: ten terms, six shared (u, v) columns in ONE batched
     product, and F3 = -W as a scale of the weights (no vectors)."""
     update = compile_rule(pool)
-    (outer, decay) = update._groups  # (synapse factor, columns, post vectors, pre vectors, constant scales)
-    assert outer[0] is None and len(outer[1]) == len(outer[2]) == len(outer[3]) == 6 and outer[4] is None
-    assert update._comp.role(decay[0]) == "synapse" and len(decay[1]) == 1 and decay[4] is not None
+    (outer, decay) = update._groups  # FactorGroup(synapse, cols, us, vs, consts)
+    assert outer.synapse is None and len(outer.cols) == len(outer.us) == len(outer.vs) == 6 and outer.consts is None
+    assert update._comp.role(decay.synapse) == "synapse" and len(decay.cols) == 1 and decay.consts is not None
+    s_ref, cols, us, vs, consts = decay  # still a tuple
+    assert s_ref == decay.synapse and consts is decay.consts
+
+
+GLOBAL_FACTORS = [
+    Term("ls", layer_sum(post) * err * pre),
+    Term("bl", bilinear(err, pre) * post * pre_err),
+    Term("m", mod * err * pre),
+    Term("d", -loss * w),
+]
+LOW_RANK = [
+    ("pool", pool),
+    ("global factors", Rule(GLOBAL_FACTORS)),
+    ("general", Rule.general(Constant("a") * err * pre + Constant("b") * sp.tanh(layer_sum(post)) * w, ["a", "b"])),
+]
+
+
+@pytest.mark.parametrize("per_episode", [False, True], ids=["shared", "per-episode"])
+@pytest.mark.parametrize("rule", [r for _, r in LOW_RANK], ids=[i for i, _ in LOW_RANK])
+def test_low_rank_form_reproduces_the_compiled_update(rule, per_episode, gen):
+    """``low_rank_of``'s factors give the compiled rule's ``dW = a W + U Vt`` (the fast path's view of a rule)."""
+    B, n_post, n_pre = 3, 5, 4
+    update = compile_rule(rule)
+    sig = make_signals(gen, B, n_post, n_pre, names=update.needs)
+    if rule.is_linear:
+        params = torch.randn((B, rule.n_params) if per_episode else (rule.n_params,), generator=gen, dtype=F64)
+    else:
+        shape = (B,) if per_episode else ()
+        params = {n: torch.randn(shape, generator=gen, dtype=F64) for n in ("a", "b")}
+    expected = update(sig, params)
+    lr, why = low_rank_of(update)
+    assert isinstance(lr, LowRank) and why == ""
+    like = sig["pre"]
+    params = lr.check_params(params, B, like)
+    wref = WeightRef(sig["w"])
+    f = lr.factors({**sig, "w": wref}, params, lr.coefficients(params, B, like), wref, B, n_post, n_pre, like)
+    assert f.U.shape[:2] == (B, n_post) and f.Vt.shape == (B, f.U.shape[2], n_pre)
+    dW = f.U @ f.Vt
+    if f.a is not None:
+        dW = dW + (f.a if f.a.dim() == 0 else f.a.reshape(-1, 1, 1)) * sig["w"]
+    assert dW.shape == expected.shape == (B, n_post, n_pre)
+    torch.testing.assert_close(dW, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ShapeError):
+        lr.check_params(params[..., :-1] if rule.is_linear else {n: p.to(torch.float32) for n, p in params.items()},
+                        B, like)  # fmt: skip
+
+
+def test_low_rank_of_explains_why_not():
+    """Stateful derived signals, a synapse factor times outer products and non-compiled updates have no low-rank
+    form; the reason says why (the weights used other than by a matrix-vector product raise NotLowRank)."""
+    lr, why = low_rank_of(compile_rule(Rule([Term("t", trace(pre, tau=5) * err)])))
+    assert lr is None and "states" in why
+    lr, why = low_rank_of(compile_rule(Rule([Term("t", w * err * pre)])))
+    assert lr is None and "NotLowRank" in why and "synapse factor" in why
+    lr, why = low_rank_of(compile_rule(Rule([Term("t", sp.tanh(w))])))
+    assert lr is None and "NotLowRank" in why
+    assert low_rank_of(lambda s, p: None) == (None, "update function is not a CompiledRule")
 
 
 NEEDS = [

@@ -631,6 +631,30 @@ def trained_run(tmp_path):
     return tmp_path / "run", search
 
 
+@pytest.mark.parametrize("split", ["all", "0.5"])
+def test_distill_run_assembly_equals_the_hand_assembly(tmp_path, split):
+    """distill_run's network and episodes (a Problem of the run's config) equal the assembly it made itself before:
+    the run's dataset, the held-out classes of a class split, the network sized by the data."""
+    from rulesearch.distill.pipeline import _context
+    from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+
+    task = TaskConfig(dataset="digits", M=3, K=2, Q=2, split=split)
+    network = NetworkConfig(feedback="fa")
+    meta = MetaConfig(episodes=1, l1=0.0, compare=False)
+    RuleSearch("f0", network, task, meta, out=tmp_path / "run", progress=False).fit()
+    _, _, net, sampler, run_kwargs = _context(tmp_path / "run")
+    dataset = task.load()
+    want = task.sampler(dataset, "train" if split == "all" else "test")
+    assert net == network.build(dataset.n_features, want.n_outputs)
+    assert sampler.classes == want.classes and run_kwargs == {"divergence_bound": meta.divergence_bound}
+    if split != "all":
+        assert set(sampler.classes) == set(task.classes(dataset, "test"))
+    for t in (1_000_000, 1_000_001):
+        got, ref = sampler.sample(0, t, range(3)), want.sample(0, t, range(3))
+        for name in ("x_train", "y_train", "x_query", "y_query"):
+            assert torch.equal(getattr(got, name), getattr(ref, name))
+
+
 def test_distill_run_writes_outputs(trained_run):
     from rulesearch.distill.pipeline import distill_run
 

@@ -1,16 +1,21 @@
 """Tests of rulesearch.evaluate: rule vs f0 baselines on fresh tasks with bootstrap intervals."""
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import ConfigError
 from rulesearch.evaluate import EvalConfig, evaluate, evaluate_spec, rule_params
+from rulesearch.inner import f0 as f0_update
+from rulesearch.inner import run_episodes
 from rulesearch.lang.pools import bio, f0
 from rulesearch.lang.rule import NetworkRule
-from rulesearch.train import MetaConfig, NetworkConfig, RuleSearch, TaskConfig
+from rulesearch.networks.feedforward import stack_episodes
+from rulesearch.train import MetaConfig, NetworkConfig, Problem, RuleSearch, TaskConfig
 
 TASK = TaskConfig(dataset="teacher", options={"n_in": 6, "n_classes": 4, "n_samples": 300}, M=3, K=4, Q=3)
 NET = NetworkConfig(sizes=(6, 5, 4))
@@ -88,3 +93,55 @@ def test_named_rule_spec():
         ev, target = evaluate_spec("f0", network={"sizes": (6, 5, 4)}, task=TASK.to_dict(), config=CFG)
     assert target is None and len(ev.table) == 3
     assert torch.isfinite(torch.tensor(ev.table.accuracy.to_numpy())).all()
+
+
+def _by_hand(task, network, side, items, dtype=torch.float64, feedback=None):
+    """The assembly evaluate used before Problem: dataset -> sampler -> network (sized by the data) -> episodes."""
+    dataset = task.load()
+    sampler = task.sampler(dataset, side)
+    net = network.build(dataset.n_features, sampler.n_outputs)
+    if feedback is not None:
+        net = dataclasses.replace(net, feedback=feedback)
+    return net, stack_episodes(sampler, net, items, dtype)
+
+
+@pytest.mark.parametrize(
+    "task,network,side",
+    [
+        (TASK, NET, "train"),
+        (TASK.replace(split="0.5", M=2), NET, "test"),
+        (TaskConfig(dataset="digits", M=3, K=2, Q=2), NetworkConfig(feedback="bp"), "train"),  # sized by the data
+    ],
+)
+def test_problem_episodes_equal_the_hand_assembly(task, network, side):
+    items = [(10_000 + i, 0, range(2)) for i in range(3)]
+    problem = Problem.of(task, network, side=side, dtype="float64")
+    for feedback in (None, "fa", "bp"):  # the rule's network and the baselines'
+        net, want = _by_hand(task, network, side, items, feedback=feedback)
+        mine = problem.net if feedback is None else dataclasses.replace(problem.net, feedback=feedback)
+        assert mine == net
+        got = problem.batch(items, mine)
+        for a, b in zip([*want[0], *want[1], *want[2]], [*got[0], *got[1], *got[2]]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_evaluation_numbers_equal_the_hand_assembly():
+    """Per-seed accuracy and loss of evaluate equal run_episodes on the hand-assembled episodes (same numbers)."""
+    rule = bio.with_values([0.05, -0.01, 0.001])
+    task = TASK.replace(split="0.5", M=2)
+    ev = evaluate(rule, network=NET, task=task, config=CFG.replace(classes="held-out"))
+    seeds = [CFG.seed + i for i in range(CFG.seeds)]
+    items = [(s, 0, range(CFG.episodes)) for s in seeds]
+    for method, feedback, update, params in [
+        ("rule (fa)", None, compile_rule(rule), torch.tensor(rule.values, dtype=torch.float64)),
+        ("f0 (bp)", "bp", f0_update, torch.tensor(ev.info["baseline_lr"], dtype=torch.float64)),
+    ]:
+        net, (batch, weights, fb) = _by_hand(task, NET, "test", items, feedback=feedback)
+        with torch.no_grad():
+            res = run_episodes(net, batch, update, params, weights, fb, raise_on_divergence=False)
+        ps = ev.per_seed[ev.per_seed.method == method]
+        acc = res.accuracy.double().reshape(len(seeds), -1).mean(1)
+        loss = res.loss.double().reshape(len(seeds), -1).mean(1)
+        assert not res.diverged.any()
+        np.testing.assert_array_equal(ps.accuracy.to_numpy(), acc.numpy())
+        np.testing.assert_array_equal(ps.loss.to_numpy(), loss.numpy())

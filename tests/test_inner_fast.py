@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rulesearch.compile.compiler import compile_rule
+from rulesearch.compile import compile_rule, low_rank_of
 from rulesearch.errors import ConfigError, DivergenceError
 from rulesearch.inner import adjoint, matrices, run_episodes
-from rulesearch.inner.lowrank import _low_rank_of
 from rulesearch.lang.pools import bio, f0, oja, pool
 from rulesearch.lang.rule import Rule, Term
 from rulesearch.lang.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
@@ -159,9 +158,9 @@ def test_adjoint_hand_vjps_beside_autograd():
         ),
         "mixed",
     )
-    lr, why = _low_rank_of(compile_rule(rule))
+    lr, why = low_rank_of(compile_rule(rule))
     assert lr is not None, why
-    vjps = [lr.rule._comp.vjps[ref[1]] for ref in lr.g_refs]
+    vjps = lr.global_vjps
     assert sum(v is not None for v in vjps) >= 4 and None in vjps
     for feedback in ("fa", "bp"):
         net, batch = Network(sizes=SIZES, feedback=feedback), _batch()
@@ -259,9 +258,9 @@ def test_auto_falls_back_and_adjoint_explains():
         def __call__(self, s, p):
             return -p * s["err"][:, :, None] * s["pre"][:, None, :]
 
-    lr, why = _low_rank_of(Plain())
+    lr, why = low_rank_of(Plain())
     assert lr is None and "CompiledRule" in why
-    assert _low_rank_of(compile_rule(pool))[0] is not None
+    assert low_rank_of(compile_rule(pool))[0] is not None
     net, batch = Network(sizes=SIZES), _batch()
     p = torch.tensor(0.1, dtype=F64, requires_grad=True)
     res = run_episodes(net, batch, Plain(), p, seed=0)  # auto: autograd path

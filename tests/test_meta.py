@@ -265,6 +265,41 @@ def test_from_run_roundtrip(tmp_path):
     assert "95% interval" in export_run(tmp_path / "run", "markdown")
 
 
+def _refuse_data(monkeypatch):
+    """Make every way of loading a dataset raise."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(TaskConfig, "load", refuse)
+    monkeypatch.setattr("rulesearch.tasks.data.load_dataset", refuse)
+    monkeypatch.setattr("rulesearch.train.configs.load_dataset", refuse)
+
+
+@pytest.mark.parametrize("recorded_sizes", [True, False], ids=["sizes-in-manifest", "old-run"])
+def test_from_run_reads_no_data(tmp_path, monkeypatch, recorded_sizes):
+    """Reloading a run whose network is sized by its dataset reads no data: the learner needs only the layer count,
+    the network's sizes are in the manifest (runs made before they were recorded: sized on first use)."""
+    task = TaskConfig(dataset="digits", M=3, K=2, Q=2)
+    s = search("bio", tiny_meta(episodes=2, runs=2), task=task, network=NetworkConfig(), out=tmp_path / "run").fit()
+    run = RunDir.open(tmp_path / "run")
+    assert run.manifest()["network_sizes"] == [64, 170, 130, 100, 70, 10]
+    if not recorded_sizes:
+        manifest = run.manifest()
+        del manifest["network_sizes"]
+        run.write_json("manifest.json", manifest)
+    _refuse_data(monkeypatch)
+    r = RuleSearch.from_run(tmp_path / "run")
+    assert torch.equal(r.theta_, s.theta_) and r.theta_.shape == (2, 3)
+    assert deterministic(r.history_).equals(deterministic(s.history_))
+    assert r.to_json() == s.to_json() and r.summary_["steps"] == 2
+    if recorded_sizes:  # the network from the manifest: the report needs no data either
+        assert r._problem.net.sizes == (64, 170, 130, 100, 70, 10)
+        assert "rule (fa)" in r.report()
+    with pytest.raises(AssertionError, match="the dataset was read"):
+        r.term_shares()  # runs episodes: that needs the data
+
+
 def test_existing_run_refused_without_resume(tmp_path):
     search(meta=tiny_meta(episodes=2), out=tmp_path / "run").fit()
     with pytest.raises(RunDirectoryError, match="resume"):

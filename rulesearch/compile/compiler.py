@@ -46,6 +46,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import sympy as sp
 import torch
@@ -405,6 +406,18 @@ def _products(expr, r) -> list[_Product]:
     return out
 
 
+class FactorGroup(NamedTuple):
+    """The products of a compiled rule that share one synapse factor ``s``: ``dW += s * (U diag(C[cols]) V^T)``,
+    one column of ``C`` per distinct ``(u, v)`` pair, or ``dW += s * (C[cols] . consts)`` without vectors. Vectors
+    and factors are tape references, ``("slot", i)`` or ``("const", x)``."""
+
+    synapse: tuple | None  # the synapse factor's tape reference; None for 1 (the fused outer products)
+    cols: list[int]  # its columns of the coefficient matrix A
+    us: list[tuple]  # per column: the post vector
+    vs: list[tuple]  # per column: the pre vector
+    consts: torch.Tensor | None  # without vectors (all u, v constant): u * v per column, else None
+
+
 @dataclass(frozen=True)
 class StateSpec:
     """A derived signal carried across online steps: ``s = step(prev, signals)``; ``prev = init(signals)`` first."""
@@ -460,7 +473,7 @@ class CompiledRule:
         self._c = torch.tensor([p.c for p in prods], dtype=torch.float64)
         self._g = [(k, comp.slot(p.g)) for k, p in enumerate(prods) if p.g != 1]
         one = ("const", 1.0)
-        self._groups = []
+        self._groups: list[FactorGroup] = []
         col = 0
         for s, d in groups.items():
             cols = list(range(col, col + len(d)))
@@ -470,13 +483,13 @@ class CompiledRule:
             consts = None  # a group without vectors reduces to one scale per episode
             if all(u[0] == "const" for u in us) and all(v[0] == "const" for v in vs):
                 consts = torch.tensor([u[1] * v[1] for u, v in zip(us, vs)], dtype=torch.float64)
-            self._groups.append((None if s == 1 else comp.slot(s), cols, us, vs, consts))
+            self._groups.append(FactorGroup(None if s == 1 else comp.slot(s), cols, us, vs, consts))
             if s == 1:
                 comp.kinds.add("outer")
             else:
                 comp.kinds.add("synapse")
         # the fused outer products first: later groups accumulate into their result in place
-        self._groups.sort(key=lambda grp: grp[0] is not None)
+        self._groups.sort(key=lambda grp: grp.synapse is not None)
         self._comp = comp
 
         # states and needs

@@ -321,29 +321,23 @@ def distill_update(
 
 
 def _context(run_path: Path, dataset=None):
-    """Network, task sampler, dtype and run_episodes options from a run directory's config (meta.py format)."""
+    """The run directory, its config, network, task sampler and run_episodes options (a :class:`Problem` of the
+    run's config, on the CPU; episodes from the held-out classes when the task has a class split)."""
     from ..io.runs import RunDir
+    from ..train import DiscoverConfig, Problem
 
     run = RunDir.open(run_path)
-    cfg = run.config()
     try:
-        from ..train import DiscoverConfig
-    except ImportError as err:  # pragma: no cover - meta.py ships with the package
-        raise RunDirectoryError("Reading a run directory needs rulesearch.train.") from err
-    try:
-        dc = DiscoverConfig.from_dict(cfg)
+        dc = DiscoverConfig.from_dict(run.config())
     except ConfigError as err:
         raise RunDirectoryError(
             f"{run_path}/config.yaml is not a discovery config ({err}); pass net= and sampler= explicitly to "
             f"distill_update instead."
         ) from err
-    ds = dataset if dataset is not None else dc.task.load()
-    split = dc.task.split
-    side = "test" if split != "all" and ds.task == "classification" else "train"
-    sampler = dc.task.sampler(ds, side)
-    net = dc.network.build(ds.n_features, sampler.n_outputs)
+    side = "test" if dc.task.split != "all" else "train"  # no class split without classes: 'test' is 'train'
+    problem = Problem(dc, side=side, device=torch.device("cpu"), dataset=dataset).load()
     run_kwargs = {"divergence_bound": dc.meta.divergence_bound}
-    return run, dc, net, sampler, run_kwargs
+    return run, dc, problem.net, problem.sampler, run_kwargs
 
 
 def distill_run(

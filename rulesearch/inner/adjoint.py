@@ -8,20 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..networks.feedforward import (
-    _activate_backward,
-    _derivative,
-    _derivative_backward,
-    _feedback_mats,
-    _forward,
-    _input_derivative,
-    _output_backward,
-    _sample_loss,
-    _vecmat,
-)
-from .lowrank import _low_rank_of, _MatRef
+from ..batched import add
+from ..compile.lowrank import WeightRef, low_rank_of
+from ..networks.base import StepTrace
 from .matrices import (
-    _add,
     _backward,
     _beta,
     _coef_grad_of,
@@ -32,6 +22,7 @@ from .matrices import (
     _ReverseW,
     _SegmentG,
 )
+from .plan import correct_of, fill_signals
 
 # ---- the fast path: low-rank compiled rules, in-place online steps, a hand-written adjoint ---------------------
 #
@@ -42,18 +33,18 @@ from .matrices import (
 # * forward: the network's pass and errors run without autograd; the rule's tape runs under autograd from the
 #   step's signal tensors (leaves), giving the distinct post and pre vectors ``[u]``, ``[v]`` and global factors
 #   ``g`` of ``U V^T = [u] M [v]^T`` with ``M = g M_j`` (the ``M_j`` depend on the parameters only: once per run);
-#   ``U`` and ``V`` themselves are formed without autograd (:class:`_Factors`). That small vector graph is kept
+#   ``U`` and ``V`` themselves are formed without autograd (:class:`Factors`). That small vector graph is kept
 #   with the signals (a few vectors per step); exact weight snapshots are kept every ``checkpoint_every`` steps.
 # * backward, step ``s = N-1 .. 0``: the weights are reversed, ``W_s = (W_{s+1} - U V^T) / (1 + a)`` (or restored
 #   from a snapshot; large layers lazily, :class:`_ReverseW`); with ``G = dL/dW_{s+1}``: ``dU = G V``,
 #   ``dV = G^T U``, ``da = <G, W_s>`` (large layers: ``dU``, ``dV`` of 8 steps from one pass, :class:`_SegmentG`).
-#   The cotangents of ``[u]``, ``[v]``, ``g`` and ``M`` follow by hand (:meth:`_Factors.vector_cotangents`;
+#   The cotangents of ``[u]``, ``[v]``, ``g`` and ``M`` follow by hand (:meth:`Factors.vector_cotangents`;
 #   ``dL/dM_j`` summed over many steps by one bmm, :class:`_CoefGrad`); a global factor of leaves (a layer sum or
 #   bilinear form of signals) by its tape instruction's hand VJP (``TorchCompiler.vjps``); autograd carries only the
 #   other tape expressions' cotangents to the signals, whose gradients are carried back through the errors and the
-#   forward pass by hand (:meth:`_FastRun.network_vjp`). Every product of a weight matrix with a vector (``W y``,
-#   ``W^T e`` under bp, ``W^T y`` inside the rule) sends its weight gradient as a rank-1 factor, so
-#   ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
+#   forward pass by hand (the network's ``step_vjp``, :class:`~rulesearch.networks.AdjointNetwork`). Every product
+#   of a weight matrix with a vector (``W y``, ``W^T e`` under bp, ``W^T y`` inside the rule) sends its weight
+#   gradient as a rank-1 factor, so ``dL/dW_s = (1 + a) G + P Q^T`` is one more ``baddbmm_``.
 # * ``da = <G, W_s>`` on large layers needs no pass over ``G`` and ``W``: with ``c = <G_{s+1}, W_{s+1}>``,
 #   ``da_s = (c - <dV, V>) / (1 + a_s)`` (``dV = G^T U`` is at hand), and ``<G_s, W_s> = (1 + a_s) da_s +
 #   sum_r p_r^T W_s q_r``, where each rank-1 factor's ``p^T W_s q`` is a dot product of vectors the step already
@@ -64,19 +55,13 @@ from .matrices import (
 
 
 @dataclass(eq=False)
-class _Trace:
-    """What the forward sweep keeps of one online step for the adjoint: activities ``ys``, pre-activations ``zs``,
-    errors ``es`` (those that are signals are leaves of the rule's graph), per error index the feedback product
-    ``backs`` (not for ``e_0`` but under bp) and derivative ``ds`` it was made of, the sample loss, every layer's
-    factors ``(a, U, Vt)`` and the rule's logged products of signals (:class:`_MatRef`)."""
+class _Record:
+    """What the forward sweep keeps of one online step for the adjoint: the network's trace (its signal tensors are
+    the leaves of the rule's graph), every layer's factors ``(a, U, Vt)`` and the rule's logged products of signals
+    (:class:`WeightRef`)."""
 
-    ys: list
-    zs: list
-    es: list
-    backs: dict
-    ds: dict
-    loss: Tensor | None
-    facs: list | None = None
+    step: StepTrace
+    facs: list
     products: list = dataclasses.field(default_factory=list)
 
 
@@ -87,7 +72,6 @@ class _FastRun:
         self.net, self.plan, self.lows, self.x, self.target, self.labels = net, plan, lows, x, target, labels
         self.fbs, self.reward, self.tracker, self.snap_every = fbs, reward, tracker, snap_every
         self.b, self.n_steps = int(x.shape[0]), int(x.shape[1])
-        self.dx = _input_derivative(net, x) if 0 in plan.err_layers else None
         self.param_slots: list = []  # per layer: ("t", j) tensor, ("d", {name: j}) dict, ("v", value) other
         self.param_tensors: list[Tensor] = []
         nds = list(enumerate(plan.needs))  # the activities, errors and loss that are some layer's signal
@@ -124,38 +108,10 @@ class _FastRun:
         return out
 
     # ---- one step, all layers ------------------------------------------------------------------------------
-    def _network(self, s, ws) -> tuple[_Trace, Tensor | None]:
-        """The step's forward pass, loss and errors, without autograd (their adjoint is :meth:`network_vjp`);
-        also returns the correctness of the step's sample."""
-        net, plan, n = self.net, self.plan, self.net.n_layers
-        ys, zs = _forward(net, ws, self.x[:, s])
-        y_out, target = ys[-1], self.target[:, s]
-        loss = correct = None
-        if plan.need_loss or self.tracker.curves:
-            loss = _sample_loss(net, zs[-1], y_out, target)
-        if plan.need_correct or self.tracker.curves:
-            label = None if self.labels is None else self.labels[:, s]
-            correct = (
-                (y_out.argmax(-1) == label).to(y_out.dtype)
-                if label is not None
-                else torch.full_like(y_out[:, 0], float("nan"))
-            )
-        t = _Trace(ys, zs, [None] * (n + 1), {}, {}, loss)
-        if plan.any_err:
-            es = t.es
-            es[n] = y_out - target
-            mats = _feedback_mats(net, ws, self.fbs, plan.err_layers)
-            for i in plan.err_layers:
-                back = _vecmat(es[n] if net.feedback == "dfa" else es[i + 1], mats[i])
-                t.ds[i] = self.dx[:, s] if i == 0 else _derivative(net, ys[i], zs[i])
-                es[i] = back * t.ds[i]
-                if i > 0 or net.feedback == "bp":  # the adjoint's derivative backward (and bp's p^T W q)
-                    t.backs[i] = back
-        return t, correct
-
-    def _factors(self, t: _Trace, correct, wrefs, params, coefs, record: bool) -> list:
+    def _factors(self, t: StepTrace, correct, wrefs, params, coefs, products, record: bool) -> list:
         """Every layer's ``(a, U, Vt)``; under ``record`` the step's signal tensors become leaves of the rule's graph,
-        which is kept (in the factors) for the adjoint."""
+        which is kept (in the factors) for the adjoint, and the rule's products of signals are logged to
+        ``products``."""
         net, plan, b, x = self.net, self.plan, self.b, self.x
         with torch.set_grad_enabled(record):
             if record:
@@ -164,78 +120,20 @@ class _FastRun:
                 if plan.need_loss:  # a signal, or the reward -loss (the fast path has no modulator)
                     t.loss.requires_grad_()
                 for ref in wrefs:
-                    ref.log = t.products
+                    ref.log = products
             rew = None
             if plan.need_reward:
                 rew = correct if self.reward == "correct" else -t.loss
             facs = []
             for i in range(net.n_layers):
                 nd = plan.needs[i]
-                sig = {}
-                if "pre" in nd:
-                    sig["pre"] = t.ys[i]
-                if "post" in nd:
-                    sig["post"] = t.ys[i + 1]
-                if "err" in nd:
-                    sig["err"] = t.es[i + 1]
-                if "pre_err" in nd:
-                    sig["pre_err"] = t.es[i]
                 if "w" in nd:
-                    sig["w"] = wrefs[i]
                     wrefs[i].pre, wrefs[i].z = t.ys[i], t.zs[i + 1]
-                if "fb" in nd:
-                    sig["fb"] = wrefs[i] if net.feedback == "bp" else self.fbs[i]
-                if "reward" in nd:
-                    sig["reward"] = rew
-                if "loss" in nd:
-                    sig["loss"] = t.loss
-                if "mod" in nd:
-                    sig["mod"] = rew
+                fb = (wrefs[i] if net.fb_source(i) == "weight" else self.fbs[i]) if "fb" in nd else None
+                sig = fill_signals({}, nd, i, t.ys, t.es, wrefs[i], fb, rew, t.loss, rew)
                 n_post, n_pre = net.sizes[i + 1], net.sizes[i]
                 facs.append(self.lows[i].factors(sig, params[i], coefs[i], wrefs[i], b, n_post, n_pre, x))
         return facs
-
-    def network_vjp(self, s, t: _Trace, revs, sinks) -> None:
-        """Carry the gradients of step ``s``'s signal leaves (filled by the backward of its rule graph) back through
-        its errors and forward pass, by hand, at the weights ``revs`` of that step; each weight product sends its
-        weight gradient to ``sinks`` as a rank-1 factor ``(post, pre)`` and two vectors whose dot product is
-        ``post^T W pre``."""
-        net, plan, n = self.net, self.plan, self.net.n_layers
-        gy = [None] + [y.grad for y in t.ys[1:]]
-        ge = [None if e is None else e.grad for e in t.es]
-        # a rule's W x (see _MatRef.mv); an activity that is its pre-activation (linear) has it in gy already
-        gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
-        if plan.any_err:
-            fb_t = self.fb_t
-            if net.feedback == "sign":
-                ws = [r.dense() for r in revs]
-                fb_t = [
-                    None if m is None else m.transpose(1, 2) for m in _feedback_mats(net, ws, self.fbs, plan.err_layers)
-                ]
-            for i in reversed(plan.err_layers):  # ascending: e_i's gradient is complete (e_i feeds e_{i-1} only)
-                if ge[i] is None:
-                    continue
-                src = n if net.feedback == "dfa" else i + 1
-                g_back = ge[i] * t.ds[i]
-                ge[src] = _add(ge[src], revs[i].vecmat(g_back, True) if fb_t is None else _vecmat(g_back, fb_t[i]))
-                if net.feedback == "bp":
-                    sinks[i].append((t.es[src], g_back, t.backs[i], g_back))
-                if i > 0:
-                    dy, dz = _derivative_backward(net, ge[i], t.backs[i], t.ys[i], t.zs[i], t.ds[i], g_back)
-                    gy[i], gz[i] = _add(gy[i], dy), _add(gz[i], dz)
-            gy[n] = _add(gy[n], ge[n])
-        if gy[n] is not None:
-            gz[n] = _add(gz[n], _output_backward(net, gy[n], t.ys[n]))
-        if t.loss is not None and t.loss.grad is not None:  # the loss' gradient w.r.t. the logits (CE) or outputs
-            gz[n] = _add(gz[n], t.loss.grad.unsqueeze(-1) * (t.ys[n] - self.target[:, s]))
-        for i in range(n, 0, -1):
-            if i < n and gy[i] is not None:
-                gz[i] = _add(gz[i], _activate_backward(net, gy[i], t.ys[i], t.zs[i]))
-            if gz[i] is None:
-                continue
-            sinks[i - 1].append((gz[i], t.ys[i - 1], gz[i], t.zs[i]))
-            if i > 1:
-                gy[i - 1] = _add(gy[i - 1], revs[i - 1].vecmat(gz[i], False))
 
     # ---- forward sweep -------------------------------------------------------------------------------------
     def forward(self, ws0, record: bool):
@@ -249,14 +147,21 @@ class _FastRun:
         coefs = self.coef_leaves = [tuple(map(_leaf, cs)) for cs in self.coefs]
         self.betas = [_beta(a) for _, a in coefs]  # a decay that is one number is the run's constant
         self.sinks = [[] for _ in ws]
-        self.wrefs = [_MatRef(w, sink) for w, sink in zip(ws, self.sinks)]
+        self.wrefs = [WeightRef(w, sink) for w, sink in zip(ws, self.sinks)]
+        plan = self.plan
+        err_layers = plan.err_layers if plan.any_err else None
+        need_loss = plan.need_loss or self.tracker.curves
         traces, snaps = [], {}
         for s in range(self.n_steps):
             if record and s % self.snap_every == 0:
                 snaps[s] = [w.clone() for w in ws]
-            t, correct = self._network(s, ws)
-            t.facs = self._factors(t, correct, self.wrefs, params, coefs, record)
-            for w, f, beta in zip(ws, t.facs, self.betas):  # W <- (1 + a) W + U Vt (one pass if beta)
+            t = self.net.trace_step(ws, self.fbs, self.x[:, s], self.target[:, s], err_layers, need_loss)
+            correct = None
+            if plan.need_correct or self.tracker.curves:
+                correct = correct_of(t.ys[-1], None if self.labels is None else self.labels[:, s])
+            products: list = []
+            facs = self._factors(t, correct, self.wrefs, params, coefs, products, record)
+            for w, f, beta in zip(ws, facs, self.betas):  # W <- (1 + a) W + U Vt (one pass if beta)
                 a, U, Vt = f.a, f.U, f.Vt
                 if beta is None and a is not None:
                     w.mul_((1.0 + a).reshape(-1, 1, 1))
@@ -266,7 +171,7 @@ class _FastRun:
                     w.mul_(beta)
             self.tracker.after_step(s, ws, self.fbs, t.es, t.loss, correct)
             if record:
-                traces.append(t)
+                traces.append(_Record(t, facs, products))
         self.traces, self.snaps = (traces, snaps) if record else (None, None)
         return ws
 
@@ -282,9 +187,6 @@ class _FastRun:
         revs = [_ReverseW(w.detach().clone(), _SEGMENT if b else 1) for w, b in zip(ws_final, big)]
         for ref, rev in zip(self.wrefs, revs):  # the graphs' products read the weights as reversed below
             ref.rev = rev
-        self.fb_t = None  # fa, dfa: the feedback matrices transposed (views); bp and sign: from the weights
-        if self.plan.any_err and self.net.feedback not in ("bp", "sign"):
-            self.fb_t = [f.transpose(1, 2) if i in self.plan.err_layers else None for i, f in enumerate(self.fbs)]
         n = len(revs)
         G = [_SegmentG(torch.zeros_like(r.W) if g is None else g.detach().clone(memory_format=torch.contiguous_format),
                        _SEGMENT if b else 1) for r, g, b in zip(revs, grads, big)]  # fmt: skip
@@ -300,7 +202,7 @@ class _FastRun:
                 outs.append(v)
                 cots.append(g)
             elif v.requires_grad:
-                hand[v] = _add(hand.get(v), g)
+                hand[v] = add(hand.get(v), g)
 
         for s in range(self.n_steps - 1, -1, -1):
             t, traces[s] = traces[s], None
@@ -358,12 +260,12 @@ class _FastRun:
                 cs = vjp(g, args, [hand.get(x) for x in args])
                 hand.update((x, c) for x, c in zip(args, cs) if x.requires_grad)
             for v, g in hand.items():  # leaves (signals) after the engine's accumulation
-                v.grad = _add(v.grad, g)
+                v.grad = add(v.grad, g)
             for ref, v, out, transpose in reversed(t.products):  # the logged products of signals, last first
                 if out.grad is not None:
                     gv = ref.backward(v, out, out.grad, transpose, v.requires_grad)
-                    v.grad = _add(v.grad, gv)
-            self.network_vjp(s, t, revs, sinks)
+                    v.grad = add(v.grad, gv)
+            self.net.step_vjp(t.step, revs, self.fbs, self.target[:, s], self.plan.err_layers, sinks)
             for i, f in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
                 a = f.a
                 one_a = None if a is None else _one_plus(a, self.betas[i])
@@ -382,7 +284,7 @@ class _FastRun:
                 cg.flush()
         for a, das in da_sums.values():
             da = torch.stack(das).sum(0)
-            a.grad = _add(a.grad, da if a.dim() else da.sum())
+            a.grad = add(a.grad, da if a.dim() else da.sum())
         G = [g.G for g in G]
         done = [(c, leaf.grad) for cs, leaves in zip(self.coefs, self.coef_leaves) for c, leaf in zip(cs, leaves)
                 if leaf is not None and leaf.grad is not None]  # fmt: skip
@@ -433,7 +335,7 @@ _SNAPSHOT_EVERY = 50
 
 
 def _fast_layers(net, plan, observe, modulator, fbs):
-    """Per-layer :class:`_LowRank` forms if the whole run can take the fast path, else ``(None, reason)``."""
+    """Per-layer :class:`LowRank` forms if the whole run can take the fast path, else ``(None, reason)``."""
     if observe is not None:
         return None, "an observer needs every dW"
     if modulator is not None:
@@ -444,15 +346,15 @@ def _fast_layers(net, plan, observe, modulator, fbs):
         return None, "the feedback matrices require grad"
     lows = []
     for i, u in enumerate(plan.updates):
-        low, why = _low_rank_of(u)
+        low, why = low_rank_of(u)
         if low is None:
             return None, f"layer {i}: {why}"
-        if "fb" in plan.needs[i] and net.feedback not in ("fa", "bp"):
-            return None, f"layer {i} reads 'fb' under feedback={net.feedback!r}"
+        if "fb" in plan.needs[i] and net.fb_source(i) is None:
+            return None, f"layer {i} reads 'fb', which the network's fast path does not provide"
         lows.append(low)
     return lows, ""
 
 
 def _fast_params(low, params, b, like):
     """Validate a layer's parameters once per run (the fast path skips the per-call checks)."""
-    return low.rule._params(params, b, like)
+    return low.check_params(params, b, like)

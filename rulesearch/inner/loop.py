@@ -38,7 +38,7 @@ Examples
 --------
 >>> import torch
 >>> from types import SimpleNamespace
->>> from rulesearch.networks.feedforward import Network
+>>> from rulesearch.networks import Network
 >>> net = Network(sizes=(6, 5, 3), feedback="fa")
 >>> g = torch.Generator().manual_seed(0)
 >>> batch = SimpleNamespace(
@@ -61,17 +61,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..networks.feedforward import (
-    Network,
-    _alignment,
-    _check_feedback,
-    _check_weights,
-    _forward,
-    _orthonormality,
-    _sample_loss,
-    init_params,
-    make_targets,
-)
+from ..networks.base import AdjointNetwork, LayeredNetwork
 from .adjoint import _SNAPSHOT_EVERY, _Adjoint, _fast_layers, _fast_params, _FastRun
 from .plan import _make_plan
 from .step import _run_checkpointed, _step, _Tracker
@@ -149,7 +139,7 @@ def _check_x(net, x, name, b=None, allow_empty=False):
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ShapeError(
             f"{name} has shape {shape}; expected (B, N, n_in) with n_in = {net.n_in} "
-            f"(sizes[0] of {net.sizes})" + (f" and B = {b}" if b is not None else "") + "."
+            f"(sizes[0] of {tuple(net.sizes)})" + (f" and B = {b}" if b is not None else "") + "."
         )
     if not x.is_floating_point():
         raise ShapeError(f"{name} must be a floating-point tensor; received dtype {x.dtype}.")
@@ -158,7 +148,7 @@ def _check_x(net, x, name, b=None, allow_empty=False):
 
 
 def run_episodes(
-    net: Network,
+    net: LayeredNetwork,
     batch,
     update,
     params,
@@ -194,8 +184,10 @@ def run_episodes(
 
     Parameters
     ----------
-    net : Network
-        Architecture, activation, loss and feedback mode.
+    net : LayeredNetwork
+        The network (:class:`~rulesearch.networks.Network`: architecture, activation, loss and feedback mode; or
+        any :class:`~rulesearch.networks.LayeredNetwork`, which takes the autograd path unless it implements the
+        fast path's VJPs).
     batch : EpisodeBatch-like
         ``x_train (B, N, n_in)``, ``y_train (B, N)`` int64 labels (or float ``(B, N, n_out)`` under MSE),
         ``x_query (B, Nq, n_in)``, ``y_query (B, Nq)``; or a 4-tuple of them. ``N = M*K`` steps.
@@ -275,8 +267,8 @@ def run_episodes(
     dtype, device = x_train.dtype, x_train.device
     if x_query.dtype != dtype:
         raise ShapeError(f"x_query has dtype {x_query.dtype} but x_train has {dtype}; use one dtype.")
-    target_train = make_targets(net, y_train, dtype, (b, n_steps))
-    target_query = make_targets(net, y_query, dtype, (b, int(x_query.shape[1])))
+    target_train = net.targets(y_train, dtype, (b, n_steps))
+    target_query = net.targets(y_query, dtype, (b, int(x_query.shape[1])))
     regression = y_train.is_floating_point()
     labels_train = None if regression else y_train
     plan = _make_plan(net, update, params, feedback_update, feedback_params, observe, reward, modulator, regression)
@@ -284,7 +276,7 @@ def run_episodes(
     seed = getattr(batch, "seed", None) if seed is None else seed
     t = getattr(batch, "t", 0) if t is None else t
     ks = getattr(batch, "ks", None) if ks is None else ks
-    stored = net.feedback in ("fa", "dfa", "plastic")
+    stored = bool(net.feedback_shapes)
     if weights is None or (stored and feedback is None):
         if seed is None:
             raise ConfigError(
@@ -294,20 +286,26 @@ def run_episodes(
         ks = list(range(b)) if ks is None else list(ks)
         if len(ks) != b:
             raise ConfigError(f"ks has {len(ks)} episode indices but the batch has B = {b} episodes.")
-        w0, f0_ = init_params(net, seed, t, ks, dtype=dtype, device=device)
+        w0, f0_ = net.init_episodes(seed, t, ks, dtype=dtype, device=device)
         weights = w0 if weights is None else weights
         feedback = f0_ if feedback is None else feedback
-    if _check_weights(net, weights) != b:
+    if net.check_weights(weights) != b:
         raise ShapeError(f"weights hold {weights[0].shape[0]} episodes but the batch has B = {b}.")
     if any(w.dtype != dtype for w in weights):
         raise ShapeError(f"weights must have the batch's dtype {dtype}; received {[w.dtype for w in weights]}.")
     feedback = list(feedback) if stored else []
     if stored:
-        _check_feedback(net, feedback, b)
+        net.check_feedback(feedback, b)
     ws, fbs = list(weights), feedback
     tracker = _Tracker(net, b, n_steps, device, check_every, divergence_bound, curves, raise_on_divergence, ks)
     states: list[dict] = [{} for _ in range(net.n_layers)]
-    lows, why = _fast_layers(net, plan, observe, modulator, fbs) if method != "autograd" else (None, "")
+    lows, why = None, ""
+    if method != "autograd":
+        lows, why = (
+            _fast_layers(net, plan, observe, modulator, fbs)
+            if isinstance(net, AdjointNetwork)
+            else (None, f"{type(net).__name__} has no hand-written step VJP (an AdjointNetwork)")
+        )
     if method == "adjoint" and lows is None:
         raise ConfigError(
             f"method='adjoint' needs compiled rules of the form dW = a W + U diag(c) V^T without derived states, "
@@ -352,19 +350,17 @@ def run_episodes(
     diverged, div_step, div_layer = tracker.diverged, tracker.div_step, tracker.div_layer
     train_loss, train_acc = tracker.train_loss, tracker.train_acc
 
-    ys, zs = _forward(net, ws, x_query)
-    loss = _sample_loss(net, zs[-1], ys[-1], target_query).mean(-1)
+    act = net.forward(ws, x_query)
+    loss = net.loss_per_sample(act, target_query).mean(-1)
     with torch.no_grad():
         if regression:
             accuracy = torch.full((b,), float("nan"), dtype=dtype, device=device)
         else:
-            accuracy = (ys[-1].argmax(-1) == y_query).to(dtype).mean(-1)
+            accuracy = (act.ys[-1].argmax(-1) == y_query).to(dtype).mean(-1)
         if metrics:
+            detached = type(act)([y.detach() for y in act.ys], [None if z is None else z.detach() for z in act.zs])
             dws = [w.detach() for w in ws]
-            dys = [y.detach() for y in ys]
-            dzs = [None if z is None else z.detach() for z in zs]
-            angles, angles_ps = _alignment(net, dws, [f.detach() for f in fbs], dys, dzs, target_query)
-            ew = _orthonormality(dws, dys, dzs)
+            angles, angles_ps, ew = net.diagnostics(dws, [f.detach() for f in fbs], detached, target_query)
         else:
             angles = angles_ps = torch.empty((b, 0), dtype=dtype, device=device)
             ew = torch.empty((b, 0), dtype=dtype, device=device)

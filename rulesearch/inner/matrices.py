@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..networks.feedforward import (
-    _vecmat,
-)
-from .lowrank import _Factors
+from ..batched import add, vecmat
+from ..compile.lowrank import Factors
 
 
 def _beta(a) -> float | None:
@@ -36,11 +34,6 @@ def _leaf(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().contiguous().requires_grad_(t.requires_grad)
 
 
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    """``a + b`` where None is zero."""
-    return b if a is None else a if b is None else a + b
-
-
 def _dot(A: Tensor, B: Tensor) -> Tensor:
     """``<A_b, B_b>`` per episode ``b`` of two contiguous ``(B, m, n)`` tensors, by one bmm of rows (``vecdot`` makes
     an ``A * B`` temporary, a page-faulting allocation on a large layer; a column view ``(B, mn, 1)`` is slow)."""
@@ -61,7 +54,7 @@ def _add_low_rank(T: Tensor, P: list, Q: list, c, alpha: float) -> None:
         T.mul_(_scale_of(c))
 
 
-def _coef_grad_of(f: _Factors) -> tuple:
+def _coef_grad_of(f: Factors) -> tuple:
     """A layer's ``(M^T or M_j^T, _CoefGrad)`` for the sweep (either None where not needed): the run's constant
     ``M`` (no global factors) or ``M_j`` (``M = g M_j``; ``M_j^T`` only if shared by the episodes)."""
     if f.U is None:
@@ -74,7 +67,7 @@ def _coef_grad_of(f: _Factors) -> tuple:
     return (f.Mj.t() if shared else None), cg
 
 
-def _cotangents_needed(f: _Factors, big: bool) -> tuple:
+def _cotangents_needed(f: Factors, big: bool) -> tuple:
     """Which cotangents a layer's factors ``f`` need: ``(da, dU, dV, the folded side's vectors, dM)``; ``dV``
     also for a large layer's decay (its ``<G, W>`` recursion)."""
     need_a = f.a is not None and f.a.requires_grad
@@ -121,7 +114,7 @@ class _CoefGrad:
                 X = torch.stack([_cat(list(col), -1) for col in zip(*self.Xs)], -1)
             g = torch.bmm(_cat(self.As, -1), X)
             g = g.transpose(1, 2) if self.form == "T" else g.sum(0) if self.form == "sum" else g
-        self.leaf.grad = _add(self.leaf.grad, g)
+        self.leaf.grad = add(self.leaf.grad, g)
         self.As, self.Xs, self.size = [], [], 0
 
 
@@ -140,7 +133,7 @@ class _ReverseW:
     def __init__(self, W: Tensor, length: int):
         self.W, self.WT, self.length, self.c, self.P, self.Q, self.PQ = W, W.transpose(1, 2), length, 1.0, [], [], None
 
-    def undo(self, f: _Factors, beta: float | None) -> None:
+    def undo(self, f: Factors, beta: float | None) -> None:
         """Reverse the step of factors ``f`` (``beta``: the run's constant ``1 + a`` or None)."""
         a, U, Vt = f.a, f.U, f.Vt
         if self.length == 1:
@@ -174,7 +167,7 @@ class _ReverseW:
 
     def vecmat(self, g: Tensor, transpose: bool) -> Tensor:
         """``g^T W_s`` for ``g`` ``(B, n_post)``, or ``g^T W_s^T`` (``transpose``) for ``g`` ``(B, n_pre)``."""
-        out = _vecmat(g, self.WT if transpose else self.W)
+        out = vecmat(g, self.WT if transpose else self.W)
         if self.P:
             if self.PQ is None:
                 self.PQ = _cat(self.P, -1), _cat(self.Q, 1)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ..errors import ConfigError, SignalError
 
 __all__ = ["SIGNALS", "REWARDS"]
@@ -94,7 +97,7 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
     specs = [tuple(getattr(u, "states", ())) for u in updates]
     fb_updates = fb_params = None
     fb_specs = [()] * n
-    if net.feedback == "plastic":
+    if net.plastic_feedback:
         if feedback_update is None:
             raise ConfigError(
                 "feedback='plastic' needs a feedback_update (and feedback_params) that returns dfb in W's "
@@ -110,8 +113,8 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
         fb_specs = [tuple(getattr(u, "states", ())) for u in fb_updates]
     elif feedback_update is not None:
         raise ConfigError(
-            f"feedback_update is only used with Network(feedback='plastic'); this network has feedback="
-            f"{net.feedback!r}. Drop feedback_update or use dataclasses.replace(net, feedback='plastic')."
+            f"feedback_update is only used with Network(feedback='plastic') (plastic feedback); this network has "
+            f"none ({net!r}). Drop feedback_update or use dataclasses.replace(net, feedback='plastic')."
         )
     if observe is not None:
         obs = frozenset(getattr(observe, "needs", ()))
@@ -126,14 +129,7 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
                 f"layer {i}: state name(s) {sorted(clash)} repeat or shadow a base signal; give every "
                 f"derived signal a unique name outside {sorted(SIGNALS)}."
             )
-    if net.feedback == "dfa":
-        bad = [i for i, nd in enumerate(needs) if "fb" in nd]
-        if bad:
-            raise SignalError(
-                f"An update needs the signal 'fb' (layers {bad}) but feedback mode 'dfa' has no per-layer "
-                f"feedback matrix in W's layout (D_l maps e_L directly to e_l). Use feedback='fa', 'sign' or "
-                f"'plastic', or a rule without fb terms."
-            )
+    net.check_needs(needs)
     wanted = set()
     for i, nd in enumerate(needs):
         if "err" in nd:
@@ -141,11 +137,7 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
         if "pre_err" in nd:
             wanted.add(i)
     any_err = bool(wanted)
-    below = sorted((j for j in wanted if j < n), reverse=True)
-    if net.feedback == "dfa":
-        err_layers = tuple(below)
-    else:
-        err_layers = tuple(range(n - 1, below[-1] - 1, -1)) if below else ()
+    err_layers = net.error_layers(wanted)
     fb_signal = tuple(i for i, nd in enumerate(needs) if "fb" in nd)
     mat_layers = tuple(sorted(set(err_layers) | set(fb_signal)))
     if reward not in REWARDS:
@@ -174,3 +166,37 @@ def _make_plan(net, update, params, feedback_update, feedback_params, observe, r
         need_reward,
         need_mod,
     )
+
+
+# ---- a step's signals: shared by the autograd step and the fast path ----------------------------------------
+
+
+def fill_signals(sig: dict, nd: frozenset, i: int, ys, es, w, fb, reward, loss, mod) -> dict:
+    """Layer ``i``'s base signals named in ``nd`` into ``sig``: ``pre = y_i``, ``post = y_{i+1}``, ``err = e_{i+1}``,
+    ``pre_err = e_i``, ``w``, ``fb`` and the globals ``reward``, ``loss``, ``mod``."""
+    if "pre" in nd:
+        sig["pre"] = ys[i]
+    if "post" in nd:
+        sig["post"] = ys[i + 1]
+    if "err" in nd:
+        sig["err"] = es[i + 1]
+    if "pre_err" in nd:
+        sig["pre_err"] = es[i]
+    if "w" in nd:
+        sig["w"] = w
+    if "fb" in nd:
+        sig["fb"] = fb
+    if "reward" in nd:
+        sig["reward"] = reward
+    if "loss" in nd:
+        sig["loss"] = loss
+    if "mod" in nd:
+        sig["mod"] = mod
+    return sig
+
+
+def correct_of(y_out: Tensor, label: Tensor | None) -> Tensor:
+    """``1.0`` where the output's argmax is the label, per episode (NaN without labels: regression targets)."""
+    if label is None:
+        return torch.full_like(y_out[:, 0], float("nan"))
+    return (y_out.argmax(-1) == label).to(y_out.dtype)

@@ -12,13 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DivergenceError, ShapeError
-from ..networks.feedforward import (
-    _feedback_mats,
-    _forward,
-    _propagate,
-    _sample_loss,
-)
-from .plan import _Signals
+from .plan import _Signals, correct_of, fill_signals
 
 # ---- one step ----------------------------------------------------------------------------------------------
 
@@ -26,47 +20,24 @@ from .plan import _Signals
 def _step(net, plan, ws, fbs, states, x, target, label, s, modulator, reward_mode, observe, curves):
     """One online step for all episodes: returns new ``(ws, fbs, states)``, the errors and curve values."""
     n = net.n_layers
-    ys, zs = _forward(net, ws, x)
-    y_out = ys[-1]
+    act = net.forward(ws, x)
+    ys = act.ys
     loss = correct = rew = mod = None
     if plan.need_loss or curves:
-        loss = _sample_loss(net, zs[-1], y_out, target)
+        loss = net.loss_per_sample(act, target)
     if plan.need_correct or curves:
-        correct = (
-            (y_out.argmax(-1) == label).to(y_out.dtype)
-            if label is not None
-            else torch.full_like(y_out[:, 0], float("nan"))
-        )
+        correct = correct_of(ys[-1], label)
     if plan.need_reward:
         rew = correct if reward_mode == "correct" else -loss
         mod = rew if modulator is None else modulator(s, rew, loss)
-    mats = _feedback_mats(net, ws, fbs, plan.mat_layers)
+    mats = net.feedback_matrices(ws, fbs, plan.mat_layers)
     if plan.any_err:
-        es = _propagate(net, ys, zs, y_out - target, mats, plan.err_layers, net.feedback == "dfa")
+        es = net.propagate(act, net.output_error(act, target), mats, plan.err_layers)
     else:
         es = [None] * (n + 1)
     new_ws, new_fbs, new_states = [], [], []
     for i in range(n):
-        nd = plan.needs[i]
-        sig = _Signals()
-        if "pre" in nd:
-            sig["pre"] = ys[i]
-        if "post" in nd:
-            sig["post"] = ys[i + 1]
-        if "err" in nd:
-            sig["err"] = es[i + 1]
-        if "pre_err" in nd:
-            sig["pre_err"] = es[i]
-        if "w" in nd:
-            sig["w"] = ws[i]
-        if "fb" in nd:
-            sig["fb"] = mats[i]
-        if "reward" in nd:
-            sig["reward"] = rew
-        if "loss" in nd:
-            sig["loss"] = loss
-        if "mod" in nd:
-            sig["mod"] = mod
+        sig = fill_signals(_Signals(), plan.needs[i], i, ys, es, ws[i], mats[i], rew, loss, mod)
         st = {}
         prev = states[i]
         for spec in plan.specs[i] + plan.fb_specs[i]:
@@ -108,7 +79,7 @@ def _bad_layers(net, ws, fbs, es, bound) -> Tensor:
     cols = []
     for i, w in enumerate(ws):
         bad = ~(w.abs().amax(dim=(1, 2)) <= bound)
-        if net.feedback == "plastic":
+        if net.plastic_feedback:
             bad = bad | ~(fbs[i].abs().amax(dim=(1, 2)) <= bound)
         for e in (es[i + 1], es[0] if i == 0 else None):
             if e is not None:

@@ -1,0 +1,52 @@
+"""Networks whose plastic weights a rule updates: the contract (:class:`LayeredNetwork`) and the feedforward
+:class:`Network` with bp / fa / sign / dfa / plastic feedback."""
+
+from .base import Activity, AdjointNetwork, LayeredNetwork
+from .feedforward import (
+    ACTIVATIONS,
+    DIGITS,
+    FEEDBACK_MODES,
+    INITS,
+    LOSSES,
+    PAPER,
+    PAPER_3LAYER,
+    Network,
+    alignment_angles,
+    backprop_errors,
+    errors,
+    evaluate,
+    feedback_matrices,
+    forward,
+    init_params,
+    make_targets,
+    orthonormality,
+    output_error,
+    sample_loss,
+    stack_episodes,
+)
+
+__all__ = [
+    "Activity",
+    "AdjointNetwork",
+    "LayeredNetwork",
+    "ACTIVATIONS",
+    "DIGITS",
+    "FEEDBACK_MODES",
+    "INITS",
+    "LOSSES",
+    "PAPER",
+    "PAPER_3LAYER",
+    "Network",
+    "alignment_angles",
+    "backprop_errors",
+    "errors",
+    "evaluate",
+    "feedback_matrices",
+    "forward",
+    "init_params",
+    "make_targets",
+    "orthonormality",
+    "output_error",
+    "sample_loss",
+    "stack_episodes",
+]

@@ -67,8 +67,10 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from ..batched import add, matvec, vecmat
+from ..errors import ConfigError, ShapeError, SignalError
 from ..tasks.episodes import episode_generator
+from .base import Activity, AdjointNetwork, StepTrace
 
 __all__ = [
     "PAPER",
@@ -126,8 +128,9 @@ def _check_positive(name: str, value) -> None:
 
 
 @dataclass(frozen=True)
-class Network:
-    """A bias-free feedforward network with a chosen feedback pathway.
+class Network(AdjointNetwork):
+    """A bias-free feedforward network with a chosen feedback pathway (the :class:`LayeredNetwork` of the paper,
+    with the hand-written step VJP of an :class:`AdjointNetwork`).
 
     Parameters
     ----------
@@ -196,24 +199,6 @@ class Network:
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @property
-    def n_layers(self) -> int:
-        """Number of weight layers ``L``."""
-        return len(self.sizes) - 1
-
-    @property
-    def n_in(self) -> int:
-        return self.sizes[0]
-
-    @property
-    def n_out(self) -> int:
-        return self.sizes[-1]
-
-    @property
-    def weight_shapes(self) -> tuple[tuple[int, int], ...]:
-        """``(n_post, n_pre)`` of every weight layer."""
-        return tuple((self.sizes[i + 1], self.sizes[i]) for i in range(self.n_layers))
-
-    @property
     def feedback_shapes(self) -> tuple[tuple[int, int], ...]:
         """Shapes of the stored feedback matrices (empty for ``bp`` and ``sign``)."""
         if self.feedback in ("fa", "plastic"):
@@ -237,6 +222,63 @@ class Network:
     def has_fb(self) -> bool:
         """Whether a per-layer feedback matrix in W's layout (the ``fb`` signal) exists (not under dfa)."""
         return self.feedback != "dfa"
+
+    @property
+    def plastic_feedback(self) -> bool:
+        return self.feedback == "plastic"
+
+    # ---- the LayeredNetwork contract (the hot path: validation is in the public functions below) ----------
+    def init_episodes(self, seed, t, ks, dtype=torch.float32, device=None):
+        return init_params(self, seed, t, ks, dtype=dtype, device=device)
+
+    def check_weights(self, weights):
+        return _check_weights(self, weights)
+
+    def check_feedback(self, feedback, b):
+        _check_feedback(self, feedback, b)
+
+    def targets(self, y, dtype, batch_shape=None):
+        return make_targets(self, y, dtype, batch_shape)
+
+    def forward(self, weights, x):
+        return Activity(*_forward(self, weights, x))
+
+    def loss_per_sample(self, act, target):
+        return _sample_loss(self, act.zs[-1], act.ys[-1], target)
+
+    def error_layers(self, wanted):
+        if self.feedback == "dfa":  # D_l maps e_L to e_l directly: only the wanted errors
+            return tuple(sorted((j for j in wanted if j < self.n_layers), reverse=True))
+        return super().error_layers(wanted)
+
+    def feedback_matrices(self, weights, feedback, layers):
+        return _feedback_mats(self, weights, feedback, layers)
+
+    def propagate(self, act, e_out, mats, layers):
+        return _propagate(self, act.ys, act.zs, e_out, mats, layers, self.feedback == "dfa")
+
+    def check_needs(self, needs):
+        bad = [i for i, nd in enumerate(needs) if "fb" in nd]
+        if bad and not self.has_fb:
+            raise SignalError(
+                f"An update needs the signal 'fb' (layers {bad}) but feedback mode 'dfa' has no per-layer "
+                f"feedback matrix in W's layout (D_l maps e_L directly to e_l). Use feedback='fa', 'sign' or "
+                f"'plastic', or a rule without fb terms."
+            )
+
+    def diagnostics(self, weights, feedback, act, target):
+        angles, angles_ps = _alignment(self, weights, feedback, act.ys, act.zs, target)
+        return angles, angles_ps, _orthonormality(weights, act.ys, act.zs)
+
+    # ---- the AdjointNetwork contract (the fast path) ---------------------------------------------------
+    def trace_step(self, weights, feedback, x, target, err_layers, need_loss):
+        return _trace_step(self, weights, feedback, x, target, err_layers, need_loss)
+
+    def step_vjp(self, trace, weights, feedback, target, err_layers, sinks):
+        _step_vjp(self, trace, weights, feedback, target, sinks)
+
+    def fb_source(self, layer):
+        return {"bp": "weight", "fa": "stored"}.get(self.feedback)
 
     # ---- serialization ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -310,7 +352,7 @@ def stack_episodes(sampler, net: Network, items, dtype=torch.float32, device=Non
     order): ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`, the tasks drawn by
     ``sampler`` (a :class:`~rulesearch.tasks.episodes.TaskSampler`) and the initial weights by :func:`init_params`."""
     batches = [sampler.sample(seed, t, ks) for seed, t, ks in items]
-    inits = [init_params(net, seed, t, ks, dtype=dtype) for seed, t, ks in items]
+    inits = [net.init_episodes(seed, t, ks, dtype=dtype) for seed, t, ks in items]
 
     def cat(name):
         x = torch.cat([getattr(b, name) for b in batches])
@@ -323,24 +365,6 @@ def stack_episodes(sampler, net: Network, items, dtype=torch.float32, device=Non
 
 
 # ---- elementary maps (hot path: no validation) -------------------------------------------------------------
-
-
-def _matvec(w: Tensor, v: Tensor) -> Tensor:
-    """``W v`` for ``v`` of shape ``(B, n_pre)`` or ``(B, N, n_pre)``; one bmm.
-
-    Always as ``v^T W^T`` (row vectors times the transposed weights): on CPU the batched matrix-vector form
-    ``bmm(W, v[..., None])`` takes a kernel about 10x slower for these shapes.
-    """
-    if v.dim() == 2:
-        return torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
-    return torch.bmm(v, w.transpose(1, 2))
-
-
-def _vecmat(e: Tensor, m: Tensor) -> Tensor:
-    """``m^T e`` (= ``e^T m``) for ``e`` of shape ``(B, n_post)`` or ``(B, N, n_post)``; one bmm."""
-    if e.dim() == 2:
-        return torch.bmm(e.unsqueeze(1), m).squeeze(1)
-    return torch.bmm(e, m)
 
 
 def _activate(net: Network, z: Tensor) -> Tensor:
@@ -424,7 +448,7 @@ def _forward(net: Network, weights: Sequence[Tensor], x: Tensor) -> tuple[list[T
     zs: list[Tensor | None] = [None]
     last = len(weights) - 1
     for i, w in enumerate(weights):
-        z = _matvec(w, ys[-1])
+        z = matvec(w, ys[-1])
         zs.append(z)
         ys.append(_activate(net, z) if i < last else _output(net, z))
     return ys, zs
@@ -475,10 +499,78 @@ def _propagate(
     es: list[Tensor | None] = [None] * (n + 1)
     es[n] = e_out
     for i in layers:
-        back = _vecmat(e_out if direct else es[i + 1], mats[i])
+        back = vecmat(e_out if direct else es[i + 1], mats[i])
         d = _input_derivative(net, ys[0]) if i == 0 else _derivative(net, ys[i], zs[i])
         es[i] = back * d
     return es
+
+
+# ---- the fast path's step and its hand-written VJP ----------------------------------------------------------
+
+
+def _trace_step(net: Network, weights, feedback, x, target, err_layers, need_loss) -> StepTrace:
+    """One step without autograd (its VJP is :func:`_step_vjp`). ``err_layers=None``: no errors at all; else
+    ``e_L`` and the listed ``e_l``, keeping per index the feedback product ``back`` and derivative ``d`` of
+    ``e_l = back * d`` (``back`` only where :func:`_step_vjp` needs it)."""
+    n = net.n_layers
+    ys, zs = _forward(net, weights, x)
+    loss = _sample_loss(net, zs[-1], ys[-1], target) if need_loss else None
+    t = StepTrace(ys, zs, [None] * (n + 1), loss, {"backs": {}, "ds": {}})
+    if err_layers is None:
+        return t
+    es, backs, ds = t.es, t.saved["backs"], t.saved["ds"]
+    es[n] = ys[-1] - target
+    mats = _feedback_mats(net, weights, feedback, err_layers)
+    for i in err_layers:
+        back = vecmat(es[n] if net.feedback == "dfa" else es[i + 1], mats[i])
+        ds[i] = _input_derivative(net, x) if i == 0 else _derivative(net, ys[i], zs[i])
+        es[i] = back * ds[i]
+        if i > 0 or net.feedback == "bp":  # the derivative's backward (and bp's p^T W q)
+            backs[i] = back
+    return t
+
+
+def _step_vjp(net: Network, t: StepTrace, weights, feedback, target, sinks) -> None:
+    """The VJP of :func:`_trace_step` (see :meth:`AdjointNetwork.step_vjp`): from the ``.grad`` of the traced
+    activities, pre-activations (a rule's ``W x``), errors and loss back through the errors and the forward pass."""
+    n = net.n_layers
+    gy = [None] + [y.grad for y in t.ys[1:]]
+    ge = [None if e is None else e.grad for e in t.es]
+    # an activity that is its pre-activation (linear) has the gradient in gy already
+    gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
+    if t.es[n] is not None:
+        layers = [i for i in range(n) if t.es[i] is not None]  # ascending: e_i feeds e_{i-1} (or e_L) only
+        fb_t = None  # the matrices that carried the errors, transposed (bp: the weights' own products)
+        if net.feedback == "sign":
+            mats = _feedback_mats(net, [w.dense() for w in weights], feedback, layers)
+            fb_t = [None if m is None else m.transpose(1, 2) for m in mats]
+        elif net.feedback != "bp":
+            fb_t = [f.transpose(1, 2) for f in feedback]
+        backs, ds = t.saved["backs"], t.saved["ds"]
+        for i in layers:
+            if ge[i] is None:
+                continue
+            src = n if net.feedback == "dfa" else i + 1
+            g_back = ge[i] * ds[i]
+            ge[src] = add(ge[src], weights[i].vecmat(g_back, True) if fb_t is None else vecmat(g_back, fb_t[i]))
+            if net.feedback == "bp":
+                sinks[i].append((t.es[src], g_back, backs[i], g_back))
+            if i > 0:
+                dy, dz = _derivative_backward(net, ge[i], backs[i], t.ys[i], t.zs[i], ds[i], g_back)
+                gy[i], gz[i] = add(gy[i], dy), add(gz[i], dz)
+        gy[n] = add(gy[n], ge[n])
+    if gy[n] is not None:
+        gz[n] = add(gz[n], _output_backward(net, gy[n], t.ys[n]))
+    if t.loss is not None and t.loss.grad is not None:  # the loss' gradient w.r.t. the logits (CE) or outputs
+        gz[n] = add(gz[n], t.loss.grad.unsqueeze(-1) * (t.ys[n] - target))
+    for i in range(n, 0, -1):
+        if i < n and gy[i] is not None:
+            gz[i] = add(gz[i], _activate_backward(net, gy[i], t.ys[i], t.zs[i]))
+        if gz[i] is None:
+            continue
+        sinks[i - 1].append((gz[i], t.ys[i - 1], gz[i], t.zs[i]))
+        if i > 1:
+            gy[i - 1] = add(gy[i - 1], weights[i - 1].vecmat(gz[i], False))
 
 
 # ---- validated public API ----------------------------------------------------------------------------------
@@ -625,7 +717,7 @@ def errors(
         raise ShapeError(f"activities must hold y_0..y_L ({net.n_layers + 1} tensors); received {len(activities)}.")
     _check_input(net, activities[0], b, "activities[0]")
     if z is None and net.activation not in _INVERTIBLE:
-        z = [None] + [_matvec(w, a) for w, a in zip(weights, activities[:-1])]
+        z = [None] + [matvec(w, a) for w, a in zip(weights, activities[:-1])]
     zs = z if z is not None else [None] * (net.n_layers + 1)
     target = make_targets(net, y, activities[-1].dtype, tuple(activities[0].shape[:-1]))
     layers = range(net.n_layers - 1, -1, -1)
@@ -721,8 +813,8 @@ def alignment_angles(
 def _orthonormality(weights: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor]) -> Tensor:
     out = []
     for i, w in enumerate(weights):
-        ybar = _vecmat(ys[i + 1], w)  # W^T y_l, (B, N, n_pre)
-        r = zs[i + 1] - _matvec(w, ybar)
+        ybar = vecmat(ys[i + 1], w)  # W^T y_l, (B, N, n_pre)
+        r = zs[i + 1] - matvec(w, ybar)
         out.append((r * r).sum(-1).mean(-1))
     return torch.stack(out, dim=-1)
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rulesearch.errors import ConfigError, DatasetError, ShapeError
-from rulesearch.tasks.data import Dataset
+from ..errors import ConfigError, DatasetError, ShapeError
+from .base import Task
+from .data import Dataset
 
 __all__ = ["episode_seed", "episode_generator", "EpisodeBatch", "TaskSampler"]
 
@@ -138,7 +139,7 @@ class EpisodeBatch:
         )  # fmt: skip
 
 
-class TaskSampler:
+class TaskSampler(Task):
     """Draw ``M``-way ``K``-shot ``Q``-query episodes from a dataset, each a function of ``(seed, t, k)``.
 
     Episode ``k`` of meta-step ``t`` draws everything from ``episode_generator(seed, t, k, "task")`` alone, in
@@ -278,6 +279,10 @@ class TaskSampler:
         opts = "".join(f", {k}=True" for k in ("replacement", "remap_labels", "fixed_images") if getattr(self, k))
         n = "regression" if self._regression else f"{len(self.classes)} classes"
         return f"TaskSampler({self.dataset.name!r} [{n}], M={self.M}, K={self.K}, Q={self.Q}{opts})"
+
+    @property
+    def n_inputs(self) -> int:
+        return self.dataset.n_features
 
     @property
     def n_outputs(self) -> int:

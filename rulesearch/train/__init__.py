@@ -16,7 +16,8 @@ from .configs import (
     main_job_config,
 )
 from .estimator import RuleSearch, discover
-from .learners import LinearLearner, NeuralLearner, PlasticFeedback, make_learner
+from .learners import Learner, LinearLearner, NeuralLearner, PlasticFeedback, make_learner
+from .objective import Objective, QueryLoss
 from .optim import adam_step
 from .problem import Problem
 from .report import coefficient_table, export_run, rule_latex, rule_markdown, terms_table
@@ -43,10 +44,13 @@ __all__ = [
     "main_job_config",
     "RuleSearch",
     "discover",
+    "Learner",
     "LinearLearner",
     "NeuralLearner",
     "PlasticFeedback",
     "make_learner",
+    "Objective",
+    "QueryLoss",
     "adam_step",
     "Problem",
     "coefficient_table",

@@ -60,8 +60,8 @@ from .configs import DiscoverConfig, MetaConfig, NetworkConfig, NeuralConfig, Ta
 from .distributed import (
     broadcast_object,
 )
-from .learners import _FB, PlasticFeedback
-from .optim import _term_ms
+from .objective import Objective
+from .learners import _FB, PlasticFeedback, _term_ms
 from .problem import Problem
 from .report import _with_feedback, coefficient_table, rule_latex, rule_markdown
 from .rules import _is_rule_file, _plain, _strip_values, load_rule, pseudo_gradient_lr, resolve_rule, trained_rule_json
@@ -113,6 +113,9 @@ class RuleSearch:
     distributed : bool, optional
         Data-parallel over ``torchrun`` processes: default (None) when launched by torchrun (``WORLD_SIZE`` > 1)
         or inside an initialized ``torch.distributed`` group; False: every process fits alone.
+    objective : Objective, optional
+        The meta-objective (default :class:`~rulesearch.train.QueryLoss`, the paper's query loss); its ``repr`` is
+        recorded in the run's manifest (a resumed fit must be given the same one).
 
     Attributes
     ----------
@@ -164,6 +167,7 @@ class RuleSearch:
         progress: bool = True,
         callback: Callable | None = None,
         distributed: bool | None = None,
+        objective: Objective | None = None,
     ):
         self.rule = rule
         self.network = network
@@ -177,11 +181,12 @@ class RuleSearch:
         self.progress = progress
         self.callback = callback
         self.distributed = distributed
+        self.objective = objective
 
     # ---- sklearn-style parameters -------------------------------------------------------------------------
     _PARAMS = (
         "rule", "network", "task", "meta", "neural", "terms", "out", "name", "resume", "progress", "callback",
-        "distributed",
+        "distributed", "objective",
     )  # fmt: skip
 
     def get_params(self, deep: bool = False) -> dict:
@@ -259,7 +264,7 @@ class RuleSearch:
         run = None
         with process_group(self.distributed, meta.device) as (device, ranks), threads(meta.threads):
             problem = Problem(cfg, rule, device)
-            trainer = Trainer(problem, ranks)
+            trainer = Trainer(problem, ranks, self.objective)
             state = trainer.fresh_state()
             trainer.validate(state)
             rows: list[dict] = []
@@ -275,6 +280,8 @@ class RuleSearch:
                         "seeds": problem.seeds,
                         "threads_requested": meta.threads,
                         "world_size": trainer.world_size,
+                        "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
+                        "objective": repr(trainer.objective),
                     },
                 )
                 if self.resume:
@@ -469,13 +476,16 @@ class RuleSearch:
     def from_run(cls, path: str | os.PathLike, *, progress: bool = False) -> RuleSearch:
         """Reload a run directory: its config, the newest checkpoint's parameters and the metrics.
 
-        A finished run gives the final result; an unfinished one the state at its newest checkpoint.
+        A finished run gives the final result; an unfinished one the state at its newest checkpoint. No data is
+        read: the learner needs only the layer count, the network its sizes (from the config or the manifest).
+        :meth:`term_shares` loads the dataset, as does :meth:`report` of a run whose manifest predates the sizes.
         """
         run = RunDir.open(path)
         cfg = DiscoverConfig.from_dict(run.config())
         search = cls.from_config(cfg, out=run.path, progress=progress)
         rule = resolve_rule(load_rule(cfg.rule_json) if cfg.rule_json else cfg.rule, cfg.terms, cfg.neural)
-        problem = Problem(cfg.replace(**{"meta.device": "cpu"}), rule)  # inspect on the CPU, whatever trained it
+        sizes = run.manifest().get("network_sizes")  # absent in runs made before it was recorded
+        problem = Problem(cfg.replace(**{"meta.device": "cpu"}), rule, sizes=sizes)  # on the CPU, whatever trained it
         state = Trainer(problem).fresh_state()
         loaded = run.load_checkpoint(map_location="cpu")
         if loaded is None:

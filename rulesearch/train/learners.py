@@ -1,15 +1,21 @@
 r"""Learners: how a rule's parameters are laid out, initialized, expanded per episode, penalized, logged and read back.
 
-A :class:`~rulesearch.train.contracts.Learner` owns the meta-learned parameters (a dict of ``[S, ...]`` tensors, one
+A :class:`Learner` owns the meta-learned parameters (a dict of ``[S, ...]`` tensors, one
 row per run) and maps them to what the inner loop needs per layer; callers never look inside. Implementations:
 :class:`LinearLearner` (coefficients :math:`\theta` of :math:`\Delta W = \sum_r \theta_r T^r`, shared, per layer or
 per layer group), :class:`NeuralLearner` (the MLP of a :class:`~rulesearch.neural.NeuralRule`) and
 :class:`PlasticFeedback` (any learner plus the coefficients of the rule that updates the feedback matrices).
+
+How to add a learner: subclass :class:`Learner`, implement ``init``, ``update``, ``layer_params``, ``columns`` and
+``trained`` (optionally ``l1``, ``proximal``, ``inner_kwargs``, ``term_probe``), and pass an instance as the rule of a
+:class:`~rulesearch.train.Problem` trained by a :class:`~rulesearch.train.Trainer` (``tests/test_contracts.py``
+meta-learns per-layer learning rates in log space this way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +28,75 @@ from ..tasks.episodes import episode_generator
 from .configs import MetaConfig
 from .rules import _pseudo_gradient_term
 
-__all__ = []
+__all__ = ["Learner", "LinearLearner", "NeuralLearner", "PlasticFeedback", "make_learner"]
+
+
+class Learner(ABC):
+    """The meta-learned parameters of a rule and how the inner loop reads them.
+
+    Parameters are a dict ``{name: Tensor [S, ...]}`` (one row per run, ``S`` runs trained together); the trainer
+    expands them to one row per episode (``[S * B, ...]``) before :meth:`layer_params`. Adam, checkpoints and metrics
+    treat every name as a parameter group.
+    """
+
+    linear: bool = False
+    """Whether the parameters are coefficients of a linear rule (``theta_`` of :class:`RuleSearch`)."""
+
+    @abstractmethod
+    def init(self, seeds: Sequence[int], dtype, device) -> dict[str, Tensor]:
+        """Initial parameters of the runs with these seeds, each ``[S, ...]``."""
+
+    @abstractmethod
+    def update(self, net):
+        """The update object of every layer (one shared object, or a list of ``L``) for
+        :func:`~rulesearch.inner.run_episodes`."""
+
+    @abstractmethod
+    def layer_params(self, expanded: dict[str, Tensor]):
+        """The ``params`` argument of :func:`~rulesearch.inner.run_episodes` from per-episode parameters."""
+
+    def inner_kwargs(self, expanded: dict[str, Tensor]) -> dict:
+        """Further keyword arguments of :func:`~rulesearch.inner.run_episodes` (e.g. a feedback rule)."""
+        return {}
+
+    def l1(self, params: dict[str, Tensor]) -> Tensor | None:
+        """Per-run ``sum |p|`` ``(S,)`` of the parameters the L1 term acts on, or None (no L1)."""
+        return None
+
+    def proximal(self, name: str) -> bool:
+        """Whether the proximal L1 step applies to the parameter group ``name``."""
+        return False
+
+    def term_probe(self, init: dict[str, Tensor], dtype, device) -> tuple[list[int], Callable] | None:
+        """For ``meta.term_scale``: the number of scaled terms per layer and ``rms_of(layer, signals) -> (R,)``, the
+        RMS of every term over the synapses of a step, or None when the parameters have no term structure."""
+        return None
+
+    def step_multipliers(self, init: dict[str, Tensor], sums: list[Tensor], cap: float) -> dict[str, Tensor]:
+        """Per parameter group, multipliers of Adam's step from the per-layer RMS sums of :meth:`term_probe`."""
+        return {}
+
+    @abstractmethod
+    def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
+        """The metric columns of run ``s`` (``theta.<term>``, ...)."""
+
+    @abstractmethod
+    def trained(self, params: dict[str, Tensor], s: int | None = None):
+        """The rule object with the parameters of run ``s`` (None: the mean over runs, where that is meaningful)."""
+
+
+def _term_ms(update, eye: Tensor, signals) -> Tensor:
+    """Per episode the mean square over the synapses of every term ``F_r`` of a compiled linear rule (``theta`` the
+    one-hot rows of ``eye``): ``(B, R)``."""
+    return torch.stack([update(signals, e).pow(2).mean((-2, -1)) for e in eye], -1)
+
+
+def _multipliers(rms: Tensor, v: Tensor, cap: float) -> Tensor:
+    """``min(cap, rms(T_ref) / rms(T_r))`` with ``T_ref`` the term of the largest initial ``|theta|`` ``v[0]``; a
+    term that is zero throughout keeps the multiplier 1."""
+    ref = rms.gather(-1, v[0].abs().double().cpu().reshape(rms.shape).argmax(-1, keepdim=True))
+    mult = torch.where(rms > 0, ref / rms.clamp_min(1e-300), torch.ones_like(rms)).clamp(max=cap)
+    return mult.to(dtype=v.dtype, device=v.device)
 
 
 def _initial_values(rule: Rule, init, theta0: float, key: str, init_term: str | None = None) -> list[float]:
@@ -52,7 +126,7 @@ def _initial_values(rule: Rule, init, theta0: float, key: str, init_term: str | 
     return vec
 
 
-class LinearLearner:
+class LinearLearner(Learner):
     """Linear rules: ``theta`` of shape ``[S, R]`` (shared), ``[S, L, R]`` (per layer) or one ``[S, R_g]`` per
     group of a :class:`NetworkRule`."""
 
@@ -106,6 +180,34 @@ class LinearLearner:
         """Per-run ``sum |theta|`` (shape ``(S,)``)."""
         return sum(p.abs().flatten(1).sum(1) for p in params.values())
 
+    def proximal(self, name: str) -> bool:
+        return True
+
+    def term_probe(self, init, dtype, device):
+        ups = self.update(None)
+        ups = ups if isinstance(ups, list) else [ups] * self.n_layers
+        eyes = [torch.eye(u.n_params, dtype=dtype, device=device) for u in ups]  # one term at a time
+
+        def rms_of(layer, signals):
+            return _term_ms(ups[layer], eyes[layer], signals).mean(0).sqrt()
+
+        return [u.n_params for u in ups], rms_of
+
+    def step_multipliers(self, init, sums, cap):
+        """Averaged over the layers that share a coefficient vector."""
+        out = {}
+        for k, v in init.items():
+            if self.kind == "shared":
+                rms = torch.stack(sums).mean(0)
+            elif self.kind == "per_layer":
+                rms = torch.stack(sums)
+            else:
+                g = self.names.index(k)
+                rms = torch.stack([sums[layer] for layer in range(self.n_layers) if self.rule.group_of(layer) == g])
+                rms = rms.mean(0)
+            out[k] = _multipliers(rms, v, cap)
+        return out
+
     def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
         out = {}
         for name, rule in zip(self.names, self.groups):
@@ -142,7 +244,7 @@ class LinearLearner:
         )
 
 
-class NeuralLearner:
+class NeuralLearner(Learner):
     """Neural rules: a dict of MLP parameters, each ``[S, ...]``."""
 
     linear = False
@@ -163,8 +265,21 @@ class NeuralLearner:
     def layer_params(self, expanded: dict[str, Tensor]):
         return expanded
 
-    def l1(self, params):
-        return None
+    def term_probe(self, init, dtype, device):
+        """The skip part ``a^T phi``: term ``f`` is the feature ``phi_f``, the same in every layer; the MLP keeps
+        Adam's learning rate."""
+        if "skip" not in init:
+            return None
+        rule = self.rule
+
+        def rms_of(layer, signals):
+            feats = rule.features_of(signals)
+            return torch.stack([feats[f].pow(2).mean().sqrt() for f in rule.features])
+
+        return [rule.n_features] * self.n_layers, rms_of
+
+    def step_multipliers(self, init, sums, cap):
+        return {"skip": _multipliers(torch.stack(sums).mean(0), init["skip"], cap)}
 
     def columns(self, params: dict[str, Tensor], s: int) -> dict[str, float]:
         out = {}
@@ -183,7 +298,7 @@ class NeuralLearner:
 _FB = "fb_theta"  # the parameter group of the plastic feedback rule
 
 
-class PlasticFeedback:
+class PlasticFeedback(Learner):
     r"""A learner plus the plastic feedback rule :math:`\Delta B = \sum_r \theta^{fb}_r T^r` (``dfb`` in W's
     layout), whose coefficients ``fb_theta`` ``[S, R_fb]`` are shared by all layers.
 
@@ -225,8 +340,20 @@ class PlasticFeedback:
         ref = next(iter(expanded.values()))
         return self.fb_init.to(dtype=ref.dtype, device=ref.device)
 
+    def inner_kwargs(self, expanded: dict[str, Tensor]) -> dict:
+        return {"feedback_update": self.feedback_update, "feedback_params": self.feedback_params(expanded)}
+
     def l1(self, params: dict[str, Tensor]):
         return self.base.l1(self._forward(params))
+
+    def proximal(self, name: str) -> bool:
+        return name != _FB and self.base.proximal(name)
+
+    def term_probe(self, init, dtype, device):
+        return self.base.term_probe(self._forward(init), dtype, device)
+
+    def step_multipliers(self, init, sums, cap):
+        return self.base.step_multipliers(self._forward(init), sums, cap)
 
     def feedback_values(self, params: dict[str, Tensor], s: int | None = None) -> Tensor:
         """The feedback coefficients of run ``s`` (None: the mean over runs), float64 on the CPU."""
@@ -248,7 +375,10 @@ class PlasticFeedback:
         return self.feedback_rule.with_values(self.feedback_values(params, s))
 
 
-def make_learner(rule, n_layers: int, meta: MetaConfig):
+def make_learner(rule, n_layers: int, meta: MetaConfig) -> Learner:
+    """The learner of a resolved rule (a :class:`Learner` instance is its own)."""
+    if isinstance(rule, Learner):
+        return rule
     if isinstance(rule, NeuralRule):
         if meta.per_layer:
             raise ConfigError("meta.per_layer applies to linear rules; a neural rule is shared by all layers.")

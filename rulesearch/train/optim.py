@@ -1,42 +1,10 @@
-"""The outer loop's optimizer: per-run Adam with an optional proximal L1 step, and per-term step sizes."""
+"""The outer loop's optimizer: per-run Adam with an optional proximal L1 step."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .learners import _FB, NeuralLearner
-
-__all__ = []
-
-
-def _term_ms(update, eye: Tensor, signals) -> Tensor:
-    """Per episode the mean square over the synapses of every term ``F_r`` of a compiled linear rule (``theta`` the
-    one-hot rows of ``eye``): ``(B, R)``."""
-    return torch.stack([update(signals, e).pow(2).mean((-2, -1)) for e in eye], -1)
-
-
-def _rms_multipliers(
-    learner, init: dict[str, Tensor], sums: list[Tensor], cap: float = float("inf")
-) -> dict[str, Tensor]:
-    """``min(cap, rms(T_ref) / rms(T_r))`` per parameter name from per-layer RMS sums ``sums[layer][r]`` (see
-    :meth:`Trainer.lr_scale`); ``T_ref`` is the term with the largest initial ``|theta|`` in that layout."""
-    base = getattr(learner, "base", learner)
-    out = {}
-    for k, v in init.items():
-        if k == _FB:
-            continue
-        if isinstance(base, NeuralLearner) or base.kind == "shared":
-            rms = torch.stack(sums).mean(0)
-        elif base.kind == "per_layer":
-            rms = torch.stack(sums)
-        else:
-            g = base.names.index(k)
-            rms = torch.stack([sums[layer] for layer in range(base.n_layers) if base.rule.group_of(layer) == g]).mean(0)
-        ref = rms.gather(-1, v[0].abs().double().cpu().reshape(rms.shape).argmax(-1, keepdim=True))
-        mult = torch.where(rms > 0, ref / rms.clamp_min(1e-300), torch.ones_like(rms)).clamp(max=cap)
-        out[k] = mult.to(dtype=v.dtype, device=v.device)
-    return out
+__all__ = ["adam_step"]
 
 
 def adam_step(p, g, m, v, t, lr, betas, eps, l1=None):

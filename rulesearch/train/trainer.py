@@ -8,11 +8,12 @@ fresh network on each with the rule (:func:`rulesearch.inner.run_episodes`), and
     \mathcal{L}_{meta}(\theta) = \frac{1}{B} \sum_{k} \mathrm{CE}\big(f_{W_k(\theta)}(X^{query}_k), Y^{query}_k\big)
     + \lambda \lVert\theta\rVert_1
 
-(Shervani-Tabar & Rosenbaum 2023, Eq. 6, Alg. 1). The defaults are the paper's: Adam with learning rate
-``1e-3``, :math:`\theta_0 = 10^{-3}` and the other coefficients 0, no gradient clipping, the L1 term as a
-subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step in Adam's metric so that
-coefficients reach exactly zero (:func:`adam_step`), ``B > 1``, per-layer coefficients ``(L, R)``, several
-independent runs trained together as one batch, neural rules (:class:`rulesearch.neural.NeuralRule`).
+(Shervani-Tabar & Rosenbaum 2023, Eq. 6, Alg. 1): the default :class:`~rulesearch.train.objective.QueryLoss`; any
+:class:`~rulesearch.train.objective.Objective` can replace the query cross-entropy. The defaults are the paper's:
+Adam with learning rate ``1e-3``, :math:`\theta_0 = 10^{-3}` and the other coefficients 0, no gradient clipping,
+the L1 term as a subgradient. Options: gradient clipping, a proximal (soft-thresholding) L1 step in Adam's
+metric so that coefficients reach exactly zero (:func:`adam_step`), ``B > 1``, per-layer coefficients ``(L, R)``,
+several independent runs trained together as one batch, neural rules (:class:`rulesearch.neural.NeuralRule`).
 
 Runs
 ----
@@ -66,8 +67,8 @@ from .distributed import (
     gather_objects,
     rank_episodes,
 )
-from .learners import _FB, NeuralLearner
-from .optim import _rms_multipliers, _term_ms, adam_step
+from .objective import Objective, QueryLoss
+from .optim import adam_step
 from .problem import Problem
 
 __all__ = []
@@ -131,8 +132,9 @@ class TrainState:
 class Trainer:
     """The meta-training loop over a :class:`Problem` (state in :class:`TrainState`)."""
 
-    def __init__(self, problem: Problem, world: tuple[int, int] = (0, 1)):
+    def __init__(self, problem: Problem, world: tuple[int, int] = (0, 1), objective: Objective | None = None):
         self.p = problem
+        self.objective = QueryLoss() if objective is None else objective
         self.meta = problem.cfg.meta
         self.rank, self.world_size = world  # data-parallel: this rank runs its share of each meta-step's episodes
         self._lr_scale: dict[str, Tensor] | None = None
@@ -150,23 +152,10 @@ class Trainer:
         p = self.p
         init = p.learner.init(p.seeds[:1], p.dtype, p.device)
         scale = {k: torch.ones_like(v[0]) for k, v in init.items()}
-        base = getattr(p.learner, "base", p.learner)
-        neural = isinstance(base, NeuralLearner) and "skip" in init
-        if self.meta.term_scale != "none" and (p.learner.linear or neural):
-            if neural:  # the skip part a^T phi: term f is the feature phi_f, the same in every layer
-                rule = base.rule
-                sums = [torch.zeros(rule.n_features, dtype=torch.float64) for _ in range(p.net.n_layers)]
-
-                def rms_of(layer, signals):
-                    feats = rule.features_of(signals)
-                    return torch.stack([feats[f].pow(2).mean().sqrt() for f in rule.features])
-            else:
-                ups = p.update if isinstance(p.update, list) else [p.update] * p.net.n_layers
-                sums = [torch.zeros(u.n_params, dtype=torch.float64) for u in ups]
-                eyes = [torch.eye(u.n_params, dtype=p.dtype, device=p.device) for u in ups]  # one term at a time
-
-                def rms_of(layer, signals):
-                    return _term_ms(ups[layer], eyes[layer], signals).mean(0).sqrt()
+        probe = p.learner.term_probe(init, p.dtype, p.device) if self.meta.term_scale != "none" else None
+        if probe is not None:
+            sizes, rms_of = probe
+            sums = [torch.zeros(n, dtype=torch.float64) for n in sizes]
 
             def observe(step, layer, signals, dW):
                 sums[layer] += rms_of(layer, signals).double().cpu()
@@ -176,10 +165,10 @@ class Trainer:
             with torch.no_grad():
                 run_episodes(
                     p.net, batch, p.update, p.learner.layer_params(expanded), weights, feedback, observe=observe,
-                    metrics=False, raise_on_divergence=False, **p.feedback_kwargs(expanded),
+                    metrics=False, raise_on_divergence=False, **p.learner.inner_kwargs(expanded),
                 )  # fmt: skip
             cap = 1.0 if self.meta.term_scale == "capped" else math.inf
-            scale.update(_rms_multipliers(p.learner, {"skip": init["skip"]} if neural else init, sums, cap))
+            scale.update(p.learner.step_multipliers(init, sums, cap))
         self._lr_scale = scale
         return scale
 
@@ -209,20 +198,20 @@ class Trainer:
         with torch.no_grad():
             run_episodes(
                 p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False,
-                raise_on_divergence=False, **p.feedback_kwargs(expanded),
+                raise_on_divergence=False, **p.learner.inner_kwargs(expanded),
             )  # fmt: skip
 
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
         """This rank's share of the episodes ``(run, k)`` of ``runs`` (all of them in a single process): the inner
-        result (None for an empty share), the per-run leaves ``[len(runs), ...]`` and each result row's run index
-        into ``runs``."""
+        result (None for an empty share), the per-run leaves ``[len(runs), ...]``, each result row's run index
+        into ``runs`` and the per-episode objective (None for an empty share)."""
         p = self.p
         share = rank_episodes(len(runs) * p.B, self.rank, self.world_size)  # flat episode index i * B + k
         rows = torch.tensor([j // p.B for j in share], dtype=torch.long, device=p.device)
         idx = torch.tensor(runs, device=p.device)
         leaves = {k: v.index_select(0, idx).detach().requires_grad_(grad) for k, v in params.items()}
         if not share:
-            return None, leaves, rows
+            return None, leaves, rows, None
         mine = sorted({j // p.B for j in share})
         ks = [[j % p.B for j in share if j // p.B == i] for i in mine]
         batch, weights, feedback = p.episodes(t, [runs[i] for i in mine], ks=ks)
@@ -240,31 +229,33 @@ class Trainer:
                 method=self.meta.method,
                 checkpoint_every=self.meta.segment,
                 raise_on_divergence=False,
-                **p.feedback_kwargs(expanded),
+                **p.learner.inner_kwargs(expanded),
             )
-        return res, leaves, rows
+            objective = self.objective(res, batch)
+        return res, leaves, rows, objective
 
-    def _per_run(self, res: InnerResult | None, rows: Tensor, n: int):
-        """Per-run query loss of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
+    def _per_run(self, res: InnerResult | None, objective: Tensor | None, rows: Tensor, n: int):
+        """Per-run objective of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
         meta-batch), and whether an episode of the run diverged on any rank."""
         p = self.p
         loss = torch.zeros(n, dtype=p.dtype, device=p.device)
         div = torch.zeros(n, dtype=p.dtype, device=p.device)
         if res is not None:
-            loss = loss.index_add(0, rows, res.loss) / p.B
-            div = div.index_add(0, rows, (res.diverged | ~torch.isfinite(res.loss.detach())).to(p.dtype))
+            loss = loss.index_add(0, rows, objective) / p.B
+            bad = res.diverged | ~torch.isfinite(res.loss.detach()) | ~torch.isfinite(objective.detach())
+            div = div.index_add(0, rows, bad.to(p.dtype))
         if self.world_size > 1:
             all_reduce_sum([div])
         return loss, div > 0
 
-    def _gathered(self, res: InnerResult | None):
-        """The per-episode metrics of every rank's share, in meta-batch order (``res`` itself in a single process)."""
-        if self.world_size == 1:
-            return res
+    def _gathered(self, res: InnerResult | None, objective: Tensor | None):
+        """The per-episode metrics (and objective values) of every rank's share, in meta-batch order."""
         fields = ("loss", "accuracy", "diverged", "angles", "ew")
-        mine = None if res is None else [getattr(res, f).detach().cpu() for f in fields]
+        if self.world_size == 1:
+            return SimpleNamespace(**{f: getattr(res, f) for f in fields}, objective=objective)
+        mine = None if res is None else [getattr(res, f).detach().cpu() for f in fields] + [objective.detach().cpu()]
         parts = [x for x in gather_objects(mine) if x is not None]
-        return SimpleNamespace(**{f: torch.cat([x[i] for x in parts]) for i, f in enumerate(fields)})
+        return SimpleNamespace(**{f: torch.cat([x[i] for x in parts]) for i, f in enumerate((*fields, "objective"))})
 
     def step(self, st: TrainState) -> list[dict]:
         """One meta-step for every running run; returns the metric rows."""
@@ -272,20 +263,20 @@ class Trainer:
         t0 = time.perf_counter()
         t = st.t
         active = [s for s in range(len(p.seeds)) if not bool(st.stopped[s])]
-        results: dict[int, tuple[InnerResult, int]] = {}
+        results: dict[int, tuple[SimpleNamespace, int]] = {}
         bad: set[int] = set()
         current = active
         while current:  # diverged runs are dropped and the rest recomputed: NaNs would poison the gradient
-            res, leaves, rows = self._inner(t, current, st.params, grad=True)
-            loss_run, div = self._per_run(res, rows, len(current))
-            full = self._gathered(res)
+            res, leaves, rows, objective = self._inner(t, current, st.params, grad=True)
+            loss_run, div = self._per_run(res, objective, rows, len(current))
+            full = self._gathered(res, objective)
             results.update({s: (full, i) for i, s in enumerate(current)})
             new_bad = {s for s, d in zip(current, div.tolist()) if d}
             if not new_bad:
                 break
             bad |= new_bad
             current = [s for s in current if s not in new_bad]
-            del res, leaves, loss_run
+            del res, leaves, loss_run, objective
         grads: dict[int, dict[str, Tensor]] = {}
         grad_norm: dict[int, float] = {}
         if current:
@@ -350,7 +341,7 @@ class Trainer:
             g = g * clipped
             lr = meta.lr * self.lr_scale()[k].to(g.dtype)
             l1 = None  # the proximal threshold's lambda, clipped with the loss gradient (as the subgradient's is)
-            if self.p.learner.linear and k != _FB and meta.l1_mode == "proximal" and meta.l1 > 0:
+            if self.p.learner.proximal(k) and meta.l1_mode == "proximal" and meta.l1 > 0:
                 l1 = meta.l1 * clipped
             p, m, v = adam_step(st.params[k][idx], g, st.m[k][idx], st.v[k][idx], steps.to(g.dtype).reshape(shape),
                                 lr, meta.betas, meta.eps, l1=l1)  # fmt: skip
@@ -364,18 +355,19 @@ class Trainer:
         st.steps[keep] = steps[ok]
         return {s for s, o in zip(runs, ok.tolist()) if o}
 
-    def _row(self, st, t, s, res: InnerResult, i: int, skipped: bool, grad_norm: float, l1: float, seconds: float):
+    def _row(self, st, t, s, res, i: int, skipped: bool, grad_norm: float, l1: float, seconds: float):
         """The metrics row of run ``s`` at meta-step ``t`` (``res`` rows ``i*B .. (i+1)*B``)."""
         B = self.p.B
         sl = slice(i * B, (i + 1) * B)
         with torch.no_grad():
             query = float(res.loss[sl].detach().double().mean())
+            objective = float(res.objective[sl].detach().double().mean())
             acc = float(res.accuracy[sl].double().mean())
         row = {
             "step": t + 1,
             "run": s,
             "seed": self.p.seeds[s],
-            "meta_loss": query + l1,
+            "meta_loss": objective + l1,
             "query_loss": query,
             "l1": l1,
             "meta_accuracy": acc,

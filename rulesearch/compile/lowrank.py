@@ -1,4 +1,17 @@
-"""The low-rank form dW = a W + U V^T of a compiled rule (the fast path's view of a rule)."""
+r"""The low-rank form of a compiled rule: what the inner loop's fast path (its in-place steps and hand-written
+adjoint) needs of a rule.
+
+For a compiled rule whose products have no synapse factor other than the weights (the whole paper pool), one
+layer's update of one step is
+
+.. math:: \Delta W = a W + U V^\top, \qquad U V^\top = [u]\, M\, [v]^\top, \qquad M = \sum_j g_j M_j,
+
+with ``[u]``, ``[v]`` the distinct post and pre vectors of the rule's tape, ``g = [1, g_1, ...]`` its distinct global
+factors (per episode) and ``a = sum_j g_j a_j`` the weight decay. The ``M_j`` and ``a_j`` depend on the parameters
+only (:meth:`LowRank.coefficients`, once per run); :meth:`LowRank.factors` runs the tape on a step's signals and
+returns the step's :class:`Factors`. The weights enter the tape as a :class:`WeightRef`, seen only through
+matrix-vector products; a rule of another shape raises :class:`NotLowRank`, and :func:`low_rank_of` says why.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +20,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compile.compiler import _col
-from ..networks.feedforward import (
-    _vecmat,
-)
+from ..batched import vecmat
+from .compiler import CompiledRule, _col
+
+__all__ = ["LowRank", "Factors", "WeightRef", "NotLowRank", "low_rank_of"]
 
 
-class _Unsupported(Exception):
-    """Raised inside a rule's tape when the weight matrix is used other than by a matrix-vector product."""
+class NotLowRank(Exception):
+    """Raised inside a rule's tape when the weight matrix is used other than by a matrix-vector product (and by
+    :class:`LowRank` for a rule of another shape)."""
 
 
-class _MatRef:
+class WeightRef:
     """The ``w`` signal (and ``fb`` under bp) of a compiled rule's tape on the fast path: the weights
     ``(B, n_post, n_pre)``, seen only through the products ``mv`` (``M v``) and ``vm`` (``M^T u``) that the tape's
-    contractions call; any torch function on it raises :class:`_Unsupported` (such rules take the autograd path).
+    contractions call; any torch function on it raises :class:`NotLowRank` (such rules take the autograd path).
 
     While the forward sweep keeps the rule's graph (``log`` set, grad enabled), a product of a vector without a graph
     (a signal) is a leaf, logged for :meth:`backward` by hand; a product of an expression is a :class:`_Product`
@@ -54,11 +68,11 @@ class _MatRef:
 
     def _product(self, v: Tensor, transpose: bool) -> Tensor:
         if self.log is None or not torch.is_grad_enabled():
-            return _vecmat(v, self.mat if transpose else self.matT)
+            return vecmat(v, self.mat if transpose else self.matT)
         if v.grad_fn is not None:
             return _Product.apply(v, self, transpose)
         x = v.detach()
-        out = _vecmat(x, self.mat if transpose else self.matT).requires_grad_()
+        out = vecmat(x, self.mat if transpose else self.matT).requires_grad_()
         self.log.append((self, v, out, transpose))
         return out
 
@@ -72,11 +86,11 @@ class _MatRef:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        raise _Unsupported(getattr(func, "__name__", str(func)))
+        raise NotLowRank(getattr(func, "__name__", str(func)))
 
 
 @dataclass(eq=False, slots=True)
-class _Factors:
+class Factors:
     """One layer's update ``dW = a W + U Vt`` of one step (fast path), with what its hand-written backward needs:
     the distinct post and pre vectors ``us``, ``vs`` (values of the rule's tape, whose graph the adjoint enters)
     and their coefficient matrix ``M`` (``(B, J, D)``), folded into ``Vt = M [v]`` (``post_side`` False) or into
@@ -92,7 +106,7 @@ class _Factors:
     g: Tensor | None = None  # with global factors: M = g M_j, g = [1, g_1, ...] (B, n_g + 1), g_j the tape's
     gv: list | None = None
     Mj: Tensor | None = None
-    gvjp: list | None = None  # per g_j: (hand vjp, its arguments) if they are leaves (see _LowRank.hand_vjps)
+    gvjp: list | None = None  # per g_j: (hand vjp, its arguments) if they are leaves (see LowRank.hand_vjps)
 
     @property
     def m_requires_grad(self) -> bool:
@@ -125,12 +139,12 @@ class _Factors:
 
 class _Product(torch.autograd.Function):
     """A product ``M v`` (or ``M^T u``) of an expression ``v`` in a rule's graph; its backward (in the adjoint sweep)
-    is :meth:`_MatRef.backward`."""
+    is :meth:`WeightRef.backward`."""
 
     @staticmethod
     def forward(ctx, v, ref, transpose):
         ctx.ref, ctx.transpose = ref, transpose
-        out = _vecmat(v, ref.mat if transpose else ref.matT)
+        out = vecmat(v, ref.mat if transpose else ref.matT)
         ctx.save_for_backward(v, out)
         return out
 
@@ -140,7 +154,7 @@ class _Product(torch.autograd.Function):
         return ctx.ref.backward(v, out, g, ctx.transpose, ctx.needs_input_grad[0]), None, None
 
 
-class _LowRank:
+class LowRank:
     """The factored form ``dW = a W + U V^T`` of one layer's compiled rule (fast path only).
 
     The rule's structure is analysed once: ``U V^T = U_d M V_d^T`` with the distinct post and pre vectors ``U_d``,
@@ -148,12 +162,12 @@ class _LowRank:
     shorter one), and ``M = sum_j g_j M_j`` over the distinct global factors ``g = [1, g_1, ...]``; likewise
     ``a = sum_j g_j a_j``. The ``M_j, a_j`` depend on the parameters only: :meth:`coefficients` computes them once
     per run, and a call (:meth:`factors`) runs the tape and a handful of batched ops; no per-call validation (the
-    inner loop validated shapes and parameters once per run). Raises :class:`_Unsupported` for other shapes of rules.
+    inner loop validated shapes and parameters once per run). Raises :class:`NotLowRank` for other shapes of rules.
     """
 
     __slots__ = ("rule", "consts", "g_refs", "g_vjps", "E", "decay", "decay_global", "u_keys", "v_keys", "T")
 
-    def __init__(self, rule):
+    def __init__(self, rule: CompiledRule):
         self.rule, self.consts = rule, {}
         A = rule._A  # (products, columns): which products feed which (u, v) column
         self.g_refs = list(dict.fromkeys(ref for _, ref in rule._g))  # the distinct global factors
@@ -167,20 +181,33 @@ class _LowRank:
         self.E[g_of, range(A.shape[0])] = 1.0
         self.decay = self.u_keys = self.v_keys = self.T = None
         self.decay_global = False
-        for s_ref, cols, us, vs, consts in rule._groups:
+        for s_ref, cols, us, vs, consts in rule._groups:  # FactorGroup records
             if consts is not None:  # no vectors: a W when the synapse factor is the weights (checked per call)
                 if s_ref is None or self.decay is not None:
-                    raise _Unsupported("a synapse factor other than the weights")
+                    raise NotLowRank("a synapse factor other than the weights")
                 self.decay = (s_ref, A[:, cols] @ consts)
                 self.decay_global = bool((self.E[1:] @ self.decay[1]).any())
             elif s_ref is not None:
-                raise _Unsupported("a synapse factor times outer products")
+                raise NotLowRank("a synapse factor times outer products")
             else:
                 self.u_keys, self.v_keys = list(dict.fromkeys(us)), list(dict.fromkeys(vs))
                 T = torch.zeros(A.shape[0], len(self.u_keys), len(self.v_keys), dtype=torch.float64)
                 for col, u, v in zip(cols, us, vs):
                     T[:, self.u_keys.index(u), self.v_keys.index(v)] = A[:, col]
                 self.T = T.flatten(1)
+
+    @property
+    def global_vjps(self) -> list:
+        """Per distinct global factor ``g_j`` (in the order of ``g_refs``), its tape instruction's hand VJP
+        (``TorchCompiler.vjps``), or None where autograd carries its cotangent."""
+        return [None if hv is None else hv[0] for hv in self.g_vjps]
+
+    def check_params(self, params, b: int, like: Tensor):
+        """The rule's validated ``params`` (``theta`` ``(R,)`` or ``(b, R)``, or a general rule's constants) in the
+        dtype and device of ``like``, as a call of the compiled rule checks them; raises ``ShapeError``,
+        ``SignalError`` or ``InvalidRuleError``. The fast path calls it once per run, as :meth:`coefficients` and
+        :meth:`factors` check nothing."""
+        return self.rule._params(params, b, like)
 
     def coefficients(self, params, b: int, like: Tensor):
         """The run's constant coefficients ``(M, a)`` from ``theta`` (or ``c`` for a general rule, whose constants
@@ -224,14 +251,14 @@ class _LowRank:
         return out
 
     def factors(self, signals, params, coef, wref, b, n_post, n_pre, like):
-        """:class:`_Factors` of ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
+        """:class:`Factors` of ``dW = a W + U Vt`` from the run's ``coef = coefficients(...)``: ``a``
         ``(B,)``/``()``/None, ``U`` ``(B, n_post, k)`` and ``Vt`` ``(B, k, n_pre)`` contiguous (or None); raises
-        _Unsupported."""
+        NotLowRank."""
         M, a = coef
         vals = self.rule._comp.run({"signals": signals, "params": params})
         if self.decay is not None and vals[self.decay[0][1]] is not wref:
-            raise _Unsupported("a synapse factor other than the weights")
-        f = _Factors(a)
+            raise NotLowRank("a synapse factor other than the weights")
+        f = Factors(a)
         g = None
         if self.g_refs:
             g = [self._vec(ref, vals, (b,), like) for ref in [("const", 1.0), *self.g_refs]]
@@ -245,7 +272,7 @@ class _LowRank:
         f.vs = [self._vec(v, vals, (b, n_pre), like) for v in self.v_keys]
         J, D = len(f.us), len(f.vs)
         f.post_side = J > D or (J == D and n_pre > n_post)  # fold M into the cheaper side
-        with torch.no_grad():  # the adjoint differentiates M = g M_j, U and Vt by hand (_Factors)
+        with torch.no_grad():  # the adjoint differentiates M = g M_j, U and Vt by hand (Factors)
             if g is not None:
                 f.gv, f.Mj, f.g = g[1:], M, torch.stack(g, -1)
                 M = (f.g @ M if M.dim() == 2 else torch.bmm(f.g.unsqueeze(1), M).squeeze(1)).unflatten(-1, (J, D))
@@ -257,13 +284,13 @@ class _LowRank:
         return f
 
 
-_ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, bool, reason)
+_ELIGIBLE: dict = {}  # id(compiled rule) -> (rule, LowRank or None, reason)
 
 
-def _low_rank_of(update) -> tuple[_LowRank | None, str]:
-    """The fast factored form of ``update`` if it is a compiled rule of the supported shape, else a reason."""
-    from ..compile.compiler import CompiledRule
-
+def low_rank_of(update) -> tuple[LowRank | None, str]:
+    """``(LowRank, "")`` if ``update`` is a :class:`CompiledRule` of the form ``dW = a W + U V^T`` without stateful
+    derived signals, else ``(None, reason)``; the form is probed once on small float64 signals and cached per rule.
+    """
     if not isinstance(update, CompiledRule):
         return None, f"update {type(update).__name__} is not a CompiledRule"
     hit = _ELIGIBLE.get(id(update))
@@ -271,16 +298,16 @@ def _low_rank_of(update) -> tuple[_LowRank | None, str]:
         return hit[1], hit[2]
     try:
         if update.states:
-            raise _Unsupported("stateful derived signals")
+            raise NotLowRank(f"stateful derived signals (states {[st.name for st in update.states]})")
         for attr in ("_comp", "_groups", "_g", "_A", "_r_idx", "_c", "_linear"):
             if not hasattr(update, attr):
-                raise _Unsupported(f"compiled rule without {attr}")
-        lr, why = _LowRank(update), ""
+                raise NotLowRank(f"compiled rule without {attr}")
+        lr, why = LowRank(update), ""
         g = torch.Generator().manual_seed(0)
         b, n_post, n_pre = 2, 3, 4
         roles = {"pre": (b, n_pre), "pre_err": (b, n_pre), "post": (b, n_post), "err": (b, n_post),
                  "fb": (b, n_post, n_pre), "reward": (b,), "loss": (b,), "mod": (b,)}  # fmt: skip
-        wref = _MatRef(torch.rand(b, n_post, n_pre, generator=g, dtype=torch.float64))
+        wref = WeightRef(torch.rand(b, n_post, n_pre, generator=g, dtype=torch.float64))
         sig = {k: torch.rand(shape, generator=g, dtype=torch.float64) for k, shape in roles.items()}
         sig["w"] = wref
         like = sig["pre"]
