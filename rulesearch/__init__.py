@@ -47,6 +47,31 @@ from .lang.signals import (
 
 __version__ = "0.1.0"
 
+# The learning side (networks, tasks, inner loop, meta-training) is imported when first used: ``import rulesearch``
+# for writing and compiling rules does not load pandas and the data readers.
+_LAZY = {
+    "RuleSearch": "train", "discover": "train", "DiscoverConfig": "train", "MetaConfig": "train",
+    "TaskConfig": "train", "NetworkConfig": "train", "NeuralConfig": "train", "Problem": "train", "Trainer": "train",
+    "Learner": "train", "Objective": "train", "QueryLoss": "train",
+    "Network": "networks", "LayeredNetwork": "networks", "AdjointNetwork": "networks",
+    "Task": "tasks", "run_episodes": "inner", "InnerResult": "inner",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rulesearch' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "__version__",
     # signals and operators
@@ -57,6 +82,10 @@ __all__ = [
     "named_rule", "latex_table",
     # compiler
     "compile_rule", "CompiledRule", "RuleModule",
+    # learning settings and meta-training (imported on first use)
+    "RuleSearch", "discover", "DiscoverConfig", "MetaConfig", "TaskConfig", "NetworkConfig", "NeuralConfig",
+    "Problem", "Trainer", "Learner", "Objective", "QueryLoss", "Network", "LayeredNetwork", "AdjointNetwork",
+    "Task", "run_episodes", "InnerResult",
     # errors
     "RuleSearchError", "InvalidRuleError", "UnsupportedNodeError", "SignalError", "ShapeError", "ConfigError",
     "DatasetError", "DivergenceError", "BackendUnavailableError", "NotFittedError", "RunDirectoryError",

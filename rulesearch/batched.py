@@ -3,10 +3,12 @@ episode dimension ``B`` first, and each product is one ``bmm``."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["matvec", "vecmat", "add"]
+__all__ = ["matvec", "vecmat", "add", "RankOne"]
 
 
 def matvec(w: Tensor, v: Tensor) -> Tensor:
@@ -30,3 +32,13 @@ def vecmat(e: Tensor, m: Tensor) -> Tensor:
 def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """``a + b`` where None is zero."""
     return b if a is None else a if b is None else a + b
+
+
+class RankOne(NamedTuple):
+    """A rank-1 term ``p q^T`` of a weight gradient ``dL/dW``, with two vectors ``o1``, ``o2`` whose dot product is
+    ``p^T W q`` (the adjoint's decay gradient ``<G, W>`` needs it without a pass over ``W``). All ``(B, n)``."""
+
+    p: Tensor
+    q: Tensor
+    o1: Tensor
+    o2: Tensor

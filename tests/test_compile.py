@@ -764,7 +764,8 @@ def test_general_rule_module(gen):
 
 
 @pytest.mark.parametrize(
-    "module", ["lang.signals", "lang.rule", "lang.export", "compile.compiler", "lang.pools", "lang.grammar"]
+    "module",
+    ["lang.signals", "lang.rule", "lang.export", "compile.compiler", "lang.pools", "lang.grammar", "train.estimator"],
 )
 def test_module_docstring_examples_run(module):
     """The tutorials in the module docstrings are doctests (STYLE.md point 10)."""

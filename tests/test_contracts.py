@@ -206,6 +206,21 @@ def test_toy_learner_trains_through_problem_and_trainer():
     assert torch.equal(d_log.sign(), d_lin.sign()) and bool((d_log.abs() - 1e-2).abs().max() < 1e-6)
 
 
+def test_toy_network_and_task_meta_train_through_problem_and_trainer():
+    """A Problem of one's own task and network: the Trainer's meta-loss is the mean query loss of the hand loop."""
+    cfg = tiny_config(meta_batch=2)
+    trainer = Trainer(Problem(cfg, resolve_rule("bio"), task=LinearTeacher(), network=LinearFA()))
+    st = trainer.fresh_state()
+    trainer.validate(st)
+    theta = st.params["theta"][0].clone()
+    (row,) = trainer.step(st)
+    batch = LinearTeacher().sample(cfg.meta.seed, 0, [0, 1])
+    weights, feedback = LinearFA().init_episodes(cfg.meta.seed, 0, [0, 1], dtype=D)
+    want = hand_loop(LinearFA(), batch, rs.compile_rule(rs.bio), theta, weights, feedback)
+    assert row["meta_loss"] == pytest.approx(float(want.mean()), rel=1e-12)
+    assert not torch.equal(st.params["theta"][0], theta) and math.isnan(row["meta_accuracy"])
+
+
 class WeightPenalty(Objective):
     """The query loss plus ``c sum_l ||W_l||^2`` of the adapted weights."""
 

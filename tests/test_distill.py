@@ -23,7 +23,7 @@ from rulesearch.distill import (
     PySRBackend,
     SparseBackend,
     clean_formula,
-    evaluate,
+    evaluate_expr,
     expr_complexity,
     formula_to_rule,
     get_backend,
@@ -64,7 +64,7 @@ TRUTH = 0.7 * err * pre - 0.2 * post**2 * w  # the planted rule of environment.m
 
 def _planted(rng, n=2000, noise=0.0):
     X = rng.normal(size=(n, 4))
-    y = evaluate(TRUTH, SIGNAL_FEATURES, X)
+    y = evaluate_expr(TRUTH, SIGNAL_FEATURES, X)
     return X, y + noise * y.std() * rng.normal(size=n)
 
 
@@ -497,7 +497,7 @@ def test_sample_collection_on_a_tiny_net(tiny_samples):
     # the recorded dw is the oja update evaluated on the recorded signals (contraction included)
     X, y, w_rows, feats, _ = samples_arrays(df)
     f = 0.05 * (-err * pre) + 0.02 * post * (pre - wT(post))
-    np.testing.assert_allclose(evaluate(f, feats, X), y, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(evaluate_expr(f, feats, X), y, rtol=1e-10, atol=1e-14)
 
 
 def test_collected_states_match_their_definition(tiny_setup):
@@ -506,7 +506,7 @@ def test_collected_states_match_their_definition(tiny_setup):
     rule = Rule.general(0.1 * post * (pre - xbar))  # the update itself reads the trace
     df = collect_samples(net, batch, rule.compile(), {}, atoms=[pre, post, xbar], n_per_step=8, run_seed=0)
     X, y, _, feats, _ = samples_arrays(df)
-    np.testing.assert_allclose(evaluate(0.1 * post * (pre - xbar), feats, X), y, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(evaluate_expr(0.1 * post * (pre - xbar), feats, X), y, rtol=1e-10, atol=1e-14)
 
 
 def test_rows_are_never_chosen_by_dw():

@@ -17,12 +17,12 @@ from rulesearch.networks.feedforward import (
     alignment_angles,
     backprop_errors,
     errors,
-    evaluate,
     feedback_matrices,
     forward,
     init_params,
     make_targets,
     orthonormality,
+    query_loss_accuracy,
     sample_loss,
 )
 
@@ -276,7 +276,7 @@ def _query(gen, b=3, n=20, sizes=SMALL):
 def test_evaluate_matches_cross_entropy(gen):
     net, ws, _, _, _ = _setup(gen, "fa")
     xq, yq = _query(gen)
-    loss, acc = evaluate(net, ws, xq, yq)
+    loss, acc = query_loss_accuracy(net, ws, xq, yq)
     logits = torch.einsum(
         "bij,bnj->bni",
         ws[2],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..batched import vecmat
+from ..batched import RankOne, vecmat
 from .compiler import CompiledRule, _col
 
 __all__ = ["LowRank", "Factors", "WeightRef", "NotLowRank", "low_rank_of"]
@@ -37,7 +37,7 @@ class WeightRef:
     contractions call; any torch function on it raises :class:`NotLowRank` (such rules take the autograd path).
 
     While the forward sweep keeps the rule's graph (``log`` set, grad enabled), a product of a vector without a graph
-    (a signal) is a leaf, logged for :meth:`backward` by hand; a product of an expression is a :class:`_Product`
+    (a signal) is a leaf, logged for :meth:`backward` by hand; a product of an expression is a :class:`_WeightProduct`
     node. Both read ``M`` as reversed to the product's step by then, and send ``dL/dM`` as a rank-1 factor
     ``(post, pre)`` to ``sink``, with two vectors whose dot product is ``post^T M pre`` (for the decay's gradient).
     """
@@ -70,7 +70,7 @@ class WeightRef:
         if self.log is None or not torch.is_grad_enabled():
             return vecmat(v, self.mat if transpose else self.matT)
         if v.grad_fn is not None:
-            return _Product.apply(v, self, transpose)
+            return _WeightProduct.apply(v, self, transpose)
         x = v.detach()
         out = vecmat(x, self.mat if transpose else self.matT).requires_grad_()
         self.log.append((self, v, out, transpose))
@@ -79,7 +79,7 @@ class WeightRef:
     def backward(self, v: Tensor, out: Tensor, g: Tensor, transpose: bool, need_v: bool) -> Tensor | None:
         """Send the weight gradient of the product ``out`` of ``v`` (output gradient ``g``) to the sink; returns
         the gradient w.r.t. ``v`` if ``need_v``. Runs under no-grad (the adjoint sweep or autograd's backward)."""
-        self.sink.append((v, g, out, g) if transpose else (g, v, g, out))
+        self.sink.append(RankOne(v, g, out, g) if transpose else RankOne(g, v, g, out))
         if not need_v:
             return None
         return self.rev.vecmat(g, transpose)
@@ -137,7 +137,7 @@ class Factors:
         return dg.unbind(1)[1:]
 
 
-class _Product(torch.autograd.Function):
+class _WeightProduct(torch.autograd.Function):
     """A product ``M v`` (or ``M^T u``) of an expression ``v`` in a rule's graph; its backward (in the adjoint sweep)
     is :meth:`WeightRef.backward`."""
 

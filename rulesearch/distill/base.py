@@ -42,7 +42,7 @@ __all__ = [
     "Candidate",
     "DistillBackend",
     "DistillDataError",
-    "evaluate",
+    "evaluate_expr",
     "expr_complexity",
     "clean_formula",
     "feature_exprs",
@@ -154,7 +154,7 @@ _NUMPY_FUNCTIONS = {
 }
 
 
-def evaluate(expr, features: Sequence, X: np.ndarray, memo: dict | None = None) -> np.ndarray:
+def evaluate_expr(expr, features: Sequence, X: np.ndarray, memo: dict | None = None) -> np.ndarray:
     """Evaluate ``expr`` on the rows of ``X`` whose columns are ``features`` (SymPy expressions).
 
     Any subexpression equal to a feature is read from its column (so operator atoms such as
@@ -348,7 +348,7 @@ def clean_formula(
     memo: dict = {}
     for t in sp.Add.make_args(expr):
         c, rest = t.as_coeff_Mul()
-        col = evaluate(rest, features, X, memo)
+        col = evaluate_expr(rest, features, X, memo)
         if np.isfinite(col).all():
             parts.append((rest, col))
     while True:  # terminates: every pass that does not break drops a term
@@ -634,7 +634,7 @@ class DistillBackend(abc.ABC):
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features_:
             raise ShapeError(f"X must have shape (n_samples, {self.n_features_}); received {X.shape}.")
-        return evaluate(self.best_.expr, self.features_, X)
+        return evaluate_expr(self.best_.expr, self.features_, X)
 
     def equations(self, precision: int = 4) -> str:
         """The Pareto front as a table, the selected row marked with ``>``."""

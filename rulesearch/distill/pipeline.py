@@ -46,7 +46,7 @@ from ..errors import ConfigError, RunDirectoryError
 from ..lang.grammar import Grammar
 from ..lang.rule import NetworkRule, Rule
 from ..lang.signals import BASE_SIGNALS
-from .base import DistillBackend, evaluate, get_backend
+from .base import DistillBackend, evaluate_expr, get_backend
 from .closed_loop import ClosedLoopReport, closed_loop
 from .samples import collect_samples, samples_arrays, save_samples
 from .select import CollinearityReport
@@ -190,7 +190,7 @@ def _plain(v):
 def heldout_error(formula, samples: pd.DataFrame, layers: Sequence[int] | None = None) -> float:
     """Weighted relative RMS error of ``formula`` on a sample table."""
     X, y, w, features, _ = samples_arrays(samples, layers)
-    pred = evaluate(formula, features, X)
+    pred = evaluate_expr(formula, features, X)
     den = float(np.sum(w * y**2))
     return math.sqrt(float(np.sum(w * (pred - y) ** 2)) / den) if den > 0 else math.nan
 

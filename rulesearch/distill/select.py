@@ -40,7 +40,7 @@ import scipy.linalg
 import sympy as sp
 
 from ..errors import ConfigError
-from .base import Candidate, _split_terms, evaluate, expr_complexity
+from .base import Candidate, _split_terms, evaluate_expr, expr_complexity
 
 __all__ = [
     "Identity",
@@ -198,7 +198,7 @@ def snap_constants(
         pairs = None
     if pairs:
         memo: dict = {}
-        cols = np.stack([evaluate(m, features, X, memo) for _, m in pairs], axis=1)
+        cols = np.stack([evaluate_expr(m, features, X, memo) for _, m in pairs], axis=1)
         coefs = np.array([c for c, _ in pairs])
         fixed: dict[int, float] = {}
         base = max(loss_of(cols @ coefs), floor)
@@ -222,12 +222,12 @@ def snap_constants(
                          cand.source + "+snap")  # fmt: skip
     # general formula: snap Floats one at a time, no refit
     expr = cand.expr
-    base = max(loss_of(evaluate(expr, features, X)), floor)
+    base = max(loss_of(evaluate_expr(expr, features, X)), floor)
     n_snapped = 0
     for f in sorted(expr.atoms(sp.Float), key=lambda f: -abs(float(f))):
         for v in simple_values(float(f)):
             trial = expr.xreplace({f: _snap_value(v)})
-            new = max(loss_of(evaluate(trial, features, X)), floor)
+            new = max(loss_of(evaluate_expr(trial, features, X)), floor)
             if np.isfinite(new) and new <= base * (1 + rtol):
                 expr, base, n_snapped = trial, new, n_snapped + 1
                 break

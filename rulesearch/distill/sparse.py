@@ -37,7 +37,7 @@ import sympy as sp
 from ..errors import ConfigError
 from ..lang.grammar import Grammar
 from ..lang.rule import Pool, Rule, Term
-from .base import Candidate, DistillBackend, evaluate, expr_complexity, term_name
+from .base import Candidate, DistillBackend, evaluate_expr, expr_complexity, term_name
 from .select import CollinearityReport, find_collinear
 
 __all__ = ["SparseBackend", "identity_exprs", "library_collinearity", "library_terms"]
@@ -84,7 +84,7 @@ def library_collinearity(
     the atoms whose products the library holds.
     """
     memo: dict = {}
-    Theta = np.stack([evaluate(t, features, X, memo) for t in terms], axis=1)
+    Theta = np.stack([evaluate_expr(t, features, X, memo) for t in terms], axis=1)
     bad = ~np.isfinite(Theta).all(axis=0)
     if bad.any():
         Theta[:, bad] = 0.0  # e.g. log of a negative signal

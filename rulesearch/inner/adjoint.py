@@ -271,12 +271,12 @@ class _FastRun:
                 one_a = None if a is None else _one_plus(a, self.betas[i])
                 if das[i] is not None and big[i]:
                     gw[i] = das[i] * one_a
-                    for _, _, o1, o2 in sinks[i]:  # p^T W_s q
-                        gw[i] = gw[i] + torch.linalg.vecdot(o1, o2)
+                    for r in sinks[i]:  # p^T W_s q
+                        gw[i] = gw[i] + torch.linalg.vecdot(r.o1, r.o2)
                 P = Q = None
                 if sinks[i]:
-                    P = torch.stack([p for p, *_ in sinks[i]], -1)
-                    Q = torch.stack([q for _, q, *_ in sinks[i]], -2)
+                    P = torch.stack([r.p for r in sinks[i]], -1)
+                    Q = torch.stack([r.q for r in sinks[i]], -2)
                     sinks[i].clear()
                 G[i].step(s, one_a, P, Q)
         for cg in coef_grads:

@@ -1,7 +1,7 @@
 """Networks whose plastic weights a rule updates: the contract (:class:`LayeredNetwork`) and the feedforward
 :class:`Network` with bp / fa / sign / dfa / plastic feedback."""
 
-from .base import Activity, AdjointNetwork, LayeredNetwork
+from .base import Activity, AdjointNetwork, LayeredNetwork, StepTrace
 from .feedforward import (
     ACTIVATIONS,
     DIGITS,
@@ -14,13 +14,13 @@ from .feedforward import (
     alignment_angles,
     backprop_errors,
     errors,
-    evaluate,
     feedback_matrices,
     forward,
     init_params,
     make_targets,
     orthonormality,
     output_error,
+    query_loss_accuracy,
     sample_loss,
     stack_episodes,
 )
@@ -29,6 +29,7 @@ __all__ = [
     "Activity",
     "AdjointNetwork",
     "LayeredNetwork",
+    "StepTrace",
     "ACTIVATIONS",
     "DIGITS",
     "FEEDBACK_MODES",
@@ -40,7 +41,7 @@ __all__ = [
     "alignment_angles",
     "backprop_errors",
     "errors",
-    "evaluate",
+    "query_loss_accuracy",
     "feedback_matrices",
     "forward",
     "init_params",

@@ -190,8 +190,8 @@ class AdjointNetwork(LayeredNetwork):
 
         ``weights`` are the step's weights as objects with ``vecmat(g, transpose)`` (``g^T W``, or ``g^T W^T``) and
         ``dense()`` (the tensor). Every product with a weight matrix sends its weight gradient to ``sinks[l]`` (a
-        list per layer) as ``(p, q, o1, o2)``: the rank-1 factor ``p q^T`` of ``dL/dW_l`` and two vectors whose dot
-        product is ``p^T W_l q``.
+        list per layer) as a :class:`~rulesearch.batched.RankOne` ``(p, q, o1, o2)``: the factor ``p q^T`` of
+        ``dL/dW_l`` and two vectors whose dot product is ``p^T W_l q``.
         """
 
     def fb_source(self, layer: int) -> Literal["weight", "stored"] | None:

@@ -67,7 +67,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-from ..batched import add, matvec, vecmat
+from ..batched import RankOne, add, matvec, vecmat
 from ..errors import ConfigError, ShapeError, SignalError
 from ..tasks.episodes import episode_generator
 from .base import Activity, AdjointNetwork, StepTrace
@@ -90,7 +90,7 @@ __all__ = [
     "feedback_matrices",
     "errors",
     "backprop_errors",
-    "evaluate",
+    "query_loss_accuracy",
     "alignment_angles",
     "orthonormality",
 ]
@@ -554,7 +554,7 @@ def _step_vjp(net: Network, t: StepTrace, weights, feedback, target, sinks) -> N
             g_back = ge[i] * ds[i]
             ge[src] = add(ge[src], weights[i].vecmat(g_back, True) if fb_t is None else vecmat(g_back, fb_t[i]))
             if net.feedback == "bp":
-                sinks[i].append((t.es[src], g_back, backs[i], g_back))
+                sinks[i].append(RankOne(t.es[src], g_back, backs[i], g_back))
             if i > 0:
                 dy, dz = _derivative_backward(net, ge[i], backs[i], t.ys[i], t.zs[i], ds[i], g_back)
                 gy[i], gz[i] = add(gy[i], dy), add(gz[i], dz)
@@ -568,7 +568,7 @@ def _step_vjp(net: Network, t: StepTrace, weights, feedback, target, sinks) -> N
             gz[i] = add(gz[i], _activate_backward(net, gy[i], t.ys[i], t.zs[i]))
         if gz[i] is None:
             continue
-        sinks[i - 1].append((gz[i], t.ys[i - 1], gz[i], t.zs[i]))
+        sinks[i - 1].append(RankOne(gz[i], t.ys[i - 1], gz[i], t.zs[i]))
         if i > 1:
             gy[i - 1] = add(gy[i - 1], weights[i - 1].vecmat(gz[i], False))
 
@@ -742,7 +742,7 @@ def _accuracy(net: Network, y_out: Tensor, labels: Tensor | None) -> Tensor:
     return (y_out.argmax(-1) == labels).to(y_out.dtype)
 
 
-def evaluate(net: Network, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def query_loss_accuracy(net: Network, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Mean loss and accuracy per episode over ``N`` samples: ``x`` ``(B, N, n_in)`` -> two ``(B,)`` tensors.
 
     Accuracy is the argmax over all output units compared with the raw labels (NaN for float MSE targets).

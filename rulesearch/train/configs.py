@@ -21,7 +21,16 @@ from ..neural import DEFAULT_FEATURES, NEURAL_ACTIVATIONS, NeuralRule
 from ..tasks.data import DATASETS, Dataset, load_dataset, split_classes
 from ..tasks.episodes import TaskSampler
 
-__all__ = []
+__all__ = [
+    "DEFAULT_HIDDEN",
+    "MAIN_JOB",
+    "DiscoverConfig",
+    "MetaConfig",
+    "NetworkConfig",
+    "NeuralConfig",
+    "TaskConfig",
+    "main_job_config",
+]
 
 
 DEFAULT_HIDDEN = (170, 130, 100, 70)

@@ -26,7 +26,16 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = []
+__all__ = [
+    "world",
+    "is_rank0",
+    "init_distributed",
+    "rank_episodes",
+    "all_reduce_sum",
+    "gather_objects",
+    "broadcast_object",
+    "shutdown",
+]
 
 
 def _active() -> bool:

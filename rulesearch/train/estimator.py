@@ -60,15 +60,15 @@ from .configs import DiscoverConfig, MetaConfig, NetworkConfig, NeuralConfig, Ta
 from .distributed import (
     broadcast_object,
 )
-from .objective import Objective
 from .learners import _FB, PlasticFeedback, _term_ms
+from .objective import Objective
 from .problem import Problem
 from .report import _with_feedback, coefficient_table, rule_latex, rule_markdown
 from .rules import _is_rule_file, _plain, _strip_values, load_rule, pseudo_gradient_lr, resolve_rule, trained_rule_json
 from .runtime import process_group, threads
 from .trainer import Trainer, TrainState
 
-__all__ = []
+__all__ = ["RuleSearch", "discover"]
 
 
 def _as_config(value, cls, name: str):

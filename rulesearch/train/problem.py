@@ -13,17 +13,18 @@ from functools import cached_property
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SignalError
 from ..lang.rule import Rule
-from ..networks.feedforward import Network, stack_episodes
+from ..networks.base import LayeredNetwork
+from ..networks.feedforward import stack_episodes
+from ..tasks.base import Task
 from ..tasks.data import Dataset
-from ..tasks.episodes import TaskSampler
 from .configs import DiscoverConfig, MetaConfig, NetworkConfig, TaskConfig
 from .learners import PlasticFeedback, make_learner
 from .rules import resolve_feedback_rule
 from .runtime import resolve_device
 
-__all__ = []
+__all__ = ["Problem"]
 
 SIDES = ("train", "test")
 
@@ -49,6 +50,10 @@ class Problem:
     sizes : sequence of int, optional
         The network's resolved layer widths when ``network.sizes`` is None (e.g. from a run's manifest), so that
         the network is built without reading the data.
+    task : Task, optional
+        A task of one's own (any :class:`~rulesearch.tasks.Task`) instead of ``cfg.task``'s sampler.
+    network : LayeredNetwork, optional
+        A network of one's own (any :class:`~rulesearch.networks.LayeredNetwork`) instead of ``cfg.network``'s.
 
     Attributes
     ----------
@@ -69,6 +74,8 @@ class Problem:
         side: str = "train",
         dataset: Dataset | None = None,
         sizes: Sequence[int] | None = None,
+        task: Task | None = None,
+        network: LayeredNetwork | None = None,
     ):
         if side not in SIDES:
             raise ConfigError(f"Problem side must be one of {SIDES} ('test': the held-out classes); received {side!r}.")
@@ -83,6 +90,10 @@ class Problem:
         self._sizes = tuple(sizes) if sizes is not None and cfg.network.sizes is None else cfg.network.sizes
         if dataset is not None:
             self.__dict__["dataset"] = dataset
+        if task is not None:  # a task or network object of one's own replaces the configured one
+            self.__dict__["sampler"] = task
+        if network is not None:
+            self.__dict__["net"] = network
         self.learner = None
         if rule is not None:
             self.learner = make_learner(rule, self.n_layers, meta)
@@ -113,7 +124,7 @@ class Problem:
         return self.cfg.task.load()
 
     @cached_property
-    def sampler(self) -> TaskSampler:
+    def sampler(self) -> Task:
         """Episodes of the task on :attr:`side` of its class split."""
         sampler = self.cfg.task.sampler(self.dataset, self.side)
         if "net" in self.__dict__:  # the network was sized without the data: check it now
@@ -121,10 +132,10 @@ class Problem:
         return sampler
 
     @cached_property
-    def net(self) -> Network:
+    def net(self) -> LayeredNetwork:
         """The network: from the known sizes without reading the data, else sized by the dataset."""
-        if self._sizes is None or "dataset" in self.__dict__:
-            return self.cfg.network.build(self.dataset.n_features, self.sampler.n_outputs)
+        if self._sizes is None or "dataset" in self.__dict__ or "sampler" in self.__dict__:
+            return self.cfg.network.build(self.sampler.n_inputs, self.sampler.n_outputs)
         return self.cfg.network.replace(sizes=self._sizes).build(self._sizes[0], self._sizes[-1])
 
     def load(self) -> Problem:
@@ -153,13 +164,11 @@ class Problem:
         return update
 
     def _check_signals(self, update):
-        ups = update if isinstance(update, list) else [update]
-        needs = set().union(*(u.needs for u in ups))
-        if "fb" in needs and not self.net.has_fb:
-            raise ConfigError(
-                f"The rule reads the feedback matrix 'fb', which feedback mode {self.net.feedback!r} does not have; "
-                f"use network.feedback 'fa', 'sign', 'plastic' or 'bp'."
-            )
+        ups = update if isinstance(update, list) else [update] * self.n_layers
+        try:
+            self.net.check_needs([frozenset(u.needs) for u in ups])
+        except SignalError as err:  # a configuration error here: the network cannot give the rule's signals
+            raise ConfigError(str(err)) from err
 
     def feedback_rule(self) -> Rule | None:
         """The plastic feedback rule (``network.feedback_rule``, default ``kp``); None for other feedback modes,
@@ -177,7 +186,7 @@ class Problem:
         return None
 
     # ---- episode batches ----------------------------------------------------------------------------------
-    def batch(self, items, net: Network | None = None):
+    def batch(self, items, net: LayeredNetwork | None = None):
         """Episodes ``(seed, t, k)`` for ``k in ks`` of every ``(seed, t, ks)`` in ``items`` as one batch (rows in
         that order): ``(batch, weights, feedback)`` for :func:`~rulesearch.inner.run_episodes`, in :attr:`dtype`
         on :attr:`device`; ``net`` (default :attr:`net`) draws the initial weights."""
@@ -187,7 +196,7 @@ class Problem:
         self,
         t: int | Sequence[int],
         runs: Sequence[int],
-        net: Network | None = None,
+        net: LayeredNetwork | None = None,
         ks: Sequence[Sequence[int]] | None = None,
     ):
         """The batch and initial weights/feedback of the episodes ``(seed_s, t, k)`` for ``s in runs``, ``k < B``

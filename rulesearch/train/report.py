@@ -15,7 +15,7 @@ from ..lang.rule import NetworkRule, Rule
 from ..neural import NeuralRule
 from .rules import load_feedback_rule, load_rule, resolve_rule
 
-__all__ = []
+__all__ = ["coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"]
 
 
 def _groups(rule) -> list[tuple[tuple[int, ...], Rule]]:

@@ -23,7 +23,15 @@ from ..neural import FORMAT as NEURAL_FORMAT
 from ..neural import NeuralRule
 from .configs import NeuralConfig
 
-__all__ = []
+__all__ = [
+    "NETWORK_RULE_FORMAT",
+    "load_feedback_rule",
+    "load_rule",
+    "pseudo_gradient_lr",
+    "resolve_feedback_rule",
+    "resolve_rule",
+    "trained_rule_json",
+]
 
 
 NETWORK_RULE_FORMAT = "rulesearch.network_rule/1"

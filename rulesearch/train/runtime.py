@@ -14,7 +14,7 @@ from .distributed import (
     world,
 )
 
-__all__ = []
+__all__ = ["process_group", "resolve_device", "threads"]
 
 
 @contextlib.contextmanager

@@ -71,7 +71,7 @@ from .objective import Objective, QueryLoss
 from .optim import adam_step
 from .problem import Problem
 
-__all__ = []
+__all__ = ["Trainer", "TrainState"]
 
 
 @dataclass
