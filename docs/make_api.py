@@ -1,0 +1,86 @@
+"""Write docs/api.md: the public API of rulesearch from its docstrings.
+
+Every name in ``__all__`` of the package and its public subpackages, with its signature and the first paragraph of
+its docstring, grouped by module. Run from the repository root: ``python docs/make_api.py`` (``--check`` exits 1 if
+docs/api.md is out of date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+MODULES = (
+    ("rulesearch", "Rules, grammars, the compiler and the learning side's main objects"),
+    ("rulesearch.lang", "The rule language"),
+    ("rulesearch.compile", "Compiling rules to torch"),
+    ("rulesearch.networks", "Networks"),
+    ("rulesearch.tasks", "Tasks and datasets"),
+    ("rulesearch.inner", "The inner loop"),
+    ("rulesearch.train", "Meta-training"),
+    ("rulesearch.distill", "Distillation"),
+    ("rulesearch.io", "Configs, run directories, figures, statistics"),
+)
+
+
+def _summary(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    para = doc.split("\n\n")[0].strip()
+    return " ".join(para.split())
+
+
+def _signature(name: str, obj) -> str:
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        try:
+            return f"{name}{inspect.signature(obj)}"
+        except (TypeError, ValueError):
+            return name
+    return name
+
+
+def render() -> str:
+    """The text of docs/api.md."""
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings by `python docs/make_api.py`; the full docstrings are in the code",
+        "(`help(rulesearch.RuleSearch)`). Each name is listed under the first module that exports it.",
+        "",
+    ]
+    seen: set[int] = set()
+    for modname, title in MODULES:
+        mod = importlib.import_module(modname)
+        rows = []
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if name.startswith("__") or id(obj) in seen or not (inspect.isclass(obj) or callable(obj)):
+                continue
+            seen.add(id(obj))
+            rows.append(f"- `{_signature(name, obj)}`" + (f": {_summary(obj)}" if _summary(obj) else ""))
+        if rows:
+            lines += [f"## {title} (`{modname}`)", "", _summary(mod), "", *rows, ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/api.md differs from the docstrings")
+    args = parser.parse_args(argv)
+    path = Path(__file__).with_name("api.md")
+    text = render()
+    if args.check:
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        if current != text:
+            print(f"{path} is out of date; run python docs/make_api.py", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
