@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -33,11 +34,13 @@ def _summary(obj) -> str:
 
 
 def _signature(name: str, obj) -> str:
+    """``name(params)``; defaults whose repr carries a memory address are shown as ``...``."""
     if inspect.isclass(obj) or inspect.isfunction(obj):
         try:
-            return f"{name}{inspect.signature(obj)}"
+            sig = str(inspect.signature(obj))
         except (TypeError, ValueError):
             return name
+        return name + re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "...", sig)
     return name
 
 
