@@ -254,6 +254,23 @@ def test_run_directory_contents(tmp_path):
     assert "run directory" in s.report()
 
 
+def test_f0_comparison_is_tuned_on_held_out_episodes():
+    """Each feedback mode's f0 runs at the grid rate with the best accuracy on episodes after the last meta-step;
+    compare_tune=0 keeps the base rate."""
+    from rulesearch.train.estimator import _TUNE_FACTORS
+
+    s = search("f0", tiny_meta(compare=True, compare_tune=2, runs=2)).fit()
+    base, p = s.summary_["compare_lr"], s._problem
+    held_out = [s.n_steps_, s.n_steps_ + 1]
+    for mode in ("fa", "bp"):
+        net = dataclasses.replace(p.net, feedback=mode)
+        scores = [float(s._f0_accuracy(p, net, held_out, [0, 1], base * f).mean()) for f in _TUNE_FACTORS]
+        assert s.summary_[f"compare_lr_{mode}"] == pytest.approx(base * _TUNE_FACTORS[int(np.argmax(scores))])
+    assert "f0 learning rates: fa" in s.report() and "held-out episodes" in s.report()
+    untuned = search("f0", tiny_meta(compare=True, compare_tune=0)).fit().summary_
+    assert untuned["compare_lr_fa"] == untuned["compare_lr_bp"] == untuned["compare_lr"]
+
+
 def test_from_run_roundtrip(tmp_path):
     s = search(meta=tiny_meta(runs=2), out=tmp_path / "run").fit()
     r = RuleSearch.from_run(tmp_path / "run")

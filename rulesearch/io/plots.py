@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,11 @@ def _curve(ax, df, column: str, x: str | None, *, label: str, color: Any, window
     return n_runs
 
 
-def _title(ax, n_runs: int) -> None:
+def _title(ax, title: str, n_runs: int) -> None:
+    """The figure's title, and under it the runs averaged."""
     if n_runs > 1:
-        ax.set_title(f"mean of {n_runs} runs; shaded: 95% bootstrap CI", fontsize="medium")
+        title += f"\nmean of {n_runs} runs; shaded: 95% bootstrap CI"
+    ax.set_title(title, fontsize="medium")
 
 
 def _colors(n: int) -> list:
@@ -123,8 +126,11 @@ def _legend(ax, n: int) -> None:
         ax.legend(fontsize="x-small", ncol=max(1, n // 25 + 1), loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_meta_accuracy(df, path: str | os.PathLike, window: int = 10, *, x: str = "step") -> Path:
-    """Meta-accuracy per meta-step (column ``meta_accuracy``), raw and as a trailing moving average.
+def plot_meta_accuracy(
+    df, path: str | os.PathLike, window: int = 10, *, x: str = "step", references: Mapping[str, float] | None = None
+) -> Path:
+    """Meta-accuracy per meta-step (column ``meta_accuracy``), raw and as a trailing moving average, with optional
+    horizontal reference lines (``{label: accuracy}``, e.g. baselines and chance).
 
     With a ``run`` column: the mean over runs with a shaded 95% bootstrap band. Returns ``path``.
     """
@@ -132,8 +138,13 @@ def plot_meta_accuracy(df, path: str | os.PathLike, window: int = 10, *, x: str 
     fig = _figure()
     ax = fig.add_subplot()
     xcol = _x_column(df, x)
-    label = f"moving average ({window})" if window > 1 else "meta-accuracy"
-    _title(ax, _curve(ax, df, "meta_accuracy", xcol, label=label, color="C0", window=window, raw=True))
+    label = f"rule, moving average ({window})" if window > 1 else "rule"
+    n_runs = _curve(ax, df, "meta_accuracy", xcol, label=label, color="C0", window=window, raw=True)
+    _title(ax, "Query accuracy after each meta-step's online episodes", n_runs)
+    styles = iter(("--", "-.", ":", (0, (5, 1))))
+    for (name, value), color in zip((references or {}).items(), _colors(len(references or {}) + 1)[1:]):
+        if value is not None and np.isfinite(value):
+            ax.axhline(value, color=color, linewidth=1.2, linestyle=next(styles, "--"), label=name)
     ax.set_xlabel("meta-step" if xcol else "row")
     ax.set_ylabel("meta-accuracy")
     ax.grid(alpha=0.3)
@@ -151,7 +162,7 @@ def plot_coefficients(df, path: str | os.PathLike, *, x: str = "step") -> Path:
     for column, color in zip(columns, _colors(len(columns))):
         label = str(column)[len("theta.") :]
         n_runs = _curve(ax, df, column, xcol, label=label, color=color, window=1, raw=False)
-    _title(ax, n_runs)
+    _title(ax, "Rule coefficients during meta-training", n_runs)
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.set_xlabel("meta-step" if xcol else "row")
     ax.set_ylabel(r"coefficient $\theta_k$")
@@ -161,7 +172,9 @@ def plot_coefficients(df, path: str | os.PathLike, *, x: str = "step") -> Path:
 
 
 def plot_alignment(df, path: str | os.PathLike, *, x: str = "step") -> Path:
-    """Alignment angle (degrees) per layer (columns ``angle.<layer>``); 90 degrees marks orthogonality."""
+    """Alignment angle (degrees) per hidden layer (columns ``angle.<layer>``): the angle between the errors the
+    feedback pathway delivers to that layer and backprop's errors, averaged over query samples; 0 degrees is
+    backprop's direction, 90 degrees orthogonal (no useful credit), below 90 the pathway's errors descend the loss."""
     columns = [c for c in df.columns if str(c).startswith("angle.")]
     _require(df, columns, "alignment (angle.*)")
     fig = _figure()
@@ -171,7 +184,7 @@ def plot_alignment(df, path: str | os.PathLike, *, x: str = "step") -> Path:
         label = str(column)[len("angle.") :]
         label = f"layer {label}" if label.isdigit() else label
         n_runs = _curve(ax, df, column, xcol, label=label, color=color, window=1, raw=False)
-    _title(ax, n_runs)
+    _title(ax, "Alignment of the feedback errors with backprop's (0° = backprop, 90° = orthogonal)", n_runs)
     ax.axhline(90.0, color="0.5", linewidth=0.8, linestyle="--")
     ax.set_ylim(bottom=0.0)
     ax.set_xlabel("meta-step" if xcol else "row")
@@ -181,8 +194,15 @@ def plot_alignment(df, path: str | os.PathLike, *, x: str = "step") -> Path:
     return _save(fig, path)
 
 
-def plot_run(run_dir: RunDir | str | os.PathLike, *, window: int = 10, fmt: str = "png") -> dict[str, Path]:
-    """Every figure whose columns ``metrics.csv`` has, written to ``<run>/figures/<name>.<fmt>``.
+def plot_run(
+    run_dir: RunDir | str | os.PathLike,
+    *,
+    window: int = 10,
+    fmt: str = "png",
+    references: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """Every figure whose columns ``metrics.csv`` has, written to ``<run>/figures/<name>.<fmt>`` (``references``:
+    reference lines of the meta-accuracy figure, see :func:`plot_meta_accuracy`).
 
     Returns the written paths by figure name (``meta_accuracy``, ``coefficients``, ``alignment``).
     """
@@ -193,7 +213,9 @@ def plot_run(run_dir: RunDir | str | os.PathLike, *, window: int = 10, fmt: str 
     if df.empty:
         return written
     if "meta_accuracy" in df.columns:
-        written["meta_accuracy"] = plot_meta_accuracy(df, out_dir / f"meta_accuracy.{fmt}", window)
+        written["meta_accuracy"] = plot_meta_accuracy(
+            df, out_dir / f"meta_accuracy.{fmt}", window, references=references
+        )
     if any(str(c).startswith("theta.") for c in df.columns):
         written["coefficients"] = plot_coefficients(df, out_dir / f"coefficients.{fmt}")
     if any(str(c).startswith("angle.") for c in df.columns):

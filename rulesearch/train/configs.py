@@ -252,12 +252,19 @@ class MetaConfig(Config):
     )
     compare_lr: float | None = option(
         None,
-        help="Learning rate of the f0 comparison; default: the learned coefficient of the rule's -e_i x_j term "
+        help="Base learning rate of the f0 comparison; default: the learned coefficient of the rule's -e_i x_j term "
         "(theta0 if it has none).",
+    )
+    compare_tune: int = option(
+        4,
+        help="Tune f0's learning rate for each feedback mode over 0.1x, 0.3x, 1x, 3x and 10x the base rate on this "
+        "many held-out episodes per run (meta-steps after the last one) before comparing; 0: use the base rate.",
     )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.compare_tune < 0:
+            raise ConfigError(f"Config key 'meta.compare_tune' must be >= 0; received {self.compare_tune}.")
         for name in ("episodes", "meta_batch", "runs", "checkpoint_every", "max_skips", "check_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Config key 'meta.{name}' must be >= 1; received {getattr(self, name)}.")

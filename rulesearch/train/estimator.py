@@ -427,28 +427,44 @@ class RuleSearch:
         return lr if lr is not None and lr > 0 else meta.theta0
 
     def _compare(self, state: TrainState, problem: Problem) -> dict:
-        """f0 under fa and under bp on the episodes of the first and last 10% of meta-steps (no gradients)."""
-        from ..inner import f0 as f0_update
-
-        lr = self.compare_lr()
+        """f0 under fa and under bp on the episodes of the first and last 10% of meta-steps (no gradients), each
+        mode at its learning rate tuned on held-out episodes (``meta.compare_tune``; the steps after the last)."""
+        meta = problem.cfg.meta
+        base = self.compare_lr()
         first, last = self._windows(state.t)
         runs = [s for s in range(len(problem.seeds)) if not bool(state.stopped[s])]
-        out: dict[str, Any] = {"compare_lr": lr}
-        theta = torch.tensor(lr, dtype=problem.dtype, device=problem.device)
-        for label, window in (("first", first), ("last", last)):
-            for mode in ("fa", "bp"):
-                net = dataclasses.replace(problem.net, feedback=mode)
-                accs = []
-                for chunk in _chunks(list(window), max(1, 64 // max(1, len(runs) * problem.B))):
-                    batch, weights, feedback = problem.episodes(chunk, runs, net)
-                    with torch.no_grad():
-                        res = run_episodes(
-                            net, batch, f0_update, theta, weights, feedback, metrics=False,
-                            divergence_bound=problem.cfg.meta.divergence_bound, raise_on_divergence=False,
-                        )  # fmt: skip
-                    accs.append(torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu())
-                out[f"f0_{mode}_{label}"] = float(torch.cat(accs).mean()) if accs else float("nan")
+        out: dict[str, Any] = {"compare_lr": base, "compare_tune": meta.compare_tune}
+        held_out = list(range(state.t, state.t + meta.compare_tune))
+        for mode in ("fa", "bp"):
+            net = dataclasses.replace(problem.net, feedback=mode)
+            lr = base
+            if held_out and runs:
+                grid = [base * f for f in _TUNE_FACTORS]
+                scores = [float(self._f0_accuracy(problem, net, held_out, runs, g).mean()) for g in grid]
+                lr = grid[int(np.nanargmax(scores))] if np.isfinite(scores).any() else base
+            out[f"compare_lr_{mode}"] = lr
+            for label, window in (("first", first), ("last", last)):
+                acc = self._f0_accuracy(problem, net, list(window), runs, lr)
+                out[f"f0_{mode}_{label}"] = float(acc.mean()) if acc.numel() else float("nan")
         return out
+
+    @staticmethod
+    def _f0_accuracy(problem: Problem, net: Network, steps: list[int], runs: list[int], lr: float) -> Tensor:
+        """Query accuracy of f0 at learning rate ``lr`` on the episodes of ``steps`` x ``runs``; a diverged episode
+        counts as 0."""
+        from ..inner import f0 as f0_update
+
+        theta = torch.tensor(lr, dtype=problem.dtype, device=problem.device)
+        accs = []
+        for chunk in _chunks(steps, max(1, 64 // max(1, len(runs) * problem.B))):
+            batch, weights, feedback = problem.episodes(chunk, runs, net)
+            with torch.no_grad():
+                res = run_episodes(
+                    net, batch, f0_update, theta, weights, feedback, metrics=False,
+                    divergence_bound=problem.cfg.meta.divergence_bound, raise_on_divergence=False,
+                )  # fmt: skip
+            accs.append(torch.where(res.diverged, torch.zeros_like(res.accuracy), res.accuracy).double().cpu())
+        return torch.cat(accs) if accs else torch.zeros(0, dtype=torch.float64)
 
     def _write_outputs(self, run: RunDir):
         from ..io.plots import plot_run
@@ -461,7 +477,15 @@ class RuleSearch:
             tex = f"% LaTeX export failed: {type(err).__name__}: {err}\n% {self.formula()}"
         run.write_text("rule.tex", tex + "\n")
         run.write_text("summary.md", self.report(markdown=True) + "\n")
-        plot_run(run)
+        plot_run(run, references=self._references())
+
+    def _references(self) -> dict[str, float]:
+        """Horizontal reference lines of the meta-accuracy figure: f0 under fa and bp (last 10% of meta-steps, at the
+        tuned learning rates) and chance."""
+        s = self.summary_
+        refs = {f"f0 ({m}), last 10%": s[f"f0_{m}_last"] for m in ("fa", "bp") if f"f0_{m}_last" in s}
+        refs[f"chance (1/{self._problem.cfg.task.M})"] = 1.0 / self._problem.cfg.task.M
+        return refs
 
     def _run_values(self):
         learner = self._problem.learner if hasattr(self, "_problem") else None
@@ -601,8 +625,17 @@ class RuleSearch:
             vals = [s.get(f"rule_{label}"), s.get(f"f0_fa_{label}"), s.get(f"f0_bp_{label}")]
             cells = [f"{v:>9.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>9}" for v in vals]
             lines.append(f"{name:<22} {cells[0]:>12} {cells[1]} {cells[2]}")
-        if "compare_lr" in s:
-            lines.append(f"f0 learning rate: {s['compare_lr']:.4g} (same tasks and initial weights)")
+        if "compare_lr_fa" in s:
+            tuned = (
+                f"tuned over {min(_TUNE_FACTORS):g}x..{max(_TUNE_FACTORS):g}x of {s['compare_lr']:.4g} on "
+                f"{s['compare_tune']} held-out episodes per run"
+                if s.get("compare_tune")
+                else "untuned: the rule's learned -e_i x_j coefficient or meta.compare_lr"
+            )
+            lines.append(
+                f"f0 learning rates: fa {s['compare_lr_fa']:.4g}, bp {s['compare_lr_bp']:.4g} ({tuned}); "
+                f"same tasks and initial weights; chance {1 / self._problem.cfg.task.M:.3f}"
+            )
         if s.get("stopped_runs"):
             lines.append(f"stopped (diverged) runs: {s['stopped_runs']}")
         if getattr(self, "run_", None) is not None:
@@ -617,6 +650,10 @@ class RuleSearch:
         return f"RuleSearch(rule={self.rule_.name!r}, runs={self.n_runs_}, steps={self.n_steps_})\n" + (
             self.formula() + "\n" + self.coefficient_table()
         )
+
+
+_TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+"""Multiples of the base learning rate over which the f0 comparison is tuned (``meta.compare_tune``)."""
 
 
 def _chunks(items: list, n: int) -> list[list]:
