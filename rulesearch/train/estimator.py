@@ -632,6 +632,17 @@ class RuleSearch:
                 if s.get("compare_tune")
                 else "untuned: the rule's learned -e_i x_j coefficient or meta.compare_lr"
             )
+            edge = [
+                m
+                for m in ("fa", "bp")
+                if s.get("compare_tune")
+                and any(
+                    math.isclose(s[f"compare_lr_{m}"], s["compare_lr"] * f)
+                    for f in (min(_TUNE_FACTORS), max(_TUNE_FACTORS))
+                )
+            ]
+            if edge:
+                tuned += f"; {' and '.join(edge)} at the grid's edge"
             lines.append(
                 f"f0 learning rates: fa {s['compare_lr_fa']:.4g}, bp {s['compare_lr_bp']:.4g} ({tuned}); "
                 f"same tasks and initial weights; chance {1 / self._problem.cfg.task.M:.3f}"
