@@ -3,7 +3,6 @@
 The data path: grammar -> rule -> compiled update -> inner loop -> meta-loss -> rule -> distilled formula -> LaTeX.
 """
 
-from .compile.compiler import CompiledRule, RuleModule, compile_rule
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -47,9 +46,10 @@ from .lang.signals import (
 
 __version__ = "0.1.0"
 
-# The learning side (networks, tasks, inner loop, meta-training) is imported when first used: ``import rulesearch``
-# for writing and compiling rules does not load pandas and the data readers.
+# The compiler and the learning side (networks, tasks, inner loop, meta-training) are imported when first used:
+# ``import rulesearch`` for writing rules loads SymPy but not torch or pandas.
 _LAZY = {
+    "compile_rule": "compile", "CompiledRule": "compile", "RuleModule": "compile",
     "RuleSearch": "train", "discover": "train", "DiscoverConfig": "train", "MetaConfig": "train",
     "TaskConfig": "train", "NetworkConfig": "train", "NeuralConfig": "train", "Problem": "train", "Trainer": "train",
     "Learner": "train", "Objective": "train", "QueryLoss": "train",
