@@ -43,7 +43,7 @@ def deterministic(df):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Skip drawing the run and evaluation figures (tested elsewhere; matplotlib dominates these tests' time)."""
-    monkeypatch.setattr("rulesearch.io.plots.plot_run", lambda run: None)
+    monkeypatch.setattr("rulesearch.io.plots.plot_run", lambda run, **kw: None)
     monkeypatch.setattr("rulesearch.evaluate.plot_evaluation", lambda evaluation, path: path)
 
 
