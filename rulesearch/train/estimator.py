@@ -437,7 +437,7 @@ class RuleSearch:
         theta = torch.tensor(lr, dtype=problem.dtype, device=problem.device)
         for label, window in (("first", first), ("last", last)):
             for mode in ("fa", "bp"):
-                net = dataclasses.replace(problem.net, feedback=mode)
+                net = dataclasses.replace(getattr(problem.net, "base", problem.net), feedback=mode)  # PC: its Network
                 accs = []
                 for chunk in _chunks(list(window), max(1, 64 // max(1, len(runs) * problem.B))):
                     batch, weights, feedback = problem.episodes(chunk, runs, net)
