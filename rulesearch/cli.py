@@ -89,6 +89,21 @@ def discover(
         ),
     ] = None,  # fmt: skip
     feedback: Annotated[str | None, typer.Option(help="Error pathway: bp, fa (default), sign, dfa, plastic.")] = None,
+    credit: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the errors come from: feedback (default: the --feedback pathway), pc-fixedpred or pc-strict "
+            "(predictive-coding inference through W^T; rules then read PC prediction errors)."
+        ),
+    ] = None,
+    pc_iters: Annotated[
+        int | None,
+        typer.Option(help="Under --credit pc-*: inference iterations n (default: L for pc-fixedpred, 20 for strict)."),
+    ] = None,
+    pc_eta: Annotated[
+        float | None,
+        typer.Option(help="Under --credit pc-*: belief step size eta (default 1.0 for pc-fixedpred, 0.1 strict)."),
+    ] = None,
     feedback_rule: Annotated[
         str | None,
         typer.Option(
@@ -225,6 +240,9 @@ def discover(
             "task.Q": queries,
             "network.sizes": _ints(sizes, "--sizes"),
             "network.feedback": feedback,
+            "network.credit": credit,
+            "network.pc_iters": pc_iters,
+            "network.pc_eta": pc_eta,
             "network.feedback_rule": feedback_rule,
             "meta.feedback_init": _floats(feedback_init, "--feedback-init"),
             "meta.meta_feedback": meta_feedback,

@@ -275,7 +275,13 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
     if cfg.baselines:
         for mode in ("fa", "bp"):
             methods.append(
-                (f"f0 ({mode})", dataclasses.replace(net, feedback=mode), f0_update, torch.tensor(lr, dtype=dtype), {})
+                (
+                    f"f0 ({mode})",
+                    dataclasses.replace(getattr(net, "base", net), feedback=mode),  # PC: its feedforward Network
+                    f0_update,
+                    torch.tensor(lr, dtype=dtype),
+                    {},
+                )
             )
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     E = cfg.episodes

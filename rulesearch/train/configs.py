@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..credit import PCNetwork
 from ..errors import ConfigError
 from ..io.config import Config, option
 from ..networks.feedforward import ACTIVATIONS, FEEDBACK_MODES, INITS, LOSSES, Network
@@ -22,6 +23,7 @@ from ..tasks.data import DATASETS, Dataset, load_dataset, split_classes
 from ..tasks.episodes import TaskSampler
 
 __all__ = [
+    "CREDITS",
     "DEFAULT_HIDDEN",
     "MAIN_JOB",
     "DiscoverConfig",
@@ -32,6 +34,9 @@ __all__ = [
     "main_job_config",
 ]
 
+
+CREDITS = ("feedback", "pc-fixedpred", "pc-strict")
+"""Credit-assignment settings of the inner-loop network: its feedback pathway, or predictive-coding inference."""
 
 DEFAULT_HIDDEN = (170, 130, 100, 70)
 """Hidden widths of the paper's network (Shervani-Tabar & Rosenbaum 2023)."""
@@ -147,9 +152,46 @@ class NetworkConfig(Config):
     feedback_rule_json: dict[str, Any] | None = option(
         None, help="The feedback rule as JSON, e.g. Rule.to_json() in Python (overrides 'feedback_rule')."
     )
+    credit: str = option(
+        "feedback",
+        help="Where the errors e_l come from: the feedback pathway ('feedback', see 'feedback') or predictive-coding "
+        "inference through W^T, FixedPred ('pc-fixedpred') or Strict ('pc-strict'); see rulesearch.credit.PCNetwork.",
+        choices=CREDITS,
+    )
+    pc_iters: int | None = option(
+        None,
+        help="Under a pc credit: inference iterations n (default: the depth L for pc-fixedpred, exact at pc_eta 1; "
+        "20 for pc-strict). FixedPred with n < L leaves the errors of the lowest L - n hidden layers at zero.",
+    )
+    pc_eta: float | None = option(
+        None, help="Under a pc credit: the belief step size eta (default 1.0 for pc-fixedpred, 0.1 for pc-strict)."
+    )
 
-    def build(self, n_in: int, n_out: int) -> Network:
-        """The :class:`Network` for a dataset with ``n_in`` inputs and ``n_out`` outputs."""
+    def __post_init__(self):
+        super().__post_init__()
+        if self.credit == "feedback":
+            given = [k for k in ("pc_iters", "pc_eta") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(
+                    f"Config key(s) {', '.join('network.' + k for k in given)} set, but network.credit is "
+                    f"'feedback'; they apply to predictive coding only. Set network.credit to 'pc-fixedpred' or "
+                    f"'pc-strict', or drop them."
+                )
+            return
+        if self.feedback == "plastic":
+            raise ConfigError(
+                f"network.credit {self.credit!r} takes its errors from predictive-coding inference through W^T, so "
+                f"network.feedback 'plastic' (a meta-learned feedback rule) would never be used; set network.feedback "
+                f"to 'bp' or network.credit to 'feedback'."
+            )
+        if self.pc_iters is not None and self.pc_iters < 1:
+            raise ConfigError(f"Config key 'network.pc_iters': received {self.pc_iters}, expected an integer >= 1.")
+        if self.pc_eta is not None and not (math.isfinite(self.pc_eta) and self.pc_eta > 0):
+            raise ConfigError(f"Config key 'network.pc_eta': received {self.pc_eta}, expected a finite number > 0.")
+
+    def build(self, n_in: int, n_out: int) -> Network | PCNetwork:
+        """The :class:`Network` for a dataset with ``n_in`` inputs and ``n_out`` outputs; under a ``pc-`` credit the
+        :class:`~rulesearch.credit.PCNetwork` around it (with backprop's Jacobians, ``feedback='bp'``)."""
         sizes = self.sizes if self.sizes is not None else (n_in, *DEFAULT_HIDDEN, n_out)
         if sizes[0] != n_in or sizes[-1] != n_out:
             raise ConfigError(
@@ -157,16 +199,24 @@ class NetworkConfig(Config):
                 f"outputs; the sizes must start with {n_in} and end with {n_out} (e.g. "
                 f"{[n_in, *DEFAULT_HIDDEN, n_out]})."
             )
-        return Network(
+        pc = self.credit != "feedback"
+        net = Network(
             sizes=tuple(sizes),
             activation=self.activation,
             beta=self.beta,
-            feedback=self.feedback,
+            feedback="bp" if pc else self.feedback,
             loss=self.loss,
             init=self.init,
             gain=self.gain,
             feedback_gain=self.feedback_gain,
         )
+        if not pc:
+            return net
+        inference = self.credit.removeprefix("pc-")
+        strict = inference == "strict"
+        eta = self.pc_eta if self.pc_eta is not None else (0.1 if strict else 1.0)
+        n_iters = self.pc_iters if self.pc_iters is not None else (20 if strict else net.n_layers)
+        return PCNetwork(net, inference, eta=float(eta), n_iters=int(n_iters))
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,7 @@ class RuleSearch:
         out: dict[str, Any] = {"compare_lr": base, "compare_tune": meta.compare_tune}
         held_out = list(range(state.t, state.t + meta.compare_tune))
         for mode in ("fa", "bp"):
-            net = dataclasses.replace(problem.net, feedback=mode)
+            net = dataclasses.replace(getattr(problem.net, "base", problem.net), feedback=mode)  # PC: its Network
             lr = base
             if held_out and runs:
                 grid = [base * f for f in _TUNE_FACTORS]
