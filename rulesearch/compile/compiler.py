@@ -54,6 +54,7 @@ import torch
 from ..errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
 from ..lang.rule import Rule
 from ..lang.signals import (
+    BUILTIN_SIGNALS,
     Constant,
     Contract,
     Signal,
@@ -335,6 +336,12 @@ class TorchCompiler:
             left, right = self.slot(Contract(M, u)), self.slot(v)
         return self._emit(lambda env, a, b: torch.linalg.vecdot(a, b), (left[1], right[1]), "global", _vecdot_vjp)
 
+    def _compile_Reindex(self, expr):
+        self.kinds.add("reindex")  # the same tensor read with the other index; CompiledRule checks n_post == n_pre
+        ru = self.slot(expr.args[0])
+        role = "pre" if self.role(ru) == "post" else "post"
+        return self._emit(lambda env, x: x, (ru[1],), role)
+
     def _compile_OrderedContract(self, expr):
         self.kinds.add("contraction")
         u, M = expr.args
@@ -360,6 +367,8 @@ def _contract(m, x, transpose: bool):
     methods ``vm(x)`` and ``mv(x)`` (the inner loop's fast path passes the weights this way)."""
     if not isinstance(m, torch.Tensor):
         return m.vm(x) if transpose else m.mv(x)
+    if m.dim() == 3 and m.stride(0) == 0:  # one matrix shared by the batch (an expanded view): one 2-D matmul
+        return x @ m[0] if transpose else x @ m[0].T
     if transpose:
         return torch.matmul(x.unsqueeze(-2), m).squeeze(-2)
     return torch.matmul(m, x.unsqueeze(-1)).squeeze(-1)
@@ -446,7 +455,9 @@ class CompiledRule:
     states : tuple of StateSpec
         Stateful derived signals, dependencies first.
     paths : frozenset of str
-        Compile paths used: ``outer``, ``synapse``, ``contraction``, ``bilinear``, ``elementwise``.
+        Compile paths used: ``outer``, ``synapse``, ``contraction``, ``bilinear``, ``elementwise``, ``reindex``.
+
+    :meth:`batch_mean` gives the update averaged over the batch, for a network whose weights the batch shares.
     """
 
     def __init__(self, rule: Rule, functions: Mapping | None = None):
@@ -501,16 +512,14 @@ class CompiledRule:
             base |= st.needs
         # the shape (B, n_post, n_pre) must be readable from the signals: add post / pre only when nothing else
         # (a post, pre or synapse signal) gives n_post / n_pre, e.g. for a rule of global signals only
-        from ..lang.signals import BASE_SIGNALS
-
-        given = {BASE_SIGNALS[n].role for n in base}
+        given = {BUILTIN_SIGNALS[n].role for n in base}
         if not given & {"post", "synapse"}:
             base.add("post")
         if not given & {"pre", "synapse"}:
             base.add("pre")
         self.needs = frozenset(base)
         self.paths = frozenset(comp.kinds | {k for st in self.states for k in getattr(st, "_kinds", ())})
-        self._roles = {n: BASE_SIGNALS[n].role for n in self.needs}
+        self._roles = {n: BUILTIN_SIGNALS[n].role for n in self.needs}
         self._roles.update({st.name: st.role for st in self.states})
 
     def _exprs(self):
@@ -602,6 +611,12 @@ class CompiledRule:
             for ax, size in zip(axes[role], t.shape):
                 known.setdefault(ax, (size, n))
         B, n_post, n_pre = (known[ax][0] if ax in known else None for ax in ("B", "n_post", "n_pre"))
+        if "reindex" in self.paths and n_post != n_pre:
+            raise ShapeError(
+                f"Rule {self.rule.name!r} reads a vector with the other index (as_pre/as_post), which needs a "
+                f"recurrent layer (n_post == n_pre); got n_post={n_post}, n_pre={n_pre}. Use it with a recurrent "
+                f"network such as FixedPointNetwork, or drop as_pre/as_post."
+            )
         if scalars:
             signals = {**signals, **{n: signals[n].expand(B) for n in scalars}}
         return B, n_post, n_pre, signals, like
@@ -668,11 +683,50 @@ class CompiledRule:
             return torch.zeros(full, dtype=ref.dtype, device=ref.device)
         return dW.expand(full) if dW.shape != full else dW
 
+    def batch_mean(self, signals: Mapping, params) -> torch.Tensor:
+        r"""The batch average :math:`\frac1B \sum_b \Delta W_b` ``(n_post, n_pre)`` of :meth:`__call__`, for weights
+        shared by the batch (pass ``w`` as ``W.expand(B, n_post, n_pre)``, a view).
+
+        Outer products are summed as one matrix product, :math:`\frac1B [U_1 C_1, \dots, U_B C_B]
+        [V_1, \dots, V_B]^\top`, and a synapse factor shared by the batch (an expanded view) multiplies the average,
+        so no ``(B, n_post, n_pre)`` tensor is formed; a per-sample synapse factor is averaged in full.
+        """
+        B, n_post, n_pre, signals, ref = self._check(signals)
+        params = self._params(params, B, ref)
+        vals = self._comp.run({"signals": signals, "params": params})
+        C = self._coefficients(params, vals, B, ref).expand(B, -1)  # (B, pairs)
+        out = torch.zeros((n_post, n_pre), dtype=ref.dtype, device=ref.device)
+        for s_ref, cols, us, vs, consts in self._groups:
+            c = C[:, cols]
+            s = None if s_ref is None else lift(TorchCompiler.value(s_ref, vals), self._comp.role(s_ref), "synapse")
+            if consts is not None:
+                per_sample = (c * consts.to(c)).sum(-1)  # (B,)
+                if s is None:
+                    out += per_sample.mean()
+                elif _shared(s):
+                    out += s[0] * per_sample.mean()
+                else:
+                    out += (s * per_sample.reshape(-1, 1, 1)).mean(0)
+                continue
+            U = torch.stack([_col(u, vals, (B, n_post), ref) for u in us], -1) * c.unsqueeze(-2)  # (B, n_post, k)
+            V = torch.stack([_col(v, vals, (B, n_pre), ref) for v in vs], -1)  # (B, n_pre, k)
+            if s is None or _shared(s):
+                mean = U.transpose(0, 1).reshape(n_post, -1) @ V.transpose(0, 1).reshape(n_pre, -1).T / B
+                out += mean if s is None else s[0] * mean
+            else:
+                out += (s * torch.matmul(U, V.transpose(-1, -2))).mean(0)
+        return out
+
     def __repr__(self):
         return f"CompiledRule({self.rule.name!r}, needs={sorted(self.needs)}, paths={sorted(self.paths)})"
 
 
 _SHAPE_NAMES = {"global": "(B,)", "post": "(B, n_post)", "pre": "(B, n_pre)", "synapse": "(B, n_post, n_pre)"}
+
+
+def _shared(s) -> bool:
+    """A synapse value shared by the batch: a ``(1, ., .)`` tensor or an expanded view (batch stride 0)."""
+    return isinstance(s, torch.Tensor) and s.dim() == 3 and (s.shape[0] == 1 or s.stride(0) == 0)
 
 
 def _col(ref, vals, shape, like):
@@ -694,9 +748,7 @@ def _reference_tensor(signals: Mapping) -> torch.Tensor:
 def _role_shape(role, signals):
     dims = {}
     for n, t in signals.items():
-        from ..lang.signals import BASE_SIGNALS
-
-        sig = BASE_SIGNALS.get(n)
+        sig = BUILTIN_SIGNALS.get(n)
         if sig is None or not isinstance(t, torch.Tensor) or t.dim() == 0:  # a 0-d global gives no size
             continue
         dims["B"] = t.shape[0]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SignalError
+from ..lang.signals import RECURRENT_SIGNALS
 
 __all__ = ["SIGNALS", "REWARDS"]
 
@@ -63,6 +64,12 @@ def _needs(obj, what: str) -> frozenset:
     for spec in getattr(obj, "states", ()):
         needs |= frozenset(getattr(spec, "needs", ()))
     unknown = needs - SIGNALS
+    if unknown & set(RECURRENT_SIGNALS):
+        raise SignalError(
+            f"{what} needs {sorted(unknown & set(RECURRENT_SIGNALS))}, signals of recurrent networks at a fixed point; "
+            f"the feedforward inner loop computes only {sorted(SIGNALS)}. Train such rules with "
+            f"rulesearch.fixedpoint.train_fixed_point on a FixedPointNetwork."
+        )
     if unknown:
         raise SignalError(f"{what} needs unknown signal(s) {sorted(unknown)}; base signals are {sorted(SIGNALS)}.")
     return needs

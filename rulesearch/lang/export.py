@@ -27,7 +27,7 @@ from sympy.printing.latex import LatexPrinter
 
 from ..errors import InvalidRuleError, UnsupportedNodeError
 from .signals import (
-    BASE_SIGNALS,
+    BUILTIN_SIGNALS,
     ELEMENTWISE_FUNCTIONS,
     OPERATORS,
     Constant,
@@ -107,6 +107,12 @@ class RuleLatexPrinter(LatexPrinter):
     def _print_Bilinear(self, expr):
         u, M, v = expr.args
         return rf"{self._vec(u)}^\top {self._glyph(M)} {self._vec(v)}"
+
+    def _print_Reindex(self, expr):
+        (u,) = expr.args
+        from .signals import role_of
+
+        return rf"{self._vec(u)}_{{{'j' if role_of(u) == 'post' else 'i'}}}"
 
     def _print_OrderedContract(self, expr):
         u, M = expr.args
@@ -384,12 +390,12 @@ def rule_to_json(rule) -> dict:
 def _signals_from_json(spec: Mapping) -> dict[str, Signal]:
     if not isinstance(spec, Mapping):
         raise InvalidRuleError("'signals' must be an object mapping names to definitions.")
-    known: dict[str, Signal] = dict(BASE_SIGNALS)
+    known: dict[str, Signal] = dict(BUILTIN_SIGNALS)
     pending = dict(spec)
     for _ in range(len(pending) + 1):
         progressed = False
         for name, d in list(pending.items()):
-            if name in BASE_SIGNALS:
+            if name in BUILTIN_SIGNALS:
                 raise InvalidRuleError(f"Derived signal {name!r} shadows a built-in signal.")
             if not isinstance(d, Mapping):
                 raise InvalidRuleError(f"Signal {name!r}: expected an object with 'kind' and 'role', got {d!r}.")

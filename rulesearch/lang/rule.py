@@ -25,10 +25,11 @@ import sympy as sp
 
 from ..errors import InvalidRuleError
 from .signals import (
-    BASE_SIGNALS,
+    BUILTIN_SIGNALS,
     OPERATORS,
     Constant,
     Contract,
+    Reindex,
     Signal,
     base_needs,
     expand_derived,
@@ -52,13 +53,16 @@ def locality_of(expr) -> str:
     * ``synapse-local``: only :math:`i`, :math:`j`, :math:`ij` and global signals.
 
     Derived signals and states count by their definitions: :math:`(W^\top \bar e)_j` with :math:`\bar e` a trace of
-    the error is weight transport, and a state updated by an operator makes its users non-local.
+    the error is weight transport, and a state updated by an operator makes its users non-local. Reindexing a
+    recurrent layer's vector (:func:`~rulesearch.lang.signals.as_pre`) is local: neuron ``j`` is the synapse's
+    pre-synaptic neuron.
     """
     exprs = [expr, *(e for s in state_signals(expr) for e in (s.definition.update, s.definition.init))]
     ops = [a for e in exprs for a in sp.preorder_traversal(sp.expand(expand_derived(e))) if isinstance(a, OPERATORS)]
+    ops = [op for op in ops if not isinstance(op, Reindex)]
     for op in ops:
         if isinstance(op, Contract) and op.args[0] == w and role_of(op.args[1]) == "post":
-            if base_needs(op.args[1]) & {"err", "pre_err"}:
+            if base_needs(op.args[1]) & {"err", "pre_err", "delta"}:
                 return "weight-transport"
     return "layer-nonlocal" if ops else "synapse-local"
 
@@ -89,11 +93,11 @@ def _check_base_signals(expr) -> None:
             if s in seen or isinstance(s, Constant):
                 continue
             seen.add(s)
-            builtin = BASE_SIGNALS.get(s.name)
+            builtin = BUILTIN_SIGNALS.get(s.name)
             if s.definition is None and (builtin is None or builtin.role != s.role):
                 raise InvalidRuleError(
                     f"Signal {s.name!r} ({s.role}) has no definition and is not a built-in signal "
-                    f"({', '.join(f'{n}: {b.role}' for n, b in BASE_SIGNALS.items())}). Define it with "
+                    f"({', '.join(f'{n}: {b.role}' for n, b in BUILTIN_SIGNALS.items())}). Define it with "
                     f"derived(name, expr) or state(name, update), or use a Constant for a free coefficient."
                 )
             if s.definition is not None and builtin is not None:

@@ -24,6 +24,13 @@ Roles of compound expressions are inferred by :func:`role_of` with the *join* ``
 * ``Bilinear(u, M, v)`` = :math:`u^\top M v`: one post-role and one pre-role vector, in either order (stored
   canonically with the post vector on the left); the result is global.
 * ``OrderedContract(u, M)`` = :math:`\sum_{k \le i} u_k M_{kj}` (Sanger): ``u`` post-role; the result is synapse.
+* ``Reindex(u)`` (:func:`as_pre`, :func:`as_post`): for a recurrent layer, whose post- and pre-synaptic neurons are
+  one population (``n_post == n_pre``, checked when the compiled rule is called), the vector ``u`` read with the
+  other index: :math:`u_i \mapsto u_j`. So ``wv(as_pre(gain * delta))`` is :math:`(W G \delta)_i`.
+
+Recurrent networks at a fixed point (:class:`~rulesearch.networks.FixedPointNetwork`) also provide the built-in
+signals ``gain`` (:math:`g_i = f'(z_i)`) and ``delta`` (:math:`\delta_i = \partial J / \partial r^*_i`), listed in
+:data:`RECURRENT_SIGNALS`; the feedforward inner loop refuses them.
 
 Everything else is rejected by :func:`role_of` with an :class:`~rulesearch.errors.InvalidRuleError` naming the
 offending subexpression: contracting a global or synapse expression, a layer sum of a synapse expression, free
@@ -63,6 +70,7 @@ __all__ = [
     "LayerSum",
     "Bilinear",
     "OrderedContract",
+    "Reindex",
     "OPERATORS",
     "pre",
     "post",
@@ -74,11 +82,17 @@ __all__ = [
     "reward",
     "loss",
     "BASE_SIGNALS",
+    "gain",
+    "delta",
+    "RECURRENT_SIGNALS",
+    "BUILTIN_SIGNALS",
     "wT",
     "wv",
     "layer_sum",
     "bilinear",
     "sanger",
+    "as_pre",
+    "as_post",
     "derived",
     "state",
     "state_probe",
@@ -171,6 +185,20 @@ reward = Signal("reward", "global", description="1 if the current sample is clas
 loss = Signal("loss", "global", description="loss of the current training sample", latex=r"\ell")
 
 BASE_SIGNALS = {s.name: s for s in (pre, post, err, pre_err, w, fb, mod, reward, loss)}
+"""The base signals of the feedforward inner loop (:func:`rulesearch.inner.run_episodes`)."""
+
+gain = Signal(
+    "gain", "post", description="gain g_i = f'(z_i) of the post-synaptic neuron (at the fixed point)", latex="g"
+)
+delta = Signal(
+    "delta", "post", description="direct error dJ/dr*_i at the fixed point (no gain, no recurrence)", latex=r"\delta"
+)
+RECURRENT_SIGNALS = {s.name: s for s in (gain, delta)}
+r"""Base signals of recurrent networks at a fixed point (:class:`~rulesearch.networks.FixedPointNetwork`). There
+``pre = post = r*`` and ``err`` is the implicit error :math:`\partial J/\partial z^* = (G^{-1} - W^\top)^{-1}\delta`."""
+
+BUILTIN_SIGNALS = {**BASE_SIGNALS, **RECURRENT_SIGNALS}
+"""Every signal a rule may read without defining it."""
 
 # Elementwise functions known to every target (torch, LaTeX, JSON); keyed by SymPy class name.
 ELEMENTWISE_FUNCTIONS = (
@@ -231,6 +259,14 @@ def _operator_role(expr) -> str:
                 f"(Sanger: sum_(k<=i) y_k W_kj)."
             )
         return "synapse"
+    if isinstance(expr, Reindex):
+        ru = role_of(expr.args[0])
+        if ru not in ("post", "pre"):
+            raise InvalidRuleError(
+                f"Ill-typed reindexing {expr}: its argument has role {ru!r}, expected a post- or pre-role vector "
+                f"(as_pre/as_post read a neuron's vector with the other index of a recurrent layer)."
+            )
+        return "pre" if ru == "post" else "post"
     raise AssertionError(expr)  # pragma: no cover
 
 
@@ -267,7 +303,7 @@ def role_of(expr) -> str:
     if isinstance(expr, sp.Symbol):
         raise InvalidRuleError(
             f"Unknown symbol {expr!r}: it is neither a signal nor a declared constant. Use a built-in signal "
-            f"({', '.join(BASE_SIGNALS)}), declare one with Signal/derived/state, or a Constant for a free "
+            f"({', '.join(BUILTIN_SIGNALS)}), declare one with Signal/derived/state, or a Constant for a free "
             f"coefficient."
         )
     if isinstance(expr, sp.Piecewise):
@@ -385,7 +421,27 @@ class OrderedContract(_Operator):
     nargs = 2
 
 
-OPERATORS = (Contract, LayerSum, Bilinear, OrderedContract)
+class Reindex(_Operator):
+    r"""``Reindex(u)``: the vector :math:`u` of a recurrent layer's neurons read with the other index
+    (:math:`u_i \mapsto u_j`, post role <-> pre role); needs ``n_post == n_pre``. Linear; its own inverse."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, u):
+        if isinstance(u, Reindex):
+            return u.args[0]
+        if isinstance(u, sp.Add):
+            return sp.Add(*(cls(a) for a in u.args))
+        scal, rest = cls._split_linear(u)
+        if scal != 1 and rest != 1:
+            return scal * cls(rest)
+        if isinstance(u, sp.Mul) and all(_role_or_none(a) in ("post", "pre") for a in u.args):
+            return sp.Mul(*(cls(a) for a in u.args))  # elementwise products: reindex each factor
+        return None
+
+
+OPERATORS = (Contract, LayerSum, Bilinear, OrderedContract, Reindex)
 
 
 def wT(u, M=w):
@@ -411,6 +467,26 @@ def bilinear(a, b, M=w):
 def sanger(u=post, M=w):
     r""":math:`\sum_{k \le i} u_k M_{kj}`, the ordered contraction of Sanger's generalized Hebbian algorithm."""
     return OrderedContract(sp.sympify(u), M)
+
+
+def _reindex_to(u, role: str):
+    u = sp.sympify(u)
+    ru = role_of(u)
+    if ru == role or ru == "global":
+        return u
+    if ru == "synapse":
+        raise InvalidRuleError(f"as_{role}({u}): a synapse-role expression has both indices; expected a vector.")
+    return Reindex(u)
+
+
+def as_pre(u):
+    r""":math:`u_j` from a post-role vector :math:`u_i` of a recurrent layer (pre- and global-role ``u`` unchanged)."""
+    return _reindex_to(u, "pre")
+
+
+def as_post(v):
+    r""":math:`v_i` from a pre-role vector :math:`v_j` of a recurrent layer (post- and global-role ``v`` unchanged)."""
+    return _reindex_to(v, "post")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Networks whose plastic weights a rule updates: the contract (:class:`LayeredNetwork`) and the feedforward
-:class:`Network` with bp / fa / sign / dfa / plastic feedback."""
+:class:`Network` with bp / fa / sign / dfa / plastic feedback; the recurrent :class:`FixedPointNetwork` learned at its
+fixed points."""
 
 from .base import Activity, AdjointNetwork, LayeredNetwork, StepTrace
 from .feedforward import (
@@ -24,8 +25,26 @@ from .feedforward import (
     sample_loss,
     stack_episodes,
 )
+from .fixedpoint import (
+    FIXED_POINT_SIGNALS,
+    FixedPointNetwork,
+    FixedPointParams,
+    FixedPointResult,
+    implicit_error,
+    max_real_eig,
+    solve_fixed_point,
+    stability,
+)
 
 __all__ = [
+    "FIXED_POINT_SIGNALS",
+    "FixedPointNetwork",
+    "FixedPointParams",
+    "FixedPointResult",
+    "implicit_error",
+    "max_real_eig",
+    "solve_fixed_point",
+    "stability",
     "Activity",
     "AdjointNetwork",
     "LayeredNetwork",

@@ -15,12 +15,13 @@ from ..compile.compiler import _RELATIONS, TORCH_FUNCTIONS
 from ..errors import UnsupportedNodeError
 from ..lang.rule import Rule
 from ..lang.signals import (
-    BASE_SIGNALS,
+    BUILTIN_SIGNALS,
     Bilinear,
     Constant,
     Contract,
     LayerSum,
     OrderedContract,
+    Reindex,
     Signal,
     expand_derived,
     signals_in,
@@ -79,6 +80,8 @@ def naive_eval(expr, signals: Mapping, params: Mapping, shape) -> torch.Tensor:
         if isinstance(e, Bilinear):
             u, M, v = (ev(a) for a in e.args)
             return (u * M * v).sum(dim=(1, 2), keepdim=True).expand(shape)
+        if isinstance(e, Reindex):  # u_i -> u_j (n_post == n_pre): the full tensor transposed
+            return ev(e.args[0]).transpose(1, 2)
         if isinstance(e, OrderedContract):
             u, M = ev(e.args[0]), ev(e.args[1])
             return torch.cumsum(u * M, dim=1)
@@ -102,7 +105,7 @@ def naive_eval(expr, signals: Mapping, params: Mapping, shape) -> torch.Tensor:
 def naive_update(rule: Rule, signals: Mapping, params) -> torch.Tensor:
     r""":math:`\Delta W = \sum_r \theta_r T^r` term by term, each a full tensor (theta ``(R,)`` or ``(B, R)``)."""
     exprs = [t.expr for t in rule.terms] if rule.is_linear else [rule.expr]
-    roles = {n: s.role for n, s in BASE_SIGNALS.items()}
+    roles = {n: s.role for n, s in BUILTIN_SIGNALS.items()}
     roles.update({s.name: s.role for e in exprs for s in signals_in(expand_derived(e))})
     dims = {}
     for name, t in signals.items():  # (B, n_post, n_pre) from whichever signals carry them
