@@ -268,35 +268,40 @@ class RuleSearch:
             state = trainer.fresh_state()
             trainer.validate(state)
             rows: list[dict] = []
-            if path is not None and trainer.rank == 0:
-                run = RunDir.create(
-                    path,
-                    cfg,
-                    resume=self.resume,
-                    seed=meta.seed,
-                    device=meta.device,
-                    manifest_extra={
-                        "runs": meta.runs,
-                        "seeds": problem.seeds,
-                        "threads_requested": meta.threads,
-                        "world_size": trainer.world_size,
-                        "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
-                        "objective": repr(trainer.objective),
-                    },
-                )
-                if self.resume:
-                    loaded = run.resume(map_location="cpu")
-                    if loaded is not None:
-                        state = TrainState.from_checkpoint(loaded[1], state, problem.device)
-                        df = run.read_metrics()
-                        rows = df.to_dict("records") if not df.empty else []
-            if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
-                checkpoint, rows = broadcast_object((state.to_checkpoint(), rows))
-                state = TrainState.from_checkpoint(checkpoint, state, problem.device)
-            self.run_ = run
-            self.world_ = ranks
-            self._problem = problem
-            self._fit_loop(trainer, state, rows, run)
+            try:  # the run directory stays locked until the fit ends, however it ends
+                if path is not None and trainer.rank == 0:
+                    run = RunDir.create(
+                        path,
+                        cfg,
+                        resume=self.resume,
+                        lock=True,
+                        seed=meta.seed,
+                        device=meta.device,
+                        manifest_extra={
+                            "runs": meta.runs,
+                            "seeds": problem.seeds,
+                            "threads_requested": meta.threads,
+                            "world_size": trainer.world_size,
+                            "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
+                            "objective": repr(trainer.objective),
+                        },
+                    )
+                    if self.resume:
+                        loaded = run.resume(map_location="cpu")
+                        if loaded is not None:
+                            state = TrainState.from_checkpoint(loaded[1], state, problem.device)
+                            df = run.read_metrics()
+                            rows = df.to_dict("records") if not df.empty else []
+                if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
+                    checkpoint, rows = broadcast_object((state.to_checkpoint(), rows))
+                    state = TrainState.from_checkpoint(checkpoint, state, problem.device)
+                self.run_ = run
+                self.world_ = ranks
+                self._problem = problem
+                self._fit_loop(trainer, state, rows, run)
+            finally:
+                if run is not None:
+                    run.unlock()
         return self
 
     def _fit_loop(self, trainer: Trainer, state: TrainState, rows: list[dict], run: RunDir | None):
