@@ -6,7 +6,8 @@ formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaT
 (:func:`rulesearch.train.export_run`), ``terms`` lists the terms of a rule, pool or grammar
 (:func:`rulesearch.train.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
-bad input and 1 for failed runs.
+bad input and 1 for failed runs. ``discover`` exits with 3 when it finished but some runs stopped on divergence:
+the reported rule is that of the other runs.
 
 Precedence of settings in ``discover``: defaults < ``--config FILE`` < explicit options < ``--set key=value``.
 """
@@ -274,6 +275,13 @@ def discover(
         raise _fail(err) from None
     if search.world_[0] == 0:  # rank 0 of a torchrun launch speaks for all
         typer.echo(search.report())
+    if search.stopped_runs_:
+        typer.echo(
+            f"Warning: {len(search.stopped_runs_)} of {search.n_runs_} runs stopped on divergence and are left out "
+            "of the reported rule (see above); exit code 3.",
+            err=True,
+        )
+        raise typer.Exit(code=3)
 
 
 @app.command()

@@ -9,12 +9,24 @@ A run lives in ``./runs/<name>/`` (relative to the working directory; ``--out`` 
     checkpoints/         step_000100.pt, ... : state dicts, loaded with torch.load(weights_only=True)
     finished.json        written last, by mark_finished() only
     rule.json, rule.tex, summary.md, figures/ ...   (write_text / write_json / atomic_open)
+    .lock                the exclusive lock of the process writing the run (pid, host, start time inside)
+
+Creation writes ``manifest.json`` first and ``config.yaml`` second: a directory left holding only a manifest by a
+process killed in between is taken over by the next start, fresh or ``--resume``.
 
 Every write is atomic: data goes to a hidden temporary file in the same directory (``.<name>.<random>.tmp``),
 is flushed and fsync'ed, then moved over the target with ``os.replace``. A crash leaves either the old file or
-the new one, never half of one. ``metrics.csv`` is the exception that keeps appends cheap: rows are appended
+the new one, never half of one (a killed process may leave its temporary file behind: the next process to
+lock the run deletes it). ``metrics.csv`` is the exception that keeps appends cheap: rows are appended
 with one ``write`` and fsync'ed; a torn last line (no trailing newline) is ignored on read and cut on the next
 append, and any change of columns rewrites the file atomically. One process (rank 0) writes a run.
+
+Locking: ``RunDir.create(..., lock=True)`` (what :meth:`RuleSearch.fit <rulesearch.train.RuleSearch.fit>` does)
+takes an exclusive ``flock`` on ``<run>/.lock`` before touching anything and holds it until :meth:`RunDir.unlock`
+or the process ends. A second process (the same ``--name`` twice, or ``--resume`` while the first still runs)
+gets a :class:`RunDirectoryError` naming the holder's pid, host and start time. The kernel drops the lock when
+its holder dies (``kill -9`` included), so a lock never outlives its process; the pid left in the file is then
+ignored.
 
 Resuming: ``RunDir.create(path, config, resume=True)`` reopens the run, then :meth:`RunDir.resume` loads the
 newest readable checkpoint and drops metric rows logged after it, so metrics and state agree.
@@ -66,6 +78,8 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 FINISHED = "finished.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+_TEMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_open's temporary files
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 _CHECKPOINT_FORMAT = 1
 
@@ -318,6 +332,33 @@ def _encode_rows(header: Sequence[str], rows: Sequence[Mapping[str, Any]], with_
     return buf.getvalue().encode("utf-8")
 
 
+# ------------------------------------------------------------------------------------------------------ locks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _holder_text(raw: bytes) -> str:
+    """Who holds a lock, from the lock file's content (written by :meth:`RunDir.lock`)."""
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        pid, host, since = int(info["pid"]), str(info["hostname"]), str(info["start_time"])
+        command = " ".join(str(a) for a in info.get("argv", []))[:200]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "another process (it has not recorded its pid yet)"
+    text = f"pid {pid} on host {host!r}, since {since}" + (f": {command}" if command else "")
+    if host == socket.gethostname() and not _pid_alive(pid):
+        text += f"; pid {pid} has exited, so a child process it started still holds the lock: stop that process"
+    return text
+
+
 # ----------------------------------------------------------------------------------------------------- RunDir
 
 
@@ -337,6 +378,7 @@ class RunDir:
             raise ValueError(f"keep must be a positive int (checkpoints kept), received {keep!r}.")
         self.path = Path(path)
         self.keep = keep
+        self._lock_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -357,63 +399,80 @@ class RunDir:
         device: str | torch.device | None = None,
         resume: bool = False,
         keep: int = 2,
+        lock: bool = False,
     ) -> RunDir:
         """Start a run in ``path`` (or, with ``resume=True``, reopen the run already there).
 
         Writes ``config.yaml`` (the resolved ``config``, a dict or a config dataclass) and ``manifest.json``.
         ``seed`` and ``device`` default to the ``seed`` / ``device`` keys of ``config`` (searched in nested
-        sections too).
+        sections too). With ``lock=True`` the run's exclusive lock is taken first (see :meth:`lock`) and held
+        on return; temporary files left by killed writers are then deleted.
 
         Raises
         ------
         RunDirectoryError
             ``path`` holds a run (finished or not) and ``resume`` is False; ``path`` is a non-empty directory
-            that is not a run; resuming with a config that differs from the stored one.
+            that is not a run; resuming with a config that differs from the stored one; another process holds
+            the lock.
         """
         run = cls(path, keep=keep)
         cfg_class = type(config) if hasattr(type(config), "from_dict") else None
         config = _plain_config(config)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirectoryError(f"Run path {str(run.path)!r} exists and is not a directory; choose another --out.")
-        has_run = (run.path / MANIFEST).exists() or (run.path / CONFIG).exists()
+        if lock:
+            run.lock()
+        try:
+            run._start(config, cfg_class, manifest_extra, seed, device, resume)
+        except BaseException:
+            run.unlock()
+            raise
+        return run
+
+    def _start(self, config, cfg_class, manifest_extra, seed, device, resume: bool) -> None:
+        if self._lock_fd is not None:
+            self._remove_temporaries()
+        if self._contents() == {MANIFEST} and self._own_manifest():
+            (self.path / MANIFEST).unlink()  # a creation killed between manifest.json and config.yaml: start afresh
+        has_run = (self.path / MANIFEST).exists() or (self.path / CONFIG).exists()
         if has_run:
-            state = "a finished run" if run.is_finished else "an unfinished run"
+            state = "a finished run" if self.is_finished else "an unfinished run"
             if not resume:
                 raise RunDirectoryError(
-                    f"Run directory {str(run.path)!r} already holds {state}; refusing to overwrite it. Pass "
+                    f"Run directory {str(self.path)!r} already holds {state}; refusing to overwrite it. Pass "
                     "--resume (resume=True) to continue it, or choose another --out."
                 )
-            missing = [name for name in (CONFIG, MANIFEST) if not (run.path / name).exists()]
+            missing = [name for name in (CONFIG, MANIFEST) if not (self.path / name).exists()]
             if missing:
                 raise RunDirectoryError(
-                    f"Cannot resume {str(run.path)!r}: {', '.join(missing)} is missing (creation was "
+                    f"Cannot resume {str(self.path)!r}: {', '.join(missing)} is missing (creation was "
                     "interrupted). Delete the directory or choose another --out."
                 )
-            stored = run.config()
+            stored = self.config()
             if cfg_class is not None:  # keys added since the run was created take their defaults
                 stored = _plain_config(cfg_class.from_dict(stored))
             changed = _diff_keys(stored, config)
             if changed:
                 raise RunDirectoryError(
-                    f"Cannot resume {str(run.path)!r} with a different config; changed keys: "
+                    f"Cannot resume {str(self.path)!r} with a different config; changed keys: "
                     f"{', '.join(changed)}. Use the stored config (config.yaml), or start a new run with "
                     "another --out."
                 )
-            manifest = run.manifest()
+            manifest = self.manifest()
             entry = _environment()
             if device is not None:
                 entry["device"] = str(device)
             manifest.setdefault("resumes", []).append(entry)
-            atomic_write_text(run.path / MANIFEST, _dumps(manifest))
-            return run
-        if run.path.is_dir() and any(run.path.iterdir()):
+            atomic_write_text(self.path / MANIFEST, _dumps(manifest))
+            return
+        if self.path.is_dir() and self._contents():
             raise RunDirectoryError(
-                f"Directory {str(run.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
+                f"Directory {str(self.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
                 "refusing to write into it. Choose another --out."
             )
         from rulesearch.io.config import dump_yaml
 
-        run.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         env = _environment()
         manifest = {
             "rulesearch_version": env.pop("rulesearch_version"),
@@ -429,9 +488,79 @@ class RunDir:
             **env,
             **dict(manifest_extra or {}),
         }
-        atomic_write_text(run.path / CONFIG, dump_yaml(config))
-        atomic_write_text(run.path / MANIFEST, _dumps(manifest))
-        return run
+        atomic_write_text(self.path / MANIFEST, _dumps(manifest))
+        atomic_write_text(self.path / CONFIG, dump_yaml(config))
+
+    def _own_manifest(self) -> bool:
+        """Whether ``manifest.json`` was written by :meth:`create` (so it may be replaced)."""
+        try:
+            return "rulesearch_version" in json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+
+    def _contents(self) -> set[str]:
+        """Names in the directory other than the lock file and temporary files."""
+        if not self.path.is_dir():
+            return set()
+        return {p.name for p in self.path.iterdir() if p.name != LOCK and not _TEMP_RE.match(p.name)}
+
+    def _remove_temporaries(self) -> None:
+        """Delete temporary files of killed atomic writes (only under the lock: no other writer is active)."""
+        for directory in (self.path, self.checkpoint_dir, self.path / "figures"):
+            if directory.is_dir():
+                for p in directory.iterdir():
+                    if _TEMP_RE.match(p.name) and p.is_file():
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+
+    # -- lock -----------------------------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the run's exclusive lock (``flock`` on ``<run>/.lock``), held until :meth:`unlock` or exit.
+
+        Raises :class:`RunDirectoryError` naming the holder (pid, host, start time) when another process has it.
+        Where the file system has no locks (or on Windows) the run proceeds unlocked, with a warning.
+        """
+        if self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            warnings.warn(f"{self.path}: no file locks on this platform; the run is not locked.", stacklevel=2)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.pread(fd, 65536, 0))
+            os.close(fd)
+            raise RunDirectoryError(
+                f"Run directory {str(self.path)!r} is in use by another process ({holder}). Wait for it to "
+                "finish (or stop it) and then pass --resume to continue the run, or choose another --name / --out."
+            ) from None
+        except OSError as err:
+            os.close(fd)
+            warnings.warn(f"{self.path}: cannot lock the run ({err}); it is not protected against a second writer.",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            return
+        info = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": _now(), "argv": list(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (no-op when not held)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the run's lock."""
+        return self._lock_fd is not None
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, keep: int = 2) -> RunDir:

@@ -124,11 +124,15 @@ class RuleSearch:
     params_ : dict of Tensor
         Learned parameters of every run, each with a leading run dimension ``S``.
     rule_ : Rule, NetworkRule or NeuralRule
-        The learned rule: mean coefficients over runs (linear), the first run's parameters (neural).
+        The learned rule: mean coefficients over the reported runs (linear), the first reported run's parameters
+        (neural).
     rules_ : list
         The learned rule of every run.
     intervals_ : array, shape (R, 2) or (L, R, 2), or None
-        95% bootstrap intervals of the coefficients across runs (linear rules, ``S > 1``).
+        95% bootstrap intervals of the coefficients across the reported runs (linear rules, two or more of them).
+    stopped_runs_, reported_runs_ : list of int
+        Runs stopped on divergence (their coefficients froze where they diverged), and the others: the reported
+        rule, its intervals, ``rule.json`` and the first/last meta-accuracies use the reported runs only.
     feedback_rule_ : Rule or None
         Under plastic feedback: the feedback rule with its mean learned (or fixed) coefficients over runs.
     feedback_theta_ : Tensor, shape (S, R_fb), or None
@@ -136,7 +140,9 @@ class RuleSearch:
     history_ : pandas.DataFrame
         One row per meta-step and run (the columns of ``metrics.csv``).
     summary_ : dict
-        Mean meta-accuracy of the first and last 10% of meta-steps, the f0 comparison, stopped runs.
+        Mean meta-accuracy of the first and last 10% of meta-steps, the f0 comparison, the stopped and reported
+        runs, and ``divergences``: per stopped run the meta-step it stopped at and where its last diverged episode
+        went wrong (``diverged_k``, ``diverged_inner_step``, ``diverged_layer``).
     run_ : RunDir or None
         The run directory (None on the other ranks of a data-parallel fit: rank 0 writes it).
     world_ : tuple of int
@@ -268,35 +274,40 @@ class RuleSearch:
             state = trainer.fresh_state()
             trainer.validate(state)
             rows: list[dict] = []
-            if path is not None and trainer.rank == 0:
-                run = RunDir.create(
-                    path,
-                    cfg,
-                    resume=self.resume,
-                    seed=meta.seed,
-                    device=meta.device,
-                    manifest_extra={
-                        "runs": meta.runs,
-                        "seeds": problem.seeds,
-                        "threads_requested": meta.threads,
-                        "world_size": trainer.world_size,
-                        "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
-                        "objective": repr(trainer.objective),
-                    },
-                )
-                if self.resume:
-                    loaded = run.resume(map_location="cpu")
-                    if loaded is not None:
-                        state = TrainState.from_checkpoint(loaded[1], state, problem.device)
-                        df = run.read_metrics()
-                        rows = df.to_dict("records") if not df.empty else []
-            if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
-                checkpoint, rows = broadcast_object((state.to_checkpoint(), rows))
-                state = TrainState.from_checkpoint(checkpoint, state, problem.device)
-            self.run_ = run
-            self.world_ = ranks
-            self._problem = problem
-            self._fit_loop(trainer, state, rows, run)
+            try:  # the run directory stays locked until the fit ends, however it ends
+                if path is not None and trainer.rank == 0:
+                    run = RunDir.create(
+                        path,
+                        cfg,
+                        resume=self.resume,
+                        lock=True,
+                        seed=meta.seed,
+                        device=meta.device,
+                        manifest_extra={
+                            "runs": meta.runs,
+                            "seeds": problem.seeds,
+                            "threads_requested": meta.threads,
+                            "world_size": trainer.world_size,
+                            "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
+                            "objective": repr(trainer.objective),
+                        },
+                    )
+                    if self.resume:
+                        loaded = run.resume(map_location="cpu")
+                        if loaded is not None:
+                            state = TrainState.from_checkpoint(loaded[1], state, problem.device)
+                            df = run.read_metrics()
+                            rows = df.to_dict("records") if not df.empty else []
+                if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
+                    checkpoint, rows = broadcast_object((state.to_checkpoint(), rows))
+                    state = TrainState.from_checkpoint(checkpoint, state, problem.device)
+                self.run_ = run
+                self.world_ = ranks
+                self._problem = problem
+                self._fit_loop(trainer, state, rows, run)
+            finally:
+                if run is not None:
+                    run.unlock()
         return self
 
     def _fit_loop(self, trainer: Trainer, state: TrainState, rows: list[dict], run: RunDir | None):
@@ -324,11 +335,10 @@ class RuleSearch:
                 done = state.t >= meta.episodes or bool(state.stopped.all())
                 if run is not None and (state.t % meta.checkpoint_every == 0 or done or stopped_now):
                     run.save_checkpoint(state.t, state.to_checkpoint())
-                for s in stopped_now if trainer.rank == 0 else ():
+                for stop in _stops(new, stopped_now, state, problem.seeds) if trainer.rank == 0 else ():
                     warnings.warn(
-                        f"Run {s} (seed {problem.seeds[s]}) stopped at meta-step {state.t}: {meta.max_skips} "
-                        f"consecutive meta-steps diverged and were skipped. Lower meta.lr or the initial "
-                        f"coefficients, or raise meta.divergence_bound.",
+                        f"{_stop_text(stop, meta.max_skips)}. It is left out of the reported rule. Lower meta.lr or "
+                        f"the initial coefficients, use meta.clip, or raise meta.divergence_bound.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
@@ -344,9 +354,9 @@ class RuleSearch:
         self._set_fitted(state, rows, problem)
         if bool(state.stopped.all()):
             where = f" Metrics and the last good checkpoint are in {run.path}." if run is not None else ""
+            stops = "; ".join(_stop_text(d, meta.max_skips) for d in self.summary_["divergences"])
             raise DivergenceError(
-                f"Every run stopped: {meta.max_skips} consecutive meta-steps diverged (steps "
-                f"{state.stop_step.tolist()}); no parameters were updated with NaN.{where} Lower meta.lr, "
+                f"Every run stopped: {stops}. No parameters were updated with NaN.{where} Lower meta.lr, "
                 f"meta.theta0 or the initial coefficients, use meta.clip, or raise meta.divergence_bound."
             )
         if meta.compare and trainer.rank == 0:
@@ -362,29 +372,32 @@ class RuleSearch:
         learner = problem.learner
         params = {k: v.detach().cpu() for k, v in state.params.items()}
         S = len(problem.seeds)
+        self.stopped_runs_ = [s for s in range(S) if bool(state.stopped[s])]
+        # a stopped run's coefficients are frozen where it diverged: the reported rule is that of the others
+        self.reported_runs_ = [s for s in range(S) if s not in self.stopped_runs_] or list(range(S))
+        reported = {k: v[self.reported_runs_] for k, v in params.items()}
         self.params_ = params
         self.theta_ = None
         self.intervals_ = None
         if learner.linear:
             self.theta_ = params["theta"] if "theta" in params else [params[k] for k in learner.names]
-            if S > 1:
+            if len(self.reported_runs_) > 1:
                 if "theta" in params:
-                    _, lo, hi = bootstrap_ci(params["theta"].double().numpy(), axis=0)
+                    _, lo, hi = bootstrap_ci(reported["theta"].double().numpy(), axis=0)
                     self.intervals_ = np.stack([lo, hi], -1)
                 else:
                     self.intervals_ = [
-                        np.stack(bootstrap_ci(params[k].double().numpy(), axis=0)[1:], -1) for k in learner.names
+                        np.stack(bootstrap_ci(reported[k].double().numpy(), axis=0)[1:], -1) for k in learner.names
                     ]
-        self.rule_ = learner.trained(params, None)
+        self.rule_ = learner.trained(reported, None)
         self.rules_ = [learner.trained(params, s) for s in range(S)]
         self.feedback_rule_ = self.feedback_theta_ = None
         if isinstance(learner, PlasticFeedback):
-            self.feedback_rule_ = learner.trained_feedback(params, None)
+            self.feedback_rule_ = learner.trained_feedback(reported, None)
             self.feedback_theta_ = torch.stack([learner.feedback_values(params, s) for s in range(S)])
         self.history_ = pd.DataFrame(rows)
         self.n_runs_ = S
         self.n_steps_ = state.t
-        self.stopped_runs_ = [s for s in range(S) if bool(state.stopped[s])]
         self.summary_ = self._summary(rows, state)
 
     def _check_fitted(self):
@@ -404,11 +417,17 @@ class RuleSearch:
             "steps": state.t,
             "runs": len(self._problem.seeds),
             "window": len(first),
-            "stopped_runs": [s for s in range(len(self._problem.seeds)) if bool(state.stopped[s])],
+            "stopped_runs": self.stopped_runs_,
+            "reported_runs": self.reported_runs_,
+            "divergences": _stops(rows, self.stopped_runs_, state, self._problem.seeds),
         }
 
         def mean_acc(window):
-            vals = [r["meta_accuracy"] for r in rows if (int(r["step"]) - 1) in window and not int(r.get("skipped", 0))]
+            vals = [
+                r["meta_accuracy"]
+                for r in rows
+                if (int(r["step"]) - 1) in window and not int(r.get("skipped", 0)) and r["run"] in self.reported_runs_
+            ]
             return float(np.nanmean(vals)) if vals else float("nan")
 
         out["rule_first"] = mean_acc(first)
@@ -487,13 +506,14 @@ class RuleSearch:
         refs[f"chance (1/{self._problem.cfg.task.M})"] = 1.0 / self._problem.cfg.task.M
         return refs
 
-    def _run_values(self):
+    def _run_values(self, runs: Sequence[int]) -> list:
+        """The parameters of each run in ``runs``, as ``rule.json`` stores them."""
         learner = self._problem.learner if hasattr(self, "_problem") else None
         if isinstance(self.rule_, NeuralRule):
-            return [{k: v[s] for k, v in self.params_.items() if k != _FB} for s in range(self.n_runs_)]
+            return [{k: v[s] for k, v in self.params_.items() if k != _FB} for s in runs]
         if learner is not None and learner.kind == "groups":
-            return [[self.params_[k][s] for k in learner.names] for s in range(self.n_runs_)]
-        return self.params_["theta"]
+            return [[self.params_[k][s] for k in learner.names] for s in runs]
+        return [self.params_["theta"][s] for s in runs]
 
     # ---- reload -----------------------------------------------------------------------------------------------
     @classmethod
@@ -579,11 +599,17 @@ class RuleSearch:
         return _with_feedback(text, self.feedback_rule_, "markdown", precision)
 
     def to_json(self) -> dict:
-        """The learned rule as JSON (with every run's values; the plastic feedback rule under ``feedback_rule``)."""
+        """The learned rule as JSON: the reported runs' values under ``runs`` (the plastic feedback rule under
+        ``feedback_rule``); runs stopped on divergence are left out of the values, ``runs`` and ``intervals`` and
+        listed under ``stopped_runs`` (where they diverged, and their frozen parameters)."""
         self._check_fitted()
-        out = trained_rule_json(self.rule_, runs=self._run_values(), intervals=self.intervals_)
+        kept = self.reported_runs_
+        out = trained_rule_json(self.rule_, runs=self._run_values(kept), intervals=self.intervals_)
         if self.feedback_rule_ is not None:
-            out["feedback_rule"] = trained_rule_json(self.feedback_rule_, runs=self.feedback_theta_)
+            out["feedback_rule"] = trained_rule_json(self.feedback_rule_, runs=self.feedback_theta_[kept])
+        if self.stopped_runs_:
+            frozen = self._run_values(self.stopped_runs_)
+            out["stopped_runs"] = [{**d, "parameters": _plain(v)} for d, v in zip(self.summary_["divergences"], frozen)]
         return out
 
     def coefficient_table(self, precision: int = 4) -> str:
@@ -611,7 +637,10 @@ class RuleSearch:
         f0 under fa and bp on the same tasks, and the run directory."""
         self._check_fitted()
         s = self.summary_
-        runs = f"mean of {self.n_runs_} runs" if self.n_runs_ > 1 else "1 run"
+        n = len(self.reported_runs_)
+        runs = f"mean of {n} runs" if n > 1 else "1 run"
+        if self.stopped_runs_:
+            runs = f"{'mean of ' if n > 1 else ''}{n} of {self.n_runs_} runs; {len(self.stopped_runs_)} stopped"
         lines = [f"Discovered rule ({runs}, {self.n_steps_} meta-steps):"]
         lines += ["  " + ln for ln in self.formula().split("\n")] + [""]
         table = self.coefficient_table()
@@ -647,8 +676,10 @@ class RuleSearch:
                 f"f0 learning rates: fa {s['compare_lr_fa']:.4g}, bp {s['compare_lr_bp']:.4g} ({tuned}); "
                 f"same tasks and initial weights; chance {1 / self._problem.cfg.task.M:.3f}"
             )
-        if s.get("stopped_runs"):
-            lines.append(f"stopped (diverged) runs: {s['stopped_runs']}")
+        if s.get("divergences"):
+            lines.append("left out of the rule, its intervals and the accuracies (stopped on divergence):")
+            skips = self._problem.cfg.meta.max_skips if hasattr(self, "_problem") else None
+            lines += [f"  {_stop_text(d, skips)}" for d in s["divergences"]]
         if getattr(self, "run_", None) is not None:
             lines.append(f"run directory: {self.run_.path}")
         text = "\n".join(lines)
@@ -665,6 +696,39 @@ class RuleSearch:
 
 _TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 """Multiples of the base learning rate over which the f0 comparison is tuned (``meta.compare_tune``)."""
+
+
+def _stops(rows: Sequence[Mapping], runs: Sequence[int], state: TrainState, seeds: Sequence[int]) -> list[dict]:
+    """Per stopped run in ``runs``: its seed, the meta-step it stopped at and where its last skipped meta-step's first
+    diverged episode went wrong (``k``, inner step, layer; None for a non-finite loss or gradient alone)."""
+
+    def as_int(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else int(v)
+
+    out = []
+    for s in runs:
+        last = next((r for r in reversed(rows) if int(r["run"]) == s and int(r.get("skipped", 0))), {})
+        out.append(
+            {
+                "run": s,
+                "seed": seeds[s],
+                "meta_step": int(state.stop_step[s]),
+                **{k: as_int(last.get(k)) for k in ("diverged_k", "diverged_inner_step", "diverged_layer")},
+            }
+        )
+    return out
+
+
+def _stop_text(stop: Mapping, skips: int | None) -> str:
+    """One line on a stopped run, e.g. ``run 1 (seed 1) stopped at meta-step 4 ...``."""
+    after = f" after {skips} consecutive diverged meta-steps" if skips else ""
+    text = f"run {stop['run']} (seed {stop['seed']}) stopped at meta-step {stop['meta_step']}{after}"
+    if stop.get("diverged_k") is None:
+        return text + " (non-finite meta-loss or meta-gradient)"
+    return (
+        f"{text} (episode k={stop['diverged_k']} diverged at inner step {stop['diverged_inner_step']}, "
+        f"layer {stop['diverged_layer']})"
+    )
 
 
 def _chunks(items: list, n: int) -> list[list]:

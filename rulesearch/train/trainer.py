@@ -28,7 +28,10 @@ If an episode of run ``s`` diverges (:attr:`InnerResult.diverged`, or a non-fini
 skips the meta-step (parameters and Adam state untouched; the step is logged with ``skipped = 1``). NaNs poison
 gradients even when masked, so when some runs diverge the step is recomputed for the others alone. After
 ``max_skips`` consecutive skips the run stops; when every run has stopped, :meth:`RuleSearch.fit` raises
-:class:`~rulesearch.errors.DivergenceError`. Parameters are never updated with NaN.
+:class:`~rulesearch.errors.DivergenceError`. Parameters are never updated with NaN. Where the first diverged episode
+of a run's meta-batch went wrong is logged as ``diverged_k`` (its episode index ``k``), ``diverged_inner_step`` and
+``diverged_layer`` (1-based, where the loop's check saw it; empty when the episode's weights stayed finite and in
+bounds but its loss or gradient did not). A stopped run is left out of the reported rule (see :class:`RuleSearch`).
 
 Data parallel
 -------------
@@ -250,7 +253,7 @@ class Trainer:
 
     def _gathered(self, res: InnerResult | None, objective: Tensor | None):
         """The per-episode metrics (and objective values) of every rank's share, in meta-batch order."""
-        fields = ("loss", "accuracy", "diverged", "angles", "ew")
+        fields = ("loss", "accuracy", "diverged", "diverged_step", "diverged_layer", "angles", "ew")
         if self.world_size == 1:
             return SimpleNamespace(**{f: getattr(res, f) for f in fields}, objective=objective)
         mine = None if res is None else [getattr(res, f).detach().cpu() for f in fields] + [objective.detach().cpu()]
@@ -373,6 +376,7 @@ class Trainer:
             "meta_accuracy": acc,
             "skipped": int(skipped),
             "diverged": int(res.diverged[sl].sum()),
+            **_divergence_columns(res, sl),
             "grad_norm": grad_norm,
         }
         if res.angles.numel():
@@ -386,3 +390,16 @@ class Trainer:
         row.update(self.p.learner.columns(st.params, s))
         row["seconds"] = seconds
         return row
+
+
+def _divergence_columns(res, sl: slice) -> dict[str, float]:
+    """Where the first diverged episode among a run's rows ``sl`` diverged: ``k``, inner step, layer (1-based)."""
+    flags = res.diverged[sl]
+    if not bool(flags.any()):
+        return {"diverged_k": math.nan, "diverged_inner_step": math.nan, "diverged_layer": math.nan}
+    j = int(flags.nonzero()[0, 0])
+    return {
+        "diverged_k": j,
+        "diverged_inner_step": int(res.diverged_step[sl][j]) + 1,
+        "diverged_layer": int(res.diverged_layer[sl][j]) + 1,
+    }
