@@ -68,7 +68,8 @@ def test_terms():
     result, text = invoke("terms")
     assert result.exit_code == 0 and "F9" in text and "layer-nonlocal" in text and r"W^\top y" in text
     result, text = invoke("terms", "--grammar", "classic", "--describe")
-    assert result.exit_code == 0 and "Grammar" in text and "synapse-local" in text
+    assert result.exit_code == 0 and "Grammar 'classic'" in text and "synapse-local" in text
+    assert "no LaTeX" not in text and r"\left(W^\top y\right)_{j}^{2}" in text  # powers of operators print
     result, text = invoke("terms", "--grammar", "fancy")
     assert result.exit_code == 2 and "grammar:default" in text
 

@@ -15,7 +15,11 @@ import pytest
 import sympy as sp
 import sympy.parsing.sympy_parser as sympy_parser
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from texcheck import latex_errors
 
+import rulesearch as rs
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.errors import InvalidRuleError, UnsupportedNodeError
 from rulesearch.lang.export import (
@@ -29,6 +33,7 @@ from rulesearch.lang.export import (
     rule_to_json,
     rule_to_latex,
 )
+from rulesearch.lang.grammar import BUILTIN_GRAMMARS
 from rulesearch.lang.pools import NAMED_RULES, bio, ehebb, pool
 from rulesearch.lang.rule import Rule, Term
 from rulesearch.lang.signals import (
@@ -134,9 +139,9 @@ def test_golden_bio_latex_is_the_papers_equation():
         (wv(pre), r"\left(W x\right)_{i}"),
         (wT(err, fb), r"\left(B^\top e\right)_{j}"),
         (wT(post * err), r"\left(W^\top \left(e y\right)\right)_{j}"),
-        (layer_sum(post), r"\textstyle\sum_k y_k"),
+        (layer_sum(post), r"{\textstyle\sum_k y_k}"),
         (bilinear(pre_err, post), r"y^\top W e'"),
-        (sanger(), r"\textstyle\sum_{k \le i} y_k W_{kj}"),
+        (sanger(), r"{\textstyle\sum_{k \le i} y_k W_{kj}}"),
         (derived("hebb_tex", post * pre), r"\mathrm{hebb\_tex}_{ij}"),
         (derived("hebb_tex2", post * pre, latex="H"), "H_{ij}"),
         (trace(pre, 5), r"\bar{x}^{(5)}_{j}"),
@@ -412,3 +417,73 @@ def test_hostile_error_messages_say_what_was_wrong():
     for key in ("Float beyond float64", "Integer beyond float64"):
         with pytest.raises(InvalidRuleError, match=r"term 'F0': Non-finite number 1\.000E\+400 in a rule"):
             Rule.from_json(HOSTILE[key])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every node a grammar or a rule file can hold prints as valid LaTeX
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_GRAMMARS, *NAMED_RULES])
+def test_every_term_of_every_builtin_grammar_and_named_rule_prints_valid_latex(name):
+    terms = BUILTIN_GRAMMARS[name]().terms() if name in BUILTIN_GRAMMARS else NAMED_RULES[name].terms
+    bad = {t.name: (expr_latex(t.expr), latex_errors(expr_latex(t.expr))) for t in terms}
+    bad = {k: v for k, v in bad.items() if v[1]}
+    assert not bad, f"{len(bad)} of {len(terms)} terms print invalid LaTeX, e.g. {next(iter(bad.items()))}"
+    assert name not in BUILTIN_GRAMMARS or len(terms) > 150
+
+
+def test_powers_of_operators_print():
+    # the issue's reproduction: SymPy hands f(...)**n to the operator's printer as exp=n
+    assert rs.Rule([rs.Term("sq", rs.err * rs.wT(rs.pre) ** 2)]).latex() == (
+        r"\Delta W_{ij} = e_{i} \theta_{0} \left(W x\right)_{i}^{2}"
+    )
+    assert expr_latex(layer_sum(post) ** 2) == r"\left({\textstyle\sum_k y_k}\right)^{2}"
+    assert expr_latex(bilinear(post, pre) ** 3) == r"\left(y^\top W x\right)^{3}"
+    assert expr_latex(sanger() ** -2) == r"\frac{1}{\left({\textstyle\sum_{k \le i} y_k W_{kj}}\right)^{2}}"
+    assert expr_latex(pre_err**2) == r"{e'_{j}}^{2}"  # e'_{j}^{2} is a double superscript in TeX
+
+
+def test_latex_checker_catches_what_tex_rejects():
+    for tex in (r"e'_{j}^{2}", r"x_{j}_{i}", r"x^{2}^{3}", r"{\textstyle\sum_k y_k", r"Contract(w, pre)**2"):
+        assert latex_errors(tex), tex
+    for tex in (r"{e'_{j}}^{2}", r"e'^{2}", r"\left(W^\top y\right)_{j}^{2}", r"\frac{1}{\bar{x}^{(3)}_{j}}"):
+        assert not latex_errors(tex), tex
+
+
+_VECTORS_POST = (post, err, post * err, post**2, trace(post, 3), bcm_threshold(3))
+_VECTORS_PRE = (pre, pre_err, pre * pre_err, trace(pre, 3))
+_FUNCTIONS = (sp.tanh, sp.exp, sp.Abs, sp.sign, sp.Heaviside, sp.atan, sp.erf, lambda x: sp.Max(x, 0))
+_EXPONENTS = (1, 2, 3, -1, -2, sp.Rational(1, 2), sp.Rational(3, 2), sp.Rational(-1, 2))
+
+
+@st.composite
+def _factor(draw):
+    kind = draw(st.sampled_from(["signal", "contract", "sum", "bilinear", "sanger", "function"]))
+    mat = draw(st.sampled_from([w, fb]))
+    if kind == "signal":
+        base = draw(st.sampled_from([pre, post, err, pre_err, w, fb, mod, reward, loss, reward_baseline(4)]))
+    elif kind == "contract":
+        base = wT(draw(st.sampled_from(_VECTORS_POST)), mat) if draw(st.booleans()) else wv(
+            draw(st.sampled_from(_VECTORS_PRE)), mat)  # fmt: skip
+    elif kind == "sum":
+        base = layer_sum(draw(st.sampled_from(_VECTORS_POST + _VECTORS_PRE)))
+    elif kind == "bilinear":
+        base = bilinear(draw(st.sampled_from(_VECTORS_POST)), draw(st.sampled_from(_VECTORS_PRE)), mat)
+    elif kind == "sanger":
+        base = sanger(draw(st.sampled_from(_VECTORS_POST)), mat)
+    else:
+        base = draw(st.sampled_from(_FUNCTIONS))(draw(_factor()))
+    return base ** draw(st.sampled_from(_EXPONENTS))
+
+
+@given(
+    terms=st.lists(st.lists(_factor(), min_size=1, max_size=4), min_size=1, max_size=3),
+    coef=st.floats(-1e3, 1e3, allow_nan=False).filter(lambda c: c != 0),
+)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+def test_random_products_and_powers_of_signals_and_operators_print_valid_latex(terms, coef):
+    expr = sp.Float(coef) * sp.Add(*(sp.Mul(*factors) for factors in terms))
+    tex = expr_latex(expr)
+    assert not latex_errors(tex), (expr, tex, latex_errors(tex))
+    assert not latex_errors(rule_to_latex(Rule.general(expr * Constant("a"), ["a"], values={"a": 0.5})))

@@ -87,36 +87,55 @@ class RuleLatexPrinter(LatexPrinter):
 
     _print_Constant = _print_Signal
 
+    def parenthesize_super(self, s):
+        # a prime is a superscript (e' = e^{\prime}): e'_{j}^{2} is a double superscript, {e'_{j}}^{2} is not
+        if "'" in s and "^" not in s:
+            return "{" + s + "}"
+        return super().parenthesize_super(s)
+
     def _vec(self, expr) -> str:
         p = RuleLatexPrinter({"precision": self._settings["precision"], "vector": True})
         s = p.doprint(expr)
         return s if isinstance(expr, Signal) else rf"\left({s}\right)"
 
-    def _print_Contract(self, expr):
+    # SymPy prints ``f(...)**n`` as ``self._print(f(...), exp=n)``: every operator takes ``exp``. A sum is a
+    # group ``{\textstyle\sum ...}``, so the style switch ends with it.
+    @staticmethod
+    def _power(tex: str, exp, indexed: bool) -> str:
+        r"""``tex`` raised to ``exp``; an indexed ``\left(...\right)_{j}`` takes the power after its index."""
+        if exp is None:
+            return tex
+        return rf"{tex}^{{{exp}}}" if indexed else rf"\left({tex}\right)^{{{exp}}}"
+
+    def _print_Contract(self, expr, exp=None):
         M, u = expr.args
         from .signals import role_of
 
         if role_of(u) == "post":
-            return rf"\left({self._glyph(M)}^\top {self._vec(u)}\right)_{{j}}"
-        return rf"\left({self._glyph(M)} {self._vec(u)}\right)_{{i}}"
+            tex = rf"\left({self._glyph(M)}^\top {self._vec(u)}\right)_{{j}}"
+        else:
+            tex = rf"\left({self._glyph(M)} {self._vec(u)}\right)_{{i}}"
+        return self._power(tex, exp, indexed=True)
 
-    def _print_LayerSum(self, expr):
+    def _print_LayerSum(self, expr, exp=None):
         (u,) = expr.args
-        return rf"\textstyle\sum_k {self._vec(u)}_k"
+        return self._power(rf"{{\textstyle\sum_k {self._vec(u)}_k}}", exp, indexed=False)
 
-    def _print_Bilinear(self, expr):
+    def _print_Bilinear(self, expr, exp=None):
         u, M, v = expr.args
-        return rf"{self._vec(u)}^\top {self._glyph(M)} {self._vec(v)}"
+        left = self.parenthesize_super(self._vec(u))  # \bar{y}^{(3)}^\top would be a double superscript
+        return self._power(rf"{left}^\top {self._glyph(M)} {self._vec(v)}", exp, indexed=False)
 
-    def _print_Reindex(self, expr):
+    def _print_Reindex(self, expr, exp=None):
         (u,) = expr.args
         from .signals import role_of
 
-        return rf"{self._vec(u)}_{{{'j' if role_of(u) == 'post' else 'i'}}}"
+        return self._power(rf"{self._vec(u)}_{{{'j' if role_of(u) == 'post' else 'i'}}}", exp, indexed=False)
 
-    def _print_OrderedContract(self, expr):
+    def _print_OrderedContract(self, expr, exp=None):
         u, M = expr.args
-        return rf"\textstyle\sum_{{k \le i}} {self._vec(u)}_k {self._glyph(M)}_{{kj}}"
+        tex = rf"{{\textstyle\sum_{{k \le i}} {self._vec(u)}_k {self._glyph(M)}_{{kj}}}}"
+        return self._power(tex, exp, indexed=False)
 
 
 def expr_latex(expr, precision: int = 3) -> str:

@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,7 @@ from .signals import (
     wv,
 )
 
-__all__ = ["Grammar", "canonical"]
+__all__ = ["BUILTIN_GRAMMARS", "Grammar", "canonical"]
 
 
 def canonical(expr) -> sp.Expr:
@@ -145,9 +146,11 @@ class Grammar:
         return cls(tuple(atoms), max_degree=max_degree, degree_per_signal={"w": 1}, name="default")
 
     @classmethod
-    def classic(cls, tau: float = 10.0) -> Grammar:
+    def classic(cls, tau: float = 10.0, reward_signals: bool = True) -> Grammar:
         """The default grammar with pre/post traces and the BCM threshold declared (classic Hebbian family)."""
-        return cls.default(traces=(trace(pre, tau), trace(post, tau), bcm_threshold(tau)))
+        traces = (trace(pre, tau), trace(post, tau), bcm_threshold(tau))
+        grammar = cls.default(traces=traces, reward_signals=reward_signals)
+        return dataclasses.replace(grammar, name="classic")
 
     # ---- enumeration ------------------------------------------------------------------------------------------
     def _candidates(self):
@@ -207,6 +210,11 @@ class Grammar:
         lines.append("  by degree: " + ", ".join(f"{d}: {n}" for d, n in sorted(by_deg.items())))
         lines.append("  by locality: " + ", ".join(f"{k}: {n}" for k, n in sorted(by_loc.items())))
         return "\n".join(lines)
+
+
+BUILTIN_GRAMMARS = {"default": Grammar.default, "classic": Grammar.classic}
+"""The built-in grammars by name (``--grammar NAME``, ``rule: grammar:NAME``); each maker takes
+``reward_signals=False`` to leave the reward and its baseline out."""
 
 
 def _degree(expr, atoms) -> int:

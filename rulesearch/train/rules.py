@@ -43,7 +43,7 @@ def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig 
 
     ``terms`` keeps only the named terms of a linear rule.
     """
-    from ..lang.grammar import Grammar
+    from ..lang.grammar import BUILTIN_GRAMMARS, Grammar
     from ..lang.pools import NAMED_RULES
 
     rule = spec
@@ -52,13 +52,12 @@ def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig 
             rule = (neural or NeuralConfig()).build()
         elif spec.startswith("grammar:"):
             kind = spec.split(":", 1)[1]
-            makers = {"default": Grammar.default, "classic": Grammar.classic}
-            if kind not in makers:
+            if kind not in BUILTIN_GRAMMARS:
                 raise ConfigError(
                     f"Config key 'rule': unknown grammar {kind!r} in {spec!r}; allowed: "
-                    f"{', '.join('grammar:' + k for k in makers)}."
+                    f"{', '.join('grammar:' + k for k in BUILTIN_GRAMMARS)}."
                 )
-            rule = makers[kind]().rule(f"grammar-{kind}")
+            rule = BUILTIN_GRAMMARS[kind]().rule(f"grammar-{kind}")
         elif spec in NAMED_RULES:
             rule = NAMED_RULES[spec]
         elif _is_rule_file(spec):
