@@ -107,10 +107,20 @@ class LayeredNetwork(ABC):
         shapes = self.feedback_shapes
         if not isinstance(feedback, (list, tuple)) or len(feedback) != len(shapes):
             got = len(feedback) if isinstance(feedback, (list, tuple)) else type(feedback).__name__
-            raise ShapeError(f"feedback must be a list of {len(shapes)} tensors; received {got}.")
+            raise ShapeError(
+                f"feedback must be a list of {len(shapes)} tensors{self.feedback_context}; received {got}. Draw it "
+                f"with init_episodes (a network that stores none takes [])."
+            )
         for i, (f, shape) in enumerate(zip(feedback, shapes)):
             if f.dim() != 3 or tuple(f.shape) != (b, *shape):
-                raise ShapeError(f"feedback[{i}] has shape {tuple(f.shape)}; expected {(b, *shape)}.")
+                raise ShapeError(
+                    f"feedback[{i}] has shape {tuple(f.shape)}; expected {(b, *shape)}{self.feedback_context}."
+                )
+
+    @property
+    def feedback_context(self) -> str:
+        """What the stored feedback is, for error messages (e.g. ``" for feedback mode 'fa'"``)."""
+        return ""
 
     @abstractmethod
     def targets(self, y: Tensor, dtype: torch.dtype, batch_shape: tuple[int, ...] | None = None) -> Tensor:

@@ -231,11 +231,12 @@ class Network(AdjointNetwork):
     def init_episodes(self, seed, t, ks, dtype=torch.float32, device=None):
         return init_params(self, seed, t, ks, dtype=dtype, device=device)
 
-    def check_weights(self, weights):
-        return _check_weights(self, weights)
-
-    def check_feedback(self, feedback, b):
-        _check_feedback(self, feedback, b)
+    @property
+    def feedback_context(self):
+        return (
+            f" for feedback mode {self.feedback!r} (stored in W's layout (B, n_post, n_pre); dfa: (B, n_L, n_l); "
+            f"bp and sign store none)"
+        )
 
     def targets(self, y, dtype, batch_shape=None):
         return make_targets(self, y, dtype, batch_shape)
@@ -576,36 +577,6 @@ def _step_vjp(net: Network, t: StepTrace, weights, feedback, target, sinks) -> N
 # ---- validated public API ----------------------------------------------------------------------------------
 
 
-def _check_weights(net: Network, weights: Sequence[Tensor], name: str = "weights") -> int:
-    if not isinstance(weights, (list, tuple)) or len(weights) != net.n_layers:
-        got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
-        raise ShapeError(f"{name} must be a list of {net.n_layers} tensors (one per layer); received {got}.")
-    b = weights[0].shape[0] if weights[0].dim() == 3 else None
-    for i, (w, shape) in enumerate(zip(weights, net.weight_shapes)):
-        if w.dim() != 3 or tuple(w.shape[1:]) != shape or w.shape[0] != b:
-            raise ShapeError(
-                f"{name}[{i}] has shape {tuple(w.shape)}; expected (B, n_post, n_pre) = ({b}, {shape[0]}, "
-                f"{shape[1]}) for sizes {net.sizes}."
-            )
-    return int(b)
-
-
-def _check_feedback(net: Network, feedback: Sequence[Tensor], b: int) -> None:
-    shapes = net.feedback_shapes
-    if not isinstance(feedback, (list, tuple)) or len(feedback) != len(shapes):
-        got = len(feedback) if isinstance(feedback, (list, tuple)) else type(feedback).__name__
-        raise ShapeError(
-            f"feedback must be a list of {len(shapes)} tensors for feedback mode {net.feedback!r}; received "
-            f"{got}. Use init_params(net, ...) to draw it (bp and sign store none: pass [])."
-        )
-    for i, (f, shape) in enumerate(zip(feedback, shapes)):
-        if f.dim() != 3 or tuple(f.shape) != (b, *shape):
-            raise ShapeError(
-                f"feedback[{i}] has shape {tuple(f.shape)}; expected {(b, *shape)} for feedback mode "
-                f"{net.feedback!r} (stored in W's layout (B, n_post, n_pre); dfa: (B, n_L, n_l))."
-            )
-
-
 def _check_input(net: Network, x: Tensor, b: int, name: str = "x") -> None:
     if not torch.is_tensor(x) or x.dim() not in (2, 3) or x.shape[0] != b or x.shape[-1] != net.n_in:
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -660,7 +631,7 @@ def forward(net: Network, weights: Sequence[Tensor], x: Tensor) -> list[Tensor]:
 
     ``y_L`` is the softmax output under ``loss="ce"`` and the linear output under ``loss="mse"``.
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     _check_input(net, x, b)
     return _forward(net, weights, x)[0]
 
@@ -672,7 +643,7 @@ def output_error(net: Network, y_out: Tensor, target: Tensor) -> Tensor:
 
 def sample_loss(net: Network, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Per-sample loss, shape ``x.shape[:-1]``: cross-entropy, or ``0.5 ||y_L - target||^2`` under MSE."""
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     _check_input(net, x, b)
     ys, zs = _forward(net, weights, x)
     target = make_targets(net, y, ys[-1].dtype, tuple(x.shape[:-1]))
@@ -684,9 +655,9 @@ def feedback_matrices(net: Network, weights: Sequence[Tensor], feedback: Sequenc
 
     ``bp``: the weights themselves; ``sign``: ``sign(W) * bound``; otherwise the stored feedback.
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     if net.feedback not in ("bp", "sign"):
-        _check_feedback(net, feedback, b)
+        net.check_feedback(feedback, b)
     return _feedback_mats(net, weights, feedback, range(net.n_layers))
 
 
@@ -710,9 +681,9 @@ def errors(
         Pre-activations ``[None, z_1, ..., z_L]``; only needed for non-invertible activations (silu) and
         recomputed when omitted.
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     if net.feedback not in ("bp", "sign"):
-        _check_feedback(net, feedback, b)
+        net.check_feedback(feedback, b)
     if len(activities) != net.n_layers + 1:
         raise ShapeError(f"activities must hold y_0..y_L ({net.n_layers + 1} tensors); received {len(activities)}.")
     _check_input(net, activities[0], b, "activities[0]")
@@ -748,7 +719,7 @@ def query_loss_accuracy(net: Network, weights: Sequence[Tensor], x: Tensor, y: T
     Accuracy is the argmax over all output units compared with the raw labels (NaN for float MSE targets).
     Differentiable w.r.t. the weights (the loss).
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     _check_input(net, x, b)
     if x.dim() != 3:
         raise ShapeError(f"evaluate needs x of shape (B, N, n_in); received {tuple(x.shape)}.")
@@ -798,9 +769,9 @@ def alignment_angles(
     angles_per_sample)``, the second the mean over samples of per-sample angles. ``0`` under ``bp``, ``~90``
     for unrelated pathways. Not differentiable (computed under ``no_grad``).
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     if net.feedback not in ("bp", "sign"):
-        _check_feedback(net, feedback, b)
+        net.check_feedback(feedback, b)
     _check_input(net, x, b)
     if x.dim() != 3:
         raise ShapeError(f"alignment_angles needs x of shape (B, N, n_in); received {tuple(x.shape)}.")
@@ -831,7 +802,7 @@ def orthonormality(net: Network, weights: Sequence[Tensor], x: Tensor) -> Tensor
     ``N``).
     Zero when the rows of ``W_l`` are orthonormal and ``sigma`` is the identity. Not differentiable.
     """
-    b = _check_weights(net, weights)
+    b = net.check_weights(weights)
     _check_input(net, x, b)
     if x.dim() != 3:
         raise ShapeError(f"orthonormality needs x of shape (B, N, n_in); received {tuple(x.shape)}.")
