@@ -226,6 +226,29 @@ def test_diverged_run_is_skipped_without_poisoning_others(monkeypatch):
     assert torch.isfinite(both.theta_).all()
 
 
+def test_summary_counts_skipped_steps_and_gives_accuracy_with_them_as_failures(monkeypatch):
+    """Run 1's episodes of the last meta-step are NaN: the summary counts the skipped step and its diverged
+    episodes, leaves it out of the last-10% accuracy and, beside it, counts it as accuracy 0."""
+    original = meta_mod.Problem.episodes
+
+    def poisoned(self, t, runs, net=None, ks=None):
+        batch, w, fb = original(self, t, runs, net, ks)
+        if t == 3 and 1 in list(runs):
+            i = list(runs).index(1) * self.B
+            batch[0][i : i + self.B] = float("nan")
+        return batch, w, fb
+
+    monkeypatch.setattr(meta_mod.Problem, "episodes", poisoned)
+    s = search(meta=tiny_meta(runs=2)).fit()
+    h, summ = s.history_, s.summary_
+    assert (summ["skipped_steps"], summ["meta_steps_run"], summ["diverged_episodes"]) == (1, 8, 1)
+    last = h[h.step == 4]
+    assert summ["rule_last"] == pytest.approx(last[last.skipped == 0].meta_accuracy.mean())
+    assert summ["rule_last_skips_failed"] == pytest.approx(last.meta_accuracy.where(last.skipped == 0, 0.0).mean())
+    assert summ["rule_last_skips_failed"] < summ["rule_last"]
+    assert "skipped (diverged) meta-steps: 1 of 8 (diverged episodes: 1)" in s.report()
+
+
 # ---- run directory and resume -------------------------------------------------------------------------------
 
 

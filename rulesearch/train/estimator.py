@@ -430,8 +430,21 @@ class RuleSearch:
             ]
             return float(np.nanmean(vals)) if vals else float("nan")
 
+        def mean_acc_failed(window):  # a skipped (diverged) meta-step counts as accuracy 0
+            vals = [
+                0.0 if int(r.get("skipped", 0)) else r["meta_accuracy"]
+                for r in rows
+                if (int(r["step"]) - 1) in window and r["run"] in self.reported_runs_
+            ]
+            return float(np.nanmean(vals)) if vals else float("nan")
+
         out["rule_first"] = mean_acc(first)
         out["rule_last"] = mean_acc(last)
+        out["rule_first_skips_failed"] = mean_acc_failed(first)
+        out["rule_last_skips_failed"] = mean_acc_failed(last)
+        out["skipped_steps"] = sum(int(r.get("skipped", 0)) for r in rows)
+        out["diverged_episodes"] = sum(int(r.get("diverged", 0)) for r in rows)
+        out["meta_steps_run"] = len(rows)
         out["meta_batch"] = meta.meta_batch
         return out
 
@@ -675,6 +688,12 @@ class RuleSearch:
             lines.append(
                 f"f0 learning rates: fa {s['compare_lr_fa']:.4g}, bp {s['compare_lr_bp']:.4g} ({tuned}); "
                 f"same tasks and initial weights; chance {1 / self._problem.cfg.task.M:.3f}"
+            )
+        if s.get("skipped_steps"):
+            lines.append(
+                f"skipped (diverged) meta-steps: {s['skipped_steps']} of {s['meta_steps_run']} (diverged episodes: "
+                f"{s['diverged_episodes']}); left out of the accuracies above; counted as 0 they give first "
+                f"{s['rule_first_skips_failed']:.3f}, last {s['rule_last_skips_failed']:.3f}"
             )
         if s.get("divergences"):
             lines.append("left out of the rule, its intervals and the accuracies (stopped on divergence):")
