@@ -137,44 +137,64 @@ def evaluate(model, x, y, loss_fn):
         return float(loss_fn(out, y)), float((out.argmax(-1) == y).float().mean())
 
 
-def run_cnn(a):
-    (xtr, ytr), (xte, yte) = load_digits(Path(a.data), a.n_test, a.seed)
-    idx = batches(len(ytr), a.batch, a.steps, a.seed)
-    depth = len(paper_cnn(a.seed))
-    curves, align, summary = [], [], []
-    for name, loss_name, method, eta, n in METHODS:
-        n = depth if (method is not None and n is None) else n
-        loss_fn = LOSSES[loss_name]
-        model = paper_cnn(a.seed)
+def train(spec, data, idx, a, optimizer="adam", align=None):
+    """Train the paper's CNN with one method; returns its summary row and training-loss curve (and appends the
+    comparisons with the gradient, every ``a.every`` steps, to ``align`` when given)."""
+    name, loss_name, method, eta, n = spec
+    (xtr, ytr), (xte, yte) = data
+    n = len(paper_cnn(a.seed)) if (method is not None and n is None) else n
+    loss_fn = LOSSES[loss_name]
+    model = paper_cnn(a.seed)
+    if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-        t0, diverged, losses = time.perf_counter(), False, []
-        for s, b in enumerate(idx):
-            x, y = xtr[b], ytr[b]
-            if method is not None and s % a.every == 0:
-                for layer, rel, ang in compare(model, x, y, loss_fn, method, eta, n):
-                    align.append(dict(method=name, step=s, layer=layer, rel_error=rel, angle_deg=ang))
-            opt.zero_grad()
-            loss = grad_step(model, x, y, loss_fn, method, eta, n)
-            opt.step()
-            losses.append(loss)
-            curves.append(dict(method=name, loss_fn=loss_name, step=s, train_loss=loss))
-            if not math.isfinite(loss):
-                diverged = True
-                break
-        test_loss, test_acc = evaluate(model, xte, yte, loss_fn)
-        summary.append(
-            dict(method=name, loss_fn=loss_name, steps=s + 1, diverged=diverged, train_s=time.perf_counter() - t0,
-                 final_train_loss=statistics.fmean(losses[-10:]),
-                 test_loss=test_loss, test_accuracy=test_acc)
-        )  # fmt: skip
-        print(f"{name:<20} loss {summary[-1]['final_train_loss']:.4f} test acc {test_acc:.3f}", flush=True)
-    timing = time_methods(xtr[idx[0]], ytr[idx[0]], depth, a)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=a.sgd_lr)
+    t0, diverged, curve = time.perf_counter(), False, []
+    for s, b in enumerate(idx):
+        x, y = xtr[b], ytr[b]
+        if align is not None and method is not None and s % a.every == 0:
+            for layer, rel, ang in compare(model, x, y, loss_fn, method, eta, n):
+                align.append(dict(method=name, step=s, layer=layer, rel_error=rel, angle_deg=ang))
+        opt.zero_grad()
+        loss = grad_step(model, x, y, loss_fn, method, eta, n)
+        opt.step()
+        curve.append(dict(method=name, loss_fn=loss_name, step=s, train_loss=loss))
+        if not math.isfinite(loss):
+            diverged = True
+            break
+    test_loss, test_acc = evaluate(model, xte, yte, loss_fn)
+    final = statistics.fmean(c["train_loss"] for c in curve[-10:])
+    row = dict(method=name, loss_fn=loss_name, optimizer=optimizer, steps=len(curve), diverged=diverged,
+               train_s=time.perf_counter() - t0, final_train_loss=final, test_loss=test_loss,
+               test_accuracy=test_acc)  # fmt: skip
+    print(f"{name:<20} {optimizer} loss {row['final_train_loss']:.4f} test acc {test_acc:.3f}", flush=True)
+    return row, curve
+
+
+def run_cnn(a):
+    data = load_digits(Path(a.data), a.n_test, a.seed)
+    idx = batches(len(data[0][1]), a.batch, a.steps, a.seed)
+    curves, align, summary = [], [], []
+    for spec in METHODS:
+        row, curve = train(spec, data, idx, a, "adam", align)
+        summary.append(row)
+        curves += curve
+    timing = time_methods(data[0][0][idx[0]], data[0][1][idx[0]], len(paper_cnn(a.seed)), a)
     OUT.mkdir(exist_ok=True)
     pd.DataFrame(curves).to_csv(OUT / "predictive_coding_curves.csv", index=False)
     pd.DataFrame(align).to_csv(OUT / "predictive_coding_alignment.csv", index=False)
     table = pd.DataFrame(summary).merge(pd.DataFrame(timing), on="method")
     table.to_csv(OUT / "predictive_coding_cnn.csv", index=False)
     plot_cnn(pd.DataFrame(curves), pd.DataFrame(align))
+
+
+def run_sgd(a):
+    """BP and FixedPred(0.1,20) under plain SGD: does the optimizer hide FixedPred's per-layer update scale?"""
+    data = load_digits(Path(a.data), a.n_test, a.seed)
+    idx = batches(len(data[0][1]), a.batch, a.steps, a.seed)
+    rows = [train(spec, data, idx, a, "sgd")[0] for spec in METHODS[:2]]
+    OUT.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(OUT / "predictive_coding_sgd.csv", index=False)
 
 
 def time_methods(x, y, depth, a):
@@ -433,11 +453,12 @@ def _discover_section(d: pd.DataFrame) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("cnn", "discover", "report"))
+    p.add_argument("part", choices=("cnn", "sgd", "discover", "report"))
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=300)
-    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--lr", type=float, default=0.002, help="Adam learning rate")
+    p.add_argument("--sgd-lr", type=float, default=0.1, help="learning rate of the sgd part")
     p.add_argument("--every", type=int, default=25, help="steps between comparisons with the gradient")
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--time-reps", type=int, default=10)
@@ -450,6 +471,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.part == "cnn":
         run_cnn(a)
+    elif a.part == "sgd":
+        run_sgd(a)
     elif a.part == "discover":
         run_discover(a)
     report(a)
