@@ -288,3 +288,47 @@ def test_pcnetwork_validates_its_settings():
         PCNetwork(base, eta=-1.0)
     with pytest.raises(ConfigError, match="n_iters"):
         PCNetwork(base, n_iters=0)
+
+
+# ---- configuration, CLI, docstrings --------------------------------------------------------------------------
+
+
+def test_network_config_builds_the_pc_network_and_validates_its_keys():
+    from rulesearch.train import NetworkConfig
+
+    net = NetworkConfig(credit="pc-fixedpred", pc_iters=2).build(64, 10)
+    assert isinstance(net, PCNetwork) and (net.inference, net.eta, net.n_iters) == ("fixedpred", 1.0, 2)
+    assert net.base.feedback == "bp" and net.sizes == (64, 170, 130, 100, 70, 10)
+    net = NetworkConfig(credit="pc-strict").build(64, 10)
+    assert (net.inference, net.eta, net.n_iters) == ("strict", 0.1, 20)
+    assert NetworkConfig(credit="pc-fixedpred").build(64, 10).n_iters == 5  # default: the depth, exact
+    assert isinstance(NetworkConfig().build(64, 10), Network)  # the default is unchanged
+    with pytest.raises(ConfigError, match="network.pc_iters set, but network.credit is 'feedback'"):
+        NetworkConfig(pc_iters=2)
+    with pytest.raises(ConfigError, match="'plastic'"):
+        NetworkConfig(credit="pc-strict", feedback="plastic")
+    with pytest.raises(ConfigError, match="network.pc_eta"):
+        NetworkConfig(credit="pc-strict", pc_eta=0.0)
+    with pytest.raises(ConfigError, match="Did you mean 'pc-fixedpred'"):
+        NetworkConfig.from_dict({"credit": "pc-fixed"})
+
+
+def test_cli_discover_takes_the_pc_options():
+    from typer.testing import CliRunner
+
+    from rulesearch.cli import app
+
+    result = CliRunner().invoke(app, ["discover", "--credit", "pc-fixedpred", "--pc-iters", "3", "--show-config"])
+    assert result.exit_code == 0, result.output
+    assert "credit: pc-fixedpred" in result.output and "pc_iters: 3" in result.output
+    result = CliRunner().invoke(app, ["discover", "--pc-eta", "0.5", "--show-config"])
+    assert result.exit_code != 0 and "network.pc_eta" in result.output
+
+
+@pytest.mark.parametrize("module", ["credit.predictive_coding", "credit.network"])
+def test_module_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"rulesearch.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
