@@ -67,9 +67,11 @@ def fixed_point_step(
 
 
 @torch.no_grad()
-def evaluate(net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Tensor, y: Tensor) -> dict[str, float]:
+def evaluate(
+    net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Tensor, y: Tensor, n_stability: int | None = 64
+) -> dict[str, float]:
     """Held-out ``loss``, ``accuracy``, the solver's ``n_failed`` and ``max_residual``, and :func:`stability` at the
-    fixed points of ``x``."""
+    fixed points of the first ``n_stability`` samples of ``x`` (all if None: one N x N eigenproblem each)."""
     sol = net.solve(params, x, W)
     logits = net.readout(params, sol.r)
     out = {
@@ -78,7 +80,7 @@ def evaluate(net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Ten
         "n_failed": sol.n_failed,
         "max_residual": float(sol.residual.max()),
     }
-    out.update(stability(W, 1 - sol.r * sol.r))
+    out.update(stability(W, 1 - sol.r[:n_stability] ** 2))
     return out
 
 

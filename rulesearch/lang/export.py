@@ -109,10 +109,16 @@ class RuleLatexPrinter(LatexPrinter):
         return rf"{self._vec(u)}^\top {self._glyph(M)} {self._vec(v)}"
 
     def _print_Reindex(self, expr):
+        """``u`` read with the other index: ``g_j`` for ``as_pre(gain)``; index-free inside a contraction."""
         (u,) = expr.args
-        from .signals import role_of
+        from .signals import Contract, role_of
 
-        return rf"{self._vec(u)}_{{{'j' if role_of(u) == 'post' else 'i'}}}"
+        s = RuleLatexPrinter({"precision": self._settings["precision"], "vector": True}).doprint(u)
+        if isinstance(u, Contract):
+            s = s[: s.rindex("_{")]  # the contraction's own index is replaced
+        elif not isinstance(u, Signal):
+            s = rf"\left({s}\right)"
+        return s if self._settings["vector"] else f"{s}_{{{'j' if role_of(u) == 'post' else 'i'}}}"
 
     def _print_OrderedContract(self, expr):
         u, M = expr.args
