@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rulesearch.fixedpoint import FIXED_POINT_RULES, evaluate, fixed_point_step
+from rulesearch.fixedpoint import FIXED_POINT_RULES, train_fixed_point
 from rulesearch.networks import FixedPointNetwork
 
 DATA = Path("/work/shared/data/emnist_bymerge_test.npz")
@@ -55,40 +55,29 @@ def batches(x, y, batch: int, seed: int):
 
 
 def run(rule_name: str, lr: float, args, train, test) -> pd.DataFrame:
-    torch.manual_seed(0)
     net = FixedPointNetwork(n_in=784, n_hidden=args.N, tol=args.tol, max_iter=args.max_iter)
     params = net.init_params(args.seed)
-    rule = FIXED_POINT_RULES[rule_name]
-    it = batches(*train, args.batch, args.seed)
-    x_eval, y_eval = test[0][: args.n_test], test[1][: args.n_test]
-    W, rows, t0 = params.W, [], time.perf_counter()
+    t0 = time.perf_counter()
 
-    def held_out(step):
-        return {"step": step, **{f"test_{k}": v for k, v in evaluate(net, params, W, x_eval, y_eval, N_STAB).items()}}
-
-    for step in range(args.steps):
-        x, y = next(it)
-        row = held_out(step) if step % args.eval_every == 0 else {"step": step}
-        W, rec, gain = fixed_point_step(net, params, W, x, y, rule, lr)
-        row.update(rec.__dict__, seconds=time.perf_counter() - t0)
-        row["diverged"] = not bool(torch.isfinite(W).all())
-        rows.append(row)
+    def log(row):
+        row["seconds"] = time.perf_counter() - t0
         if "test_accuracy" in row:
-            print(f"{rule_name} lr={lr} step {step}: test acc {row['test_accuracy']:.3f} max Re GW "
+            print(f"{rule_name} lr={lr} step {row['step']}: test acc {row['test_accuracy']:.3f} max Re GW "
                   f"{row['test_max_re_GW']:.3f} W {row['test_max_re_W']:.3f} failed {row['test_n_failed']} "
-                  f"train iters {rec.iterations} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
-        if row["diverged"]:
-            break
-    if not rows[-1]["diverged"]:
-        rows.append({**held_out(len(rows)), "seconds": time.perf_counter() - t0})
+                  f"({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+
+    W, rows = train_fixed_point(
+        net, params, FIXED_POINT_RULES[rule_name], lr, batches(*train, args.batch, args.seed), args.steps,
+        (test[0][: args.n_test], test[1][: args.n_test]), args.eval_every, callback=log, n_stability=N_STAB,
+    )  # fmt: skip
     df = pd.DataFrame(rows)
     df.insert(0, "lr", lr)
     df.insert(0, "rule", rule_name)
     lam = torch.linalg.eigvals(W).numpy() if bool(torch.isfinite(W).all()) else np.zeros(0, complex)
-    stem = args.out / "fixed_point_rnn" / f"{rule_name}_{lr:g}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(stem.with_suffix(".csv"), index=False)
-    np.savez(stem.with_suffix(".npz"), eig_W=lam)
+    folder = args.out / "fixed_point_rnn"
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(folder / f"{rule_name}_{lr:g}.csv", index=False)
+    np.savez(folder / f"{rule_name}_{lr:g}.npz", eig_W=lam)
     return df
 
 

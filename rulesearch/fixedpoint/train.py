@@ -94,10 +94,12 @@ def train_fixed_point(
     eval_data: tuple[Tensor, Tensor] | None = None,
     eval_every: int = 10,
     callback: Callable[[dict], None] | None = None,
+    n_stability: int | None = 64,
 ) -> tuple[Tensor, list[dict]]:
     """Train ``params.W`` with ``rule`` for ``steps`` batches; returns the final ``W`` and one row per step
     (:class:`StepRecord` fields, ``step``, and every ``eval_every`` steps and at the end the :func:`evaluate`
-    columns prefixed ``test_``). A non-finite ``W`` stops the run with ``diverged`` set in the last row."""
+    columns prefixed ``test_``, before that step's update). A non-finite ``W`` or loss stops the run with
+    ``diverged`` set in the last row. ``callback(row)`` sees (and may add to) every row."""
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"steps={steps} and eval_every={eval_every} must be >= 1.")
     W, rows = params.W, []
@@ -106,7 +108,7 @@ def train_fixed_point(
             x, y = next(batches)
             row = {"step": step}
             if eval_data is not None and step % eval_every == 0:
-                row.update({f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data).items()})
+                row.update({f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()})
             W, rec, _ = fixed_point_step(net, params, W, x, y, rule, lr)
             row.update(rec.__dict__, diverged=not bool(torch.isfinite(W).all()) or not math.isfinite(rec.loss))
             rows.append(row)
@@ -115,7 +117,12 @@ def train_fixed_point(
             if row["diverged"]:
                 return W, rows
         if eval_data is not None:
-            rows.append({"step": steps, **{f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data).items()}})
+            rows.append(
+                {
+                    "step": steps,
+                    **{f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()},
+                }
+            )
             if callback is not None:
                 callback(rows[-1])
     return W, rows

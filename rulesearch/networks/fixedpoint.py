@@ -90,7 +90,11 @@ def solve_fixed_point(
     * ``picard``: damped iteration :math:`r \leftarrow r + \beta (\tanh(W r + u) - r)`, the Euler step
       :math:`\beta = dt/\tau` of the rate dynamics (``damping=0.01, max_iter=500, tol=0`` is the paper's simulation
       to :math:`t = 5\tau`); converges when the fixed point is stable and :math:`\beta` is small enough.
-    * ``anderson``: Anderson acceleration (type II, ``memory`` past residuals, mixing ``damping``) of that map.
+    * ``anderson``: Anderson acceleration of that map (type II, mixing :math:`\beta` = ``damping``):
+      :math:`r \leftarrow r + \beta g - (\Delta R + \beta \Delta G)\gamma`,
+      :math:`\gamma = \arg\min \|g - \Delta G \gamma\|_2` with :math:`g = \tanh(W r + u) - r` and
+      :math:`\Delta R, \Delta G` the differences of the last ``memory`` iterates and of their :math:`g`; the history
+      restarts where an iterate is not finite.
     * ``newton``: :math:`r \leftarrow r - (I - G W)^{-1}(r - \tanh(W r + u))`, one batched solve per iteration.
 
     Returns a :class:`FixedPointResult`; samples above ``tol`` after ``max_iter`` iterations are flagged in
@@ -128,7 +132,7 @@ def solve_fixed_point(
                 H = DG.transpose(1, 2) @ DG
                 reg = 1e-10 * H.diagonal(dim1=1, dim2=2).sum(-1).reshape(-1, 1, 1) + torch.finfo(W.dtype).tiny
                 gamma = torch.linalg.solve(
-                    H + reg * torch.eye(H.shape[-1], dtype=H.dtype), DG.transpose(1, 2) @ g[..., None]
+                    H + reg * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device), DG.transpose(1, 2) @ g[..., None]
                 )
                 r_new = r_new - ((DX + damping * DG) @ gamma).squeeze(-1)
         g_new, res_new = _residual(r_new, W, u)
@@ -235,7 +239,7 @@ class FixedPointNetwork:
             self.max_iter,
             self.method,
             self.damping,
-            self.memory,  # type: ignore[arg-type]
+            self.memory,
         )
 
     @staticmethod
