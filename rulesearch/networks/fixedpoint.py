@@ -124,17 +124,18 @@ def solve_fixed_point(
         elif method == "newton":
             gain = 1 - torch.tanh(r @ W.T + u) ** 2
             J = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - gain.unsqueeze(-1) * W  # I - G W
-            r_new = r + torch.linalg.solve(J, g)
+            r_new = r + _solve_or(J, g, damping * g)  # a damped Picard step where I - G W is singular
         else:
             r_new = r + damping * g
             if dX:
                 DX, DG = torch.stack(dX, -1), torch.stack(dG, -1)  # (B, N, m)
                 H = DG.transpose(1, 2) @ DG
-                reg = 1e-10 * H.diagonal(dim1=1, dim2=2).sum(-1).reshape(-1, 1, 1) + torch.finfo(W.dtype).tiny
-                gamma = torch.linalg.solve(
-                    H + reg * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device), DG.transpose(1, 2) @ g[..., None]
-                )
-                r_new = r_new - ((DX + damping * DG) @ gamma).squeeze(-1)
+                eps = torch.finfo(W.dtype).eps
+                reg = 10 * eps * H.diagonal(dim1=1, dim2=2).sum(-1).reshape(-1, 1, 1) + torch.finfo(W.dtype).tiny
+                eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+                rhs = (DG.transpose(1, 2) @ g[..., None]).squeeze(-1)
+                gamma = _solve_or(H + reg * eye, rhs, torch.zeros_like(rhs))  # no mixing where H is singular
+                r_new = r_new - ((DX + damping * DG) @ gamma[..., None]).squeeze(-1)
         g_new, res_new = _residual(r_new, W, u)
         ok = torch.isfinite(res_new)
         if method == "anderson":
@@ -151,6 +152,13 @@ def solve_fixed_point(
         best_r = torch.where(better[:, None], r, best_r)
         best_res = torch.where(better, res_new, best_res)
     return FixedPointResult(best_r, best_res, it, best_res <= tol)
+
+
+def _solve_or(A: Tensor, b: Tensor, fallback: Tensor) -> Tensor:
+    """``A^{-1} b`` per batch row (``A`` ``(B, n, n)``, ``b`` ``(B, n)``); the row of ``fallback`` where ``A`` is
+    singular or the solution not finite."""
+    x, info = torch.linalg.solve_ex(A, b)
+    return torch.where((info == 0)[:, None] & torch.isfinite(x).all(-1, keepdim=True), x, fallback)
 
 
 def implicit_error(W: Tensor, gain: Tensor, delta: Tensor) -> Tensor:
