@@ -10,6 +10,7 @@ scores 0. Each rule takes its best learning rate of ``--lrs``. Stage 1 screens e
 stage 2 reruns the best ``--top`` rules and dW3 / dW4 at the full size.
 
     python experiments/fixed_point_grammar.py            # -> results/fixed_point_grammar.md, .csv
+    python experiments/fixed_point_grammar.py --resume   # keep the runs already in the CSV (written after each run)
 
 Data: digits 0-9 of the bundled EMNIST bymerge test split (MNIST stand-in), as in fixed_point_rnn.py.
 """
@@ -27,7 +28,7 @@ import sympy as sp
 import torch
 from fixed_point_rnn import DATA, OUT, batches, load_digits
 
-from rulesearch.fixedpoint import dW3, dW4, evaluate, fixed_point_step, preconditioned
+from rulesearch.fixedpoint import dW3, dW4, evaluate, fixed_point_step, preconditioned, preconditioned_vectors
 from rulesearch.lang.export import expr_latex
 from rulesearch.lang.signals import Contract
 from rulesearch.networks import FixedPointNetwork
@@ -38,7 +39,8 @@ RIGHT = {"I": (), "G": ("G",), "I-WG": ("I-WG",), "I-GW": ("I-GW",),
 
 
 def candidates():
-    """(left factors, right name, rule) for the grammar, without rules whose update is the same expression."""
+    """The grammar's rules (named ``L[left factors] R[right]``), without rules whose update is the same expression;
+    ``SHAPES[name]`` holds their ``(left, right)`` factor names."""
     seen, out = set(), []
     lefts = [()] + [(f,) for f in LEFT_FACTORS] + list(itertools.product(LEFT_FACTORS, repeat=2))
     for left, (rname, right) in itertools.product(lefts, RIGHT.items()):
@@ -48,7 +50,11 @@ def candidates():
             continue
         seen.add(key)
         out.append(rule)
+        SHAPES[rule.name] = (left, right)
     return out
+
+
+SHAPES: dict[str, tuple] = {}
 
 
 def n_products(rule) -> int:
@@ -87,7 +93,7 @@ def score_run(rule, lr, N, batch, steps, train, test, seed=1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", default="0.05,0.25,1.0")
+    ap.add_argument("--lrs", default="0.1,0.3,1.0")
     ap.add_argument("--N", type=int, default=100)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=40)
@@ -97,37 +103,48 @@ def main():
     ap.add_argument("--full-batch", type=int, default=512)
     ap.add_argument("--full-steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in the CSV")
+    ap.add_argument("--report-only", action="store_true", help="results/fixed_point_grammar.md from the CSV")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    csv = args.out / "fixed_point_grammar.csv"
+    if args.report_only:
+        by_name = {r.name: r for r in candidates()}
+        df = pd.read_csv(csv)
+        return report(df, by_name, args, df["seconds"].sum())
     train, test = load_digits(DATA)
     test = (test[0][: args.n_test], test[1][: args.n_test])
     rules = candidates()
     by_name = {r.name: r for r in rules}
     lrs = [float(v) for v in args.lrs.split(",")]
-    rows = []
-    t0 = time.perf_counter()
+    rows = pd.read_csv(csv).to_dict("records") if args.resume and csv.exists() else []
+    done = {(r["stage"], r["rule"], r["lr"]) for r in rows}
+
+    def record(stage, rule, lr, N, batch, steps):
+        if (stage, rule.name, lr) not in done:  # --resume: runs already in the CSV are kept
+            rows.append({"stage": stage, **score_run(rule, lr, N, batch, steps, train, test)})
+            df = pd.DataFrame(rows)
+            df["products"] = [n_products(by_name[r]) for r in df["rule"]]
+            df.to_csv(csv, index=False)  # after every run
+        return next(r for r in rows if (r["stage"], r["rule"], r["lr"]) == (stage, rule.name, lr))
+
     for rule in rules:
-        for lr in lrs:
-            rows.append({"stage": 1, **score_run(rule, lr, args.N, args.batch, args.steps, train, test)})
-        best = max((r for r in rows if r["rule"] == rule.name), key=lambda r: r["score"])
+        best = max((record(1, rule, lr, args.N, args.batch, args.steps) for lr in lrs), key=lambda r: r["score"])
         print(f"{rule.name}: best lr {best['lr']} acc {best['accuracy']:.3f} max Re GW {best['max_re_GW']:.3f} "
-              f"score {best['score']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+              f"score {best['score']:.3f}", flush=True)  # fmt: skip
     s1 = pd.DataFrame(rows)
-    best1 = s1.sort_values("score", ascending=False).drop_duplicates("rule")
+    best1 = s1[s1.stage == 1].sort_values("score", ascending=False).drop_duplicates("rule")
     finalists = list(best1["rule"][: args.top])
     for ref in (dW3, dW4):
-        name = next(r.name for r in rules if sp.expand(r.terms[0].expr) == sp.expand(ref.terms[0].expr))
+        name = next(r.name for r in rules if _is(r, ref))
         if name not in finalists:
             finalists.append(name)
     for name in finalists:
         lr = float(best1.set_index("rule").loc[name, "lr"])
-        row = score_run(by_name[name], lr, args.full_N, args.full_batch, args.full_steps, train, test)
-        rows.append({"stage": 2, **row})
+        row = record(2, by_name[name], lr, args.full_N, args.full_batch, args.full_steps)
         print(f"stage 2 {name} lr {lr}: acc {row['accuracy']:.3f} max Re GW {row['max_re_GW']:.3f}", flush=True)
-    df = pd.DataFrame(rows)
-    df["products"] = [n_products(by_name[r]) for r in df["rule"]]
-    df.to_csv(args.out / "fixed_point_grammar.csv", index=False)
-    report(df, by_name, args, time.perf_counter() - t0)
+    df = pd.read_csv(csv)
+    report(df, by_name, args, df["seconds"].sum())
 
 
 def _is(rule, ref) -> bool:
@@ -152,16 +169,19 @@ def report(df, by_name, args, seconds) -> None:
     rank = {n: i + 1 for i, n in enumerate(s1["rule"])}
     winner = s2.iloc[0] if len(s2) else s1.iloc[0]
     w_rule = by_name[winner["rule"]]
-    latex = "\n".join(
-        f"- {n}{tag[n]}: $\\Delta W_{{ij}} = -\\theta\\,{expr_latex(by_name[n].terms[0].expr.subs(-1, 1))}$"
-        for n in list(s2["rule"])
-    ).replace("- -", "- ")
+
+    def latex(n):
+        u, v = preconditioned_vectors(*SHAPES[n])
+        return rf"$\Delta W_{{ij}} = -\theta\,\left[{expr_latex(u)}\right]\left[{expr_latex(v)}\right]$"
+
+    latex = "\n".join(f"- {n}{tag[n]}: {latex(n)}" for n in s2["rule"])
     d3 = next(n for n, r in by_name.items() if _is(r, dW3))
     d4 = next(n for n, r in by_name.items() if _is(r, dW4))
     text = f"""# Searching the preconditioned-gradient family of fixed-point rules
 
 `experiments/fixed_point_grammar.py` (rerun: `python experiments/fixed_point_grammar.py`); per-run data:
-`results/fixed_point_grammar.csv`. Total {seconds / 60:.0f} min on a 2-core machine shared with other jobs.
+`results/fixed_point_grammar.csv`. {seconds / 60:.0f} min of runs in all, one thread on a 2-core machine shared with
+other jobs.
 
 **Grammar.** ΔW = −θ (P_L δ)(r*ᵀ P_R) with P_L a product of at most two factors from {{G, I−WG, I−GW}} and
 P_R ∈ {{I, G, I−WG, I−GW, (I−WG)ᵀ(I−WG), (I−GW)ᵀ(I−GW)}}: {len(by_name)} distinct rules (after removing identical
