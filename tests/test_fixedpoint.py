@@ -60,6 +60,15 @@ def test_solver_flags_non_convergence():
     assert bool((sol.residual > 1e-12).all())
 
 
+def test_anderson_survives_a_degenerate_history():
+    """A zero input (fixed point r = 0 from the start: zero residual differences) beside ordinary samples, float32."""
+    net, params, x, _ = _case(7, N=16, rho=0.9)
+    u = (x @ params.W_x.T).float()
+    u[0] = 0
+    sol = solve_fixed_point(params.W.float(), u, tol=1e-5, max_iter=300, method="anderson")
+    assert bool(sol.converged.all()) and bool((sol.r[0] == 0).all())
+
+
 def test_paper_simulation_is_damped_picard():
     """Euler steps r <- r + eta(-r + f(W r + u)) for 500 steps (eta = 0.01) are picard(damping=eta, tol=0)."""
     net, params, x, _ = _case(2)

@@ -2,7 +2,17 @@
 dW1 / dW3 / dW4 and their family (:mod:`.rules`), training with compiled rules averaged over a batch (:mod:`.train`).
 The network and its solver are :class:`rulesearch.networks.FixedPointNetwork`."""
 
-from .rules import FACTORS, FIXED_POINT_RULES, TRANSPOSE, apply_factors, dW1, dW3, dW4, preconditioned
+from .rules import (
+    FACTORS,
+    FIXED_POINT_RULES,
+    TRANSPOSE,
+    apply_factors,
+    dW1,
+    dW3,
+    dW4,
+    preconditioned,
+    preconditioned_vectors,
+)
 from .train import StepRecord, evaluate, fixed_point_step, train_fixed_point
 
 __all__ = [
@@ -14,6 +24,7 @@ __all__ = [
     "dW3",
     "dW4",
     "preconditioned",
+    "preconditioned_vectors",
     "StepRecord",
     "evaluate",
     "fixed_point_step",

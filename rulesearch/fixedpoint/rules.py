@@ -23,7 +23,17 @@ from ..errors import InvalidRuleError
 from ..lang.rule import Rule, Term
 from ..lang.signals import as_post, as_pre, delta, err, gain, pre, wT, wv
 
-__all__ = ["FACTORS", "TRANSPOSE", "apply_factors", "preconditioned", "dW1", "dW3", "dW4", "FIXED_POINT_RULES"]
+__all__ = [
+    "FACTORS",
+    "TRANSPOSE",
+    "apply_factors",
+    "preconditioned_vectors",
+    "preconditioned",
+    "dW1",
+    "dW3",
+    "dW4",
+    "FIXED_POINT_RULES",
+]
 
 
 def _W(u):
@@ -58,12 +68,21 @@ def apply_factors(names: Sequence[str], u):
     return u
 
 
+def preconditioned_vectors(left: Sequence[str], right: Sequence[str]) -> tuple:
+    r"""The post-role vector :math:`P_L \delta` and the pre-role vector :math:`P_R^\top r^*` of
+    :func:`preconditioned`."""
+    for name in right:
+        if name not in TRANSPOSE:
+            raise InvalidRuleError(f"Unknown preconditioner factor {name!r}; known: {sorted(FACTORS)}.")
+    u = apply_factors(left, delta)
+    return u, as_pre(apply_factors([TRANSPOSE[f] for f in reversed(tuple(right))], as_post(pre)))
+
+
 def preconditioned(left: Sequence[str], right: Sequence[str], name: str | None = None) -> Rule:
     r"""The one-term rule :math:`\Delta W = -\theta\, (P_L \delta)(r^{*\top} P_R)` with :math:`P_L` the product of
     the ``left`` factors and :math:`P_R` of the ``right`` factors (names from :data:`FACTORS`; empty: identity)."""
     left, right = tuple(left), tuple(right)
-    u = apply_factors(left, delta)
-    v = as_pre(apply_factors([TRANSPOSE.get(f, f) for f in reversed(right)], as_post(pre)))  # P_R^T r
+    u, v = preconditioned_vectors(left, right)
     label = f"[{' '.join(left) or 'I'}] delta r^T [{' '.join(right) or 'I'}]"
     return Rule((Term(name or "P", -u * v, label),), name or label)
 

@@ -67,9 +67,11 @@ def fixed_point_step(
 
 
 @torch.no_grad()
-def evaluate(net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Tensor, y: Tensor) -> dict[str, float]:
+def evaluate(
+    net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Tensor, y: Tensor, n_stability: int | None = 64
+) -> dict[str, float]:
     """Held-out ``loss``, ``accuracy``, the solver's ``n_failed`` and ``max_residual``, and :func:`stability` at the
-    fixed points of ``x``."""
+    fixed points of the first ``n_stability`` samples of ``x`` (all if None: one N x N eigenproblem each)."""
     sol = net.solve(params, x, W)
     logits = net.readout(params, sol.r)
     out = {
@@ -78,7 +80,7 @@ def evaluate(net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Ten
         "n_failed": sol.n_failed,
         "max_residual": float(sol.residual.max()),
     }
-    out.update(stability(W, 1 - sol.r * sol.r))
+    out.update(stability(W, 1 - sol.r[:n_stability] ** 2))
     return out
 
 
@@ -92,10 +94,12 @@ def train_fixed_point(
     eval_data: tuple[Tensor, Tensor] | None = None,
     eval_every: int = 10,
     callback: Callable[[dict], None] | None = None,
+    n_stability: int | None = 64,
 ) -> tuple[Tensor, list[dict]]:
     """Train ``params.W`` with ``rule`` for ``steps`` batches; returns the final ``W`` and one row per step
     (:class:`StepRecord` fields, ``step``, and every ``eval_every`` steps and at the end the :func:`evaluate`
-    columns prefixed ``test_``). A non-finite ``W`` stops the run with ``diverged`` set in the last row."""
+    columns prefixed ``test_``, before that step's update). A non-finite ``W`` or loss stops the run with
+    ``diverged`` set in the last row. ``callback(row)`` sees (and may add to) every row."""
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"steps={steps} and eval_every={eval_every} must be >= 1.")
     W, rows = params.W, []
@@ -104,7 +108,7 @@ def train_fixed_point(
             x, y = next(batches)
             row = {"step": step}
             if eval_data is not None and step % eval_every == 0:
-                row.update({f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data).items()})
+                row.update({f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()})
             W, rec, _ = fixed_point_step(net, params, W, x, y, rule, lr)
             row.update(rec.__dict__, diverged=not bool(torch.isfinite(W).all()) or not math.isfinite(rec.loss))
             rows.append(row)
@@ -113,7 +117,12 @@ def train_fixed_point(
             if row["diverged"]:
                 return W, rows
         if eval_data is not None:
-            rows.append({"step": steps, **{f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data).items()}})
+            rows.append(
+                {
+                    "step": steps,
+                    **{f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()},
+                }
+            )
             if callback is not None:
                 callback(rows[-1])
     return W, rows

@@ -127,10 +127,18 @@ class RuleLatexPrinter(LatexPrinter):
         return self._power(rf"{left}^\top {self._glyph(M)} {self._vec(v)}", exp, indexed=False)
 
     def _print_Reindex(self, expr, exp=None):
+        """``u`` read with the other index: ``g_j`` for ``as_pre(gain)``; index-free inside a contraction."""
         (u,) = expr.args
-        from .signals import role_of
+        from .signals import Contract, role_of
 
-        return self._power(rf"{self._vec(u)}_{{{'j' if role_of(u) == 'post' else 'i'}}}", exp, indexed=False)
+        s = RuleLatexPrinter({"precision": self._settings["precision"], "vector": True}).doprint(u)
+        if isinstance(u, Contract):
+            s = s[: s.rindex("_{")]  # the contraction's own index is replaced
+        elif not isinstance(u, Signal):
+            s = rf"\left({s}\right)"
+        if self._settings["vector"]:
+            return self._power(s, exp, indexed=False)
+        return self._power(f"{s}_{{{'j' if role_of(u) == 'post' else 'i'}}}", exp, indexed=False)
 
     def _print_OrderedContract(self, expr, exp=None):
         u, M = expr.args

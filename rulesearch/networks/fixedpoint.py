@@ -90,7 +90,11 @@ def solve_fixed_point(
     * ``picard``: damped iteration :math:`r \leftarrow r + \beta (\tanh(W r + u) - r)`, the Euler step
       :math:`\beta = dt/\tau` of the rate dynamics (``damping=0.01, max_iter=500, tol=0`` is the paper's simulation
       to :math:`t = 5\tau`); converges when the fixed point is stable and :math:`\beta` is small enough.
-    * ``anderson``: Anderson acceleration (type II, ``memory`` past residuals, mixing ``damping``) of that map.
+    * ``anderson``: Anderson acceleration of that map (type II, mixing :math:`\beta` = ``damping``):
+      :math:`r \leftarrow r + \beta g - (\Delta R + \beta \Delta G)\gamma`,
+      :math:`\gamma = \arg\min \|g - \Delta G \gamma\|_2` with :math:`g = \tanh(W r + u) - r` and
+      :math:`\Delta R, \Delta G` the differences of the last ``memory`` iterates and of their :math:`g`; the history
+      restarts where an iterate is not finite.
     * ``newton``: :math:`r \leftarrow r - (I - G W)^{-1}(r - \tanh(W r + u))`, one batched solve per iteration.
 
     Returns a :class:`FixedPointResult`; samples above ``tol`` after ``max_iter`` iterations are flagged in
@@ -120,17 +124,18 @@ def solve_fixed_point(
         elif method == "newton":
             gain = 1 - torch.tanh(r @ W.T + u) ** 2
             J = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - gain.unsqueeze(-1) * W  # I - G W
-            r_new = r + torch.linalg.solve(J, g)
+            r_new = r + _solve_or(J, g, damping * g)  # a damped Picard step where I - G W is singular
         else:
             r_new = r + damping * g
             if dX:
                 DX, DG = torch.stack(dX, -1), torch.stack(dG, -1)  # (B, N, m)
                 H = DG.transpose(1, 2) @ DG
-                reg = 1e-10 * H.diagonal(dim1=1, dim2=2).sum(-1).reshape(-1, 1, 1) + torch.finfo(W.dtype).tiny
-                gamma = torch.linalg.solve(
-                    H + reg * torch.eye(H.shape[-1], dtype=H.dtype), DG.transpose(1, 2) @ g[..., None]
-                )
-                r_new = r_new - ((DX + damping * DG) @ gamma).squeeze(-1)
+                eps = torch.finfo(W.dtype).eps
+                reg = 10 * eps * H.diagonal(dim1=1, dim2=2).sum(-1).reshape(-1, 1, 1) + torch.finfo(W.dtype).tiny
+                eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+                rhs = (DG.transpose(1, 2) @ g[..., None]).squeeze(-1)
+                gamma = _solve_or(H + reg * eye, rhs, torch.zeros_like(rhs))  # no mixing where H is singular
+                r_new = r_new - ((DX + damping * DG) @ gamma[..., None]).squeeze(-1)
         g_new, res_new = _residual(r_new, W, u)
         ok = torch.isfinite(res_new)
         if method == "anderson":
@@ -147,6 +152,13 @@ def solve_fixed_point(
         best_r = torch.where(better[:, None], r, best_r)
         best_res = torch.where(better, res_new, best_res)
     return FixedPointResult(best_r, best_res, it, best_res <= tol)
+
+
+def _solve_or(A: Tensor, b: Tensor, fallback: Tensor) -> Tensor:
+    """``A^{-1} b`` per batch row (``A`` ``(B, n, n)``, ``b`` ``(B, n)``); the row of ``fallback`` where ``A`` is
+    singular or the solution not finite."""
+    x, info = torch.linalg.solve_ex(A, b)
+    return torch.where((info == 0)[:, None] & torch.isfinite(x).all(-1, keepdim=True), x, fallback)
 
 
 def implicit_error(W: Tensor, gain: Tensor, delta: Tensor) -> Tensor:
@@ -235,7 +247,7 @@ class FixedPointNetwork:
             self.max_iter,
             self.method,
             self.damping,
-            self.memory,  # type: ignore[arg-type]
+            self.memory,
         )
 
     @staticmethod
