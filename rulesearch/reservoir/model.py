@@ -14,6 +14,7 @@ with :math:`J` sparse (each entry nonzero with probability ``p``, normal, scaled
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,8 +77,19 @@ class Reservoir:
             Qs.append((2 * torch.rand(self.n, n_out, generator=g, dtype=torch.float64) - 1).to(dtype))
             xs.append((torch.rand(self.n, generator=g, dtype=torch.float64) - 0.5).to(dtype))
         sparse = self.n >= 500 if self.sparse is None else self.sparse
-        J = torch.block_diag(*Js).to_sparse_csr() if sparse else torch.stack(Js)
+        J = _block_diagonal_csr(Js) if sparse else torch.stack(Js)
         return ReservoirParams(J, torch.stack(Qs), torch.stack(xs))
+
+
+def _block_diagonal_csr(Js: list[Tensor]) -> Tensor:
+    """The block-diagonal ``(B*N, B*N)`` CSR matrix of the ``(N, N)`` blocks ``Js``, built from their nonzeros."""
+    n = Js[0].shape[0]
+    idx = [J.nonzero().T + b * n for b, J in enumerate(Js)]
+    vals = [J[J != 0] for J in Js]
+    coo = torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (n * len(Js),) * 2, check_invariants=True)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matrix-vector products are all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
 
 
 def recurrent_input(J: Tensor, r: Tensor) -> Tensor:
