@@ -89,7 +89,9 @@ def _block_diagonal_csr(Js: list[Tensor]) -> Tensor:
     coo = torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (n * len(Js),) * 2, check_invariants=True)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": matrix-vector products are all we use
         warnings.simplefilter("ignore", UserWarning)
-        return coo.coalesce().to_sparse_csr()
+        csr = coo.coalesce().to_sparse_csr()
+        # int32 indices: the CPU kernel is about 1.5x faster than with int64
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape)
 
 
 def recurrent_input(J: Tensor, r: Tensor) -> Tensor:
