@@ -1,0 +1,377 @@
+r"""The trial loop of reward-modulated reservoir learning: FORCE, RMHL and SUPER-TREX (Pyle & Rosenbaum 2019).
+
+Per step, for ``B`` reservoirs at once (:mod:`.model`), with :math:`\beta` the exploration amplitude:
+
+.. math::
+
+    z^{exp} = W^{exp} r + U(-\beta, \beta)^d, \quad z^{mst} = W^{mst} r, \quad z = z^{exp} + z^{mst},\\
+    e = \lVert p(z) - f_t \rVert^2 (+\text{joint costs}), \quad \bar e \leftarrow 0.8\,\bar e + 0.2\,e, \quad
+    \beta \leftarrow \beta_g (10 \bar e)^{\beta_p}.
+
+* **Exploratory pathway**: :math:`W^{exp} \leftarrow W^{exp} + \eta\, g_{DA}\, \Delta W`, with :math:`\Delta W` a
+  compiled rule of the toolkit (:mod:`.rules`) fed ``pre = r``, ``post = z^{exp}``, ``reward = -e``,
+  ``loss = e``, ``mod = -e`` and ``w = W^{exp}``; its traces are the rule's states. :math:`g_{DA}` (``dopamine``)
+  scales the reward modulation (1: intact).
+* **Mastery pathway** (every ``every`` steps): RLS (:mod:`.rls`) with gate
+  :math:`\gamma = \tfrac12 - \tfrac12\tanh(5\cdot10^5(\bar e - \theta_T))` and error :math:`-u`, :math:`u` the
+  exploratory output (:math:`z^{exp}`) or its trace :math:`\bar z` (``Mastery.target``), scaled by ``s``: the
+  mastery readout absorbs what the exploratory pathway adds.
+* **FORCE**: the same RLS on the supervised error :math:`z - f_t`, without exploration.
+
+Trials are one traversal of the target each: ``n_train`` learning trials, then ``n_test`` test trials with weights
+frozen, no noise and the reservoir driven by the target (``test_feedback="target"``) or by its own output from five
+trials earlier (``"delayed_output"``), as in the authors' scripts. The test-phase reservoir trajectory does not
+depend on the test output, so both readouts are scored on it: *full* (:math:`W^{exp} r + W^{mst} r`) and *mastery*
+(:math:`W^{mst} r`: the exploratory pathway removed, the lesion). The reported deviation is the mean over test steps
+of :math:`\sqrt{\overline{mse}}`, :math:`\overline{mse} \leftarrow 0.9998\,\overline{mse} + 0.0002\, e`, of the
+mastery readout for SUPER-TREX and FORCE and of the full readout for RMHL (the replication's metric).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..batched import matvec
+from ..compile.compiler import compile_rule
+from ..errors import ConfigError, SignalError
+from ..lang.rule import Rule
+from .model import NoiseStream, Reservoir, reservoir_step
+from .rls import rls_delta, rls_gain_, rls_init
+from .rules import node_perturbation
+from .tasks import MotorTask, butterfly, get_task
+
+__all__ = [
+    "Exploration",
+    "Mastery",
+    "Force",
+    "Learning",
+    "ReservoirResult",
+    "paper_learning",
+    "run_reservoir",
+    "RESERVOIR_SIGNALS",
+    "DIVERGENCE_BOUND",
+]
+
+RESERVOIR_SIGNALS = frozenset({"pre", "post", "reward", "loss", "mod", "w"})
+DIVERGENCE_BOUND = 1e4  # |W| or |x| beyond this (or non-finite) marks a run diverged
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """The exploratory pathway: its plasticity ``rule`` (learning rate ``lr`` per term) and the exploration noise
+    amplitude :math:`\\beta = \\beta_g (10\\bar e)^{\\beta_p}` (``beta0`` before the first step)."""
+
+    rule: Rule
+    lr: float = 5e-4
+    beta0: float = 0.01
+    beta_gain: float = 0.025
+    beta_power: float = 0.25
+
+    def __post_init__(self):
+        if not isinstance(self.rule, Rule) or not self.rule.is_linear:
+            raise ConfigError("Exploration.rule must be a linear Rule (its term coefficients are the learning rate).")
+        extra = sorted(self.rule_needs - RESERVOIR_SIGNALS)
+        if extra:
+            raise SignalError(
+                f"Rule {self.rule.name!r} reads {extra}, which the reservoir setting does not provide; available: "
+                f"{sorted(RESERVOIR_SIGNALS)} (pre = rates, post = exploratory output, reward = -error)."
+            )
+
+    @property
+    def rule_needs(self) -> frozenset:
+        return compile_rule(self.rule).needs
+
+
+@dataclass(frozen=True)
+class Mastery:
+    """The mastery pathway: RLS every ``every`` steps toward the exploratory output (``target="z_exp"``) or its
+    trace (``"zbar"``), scaled by ``scale``, gated open when the running error is below ``threshold``."""
+
+    scale: float = 0.5
+    threshold: float = 1.5e-3
+    target: str = "z_exp"
+    sharpness: float = 5e5
+    every: int = 10
+    gamma: float = 10.0
+
+    def __post_init__(self):
+        if self.target not in ("z_exp", "zbar"):
+            raise ConfigError(f"Mastery.target={self.target!r}; expected 'z_exp' or 'zbar'.")
+        if self.every < 1:
+            raise ConfigError(f"Mastery.every={self.every}; expected >= 1 (steps between RLS updates).")
+
+
+@dataclass(frozen=True)
+class Force:
+    """FORCE: RLS on the supervised error every ``every`` steps, :math:`P_0 = I/\\gamma`."""
+
+    every: int = 10
+    gamma: float = 10.0
+
+
+@dataclass(frozen=True)
+class Learning:
+    """An algorithm: SUPER-TREX (exploration + mastery), RMHL (exploration) or FORCE (force). ``zbar_tau`` is the
+    time constant (steps) of :math:`\\bar z`, the trace of :math:`z^{exp}` used by the mastery target and the joint
+    costs; ``ebar_tau`` that of the running error :math:`\\bar e`."""
+
+    name: str
+    exploration: Exploration | None = None
+    mastery: Mastery | None = None
+    force: Force | None = None
+    zbar_tau: float = 5.0
+    ebar_tau: float = 5.0
+
+    def __post_init__(self):
+        if (self.force is None) == (self.exploration is None):
+            raise ConfigError(f"Learning {self.name!r}: give exactly one of exploration (RMHL, SUPER-TREX) or force.")
+        if self.mastery is not None and self.exploration is None:
+            raise ConfigError(f"Learning {self.name!r}: a mastery pathway needs an exploratory pathway to absorb.")
+        if self.zbar_tau < 1 or self.ebar_tau < 1:
+            raise ConfigError(f"Learning {self.name!r}: zbar_tau and ebar_tau must be >= 1 (steps).")
+
+
+# the authors' per-task settings (Task1_ST.m, Task2_ST_Seg2.m, Task3_ST.m)
+_PAPER = {
+    "butterfly": dict(one_sided=True, tau=5.0, beta=(0.025, 0.25), lr=5e-4, mastery=(0.5, 1.5e-3, "z_exp")),
+    "arm2": dict(one_sided=False, tau=10.0, beta=(0.01, 0.2), lr=5e-4, mastery=(0.5, 1.5e-3, "zbar")),
+    "arm3": dict(one_sided=False, tau=5.0, beta=(0.005, 0.25), lr=2.5e-4, mastery=(0.9, 1.5e-2, "zbar")),
+}
+
+
+def paper_learning(algorithm: str, task: str, rule: Rule | None = None) -> Learning:
+    """``"supertrex"``, ``"rmhl"`` or ``"force"`` with the published settings for ``task``; ``rule`` replaces the
+    exploratory rule (default: :func:`~.rules.node_perturbation`, one-sided on the butterfly task)."""
+    if task not in _PAPER:
+        raise ConfigError(f"paper_learning: unknown task {task!r}; expected one of {sorted(_PAPER)}.")
+    if algorithm == "force":
+        if task != "butterfly":
+            raise ConfigError("FORCE needs the target output, which only the butterfly task (Task 1) gives.")
+        return Learning("force", force=Force())
+    if algorithm not in ("supertrex", "rmhl"):
+        raise ConfigError(f"paper_learning: algorithm={algorithm!r}; expected supertrex, rmhl or force.")
+    s = _PAPER[task]
+    rule = rule or node_perturbation(tau_z=s["tau"], one_sided=s["one_sided"])
+    exploration = Exploration(rule, s["lr"], 0.01, *s["beta"])
+    mastery = Mastery(*s["mastery"]) if algorithm == "supertrex" else None
+    return Learning(algorithm, exploration, mastery, zbar_tau=s["tau"])
+
+
+@dataclass(frozen=True, eq=False)
+class ReservoirResult:
+    """What :func:`run_reservoir` returns for ``B`` runs (``n = n_train + n_test`` trials).
+
+    Attributes
+    ----------
+    deviation : (B,) the replication's metric (module docstring); NaN for diverged runs
+    deviation_full, deviation_mastery : (B,) the same for the full and the mastery-only (lesioned) readout
+    trial_error : (B, n) mean error per trial (training: the learner's output; test: the reported readout)
+    trial_error_mastery : (B, n_train) mean error the mastery readout alone would make on the training states
+    w_exp_norm, w_mst_norm : (B, n) Frobenius norms at the end of each trial
+    gate_open : (B, n_train) fraction of mastery updates with gate > 0.5
+    drawn : (B, T', 2) pen position of the reported readout in the last test trial, every ``record_every`` steps
+    target : (T', 2) the target at those steps
+    diverged : (B,) bool
+    """
+
+    seeds: tuple[int, ...]
+    deviation: np.ndarray
+    deviation_full: np.ndarray
+    deviation_mastery: np.ndarray
+    trial_error: np.ndarray
+    trial_error_mastery: np.ndarray
+    w_exp_norm: np.ndarray
+    w_mst_norm: np.ndarray
+    gate_open: np.ndarray
+    drawn: np.ndarray
+    target: np.ndarray
+    diverged: np.ndarray
+    wall_s: float
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+
+def run_reservoir(
+    reservoir: Reservoir,
+    task: MotorTask | str,
+    learning: Learning,
+    seeds: Sequence[int],
+    *,
+    n_train: int = 10,
+    n_test: int = 5,
+    trial_steps: int = 50_000,
+    dopamine: float | Sequence[float] = 1.0,
+    mastery_on: bool | Sequence[bool] = True,
+    record_every: int = 10,
+    dtype=torch.float64,
+    log: Callable[[str], None] | None = None,
+) -> ReservoirResult:
+    """Run ``n_train`` learning and ``n_test`` test trials of ``trial_steps`` Euler steps for each seed (a batch).
+
+    ``dopamine`` (a number or one per seed) scales the exploratory update's reward modulation; ``mastery_on`` (one
+    per seed, or one for all) False keeps a row's mastery gate shut, so that row is RMHL inside a SUPER-TREX batch
+    (its reported deviation is then the full readout's). Deterministic per seed: row ``b`` depends on ``seeds[b]``
+    and its own arguments only. ``log`` receives a line per training trial.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    seeds = tuple(seeds)
+    B, d, N = len(seeds), task.n_out, reservoir.n
+    if n_train < 1 or n_test < 0 or trial_steps < 10:
+        raise ConfigError(f"n_train={n_train}, n_test={n_test}, trial_steps={trial_steps}: need >= 1, >= 0, >= 10.")
+    if task.test_feedback == "delayed_output" and n_test > n_train:
+        raise ConfigError(f"Task {task.name}: the test feeds back outputs of earlier trials; need n_test <= n_train.")
+    gda = _per_row(dopamine, B, "dopamine").to(dtype)
+    gate_on = _per_row(mastery_on, B, "mastery_on").to(dtype)
+    t0 = time.perf_counter()
+    params = reservoir.init(seeds, d, dtype)
+    noise = NoiseStream(seeds, N + d, dtype)
+    f = butterfly(trial_steps, dtype)
+    ex, ms, fo = learning.exploration, learning.mastery, learning.force
+    update = compile_rule(ex.rule) if ex is not None else None
+    theta = (ex.lr * gda).unsqueeze(-1).expand(B, ex.rule.n_params) if ex is not None else None
+    rls = ms or fo
+    P = rls_init(B, N, rls.gamma, dtype) if rls is not None else None
+
+    x = params.x0.clone()
+    r = torch.tanh(x)
+    z = x.new_zeros(B, d)
+    W_exp, W_mst = x.new_zeros(B, d, N), x.new_zeros(B, d, N)
+    zbar, ebar, msebar = x.new_zeros(B, d), None, None
+    beta = x.new_full((B,), ex.beta0 if ex is not None else 0.0)
+    kz, ke = 1.0 / learning.zbar_tau, 1.0 / learning.ebar_tau
+    states: dict[str, Tensor] = {}
+    n_trials = n_train + n_test
+    trial_err = np.full((B, n_trials), np.nan)
+    trial_err_m = np.full((B, n_train), np.nan)
+    wn_exp, wn_mst = np.zeros((B, n_trials)), np.zeros((B, n_trials))
+    gate_open = np.zeros((B, n_train))
+    history = []  # outputs of the last n_test training trials, for delayed-output feedback
+    diverged = torch.zeros(B, dtype=torch.bool)
+
+    with torch.no_grad():
+        for trial in range(n_train):
+            e_sum, em_sum, g_sum, g_n = x.new_zeros(B), x.new_zeros(B), x.new_zeros(B), 0
+            keep = task.test_feedback == "delayed_output" and trial >= n_train - n_test
+            zs = x.new_empty(trial_steps, B, d) if keep else None
+            for t in range(trial_steps):
+                x = reservoir_step(x, r, z, params, reservoir.leak)
+                xi = noise.next()
+                r = torch.tanh(x) + reservoir.alpha * xi[:, :N]
+                z_mst = matvec(W_mst, r)
+                if ex is not None:
+                    z_exp = matvec(W_exp, r) + beta.unsqueeze(-1) * xi[:, N:]
+                    z = z_exp + z_mst
+                    zbar = zbar + kz * (z_exp - zbar)
+                else:
+                    z_exp, z = None, z_mst
+                e = task.error(z, f[t], zbar)
+                ebar = e if ebar is None else ebar + ke * (e - ebar)
+                msebar = e if msebar is None else 0.9998 * msebar + 0.0002 * e
+                e_sum += e
+                em_sum += task.error(z_mst, f[t], zbar)
+                if keep:
+                    zs[t] = z
+                if ex is not None:
+                    beta = ex.beta_gain * (10 * ebar).clamp_min(0) ** ex.beta_power
+                    sig = {"pre": r, "post": z_exp, "reward": -e, "loss": e, "mod": -e, "w": W_exp}
+                    sig = {k: sig[k] for k in update.needs}
+                    for spec in update.states:
+                        prev = states.get(spec.name)
+                        states[spec.name] = sig[spec.name] = spec.step(spec.init(sig) if prev is None else prev, sig)
+                    W_exp = W_exp + update(sig, theta)
+                step = trial * trial_steps + t + 1
+                if ms is not None and step % ms.every == 0:
+                    gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
+                    k, c = rls_gain_(P, r, gate)
+                    u = z_exp if ms.target == "z_exp" else zbar
+                    W_mst = W_mst + ms.scale * rls_delta(k, c, -u, gate)
+                    g_sum += (gate > 0.5).to(dtype)
+                    g_n += 1
+                elif fo is not None and step % fo.every == 0:
+                    k, c = rls_gain_(P, r)
+                    W_mst = W_mst + rls_delta(k, c, z - f[t])
+            trial_err[:, trial] = (e_sum / trial_steps).numpy()
+            trial_err_m[:, trial] = (em_sum / trial_steps).numpy()
+            gate_open[:, trial] = (g_sum / max(g_n, 1)).numpy()
+            wn_exp[:, trial], wn_mst[:, trial] = _norm(W_exp), _norm(W_mst)
+            diverged |= _diverged(W_exp, W_mst, x)
+            if keep:
+                history.append(zs)
+            if log is not None:
+                log(
+                    f"trial {trial + 1}/{n_train}: mean error {np.nanmean(trial_err[:, trial]):.4g}, "
+                    f"{time.perf_counter() - t0:.0f} s"
+                )
+
+        # test: weights frozen, no noise, reservoir driven by the target or by the stored outputs
+        T_rec = len(range(0, trial_steps, record_every))
+        drawn = np.zeros((B, T_rec, 2))
+        readouts = ("full", "mastery")
+        msebars = {k: msebar.clone() for k in readouts}
+        zbars = {k: zbar.clone() for k in readouts}
+        dev_sum = {k: x.new_zeros(B) for k in readouts}
+        full_rows = (gate_on == 0).numpy() if ms is not None else np.full(B, fo is None)
+        for j in range(n_test):
+            e_sum = x.new_zeros(B)
+            for t in range(trial_steps):
+                fb = f[t].expand(B, d) if task.test_feedback == "target" else history[j][t]
+                x = reservoir_step(x, r, fb, params, reservoir.leak)
+                r = torch.tanh(x)
+                z_m, z_e = matvec(W_mst, r), matvec(W_exp, r)
+                for name, (zr, ze) in (("full", (z_m + z_e, z_e)), ("mastery", (z_m, 0.0))):
+                    zbars[name] = zbars[name] + kz * (ze - zbars[name])
+                    e = task.error(zr, f[t], zbars[name])
+                    msebars[name] = 0.9998 * msebars[name] + 0.0002 * e
+                    dev_sum[name] += msebars[name].sqrt()
+                    rows = torch.as_tensor(full_rows == (name == "full"))
+                    e_sum += torch.where(rows, e, 0.0)
+                    if j == n_test - 1 and t % record_every == 0:
+                        drawn[rows.numpy(), t // record_every] = task.position(zr)[rows].numpy()
+            trial_err[:, n_train + j] = (e_sum / trial_steps).numpy()
+            wn_exp[:, n_train + j], wn_mst[:, n_train + j] = _norm(W_exp), _norm(W_mst)
+        diverged |= _diverged(W_exp, W_mst, x)
+
+    n_steps_test = max(n_test * trial_steps, 1)
+    dev = {k: (v / n_steps_test).numpy() for k, v in dev_sum.items()}
+    div = diverged.numpy()
+    for v in dev.values():
+        v[div] = np.nan
+    return ReservoirResult(
+        seeds=seeds,
+        deviation=np.where(full_rows, dev["full"], dev["mastery"]),
+        deviation_full=dev["full"],
+        deviation_mastery=dev["mastery"],
+        trial_error=trial_err,
+        trial_error_mastery=trial_err_m,
+        w_exp_norm=wn_exp,
+        w_mst_norm=wn_mst,
+        gate_open=gate_open,
+        drawn=drawn,
+        target=f[::record_every].numpy(),
+        diverged=div,
+        wall_s=time.perf_counter() - t0,
+        steps=n_trials * trial_steps,
+    )
+
+
+def _per_row(value, B: int, name: str) -> Tensor:
+    if np.ndim(value) == 0:
+        return torch.full((B,), float(value), dtype=torch.float64)
+    if len(value) != B:
+        raise ConfigError(f"{name} has {len(value)} values for {B} seeds; give one per seed or one for all.")
+    return torch.as_tensor([float(v) for v in value], dtype=torch.float64)
+
+
+def _norm(W: Tensor) -> np.ndarray:
+    return torch.linalg.matrix_norm(W).numpy()
+
+
+def _diverged(W_exp: Tensor, W_mst: Tensor, x: Tensor) -> Tensor:
+    big = torch.stack([W_exp.abs().amax((1, 2)), W_mst.abs().amax((1, 2)), x.abs().amax(1)], -1)
+    return ~(torch.isfinite(big).all(-1) & (big < DIVERGENCE_BOUND).all(-1))

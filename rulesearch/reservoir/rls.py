@@ -1,0 +1,71 @@
+r"""Recursive least squares (RLS), the solver behind FORCE learning and SUPER-TREX's mastery pathway.
+
+With :math:`P_0 = I/\gamma`, each update with a rate vector :math:`r` and a gate :math:`g \in [0, 1]` does
+
+.. math::
+
+    k = P r, \qquad c = \frac{1}{1 + r^\top k}, \qquad P \leftarrow P - g\, c\, k k^\top, \qquad
+    W \leftarrow W - g\, c\, e\, k^\top,
+
+where :math:`e` is the readout's a-priori error :math:`W r - y`. With :math:`g = 1` throughout, after rows
+:math:`r_1..r_n` (stacked as :math:`X`) with targets :math:`Y`, :math:`P = (\gamma I + X^\top X)^{-1}` and
+:math:`W = Y^\top X (\gamma I + X^\top X)^{-1}`: the ridge (least-squares) solution, exactly
+(:func:`rls_solve`; ``tests/test_reservoir.py`` checks it against the closed form). FORCE uses
+:math:`e = z - f`; SUPER-TREX's mastery pathway uses :math:`e = -u` with :math:`u` the exploratory output it
+absorbs, scaled by ``s`` and gated by the running error (:mod:`rulesearch.reservoir.loop`).
+
+All functions are batched over a leading ``B``: ``P`` ``(B, N, N)``, ``r`` ``(B, N)``, ``W`` ``(B, d, N)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..batched import matvec
+from ..errors import ConfigError, ShapeError
+
+__all__ = ["rls_init", "rls_gain_", "rls_delta", "rls_solve"]
+
+
+def rls_init(B: int, n: int, gamma: float = 10.0, dtype=torch.float64) -> Tensor:
+    """:math:`P_0 = I / \\gamma`, shape ``(B, n, n)``."""
+    if not gamma > 0:
+        raise ConfigError(f"RLS gamma={gamma}: the regulariser must be > 0 (P0 = I/gamma).")
+    return (torch.eye(n, dtype=dtype) / gamma).expand(B, n, n).clone()
+
+
+def rls_gain_(P: Tensor, r: Tensor, gate: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    r"""Update ``P`` in place, :math:`P \leftarrow P - g c k k^\top`; return ``k`` ``(B, N)`` and ``c`` ``(B,)``.
+
+    ``gate`` is a number or ``(B,)``. In place because ``P`` is the one ``(B, N, N)`` state of the solver.
+    """
+    if P.dim() != 3 or r.shape != P.shape[:2]:
+        raise ShapeError(f"RLS: P {tuple(P.shape)} and r {tuple(r.shape)}; expected (B, N, N) and (B, N).")
+    k = matvec(P, r)
+    c = 1.0 / (1.0 + (r * k).sum(-1))
+    a = -c * gate if isinstance(gate, Tensor) else -c * float(gate)
+    torch.baddbmm(P, (a.unsqueeze(-1) * k).unsqueeze(-1), k.unsqueeze(-2), out=P)
+    return k, c
+
+
+def rls_delta(k: Tensor, c: Tensor, e: Tensor, gate: Tensor | float = 1.0) -> Tensor:
+    r""":math:`\Delta W = -g\, c\, e\, k^\top`, shape ``(B, d, N)``, for the a-priori error ``e`` ``(B, d)``."""
+    a = (c * gate).unsqueeze(-1) * e
+    return -a.unsqueeze(-1) * k.unsqueeze(-2)
+
+
+def rls_solve(X: Tensor, Y: Tensor, gamma: float = 10.0) -> Tensor:
+    """Run RLS over the rows of ``X`` ``(B, n, N)`` with targets ``Y`` ``(B, n, d)`` from ``W = 0``; return ``W``
+    ``(B, d, N)`` (equal to the ridge solution ``Y^T X (gamma I + X^T X)^{-1}``)."""
+    if X.dim() != 3 or Y.dim() != 3 or X.shape[:2] != Y.shape[:2]:
+        raise ShapeError(f"rls_solve: X {tuple(X.shape)} and Y {tuple(Y.shape)}; expected (B, n, N) and (B, n, d).")
+    B, n, N = X.shape
+    P = rls_init(B, N, gamma, X.dtype)
+    W = X.new_zeros(B, Y.shape[-1], N)
+    for t in range(n):
+        r = X[:, t]
+        e = matvec(W, r) - Y[:, t]
+        k, c = rls_gain_(P, r)
+        W = W + rls_delta(k, c, e)
+    return W

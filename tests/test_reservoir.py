@@ -1,0 +1,189 @@
+"""Reward-modulated reservoir learning (rulesearch.reservoir): RLS against the closed-form least-squares solution,
+node perturbation's expected update against the reward gradient (Monte Carlo), arm kinematics, determinism per
+seed, and the errors bad input raises. Small reservoirs and short trials: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rulesearch.compile.compiler import compile_rule
+from rulesearch.errors import ConfigError, ShapeError, SignalError
+from rulesearch.lang.rule import Rule, Term
+from rulesearch.lang.signals import err, pre
+from rulesearch.reservoir import (
+    Arm,
+    Exploration,
+    Reservoir,
+    butterfly,
+    get_task,
+    hoerzer_rmhl,
+    node_perturbation,
+    paper_learning,
+    recurrent_input,
+    rls_delta,
+    rls_gain_,
+    rls_init,
+    rls_solve,
+    run_reservoir,
+)
+
+D = torch.float64
+
+
+def test_rls_equals_closed_form_least_squares():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 40, 8, generator=g, dtype=D)
+    Y = torch.randn(2, 40, 3, generator=g, dtype=D)
+    gamma = 10.0
+    W = rls_solve(X, Y, gamma)
+    eye = torch.eye(8, dtype=D)
+    closed = Y.transpose(1, 2) @ X @ torch.linalg.inv(gamma * eye + X.transpose(1, 2) @ X)
+    assert torch.allclose(W, closed, atol=1e-12, rtol=1e-10)
+    # and P ends as the inverse regularised correlation matrix
+    P = rls_init(2, 8, gamma)
+    for t in range(40):
+        rls_gain_(P, X[:, t])
+    assert torch.allclose(P, torch.linalg.inv(gamma * eye + X.transpose(1, 2) @ X), atol=1e-12)
+
+
+def test_rls_gate_closed_changes_nothing():
+    P = rls_init(3, 5)
+    P0 = P.clone()
+    r = torch.randn(3, 5, dtype=D)
+    k, c = rls_gain_(P, r, torch.zeros(3, dtype=D))
+    assert torch.equal(P, P0)
+    assert torch.count_nonzero(rls_delta(k, c, torch.ones(3, 2, dtype=D), torch.zeros(3, dtype=D))) == 0
+    with pytest.raises(ShapeError, match="expected"):
+        rls_gain_(P, torch.randn(3, 4, dtype=D))
+    with pytest.raises(ConfigError, match="gamma"):
+        rls_init(1, 3, gamma=0.0)
+
+
+def test_node_perturbation_expectation_is_the_reward_gradient():
+    """Linear readout z = W r + xi, xi ~ U(-beta, beta)^d, reward R = -||z - y||^2, baselines at their means
+    (Rbar = R(W r), zbar = W r). Then E[(R - Rbar)(z - zbar) r^T] = (beta^2 / 3) dR/dW exactly (the cubic
+    noise term has mean zero). M = 200000 samples; tolerance: 3% relative (about 5 standard errors) and cosine
+    > 0.999."""
+    rule = node_perturbation(modulator="linear")
+    upd = compile_rule(rule)
+    names = {s.name for s in upd.states}
+    g = torch.Generator().manual_seed(1)
+    d, n, M, beta = 3, 6, 200_000, 0.1
+    W = torch.randn(d, n, generator=g, dtype=D)
+    r = torch.randn(n, generator=g, dtype=D)
+    y = torch.randn(d, generator=g, dtype=D)
+    xi = beta * (2 * torch.rand(M, d, generator=g, dtype=D) - 1)
+    z0 = W @ r
+    z = z0 + xi
+    R = -((z - y) ** 2).sum(-1)
+    sig = {"pre": r.expand(M, n), "post": z, "reward": R}
+    baselines = {"reward_bar5": -((z0 - y) ** 2).sum().expand(M), "post_trace5": z0.expand(M, d)}
+    assert set(baselines) == names
+    dW = upd({**sig, **baselines}, torch.ones(1, dtype=D)).mean(0)
+    grad = -2 * torch.outer(z0 - y, r)
+    expected = beta**2 / 3 * grad
+    cos = float((dW * grad).sum() / (dW.norm() * grad.norm()))
+    assert cos > 0.999
+    assert float((dW - expected).norm() / expected.norm()) < 0.03
+
+
+def test_power_modulator_update_follows_the_gradient():
+    """The published modulator 5 sign(u)|u|^{1/4} is odd and increasing, so the expected update is positively
+    aligned with the reward gradient (not exactly parallel: the noise is uniform, not Gaussian); cosine > 0.9."""
+    upd = compile_rule(node_perturbation())
+    g = torch.Generator().manual_seed(2)
+    d, n, M, beta = 2, 5, 100_000, 0.05
+    W, r, y = torch.randn(d, n, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D), torch.zeros(d, dtype=D)
+    z0 = W @ r
+    z = z0 + beta * (2 * torch.rand(M, d, generator=g, dtype=D) - 1)
+    sig = {"pre": r.expand(M, n), "post": z, "reward": -((z - y) ** 2).sum(-1),
+           "reward_bar5": -((z0 - y) ** 2).sum().expand(M), "post_trace5": z0.expand(M, d)}  # fmt: skip
+    dW = upd(sig, torch.ones(1, dtype=D)).mean(0)
+    grad = -2 * torch.outer(z0 - y, r)
+    assert float((dW * grad).sum() / (dW.norm() * grad.norm())) > 0.9
+
+
+def test_rules_are_toolkit_rules_over_reward_and_traces():
+    for rule in (node_perturbation(), node_perturbation(one_sided=True, tau_z=10), hoerzer_rmhl()):
+        assert isinstance(rule, Rule) and rule.locality() == ("synapse-local",)
+        upd = compile_rule(rule)
+        assert upd.needs == frozenset({"pre", "post", "reward"})
+        assert {s.role for s in upd.states} == {"global", "post"}
+    with pytest.raises(ConfigError, match="modulator"):
+        node_perturbation(modulator="cubic")
+    with pytest.raises(SignalError, match="does not provide"):
+        Exploration(Rule([Term("f0", -err * pre)]))
+
+
+def test_butterfly_and_arm_kinematics():
+    f = butterfly(2001)
+    assert f.shape == (2001, 2)
+    assert abs(float(f.norm(dim=-1).max()) - 1) < 5e-3  # the scripts divide by 14.4734; max rho is 0.3% larger
+    assert torch.allclose(f[0], torch.tensor([10 / 14.4734, 0.0], dtype=D))
+    arm = Arm((1.8, 1.2, 0.6))
+    z = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=D)
+    expected = torch.tensor([[0.0, 1.6], [3.6, -2.0], [0.0, -2 + 1.8 - 1.2 - 0.6]], dtype=D)
+    assert torch.allclose(arm.end_effector(z), expected, atol=1e-12)
+    task = get_task("arm3")
+    zbar = torch.zeros(3, 3, dtype=D)
+    cost = task.error(z, arm.end_effector(z), zbar)  # on target: only the joint costs remain
+    assert torch.allclose(cost, torch.tensor([0.0, 0.05, 0.05], dtype=D))
+    with pytest.raises(ConfigError, match="Unknown motor task"):
+        get_task("spiral")
+
+
+def test_sparse_and_dense_recurrent_input_agree():
+    a = Reservoir(n=40, sparse=True).init([0, 1], 2)
+    b = Reservoir(n=40, sparse=False).init([0, 1], 2)
+    r = torch.randn(2, 40, dtype=D)
+    assert torch.allclose(recurrent_input(a.J, r), recurrent_input(b.J, r), atol=1e-13)
+    J = b.J[0]
+    assert 0.05 < float((J != 0).double().mean()) < 0.15  # p = 0.1
+    assert torch.equal(a.x0, b.x0)
+
+
+@pytest.mark.parametrize("alg", ["supertrex", "force"])
+def test_determinism_per_seed(alg):
+    kw = dict(n_train=2, n_test=1, trial_steps=100)
+    res = Reservoir(n=30)
+    L = paper_learning(alg, "butterfly")
+    a = run_reservoir(res, "butterfly", L, [3, 5], **kw)
+    b = run_reservoir(res, "butterfly", L, [3, 5], **kw)
+    c = run_reservoir(res, "butterfly", L, [5], **kw)
+    np.testing.assert_array_equal(a.trial_error, b.trial_error)
+    np.testing.assert_array_equal(a.deviation, b.deviation)
+    np.testing.assert_allclose(a.trial_error[1], c.trial_error[0], rtol=1e-12)  # a row depends on its seed only
+    assert not (a.trial_error[0] == a.trial_error[1]).all()
+
+
+def test_force_and_supertrex_learn_on_a_small_reservoir():
+    """Task 1 with N = 60 and short trials: FORCE's training error falls by 40%; RMHL and SUPER-TREX rows (one batch)
+    change the exploratory weights, and a closed mastery gate leaves the mastery readout at zero."""
+    res = Reservoir(n=60)
+    f = run_reservoir(res, "butterfly", paper_learning("force", "butterfly"), [0], n_train=3, n_test=1,
+                      trial_steps=1000)  # fmt: skip
+    assert f.trial_error[0, 2] < 0.6 * f.trial_error[0, 0]
+    s = run_reservoir(res, "butterfly", paper_learning("supertrex", "butterfly"), [0, 0], n_train=2, n_test=1,
+                      trial_steps=500, mastery_on=[False, True], dopamine=[1.0, 0.5])  # fmt: skip
+    assert (s.w_exp_norm[:, 1] > 0).all() and s.w_mst_norm[0].max() == 0
+    assert math.isfinite(s.deviation[0]) and s.deviation[0] == s.deviation_full[0]
+    assert s.deviation[1] == s.deviation_mastery[1]
+
+
+def test_bad_input_raises_clear_errors():
+    res = Reservoir(n=20)
+    L = paper_learning("supertrex", "butterfly")
+    with pytest.raises(ConfigError, match="one per seed"):
+        run_reservoir(res, "butterfly", L, [0, 1], dopamine=[1.0], trial_steps=20)
+    with pytest.raises(ConfigError, match="seeds"):
+        run_reservoir(res, "butterfly", L, [], trial_steps=20)
+    with pytest.raises(ConfigError, match="butterfly"):
+        paper_learning("force", "arm2")
+    with pytest.raises(ConfigError, match="n_test <= n_train"):
+        run_reservoir(res, "arm2", paper_learning("supertrex", "arm2"), [0], n_train=2, n_test=3, trial_steps=20)
+    with pytest.raises(ConfigError, match="n=1"):
+        Reservoir(n=1)
