@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from ..errors import InvalidRuleError
+from .bounds import check_expr_bounds
 from .signals import (
     BASE_SIGNALS,
     OPERATORS,
@@ -70,6 +71,7 @@ def _check_expr(expr, where: str) -> sp.Expr:
         raise InvalidRuleError(f"{where}: expected a SymPy expression over signals, got {expr!r}.") from e
     if not isinstance(expr, sp.Expr):
         raise InvalidRuleError(f"{where}: expected a scalar SymPy expression, got {type(expr).__name__}: {expr}.")
+    check_expr_bounds(expr, where)
     try:
         role_of(expand_derived(expr))
         for s in state_signals(expr):
