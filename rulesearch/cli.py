@@ -6,21 +6,22 @@ formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaT
 (:func:`rulesearch.train.export_run`), ``terms`` lists the terms of a rule, pool or grammar
 (:func:`rulesearch.train.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
-bad input and 1 for failed runs. ``discover`` exits with 3 when it finished but some runs stopped on divergence:
-the reported rule is that of the other runs.
+bad input and 1 for failed runs (divergence, a full disk). ``discover`` exits with 3 when it finished but some runs
+stopped on divergence: the reported rule is that of the other runs.
 
 Precedence of settings in ``discover``: defaults < ``--config FILE`` < explicit options < ``--set key=value``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import DivergenceError, RuleSearchError
+from .errors import DivergenceError, RuleSearchError, StorageError
 
 app = typer.Typer(
     name="rulesearch",
@@ -33,7 +34,7 @@ app = typer.Typer(
 
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"Error: {err}", err=True)
-    return typer.Exit(code=1 if isinstance(err, DivergenceError) else 2)
+    return typer.Exit(code=1 if isinstance(err, (DivergenceError, StorageError)) else 2)
 
 
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -41,7 +42,7 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         return None
     from .errors import ConfigError
 
-    parts = [p for p in text.replace("-", ",").replace("x", ",").split(",") if p.strip()]
+    parts = re.split(r"\s*(?:,|x|(?<=\d)-)\s*", text.strip())  # 64,170,10 or 64-170-10 or 64x170x10
     try:
         return tuple(int(p) for p in parts)
     except ValueError:

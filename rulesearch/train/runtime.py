@@ -19,7 +19,16 @@ __all__ = ["process_group", "resolve_device", "threads"]
 
 @contextlib.contextmanager
 def threads(n: int | None):
-    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after."""
+    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after.
+
+    ``n`` may not exceed the CPU cores this process may use (:class:`ConfigError`)."""
+    if n is not None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if n > cpus:
+            raise ConfigError(
+                f"Config key 'meta.threads' is {n}, but this process may use {cpus} CPU cores; threads beyond the "
+                f"cores only slow the fit (and thousands exhaust memory). Use --threads {min(cpus, 8)} or fewer."
+            )
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
