@@ -270,7 +270,11 @@ def discover(
 @app.command()
 def evaluate(
     rule_or_run: Annotated[
-        str, typer.Argument(help="A run directory, a rule JSON file, or a named rule (pool, f0, ehebb, oja, bio).")
+        list[str],
+        typer.Argument(
+            help="One or more rules, compared side by side on the same episodes: run directories, rule JSON files or "
+            "named rules (pool, f0, ehebb, oja, bio); NAME@v1,v2,... gives a linear rule its coefficients (f0@0.05)."
+        ),
     ],
     feedback: Annotated[
         str | None, typer.Option(help="Feedback mode the rule runs under (default: the run's, or fa).")
@@ -305,7 +309,7 @@ def evaluate(
         typer.Option(help="Directory for the table and plot (default: RUN/evaluation for a run directory, else none)."),
     ] = None,
 ):
-    """Evaluate a rule against f0 under fa and bp on fresh tasks, with 95% bootstrap intervals over seeds."""
+    """Evaluate rules against f0 under fa and bp on fresh tasks, with 95% bootstrap intervals over seeds."""
     from .evaluate import EvalConfig, evaluate_spec
 
     try:
@@ -334,7 +338,8 @@ def evaluate(
                 "device": device,
             }
         )
-        ev, target = evaluate_spec(rule_or_run, network=network, task=task, config=cfg, run=run, out=out)
+        specs = rule_or_run[0] if len(rule_or_run) == 1 else rule_or_run
+        ev, target = evaluate_spec(specs, network=network, task=task, config=cfg, run=run, out=out)
     except RuleSearchError as err:
         raise _fail(err) from None
     typer.echo(str(ev))
