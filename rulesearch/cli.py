@@ -204,7 +204,9 @@ def discover(
     """Meta-learn a plasticity rule (default: the paper's 10-term pool with L1, feedback alignment, digits).
 
     The paper's settings throughout, except the Adam learning rate: 3e-4 (the paper's 1e-3 diverges on digits;
-    --lr 1e-3 restores it).
+    --lr 1e-3 restores it). The run directory is locked while the run lasts. Exit codes: 0 finished, 1 failed (every
+    run diverged, a full disk), 2 bad input, 3 finished but some runs stopped on divergence and were left out of the
+    reported rule.
     """
     from .io.config import apply_overrides, dump_yaml, load_config
     from .train import discover as run_discover

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -24,7 +25,7 @@ from rulesearch.io.runs import RunDir
 from rulesearch.lang.pools import pool
 from rulesearch.lang.rule import NetworkRule
 from rulesearch.neural import NeuralRule
-from rulesearch.train import load_rule
+from rulesearch.train import load_rule, threads
 from rulesearch.train.rules import load_feedback_rule, trained_rule_json
 
 TINY = [
@@ -186,10 +187,13 @@ def test_disk_full_fails_cleanly_and_the_run_resumes(tmp_path, monkeypatch):
     assert run.read_metrics()["step"].tolist() == [1, 2, 3]
 
 
-def test_threads_beyond_the_cores(tmp_path):
+def test_absurd_thread_counts(tmp_path, monkeypatch):
     code, text = invoke("discover", *TINY, "--threads", "100000", "--out", tmp_path / "run")
-    assert code == 2 and "'meta.threads' is 100000" in text and "--threads" in text, text
+    assert code == 2 and "'meta.threads' is 100000; at most 1024 threads" in text and "--threads" in text, text
     assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with pytest.warns(RuntimeWarning, match="meta.threads is 2 but this process may use 1 CPU cores"), threads(2):
+        pass
 
 
 # ---- property tests ---------------------------------------------------------------------------------------------

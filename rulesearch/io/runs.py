@@ -447,6 +447,7 @@ class RunDir:
         config = _plain_config(config)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirectoryError(f"Run path {str(run.path)!r} exists and is not a directory; choose another --out.")
+        run._refuse_foreign()  # before the lock file is made in someone else's directory
         if lock:
             run.lock()
         try:
@@ -492,11 +493,7 @@ class RunDir:
             manifest.setdefault("resumes", []).append(entry)
             atomic_write_text(self.path / MANIFEST, _dumps(manifest))
             return
-        if self.path.is_dir() and self._contents():
-            raise RunDirectoryError(
-                f"Directory {str(self.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
-                "refusing to write into it. Choose another --out."
-            )
+        self._refuse_foreign()
         from rulesearch.io.config import dump_yaml
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -517,6 +514,15 @@ class RunDir:
         }
         atomic_write_text(self.path / MANIFEST, _dumps(manifest))
         atomic_write_text(self.path / CONFIG, dump_yaml(config))
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a non-empty directory that holds no run (neither file of one)."""
+        if any((self.path / name).exists() for name in (MANIFEST, CONFIG)) or not self._contents():
+            return
+        raise RunDirectoryError(
+            f"Directory {str(self.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
+            "refusing to write into it. Choose another --out."
+        )
 
     def _own_manifest(self) -> bool:
         """Whether ``manifest.json`` was written by :meth:`create` (so it may be replaced)."""
