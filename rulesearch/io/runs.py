@@ -561,8 +561,9 @@ class RunDir:
         except ImportError:  # pragma: no cover - Windows
             warnings.warn(f"{self.path}: no file locks on this platform; the run is not locked.", stacklevel=2)
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        with _storage_errors(self.path / LOCK):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
