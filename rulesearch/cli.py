@@ -6,21 +6,22 @@ formula (:mod:`rulesearch.distill.cli`), ``export`` prints a trained rule as LaT
 (:func:`rulesearch.train.export_run`), ``terms`` lists the terms of a rule, pool or grammar
 (:func:`rulesearch.train.terms_table`). Every command parses its options into a config object and calls one
 library function; errors are printed as one message (what was received, what was expected) with exit code 2 for
-bad input and 1 for failed runs. ``discover`` exits with 3 when it finished but some runs stopped on divergence:
-the reported rule is that of the other runs.
+bad input and 1 for failed runs (divergence, a full disk). ``discover`` exits with 3 when it finished but some runs
+stopped on divergence: the reported rule is that of the other runs.
 
 Precedence of settings in ``discover``: defaults < ``--config FILE`` < explicit options < ``--set key=value``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import DivergenceError, RuleSearchError
+from .errors import DivergenceError, RuleSearchError, StorageError
 
 app = typer.Typer(
     name="rulesearch",
@@ -33,7 +34,7 @@ app = typer.Typer(
 
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"Error: {err}", err=True)
-    return typer.Exit(code=1 if isinstance(err, DivergenceError) else 2)
+    return typer.Exit(code=1 if isinstance(err, (DivergenceError, StorageError)) else 2)
 
 
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -41,7 +42,7 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         return None
     from .errors import ConfigError
 
-    parts = [p for p in text.replace("-", ",").replace("x", ",").split(",") if p.strip()]
+    parts = re.split(r"\s*(?:,|x|(?<=\d)-)\s*", text.strip())  # 64,170,10 or 64-170-10 or 64x170x10
     try:
         return tuple(int(p) for p in parts)
     except ValueError:
@@ -218,7 +219,9 @@ def discover(
     """Meta-learn a plasticity rule (default: the paper's 10-term pool with L1, feedback alignment, digits).
 
     The paper's settings throughout, except the Adam learning rate: 3e-4 (the paper's 1e-3 diverges on digits;
-    --lr 1e-3 restores it).
+    --lr 1e-3 restores it). The run directory is locked while the run lasts. Exit codes: 0 finished, 1 failed (every
+    run diverged, a full disk), 2 bad input, 3 finished but some runs stopped on divergence and were left out of the
+    reported rule.
     """
     from .io.config import apply_overrides, dump_yaml, load_config
     from .train import discover as run_discover
@@ -287,7 +290,11 @@ def discover(
 @app.command()
 def evaluate(
     rule_or_run: Annotated[
-        str, typer.Argument(help="A run directory, a rule JSON file, or a named rule (pool, f0, ehebb, oja, bio).")
+        list[str],
+        typer.Argument(
+            help="One or more rules, compared side by side on the same episodes: run directories, rule JSON files or "
+            "named rules (pool, f0, ehebb, oja, bio); NAME@v1,v2,... gives a linear rule its coefficients (f0@0.05)."
+        ),
     ],
     feedback: Annotated[
         str | None, typer.Option(help="Feedback mode the rule runs under (default: the run's, or fa).")
@@ -322,7 +329,7 @@ def evaluate(
         typer.Option(help="Directory for the table and plot (default: RUN/evaluation for a run directory, else none)."),
     ] = None,
 ):
-    """Evaluate a rule against f0 under fa and bp on fresh tasks, with 95% bootstrap intervals over seeds."""
+    """Evaluate rules against f0 under fa and bp on fresh tasks, with 95% bootstrap intervals over seeds."""
     from .evaluate import EvalConfig, evaluate_spec
 
     try:
@@ -351,7 +358,8 @@ def evaluate(
                 "device": device,
             }
         )
-        ev, target = evaluate_spec(rule_or_run, network=network, task=task, config=cfg, run=run, out=out)
+        specs = rule_or_run[0] if len(rule_or_run) == 1 else rule_or_run
+        ev, target = evaluate_spec(specs, network=network, task=task, config=cfg, run=run, out=out)
     except RuleSearchError as err:
         raise _fail(err) from None
     typer.echo(str(ev))

@@ -17,6 +17,7 @@ __all__ = [
     "BackendUnavailableError",
     "NotFittedError",
     "RunDirectoryError",
+    "StorageError",
 ]
 
 
@@ -65,3 +66,7 @@ class NotFittedError(RuleSearchError, AttributeError):
 
 class RunDirectoryError(RuleSearchError, OSError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class StorageError(RunDirectoryError):
+    """A write failed for lack of room or permission (disk full, quota exceeded, read-only file system)."""

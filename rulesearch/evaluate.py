@@ -6,6 +6,10 @@ backprop, on the same episodes and initial weights. Each of ``seeds`` independen
 mean over its ``episodes`` episodes; the table gives the mean over seeds and a 95% percentile-bootstrap interval
 (:func:`rulesearch.io.stats.bootstrap_ci`).
 
+Several rules are compared side by side on the same episodes: ``evaluate({"learned": rule, "f0 at 0.05":
+f0.with_values([0.05])})``, or ``rulesearch evaluate RUN_A RUN_B f0@0.05`` (a spec ``NAME@v1,v2,...`` gives a rule
+its coefficients).
+
 Evaluation episodes are ``(seed, 0, k)`` with seeds starting at ``EvalConfig.seed`` (10000), far from the
 training seeds (0, 1, ...), so the tasks are fresh draws; ``classes="held-out"`` restricts them to the classes
 the task split kept out of meta-training, and another ``dataset`` tests transfer.
@@ -57,7 +61,10 @@ from .train import (
     threads,
 )
 
-__all__ = ["EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation", "seed_episodes"]
+__all__ = [
+    "EvalConfig", "Evaluation", "evaluate", "evaluate_spec", "rule_params", "plot_evaluation", "seed_episodes",
+    "parse_spec",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -216,12 +223,14 @@ def evaluate(
     progress: bool = False,
     feedback_rule: Rule | None = None,
 ) -> Evaluation:
-    """Evaluate a trained rule object (and the f0 baselines) on fresh episodes.
+    """Evaluate trained rule objects (and the f0 baselines) on fresh episodes, all on the same episodes.
 
     Parameters
     ----------
-    rule : Rule, NetworkRule or NeuralRule
-        With trained values (see :func:`rule_params` for rules without).
+    rule : Rule, NetworkRule or NeuralRule, or a dict of them
+        With trained values (see :func:`rule_params` for rules without). A dict ``{label: rule}`` compares several
+        rules side by side (methods ``"<label> (<feedback>)"``; one rule is ``"rule (<feedback>)"``); a value may
+        be a pair ``(rule, feedback_rule)``. The f0 baselines take their learning rate from the first rule.
     network : NetworkConfig
         The network; its ``feedback`` is the mode the rule runs under.
     task : TaskConfig
@@ -237,8 +246,12 @@ def evaluate(
     Evaluation
     """
     cfg = config or EvalConfig()
+    items = rule.items() if isinstance(rule, Mapping) else [("rule", rule)]
+    rules = [(str(label), *(r if isinstance(r, tuple) else (r, feedback_rule))) for label, r in items]
+    if not rules:
+        raise ConfigError("evaluate needs at least one rule; received an empty dict.")
     with threads(cfg.threads):
-        return _evaluate(rule, network or NetworkConfig(), task or TaskConfig(), cfg, feedback_rule)
+        return _evaluate(rules, network or NetworkConfig(), task or TaskConfig(), cfg)
 
 
 def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, device=None):
@@ -247,7 +260,8 @@ def seed_episodes(sampler, net, seeds, episodes: int, dtype=torch.float32, devic
     return stack_episodes(sampler, net, [(s, 0, range(episodes)) for s in seeds], dtype, device)
 
 
-def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, feedback_rule=None) -> Evaluation:
+def _evaluate(rules: list[tuple], network: NetworkConfig, task: TaskConfig, cfg: EvalConfig) -> Evaluation:
+    """``rules``: ``(label, rule, feedback_rule)`` triples, evaluated in order before the baselines."""
     import pandas as pd
 
     from .inner import f0 as f0_update
@@ -256,13 +270,20 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
     side = "test" if cfg.classes == "held-out" else "train"
     problem = Problem.of(task, network, side=side, dtype=cfg.dtype, device=cfg.device).load()
     dtype, device, net = problem.dtype, problem.device, problem.net
-    update, params = rule_params(rule, net.n_layers, cfg.theta0, dtype, device)
-    plastic = {}
-    if net.feedback == "plastic":
-        if feedback_rule is None:
-            feedback_rule = problem.feedback_rule()
-        fb_update, fb_params = rule_params(feedback_rule, net.n_layers, cfg.theta0, dtype, device)
-        plastic = {"feedback_update": fb_update, "feedback_params": fb_params}
+    methods = []
+    for label, rule, feedback_rule in rules:
+        update, params = rule_params(rule, net.n_layers, cfg.theta0, dtype, device)
+        plastic = {}
+        if net.feedback == "plastic":
+            fb_update, fb_params = rule_params(
+                feedback_rule if feedback_rule is not None else problem.feedback_rule(), net.n_layers, cfg.theta0,
+                dtype, device,
+            )  # fmt: skip
+            plastic = {"feedback_update": fb_update, "feedback_params": fb_params}
+        methods.append((f"{label} ({net.feedback})", net, update, params, plastic))
+    if len({m[0] for m in methods}) < len(methods):
+        raise ConfigError(f"Rule labels must differ; received {[label for label, *_ in rules]}.")
+    rule, feedback_rule = rules[0][1], rules[0][2]
     lr = cfg.baseline_lr
     if lr is None:
         lr = pseudo_gradient_lr(rule) if not isinstance(rule, NeuralRule) else None
@@ -271,7 +292,6 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
             lr = float(-rule.params["skip"][idx[0]]) if idx else None
         if lr is None or not lr > 0:
             lr = cfg.theta0
-    methods = [(f"rule ({net.feedback})", net, update, params, plastic)]
     if cfg.baselines:
         for mode in ("fa", "bp"):
             methods.append(
@@ -340,15 +360,17 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
                 "episodes": E,
             }
         )
+    names = [getattr(r, "name", type(r).__name__) for _, r, _ in rules]
     info = {
-        "rule": getattr(rule, "name", type(rule).__name__),
+        "rule": names[0] if len(rules) == 1 else ", ".join(label for label, *_ in rules),
+        "rules": dict(zip([label for label, *_ in rules], names)),
         "dataset": task.dataset,
         "classes": cfg.classes,
         "seeds": cfg.seeds,
         "episodes": E,
         "ci": cfg.ci,
         "baseline_lr": lr,
-        "feedback_rule": feedback_rule.name if feedback_rule is not None else None,
+        "feedback_rule": feedback_rule.name if feedback_rule is not None else None,  # of the first rule
         "network": network.to_dict(),
         "task": task.to_dict(),
         "evaluate": cfg.to_dict(),
@@ -357,8 +379,57 @@ def _evaluate(rule, network: NetworkConfig, task: TaskConfig, cfg: EvalConfig, f
     return Evaluation(pd.DataFrame(table_rows), per_seed, info)
 
 
+def parse_spec(spec: str | os.PathLike) -> tuple[str, tuple[float, ...] | None]:
+    """``"f0@0.05"`` -> ``("f0", (0.05,))``: a rule spec and the coefficients given after ``@`` (None without)."""
+    text = str(spec)
+    if Path(text).exists():  # a file or run directory whose name holds '@'
+        return text, None
+    base, sep, tail = text.rpartition("@")
+    if not sep or not base:
+        return text, None
+    try:
+        values = tuple(float(v) for v in tail.split(","))
+    except ValueError:
+        raise ConfigError(f"Rule spec {text!r}: the coefficients after '@' must be numbers, e.g. f0@0.05.") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"Rule spec {text!r}: the coefficients after '@' must be finite numbers.")
+    return base, values
+
+
+def _load_spec(spec, run: int | None):
+    """``(rule, feedback_rule, run directory or None)`` of one spec (see :func:`evaluate_spec`)."""
+    text, values = parse_spec(spec)
+    path = Path(text)
+    if path.is_dir():
+        RunDir.open(path)
+        rule, feedback_rule, run_dir = load_rule(path, run=run), load_feedback_rule(path, run=run), path
+    elif path.is_file() or text.endswith(".json"):
+        rule, feedback_rule, run_dir = load_rule(path, run=run), load_feedback_rule(path, run=run), None
+    else:
+        rule, feedback_rule, run_dir = resolve_rule(text), None, None
+    if values is not None:
+        if not isinstance(rule, Rule) or not rule.is_linear:
+            raise ConfigError(
+                f"Rule spec {str(spec)!r}: coefficients after '@' apply to a linear rule (one number per term); "
+                f"{text!r} is a {type(rule).__name__}."
+            )
+        if len(values) != rule.n_terms:
+            raise ConfigError(
+                f"Rule spec {str(spec)!r}: {len(values)} coefficients for the {rule.n_terms} terms "
+                f"{', '.join(rule.term_names())} of {text!r}; give one per term."
+            )
+        rule = rule.with_values(values)
+    return rule, feedback_rule, run_dir
+
+
+def _label(spec) -> str:
+    text, values = parse_spec(spec)
+    name = Path(text).stem if Path(text).suffix == ".json" else Path(text).name or text
+    return name + (f"@{','.join(f'{v:g}' for v in values)}" if values is not None else "")
+
+
 def evaluate_spec(
-    spec: str | os.PathLike,
+    spec: str | os.PathLike | list,
     *,
     network: Mapping[str, Any] | None = None,
     task: Mapping[str, Any] | None = None,
@@ -366,42 +437,41 @@ def evaluate_spec(
     run: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> tuple[Evaluation, Path | None]:
-    """Evaluate a rule given as a run directory, a rule JSON file or a named rule (``f0``, ``pool``, ...).
+    """Evaluate a rule given as a run directory, a rule JSON file or a named rule (``f0``, ``pool``, ...), or
+    several of them side by side on the same episodes (a list of specs).
 
-    The network and task default to the run's own (a run directory) or to :class:`NetworkConfig` /
+    ``NAME@v1,v2,...`` gives a linear rule its coefficients (``f0@0.05``, ``ehebb@0.01,-0.001``, ``RUN@...``). The
+    network and task default to those of the first run directory among the specs, else to :class:`NetworkConfig` /
     :class:`TaskConfig`; ``network`` and ``task`` override single keys (e.g. ``{"feedback": "bp"}``,
     ``{"dataset": "emnist"}``). ``run`` picks one run of a multi-run result. A rule trained under plastic feedback
-    brings its trained feedback rule (``feedback_rule`` of ``rule.json``). Results are saved in ``out``
-    (default: ``<run>/evaluation`` for a run directory, else nothing is written).
+    brings its trained feedback rule (``feedback_rule`` of ``rule.json``). Results are saved in ``out`` (default:
+    ``<run>/evaluation`` for a single run directory, else nothing is written).
     """
-    path = Path(spec)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise ConfigError("Give at least one rule to evaluate: a run directory, a rule JSON file or a named rule.")
+    loaded = [_load_spec(s, run) for s in specs]
+    labels = ["rule"] if len(specs) == 1 else [_label(s) for s in specs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i + 1}:{label}" for i, label in enumerate(labels)]
     base_net, base_task = NetworkConfig(), TaskConfig()
-    if path.is_dir():
-        rd = RunDir.open(path)
-        cfg = DiscoverConfig.from_dict(rd.config())
+    run_dirs = [d for _, _, d in loaded if d is not None]
+    if run_dirs:
+        cfg = DiscoverConfig.from_dict(RunDir.open(run_dirs[0]).config())
         base_net, base_task = cfg.network, cfg.task
-        rule = load_rule(path, run=run)
-        feedback_rule = load_feedback_rule(path, run=run)
-        default_out = path / "evaluation"
         if cfg.meta.device != "cpu" and config is None:
             config = EvalConfig(device=cfg.meta.device)
-    elif path.is_file() or str(spec).endswith(".json"):
-        rule = load_rule(path, run=run)
-        feedback_rule = load_feedback_rule(path, run=run)
-        default_out = None
-    else:
-        rule, feedback_rule = resolve_rule(str(spec)), None
-        default_out = None
+    default_out = run_dirs[0] / "evaluation" if len(specs) == 1 and run_dirs else None
     network, task = dict(network or {}), dict(task or {})
     if "dataset" in task and task["dataset"] != base_task.dataset:  # another dataset: its own sizes and options
         network.setdefault("sizes", None)
         task.setdefault("options", {})
     net_cfg = base_net.replace(**network)
     task_cfg = base_task.replace(**task)
-    if {"feedback_rule", "feedback_rule_json"} & set(network):  # an explicit feedback rule replaces the trained one
-        feedback_rule = None
-    ev = evaluate(rule, network=net_cfg, task=task_cfg, config=config, feedback_rule=feedback_rule)
-    ev.info["source"] = str(spec)
+    explicit_fb = bool({"feedback_rule", "feedback_rule_json"} & set(network))  # replaces the trained ones
+    rules = {label: (rule, None if explicit_fb else fb) for label, (rule, fb, _) in zip(labels, loaded)}
+    ev = evaluate(rules, network=net_cfg, task=task_cfg, config=config)
+    ev.info["source"] = str(spec) if len(specs) == 1 else [str(s) for s in specs]
     target = Path(out) if out is not None else default_out
     if target is not None:
         ev.save(target)

@@ -195,7 +195,7 @@ class NeuralRule:
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(f"hidden must hold positive ints (layer widths); received {self.hidden!r}.")
         object.__setattr__(self, "hidden", hidden)
-        if self.activation not in NEURAL_ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in NEURAL_ACTIVATIONS:
             raise ConfigError(
                 f"Unknown neural-rule activation {self.activation!r}; allowed: {sorted(NEURAL_ACTIVATIONS)}."
             )
@@ -423,18 +423,24 @@ class NeuralRule:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise InvalidRuleError(f"Not a neural rule: expected format {FORMAT!r}, got {got!r}.")
-        spec = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in ("params", "out_scale")}
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("params", "out_scale")]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise InvalidRuleError(f"Neural rule file lacks {missing}; write it with NeuralRule.to_json.")
+        spec = {name: data[name] for name in names}
         spec["out_scale"] = data.get("out_scale", 1.0)  # files written before out_scale existed: an unscaled MLP
-        spec["features"], spec["hidden"] = tuple(spec["features"]), tuple(spec["hidden"])
+        for key in ("features", "hidden"):
+            if not isinstance(spec[key], list):
+                raise InvalidRuleError(f"Neural rule file: {key!r} must be a list; received {str(spec[key])[:80]}.")
+            spec[key] = tuple(spec[key])
         params = data.get("params")
         if run is not None:
             runs = data.get("runs") or []
-            if not 0 <= run < len(runs):
-                raise InvalidRuleError(f"Neural rule file holds {len(runs)} runs; run {run} does not exist.")
+            if not isinstance(runs, list) or not 0 <= run < len(runs):
+                held = len(runs) if isinstance(runs, list) else "no list of"
+                raise InvalidRuleError(f"Neural rule file holds {held} runs; run {run} does not exist.")
             params = runs[run]
-        if params is not None:
-            params = {k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
-        return cls(**spec, params=params)
+        return cls(**spec, params=None if params is None else _params_from_json(params))
 
     def describe(self) -> str:
         feats = ", ".join(self.features)
@@ -449,3 +455,24 @@ class NeuralRule:
             f"NeuralRule(features={self.features}, hidden={self.hidden}, activation={self.activation!r}, "
             f"skip={self.skip})"
         )
+
+
+def _params_from_json(params) -> dict[str, Tensor]:
+    """Parameters of a neural rule file (name -> nested lists of finite numbers) as float64 tensors."""
+    fix = "The file is damaged: export it again from its run (rulesearch export RUN -f json)."
+    if not isinstance(params, Mapping):
+        raise InvalidRuleError(f"Neural rule parameters must be an object of name -> numbers; received {params!r:.80}.")
+    out = {}
+    for name, value in params.items():
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(f"a string {value!r:.40}")
+            tensor = torch.tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise InvalidRuleError(
+                f"Neural rule parameter {name!r} must be numbers (nested lists); {err}. {fix}"
+            ) from None
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidRuleError(f"Neural rule parameter {name!r} holds NaN or infinite values. {fix}")
+        out[str(name)] = tensor
+    return out

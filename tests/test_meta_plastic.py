@@ -134,7 +134,9 @@ def test_feedback_rule_specs_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="'meta.feedback_init' has 3 values but rule 'kp' has 2 terms"):
         search(meta=tiny_meta(feedback_init=(0.1, 0.0, 0.0))).fit()
     with pytest.raises(ConfigError, match="must be a linear Rule"):
-        resolve_feedback_rule({"format": "rulesearch.network_rule/1", "groups": []})
+        resolve_feedback_rule(
+            {"format": "rulesearch.network_rule/1", "groups": [{"layers": [0], "rule": kp.to_json()}]}
+        )
 
 
 def test_cli_discover_evaluate_export_under_plastic_feedback(tmp_path, no_figures):

@@ -113,3 +113,11 @@ def test_failed_create_releases_the_lock(tmp_path):
     with pytest.raises(RunDirectoryError, match="different config"):
         RunDir.create(tmp_path / "r", {"seed": 1}, resume=True, lock=True)
     RunDir.create(tmp_path / "r", {"seed": 0}, resume=True, lock=True).unlock()  # not left locked
+
+
+def test_foreign_directory_is_refused_before_a_lock_file_is_made(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="not empty and is not a run directory"):
+        RunDir.create(tmp_path / "mine", {"seed": 0}, lock=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

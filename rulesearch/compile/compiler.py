@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,6 +53,7 @@ import sympy as sp
 import torch
 
 from ..errors import InvalidRuleError, ShapeError, SignalError, UnsupportedNodeError
+from ..lang.bounds import MAX_EXPONENT, check_expr_bounds
 from ..lang.rule import Rule
 from ..lang.signals import (
     BUILTIN_SIGNALS,
@@ -165,10 +167,7 @@ class TorchCompiler:
         if expr in self._memo:
             return self._memo[expr]
         if not expr.free_symbols:
-            try:
-                out = ("const", float(expr.evalf()))
-            except TypeError as e:
-                raise InvalidRuleError(f"Constant subexpression {expr} is not a real number.") from e
+            out = ("const", _finite_float(expr))
         else:
             out = self._compile(expr)
         self._memo[expr] = out
@@ -226,6 +225,10 @@ class TorchCompiler:
         role = role_of(expr)
         if re_[0] == "const":
             e = re_[1]
+            if abs(e) > MAX_EXPONENT:
+                raise InvalidRuleError(
+                    f"Power {sp.sstr(expr)[:60]}: numeric exponents are limited to +-{MAX_EXPONENT}."
+                )
             e = int(e) if float(e).is_integer() else e
             if e == 2:
                 return self._emit(lambda env, x: x * x, (rb[1],), role)
@@ -410,9 +413,20 @@ def _products(expr, r) -> list[_Product]:
                 c *= f
             else:
                 parts[role_of(f)].append(f)
-        cval = float(sp.sympify(c).evalf())
+        cval = _finite_float(sp.sympify(c))
         out.append(_Product(r, cval, *(sp.Mul(*parts[k]) for k in ("global", "post", "pre", "synapse"))))
     return out
+
+
+def _finite_float(expr) -> float:
+    """A constant subexpression as a finite float64 (:class:`InvalidRuleError` otherwise)."""
+    try:
+        x = float(expr.evalf())
+    except (TypeError, OverflowError) as e:
+        raise InvalidRuleError(f"Constant subexpression {sp.sstr(expr)[:60]} is not a finite real number.") from e
+    if not math.isfinite(x):
+        raise InvalidRuleError(f"Constant subexpression {sp.sstr(expr)[:60]} is {x} in float64; use smaller numbers.")
+    return x
 
 
 class FactorGroup(NamedTuple):
@@ -464,10 +478,16 @@ class CompiledRule:
         self.rule = rule
         self.n_params = rule.n_params
         comp = TorchCompiler({"functions": functions})
+        try:  # derived signals' definitions are bounded here, where they are expanded
+            expanded = [expand_derived(t.expr) for t in rule.terms] if rule.is_linear else [expand_derived(rule.expr)]
+        except RecursionError:
+            raise InvalidRuleError(f"Rule {rule.name!r}: its derived signals nest too deeply to compile.") from None
+        for e in expanded:
+            check_expr_bounds(e, f"Rule {rule.name!r}")
         if rule.is_linear:
-            prods = [p for r, t in enumerate(rule.terms) for p in _products(expand_derived(t.expr), r)]
+            prods = [p for r, e in enumerate(expanded) for p in _products(e, r)]
         else:
-            prods = _products(expand_derived(rule.expr), None)
+            prods = _products(expanded[0], None)
         self._linear = rule.is_linear
         self._const_names = tuple(c.name for c in rule.constants)
 

@@ -530,16 +530,22 @@ def _format(path: Path) -> str:
 
 def load_config(path: str | Path, cls: type[C] | None = None) -> C | dict[str, Any]:
     """Read a YAML (``.yaml``, ``.yml``) or JSON (``.json``) config file: ``cls`` if given, else a dict."""
+    from rulesearch.io.files import parse_json, read_text
+
     path = Path(path)
     fmt = _format(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise ConfigError(f"Config file {str(path)!r} does not exist; check the path.") from err
-    try:
-        data = load_yaml(text) if fmt == "yaml" else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ConfigError(f"Config file {str(path)!r} is not valid {fmt.upper()}: {err}") from err
+    fix = "Pass a YAML or JSON file of settings (as written to config.yaml in a run directory)."
+    text = read_text(path, "Config file", ConfigError, fix)
+    if fmt == "json":
+        data = parse_json(text, f"Config file {str(path)!r}", ConfigError, fix)
+    else:
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err}") from None
+        except (ValueError, RecursionError) as err:  # 5,000-digit integers, absurd nesting
+            problem = "an integer of more than 4300 digits" if "integer string conversion" in str(err) else str(err)
+            raise ConfigError(f"Config file {str(path)!r} cannot be read: it holds {problem}. {fix}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

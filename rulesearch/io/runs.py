@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import errno
 import io
 import json
 import math
@@ -63,7 +64,8 @@ from typing import IO, Any
 
 import torch
 
-from rulesearch.errors import RunDirectoryError
+from rulesearch.errors import RunDirectoryError, StorageError
+from rulesearch.io.files import read_json
 
 __all__ = [
     "RunDir",
@@ -73,6 +75,7 @@ __all__ = [
     "atomic_write_text",
 ]
 
+_DAMAGED = "The run directory is damaged: restore the file, or start the run afresh under another --name / --out."
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
@@ -85,6 +88,28 @@ _CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------- atomic writes
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _storage_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write for lack of room or permission into a :class:`StorageError` naming ``path``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRNOS:
+            raise
+        fix = {
+            errno.ENOSPC: "Free space on that disk (or write elsewhere with --out)",
+            errno.EDQUOT: "Free space within your quota (or write elsewhere with --out)",
+        }.get(err.errno, "Make the directory writable (or write elsewhere with --out)")
+        raise StorageError(
+            f"Cannot write {path}: {err.strerror or err}. {fix}; the run keeps its last complete files and continues "
+            "with --resume."
+        ) from None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -112,18 +137,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open mode must be 'wb' or 'w', received {mode!r}.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
 
 
@@ -146,9 +172,10 @@ def run_path(name: str, out: str | os.PathLike | None = None) -> Path:
     """Where a run goes: ``out`` if given (the CLI's ``--out``), else ``./runs/<name>`` under the cwd."""
     if out is not None:
         return Path(out)
-    if not name or Path(name).name != name:
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
         raise RunDirectoryError(
-            f"Run name {name!r} must be a plain directory name (no '/', not empty); use --out to choose a full path."
+            f"Run name {name!r} must be a plain directory name (no '/', not empty, not '.' or '..'); use --out to "
+            "choose a full path."
         )
     return Path.cwd() / "runs" / name
 
@@ -420,6 +447,7 @@ class RunDir:
         config = _plain_config(config)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirectoryError(f"Run path {str(run.path)!r} exists and is not a directory; choose another --out.")
+        run._refuse_foreign()  # before the lock file is made in someone else's directory
         if lock:
             run.lock()
         try:
@@ -465,11 +493,7 @@ class RunDir:
             manifest.setdefault("resumes", []).append(entry)
             atomic_write_text(self.path / MANIFEST, _dumps(manifest))
             return
-        if self.path.is_dir() and self._contents():
-            raise RunDirectoryError(
-                f"Directory {str(self.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
-                "refusing to write into it. Choose another --out."
-            )
+        self._refuse_foreign()
         from rulesearch.io.config import dump_yaml
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -490,6 +514,15 @@ class RunDir:
         }
         atomic_write_text(self.path / MANIFEST, _dumps(manifest))
         atomic_write_text(self.path / CONFIG, dump_yaml(config))
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a non-empty directory that holds no run (neither file of one)."""
+        if any((self.path / name).exists() for name in (MANIFEST, CONFIG)) or not self._contents():
+            return
+        raise RunDirectoryError(
+            f"Directory {str(self.path)!r} is not empty and is not a run directory (no {MANIFEST}); "
+            "refusing to write into it. Choose another --out."
+        )
 
     def _own_manifest(self) -> bool:
         """Whether ``manifest.json`` was written by :meth:`create` (so it may be replaced)."""
@@ -528,8 +561,9 @@ class RunDir:
         except ImportError:  # pragma: no cover - Windows
             warnings.warn(f"{self.path}: no file locks on this platform; the run is not locked.", stacklevel=2)
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        with _storage_errors(self.path / LOCK):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -598,12 +632,8 @@ class RunDir:
         return atomic_write_text(self._target(name), _dumps(obj))
 
     def read_json(self, name: str | os.PathLike) -> Any:
-        """Parse ``<run>/<name>`` as JSON."""
-        target = self._target(name)
-        try:
-            return json.loads(target.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise RunDirectoryError(f"{str(target)!r} does not exist in this run.") from err
+        """Parse ``<run>/<name>`` as JSON (a :class:`RunDirectoryError` names a missing or malformed file)."""
+        return read_json(self._target(name), "Run file", RunDirectoryError, _DAMAGED)
 
     def config(self) -> dict[str, Any]:
         """The stored ``config.yaml`` as a dict."""
@@ -613,7 +643,12 @@ class RunDir:
 
     def manifest(self) -> dict[str, Any]:
         """The stored ``manifest.json``."""
-        return self.read_json(MANIFEST)
+        manifest = self.read_json(MANIFEST)
+        if not isinstance(manifest, dict):
+            raise RunDirectoryError(
+                f"{self.path / MANIFEST} holds a {type(manifest).__name__}, not an object. {_DAMAGED}"
+            )
+        return manifest
 
     # -- finished marker ------------------------------------------------------------------------------------
 
@@ -631,7 +666,10 @@ class RunDir:
         """The summary given to :meth:`mark_finished`; raises if the run is not finished."""
         if not self.is_finished:
             raise RunDirectoryError(f"Run {str(self.path)!r} is not finished (no {FINISHED}).")
-        return self.read_json(FINISHED)["summary"]
+        record = self.read_json(FINISHED)
+        if not isinstance(record, dict) or not isinstance(record.get("summary"), dict):
+            raise RunDirectoryError(f"{self.path / FINISHED} has no 'summary' object. {_DAMAGED}")
+        return record["summary"]
 
     # -- metrics --------------------------------------------------------------------------------------------
 
@@ -645,8 +683,13 @@ class RunDir:
             data = self.metrics_path.read_bytes()
         except FileNotFoundError:
             return "", 0
+        except OSError as err:
+            raise RunDirectoryError(f"{self.metrics_path} cannot be read ({err.strerror or err}). {_DAMAGED}") from None
         cut = data.rfind(b"\n") + 1
-        return data[:cut].decode("utf-8"), len(data) - cut
+        try:
+            return data[:cut].decode("utf-8"), len(data) - cut
+        except UnicodeDecodeError as err:
+            raise RunDirectoryError(f"{self.metrics_path} is not UTF-8 text (offset {err.start}). {_DAMAGED}") from None
 
     def _read_rows(self) -> tuple[list[str], list[dict[str, str]]]:
         text, _ = self._read_metrics_text()
@@ -685,18 +728,19 @@ class RunDir:
             _, old_rows = self._read_rows()
             atomic_write_bytes(self.metrics_path, _encode_rows(columns, [*old_rows, *rows], with_header=True))
             return
-        if torn:
-            text, _ = self._read_metrics_text()
-            with open(self.metrics_path, "r+b") as f:
-                f.truncate(len(text.encode("utf-8")))
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _storage_errors(self.metrics_path):
+            if torn:
+                text, _ = self._read_metrics_text()
+                with open(self.metrics_path, "r+b") as f:
+                    f.truncate(len(text.encode("utf-8")))
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _metrics_header(self) -> tuple[list[str], bool]:
         """The header of ``metrics.csv`` ([] if absent) and whether its last line is torn; reads two lines."""
@@ -704,6 +748,8 @@ class RunDir:
             f = open(self.metrics_path, "rb")
         except FileNotFoundError:
             return [], False
+        except OSError as err:
+            raise RunDirectoryError(f"{self.metrics_path} cannot be read ({err.strerror or err}). {_DAMAGED}") from None
         with f:
             first = f.readline()
             size = f.seek(0, os.SEEK_END)
@@ -712,7 +758,10 @@ class RunDir:
             torn = bool(size) and f.read(1) != b"\n"
         if not first.endswith(b"\n"):
             return [], torn  # nothing complete yet
-        return next(csv.reader([first.decode("utf-8")])), torn
+        try:
+            return next(csv.reader([first.decode("utf-8")])), torn
+        except UnicodeDecodeError:
+            raise RunDirectoryError(f"{self.metrics_path} has a header that is not UTF-8 text. {_DAMAGED}") from None
 
     def read_metrics(self):
         """``metrics.csv`` as a ``pandas.DataFrame`` (empty before any row; a torn last line is skipped)."""
@@ -721,7 +770,10 @@ class RunDir:
         text, _ = self._read_metrics_text()
         if not text.strip():
             return pd.DataFrame()
-        return pd.read_csv(io.StringIO(text))
+        try:
+            return pd.read_csv(io.StringIO(text))
+        except (ValueError, pd.errors.ParserError) as err:
+            raise RunDirectoryError(f"{self.metrics_path} is not a metrics table ({err}). {_DAMAGED}") from None
 
     def truncate_metrics(self, after_step: int | float, *, step_column: str = "step") -> int:
         """Drop rows whose ``step_column`` exceeds ``after_step`` (atomically); returns how many were dropped.

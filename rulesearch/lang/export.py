@@ -18,7 +18,7 @@ Examples
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
 from ..errors import InvalidRuleError, UnsupportedNodeError
+from .bounds import MAX_DEPTH, check_power, check_size
 from .signals import (
     BUILTIN_SIGNALS,
     ELEMENTWISE_FUNCTIONS,
@@ -244,7 +245,6 @@ _RELS = {
     "LessThan": sp.LessThan,
 }
 _NUMBER_SYMBOLS = {"pi": sp.pi, "E": sp.E}
-_MAX_NUMERIC_EXPONENT = 1024
 
 
 def expr_to_json(expr) -> dict:
@@ -275,8 +275,15 @@ def expr_to_json(expr) -> dict:
     )
 
 
-def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
-    """Decode a tree written by :func:`expr_to_json`; ``signals`` maps names to (derived) signals."""
+def expr_from_json(node, signals: Mapping[str, Signal], depth: int = 1) -> sp.Expr:
+    """Decode a tree written by :func:`expr_to_json`; ``signals`` maps names to (derived) signals.
+
+    Numbers and nesting are bounded (:mod:`rulesearch.lang.bounds`) before SymPy evaluates anything.
+    """
+    if depth > MAX_DEPTH:
+        raise InvalidRuleError(
+            f"Rule file: an expression nests deeper than {MAX_DEPTH} levels; rules are short formulas."
+        )
     if not isinstance(node, Mapping) or not isinstance(node.get("type"), str):
         raise InvalidRuleError(f"Malformed expression node {str(node)[:80]!r}: expected an object with a 'type'.")
     t = node["type"]
@@ -294,9 +301,9 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
         if t == "Constant":
             return Constant(_str(node["name"]))
         if t == "Integer":
-            return sp.Integer(_int(node["value"]))
+            return _bounded(sp.Integer(_int(node["value"])))
         if t == "Rational":
-            return sp.Rational(_int(node["p"]), _int(node["q"]))
+            return _bounded(sp.Rational(_int(node["p"]), _int(node["q"])))
         if t == "Float":
             v = node["value"]
             if not isinstance(v, str) or not 0 < len(v) <= 400 or not all(ch in "0123456789.-+eE" for ch in v):
@@ -305,8 +312,8 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
                 prec = _int(node["precision"])
                 if not 1 <= prec <= 4096:
                     raise InvalidRuleError(f"Float precision must be 1..4096 bits, got {prec}.")
-                return sp.Float(v, precision=prec)
-            return sp.Float(v, max(15, len(v.strip("-+").replace(".", "").split("e")[0])))
+                return _bounded(sp.Float(v, precision=prec))
+            return _bounded(sp.Float(v, max(15, len(v.strip("-+").replace(".", "").split("e")[0]))))
         if t == "NumberSymbol":
             return _NUMBER_SYMBOLS[_str(node["name"])]
         if t == "true":
@@ -315,15 +322,13 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
         if not isinstance(args, list):
             raise InvalidRuleError(f"Node {t}: 'args' must be a list.")
         if t == "Piecewise":
-            return sp.Piecewise(*[(expr_from_json(e, signals), expr_from_json(c, signals)) for e, c in args])
-        kids = [expr_from_json(a, signals) for a in args]
-        if t == "Pow" and len(kids) == 2 and all(k.is_Number for k in kids) and abs(kids[1]) > _MAX_NUMERIC_EXPONENT:
-            raise InvalidRuleError(  # SymPy would evaluate 10**(10**12) exactly, hanging the loader
-                f"Numeric power {kids[0]}**{kids[1]}: exponents of numbers are limited to "
-                f"+-{_MAX_NUMERIC_EXPONENT} in rule files."
-            )
+            pairs = [(expr_from_json(e, signals, depth + 1), expr_from_json(c, signals, depth + 1)) for e, c in args]
+            return sp.Piecewise(*pairs)
+        kids = [expr_from_json(a, signals, depth + 1) for a in args]
+        if t == "Pow" and len(kids) == 2:
+            check_power(*kids, where="Rule file")  # SymPy would evaluate 2**1024**1024**... exactly, hanging
         if t in ("Add", "Mul", "Pow"):
-            return getattr(sp, t)(*kids)
+            return _bounded(getattr(sp, t)(*kids))
         if t in _OPS:
             return _OPS[t](*kids)
         if t in _FUNCS:
@@ -335,6 +340,12 @@ def expr_from_json(node, signals: Mapping[str, Signal]) -> sp.Expr:
             raise
         raise InvalidRuleError(f"Malformed {t} node {str(node)[:80]!r}: {e!r}.") from None
     raise InvalidRuleError(f"Node type {t!r} is not allowed in rule files (allowed: Add, Mul, Pow, numbers, ...).")
+
+
+def _bounded(x: sp.Expr) -> sp.Expr:
+    if x.is_Number:
+        check_size(x, "Rule file")  # finiteness is checked with the term, whose name the message then gives
+    return x
 
 
 def _int(v) -> int:
@@ -355,8 +366,17 @@ def _opt_str(v) -> str | None:
 
 def _number(v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InvalidRuleError(f"Expected a number, got {v!r}.")
-    return float(v)
+        raise InvalidRuleError(f"Expected a number, got {str(v)[:80]!r}.")
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise InvalidRuleError(
+            f"Coefficient {str(v)[:80]} is not a finite number; a rule's values are finite. The file is damaged: "
+            "export it again from its run (rulesearch export RUN -f json) or set the values to null."
+        )
+    return x
 
 
 def _values_from_json(v, kind: str):
@@ -468,10 +488,9 @@ def _rule_from_json(data):
     from .rule import Rule, Term
 
     if isinstance(data, str):
-        try:
-            data = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise InvalidRuleError(f"Rule file is not valid JSON: {e}.") from None
+        from ..io.files import parse_json
+
+        data = parse_json(data, "Rule JSON", InvalidRuleError, "Pass the text written by Rule.to_json.")
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
         raise InvalidRuleError(f"Not a rulesearch rule: expected format {FORMAT!r}, got {got!r}.")

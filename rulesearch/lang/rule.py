@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from ..errors import InvalidRuleError
+from .bounds import check_expr_bounds
 from .signals import (
     BUILTIN_SIGNALS,
     OPERATORS,
@@ -74,6 +75,7 @@ def _check_expr(expr, where: str) -> sp.Expr:
         raise InvalidRuleError(f"{where}: expected a SymPy expression over signals, got {expr!r}.") from e
     if not isinstance(expr, sp.Expr):
         raise InvalidRuleError(f"{where}: expected a scalar SymPy expression, got {type(expr).__name__}: {expr}.")
+    check_expr_bounds(expr, where)
     try:
         role_of(expand_derived(expr))
         for s in state_signals(expr):
@@ -82,6 +84,13 @@ def _check_expr(expr, where: str) -> sp.Expr:
     except InvalidRuleError as e:
         raise InvalidRuleError(f"{where}: {e}") from None
     return expr
+
+
+def _floats(values, what: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InvalidRuleError(f"A rule's {what} must be numbers; received {str(values)[:80]}.") from None
 
 
 def _check_base_signals(expr) -> None:
@@ -196,7 +205,7 @@ class Rule:
                 raise InvalidRuleError(f"Duplicate term names {dup}; term names must be unique.")
             _check_definitions(t.expr for t in terms)
             if self.values is not None:
-                vals = tuple(float(v) for v in self.values)
+                vals = tuple(_floats(self.values, "values (one number per term)"))
                 if len(vals) != len(terms):
                     raise InvalidRuleError(f"values has {len(vals)} entries, expected {len(terms)} (one per term).")
                 object.__setattr__(self, "values", vals)
@@ -218,7 +227,8 @@ class Rule:
                 missing = {c.name for c in self.constants} - set(vals)
                 if missing:
                     raise InvalidRuleError(f"values misses constants {sorted(missing)}.")
-                object.__setattr__(self, "values", tuple(sorted((k, float(v)) for k, v in vals.items())))
+                numbers = _floats(vals.values(), "values (one number per constant)")
+                object.__setattr__(self, "values", tuple(sorted(zip(vals, numbers))))
 
     @classmethod
     def general(cls, expr, constants: Sequence[Constant | str] = (), name: str = "rule", values=None) -> Rule:

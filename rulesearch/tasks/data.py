@@ -26,6 +26,7 @@ import inspect
 import os
 import re
 import struct
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -321,6 +322,20 @@ def _first_per_class_indices(labels: np.ndarray, n: int, n_classes: int, name: s
     return np.sort(order[take])
 
 
+def _int_labels(labels, source: str) -> np.ndarray:
+    """``labels`` as int64 class indices; floats must be whole numbers, strings and other types are refused."""
+    labels = np.asarray(labels)
+    fix = "Store the labels as integer class indices 0..C-1 (map class names to indices first)."
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            bad = labels[~whole][:3].tolist()
+            raise DatasetError(f"{source!r}: labels must be whole numbers; received {bad}. {fix}")
+    elif labels.dtype.kind not in "biu":
+        raise DatasetError(f"{source!r}: labels have dtype {labels.dtype} (not integers). {fix}")
+    return labels.astype(np.int64)
+
+
 def _classification(
     name: str,
     images: np.ndarray,
@@ -332,7 +347,10 @@ def _classification(
     info: dict | None = None,
 ) -> Dataset:
     """Build a classification dataset from raw arrays, subsetting before the float conversion."""
-    labels = np.asarray(labels).astype(np.int64)
+    labels = _int_labels(labels, name)
+    images = np.asarray(images)
+    if images.dtype.kind not in "biuf":
+        raise DatasetError(f"Dataset {name!r}: images must be numbers, received dtype {images.dtype}.")
     if per_class is not None:
         idx = _first_per_class_indices(labels, per_class, n_classes, name)
         images, labels = images[idx], labels[idx]
@@ -565,7 +583,7 @@ def _part_from_name(name: str, default: str) -> str:
 def _emnist_dataset(
     images: np.ndarray, labels: np.ndarray, split: str | None, part: str, per_class, mapping, source
 ) -> Dataset:
-    labels = np.asarray(labels).astype(np.int64)
+    labels = _int_labels(labels, str(source))
     if split == "letters" and labels.size and labels.min() >= 1:
         labels = labels - 1
     if mapping:
@@ -600,8 +618,12 @@ def _emnist_from_npz(file: Path, split: str | None, part: str, per_class: int | 
                 )
             images, labels = z["images"], z["labels"]
             mapping = str(z["mapping"]) if "mapping" in z.files else None
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"Could not read {str(file)!r} as an npz archive ({err}).") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DatasetError(
+            f"Could not read {str(file)!r} as an npz archive ({type(err).__name__}: {err or 'empty file'}); it is "
+            "truncated, not an npz, or holds Python objects. Write it again with "
+            "numpy.savez(file, images=..., labels=...)."
+        ) from None
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(
             f"{str(file)!r}: expected images (N, H, W) and labels (N,), received {images.shape} and {labels.shape}."

@@ -295,7 +295,10 @@ class RuleSearch:
                     if self.resume:
                         loaded = run.resume(map_location="cpu")
                         if loaded is not None:
-                            state = TrainState.from_checkpoint(loaded[1], state, problem.device)
+                            state = TrainState.from_checkpoint(
+                                loaded[1], state, problem.device, step=loaded[0], max_t=meta.episodes,
+                                source=f"Checkpoint {run.checkpoint_path(loaded[0])}",
+                            )  # fmt: skip
                             df = run.read_metrics()
                             rows = df.to_dict("records") if not df.empty else []
                 if trainer.world_size > 1:  # every rank continues from rank 0's (resumed) state
@@ -547,7 +550,10 @@ class RuleSearch:
         loaded = run.load_checkpoint(map_location="cpu")
         if loaded is None:
             raise RunDirectoryError(f"Run {str(run.path)!r} has no checkpoint yet; nothing to load.")
-        state = TrainState.from_checkpoint(loaded[1], state, problem.device)
+        state = TrainState.from_checkpoint(
+            loaded[1], state, problem.device, step=loaded[0], max_t=cfg.meta.episodes,
+            source=f"Checkpoint {run.checkpoint_path(loaded[0])}",
+        )  # fmt: skip
         df = run.read_metrics()
         rows = [r for r in (df.to_dict("records") if not df.empty else []) if r["step"] <= state.t]
         search.run_ = run

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import sympy as sp
 
-from ..errors import ConfigError, RunDirectoryError
+from ..errors import ConfigError, InvalidRuleError, RunDirectoryError
 from ..lang.export import latex_table, markdown_table
 from ..lang.rule import NetworkRule, Rule
 from ..neural import NeuralRule
-from .rules import load_feedback_rule, load_rule, resolve_rule
+from .rules import _rule_data, load_feedback_rule, load_rule, resolve_rule
 
 __all__ = ["coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"]
 
@@ -148,25 +148,42 @@ def export_run(source, fmt: str = "latex", precision: int = 3) -> str:
         search = RuleSearch.from_run(path)
         data = search.to_json()
     else:
-        file = path / "rule.json" if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise RunDirectoryError(
-                f"{str(file)!r} does not exist; expected a run directory or a rule JSON file."
-            ) from err
-    if fmt == "json":
-        return json.dumps(data, indent=2)
-    rule = load_rule(data)
-    intervals = data.get("intervals")
-    if intervals is not None and isinstance(rule, Rule):
-        intervals = np.asarray(intervals, dtype=float)
-    elif intervals is not None:
-        intervals = [np.asarray(iv, dtype=float) for iv in intervals]
+        if not path.exists():
+            raise RunDirectoryError(f"{str(path)!r} does not exist; expected a run directory or a rule JSON file.")
+        data = _rule_data(path)
+    rule = load_rule(data)  # validated (finite values, known nodes) before any format is printed
     fb_rule = load_feedback_rule(data)
+    intervals = _intervals_of(data, rule)
+    if fmt == "json":
+        try:
+            return json.dumps(data, indent=2, allow_nan=False)
+        except ValueError:
+            raise InvalidRuleError(
+                "The rule file holds NaN or infinite numbers (in 'runs' or elsewhere); export it again from its run."
+            ) from None
     if fmt == "latex":
         return _with_feedback(rule_latex(rule, intervals, precision), fb_rule, "latex", precision)
     return _with_feedback(rule_markdown(rule, intervals, precision + 1), fb_rule, "markdown", precision + 1)
+
+
+def _intervals_of(data, rule):
+    """The ``intervals`` of a rule file as arrays (``(R, 2)`` for a Rule, one per group otherwise), checked finite."""
+    raw = data.get("intervals")
+    if raw is None:
+        return None
+    try:
+        out = np.asarray(raw, dtype=float) if isinstance(rule, Rule) else [np.asarray(iv, dtype=float) for iv in raw]
+        finite = all(
+            np.isfinite(iv).all() and iv.shape[-1:] == (2,) for iv in ([out] if isinstance(rule, Rule) else out)
+        )
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise InvalidRuleError(
+            f"'intervals' of the rule file must be finite [low, high] pairs, one per coefficient; received "
+            f"{str(raw)[:80]}. Export the rule again from its run (rulesearch export RUN -f json)."
+        )
+    return out
 
 
 def _with_feedback(text: str, feedback_rule: Rule | None, fmt: str, precision: int) -> str:

@@ -7,7 +7,6 @@ reading it needs no data files.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import sympy as sp
 import torch
 
 from ..errors import ConfigError, InvalidRuleError
+from ..io.files import read_json
 from ..lang.export import FORMAT as RULE_FORMAT
 from ..lang.rule import NetworkRule, Pool, Rule
 from ..neural import FORMAT as NEURAL_FORMAT
@@ -133,7 +133,7 @@ def load_rule(source, run: int | None = None):
     runs = data.get("runs")
     if fmt == NETWORK_RULE_FORMAT:
         groups = []
-        for g, item in enumerate(data["groups"]):
+        for g, item in enumerate(_network_groups(data)):
             r = Rule.from_json(item["rule"])
             if run is not None:
                 r = r.with_values(_run_values(runs, run)[g])
@@ -156,20 +156,37 @@ def _rule_data(source) -> Mapping:
         path = Path(source)
         if path.is_dir():
             path = path / "rule.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise InvalidRuleError(f"Rule file {str(path)!r} does not exist.") from err
-        except json.JSONDecodeError as err:
-            raise InvalidRuleError(f"Rule file {str(path)!r} is not valid JSON: {err}.") from err
+        fix = "Pass a rule JSON file (as written by Rule.to_json or rulesearch export -f json) or a finished run."
+        data = read_json(path, "Rule file", InvalidRuleError, fix)
     if not isinstance(data, Mapping):
         raise InvalidRuleError(f"A rule file holds a JSON object; received {type(data).__name__}.")
     return data
 
 
+def _network_groups(data: Mapping) -> list[Mapping]:
+    """The ``groups`` of a network rule file, each checked to be ``{"layers": [int, ...], "rule": {...}}``."""
+    groups = data.get("groups")
+    example = '[{"layers": [0], "rule": {...}}, {"layers": [1, 2], "rule": {...}}]'
+    if not isinstance(groups, list) or not groups:
+        raise InvalidRuleError(
+            f"A network rule file ({NETWORK_RULE_FORMAT}) needs 'groups', a non-empty list of layer groups and their "
+            f"rules, e.g. {example}; received {str(groups)[:80]}."
+        )
+    for g, item in enumerate(groups):
+        layers = item.get("layers") if isinstance(item, Mapping) else None
+        ok = isinstance(layers, list) and layers and all(type(i) is int and 0 <= i < 1000 for i in layers)
+        if not ok or not isinstance(item.get("rule"), Mapping):
+            raise InvalidRuleError(
+                f"Group {g} of the network rule file must be an object with 'layers' (layer indices 0, 1, ...) and "
+                f"'rule' (a rule object), e.g. {example}; received {str(item)[:80]}."
+            )
+    return groups
+
+
 def _run_values(runs, run):
-    if not runs or not 0 <= run < len(runs):
-        raise InvalidRuleError(f"The rule file holds {len(runs or [])} runs; run {run} does not exist.")
+    if not isinstance(runs, list) or not 0 <= run < len(runs):
+        held = len(runs) if isinstance(runs, list) else "no list of"
+        raise InvalidRuleError(f"The rule file holds {held} runs; run {run} does not exist.")
     return runs[run]
 
 
@@ -209,6 +226,8 @@ def load_feedback_rule(source, run: int | None = None) -> Rule | None:
     data = _rule_data(source).get("feedback_rule")
     if data is None:
         return None
+    if not isinstance(data, Mapping):
+        raise InvalidRuleError(f"'feedback_rule' of a rule file must be a rule object; received {str(data)[:80]}.")
     rule = Rule.from_json(data)
     return rule if run is None else rule.with_values(_run_values(data.get("runs"), run))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -14,12 +15,31 @@ from .distributed import (
     world,
 )
 
-__all__ = ["process_group", "resolve_device", "threads"]
+__all__ = ["process_group", "resolve_device", "threads", "MAX_THREADS"]
+
+MAX_THREADS = 1024
 
 
 @contextlib.contextmanager
 def threads(n: int | None):
-    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after."""
+    """Run a block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count after.
+
+    More than :data:`MAX_THREADS` threads is a :class:`ConfigError` (thousands of threads exhaust memory); more than
+    the CPU cores this process may use is allowed with a warning (a run resumed on a smaller machine keeps its
+    config)."""
+    if n is not None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if n > MAX_THREADS:
+            raise ConfigError(
+                f"Config key 'meta.threads' is {n}; at most {MAX_THREADS} threads are allowed, and this process may "
+                f"use {cpus} CPU cores. Use --threads {min(cpus, 8)} (threads beyond the cores only slow the fit)."
+            )
+        if n > cpus:
+            warnings.warn(
+                f"meta.threads is {n} but this process may use {cpus} CPU cores; the extra threads slow the fit.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)

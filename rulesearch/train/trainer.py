@@ -104,31 +104,60 @@ class TrainState:
         }
 
     @classmethod
-    def from_checkpoint(cls, data: Mapping, like: TrainState, device) -> TrainState:
-        def dev(d, ref):
-            if set(d) != set(ref):
+    def from_checkpoint(
+        cls, data: Mapping, like: TrainState, device, *, step: int | None = None, max_t: int | None = None,
+        source: str = "The checkpoint",
+    ) -> TrainState:  # fmt: skip
+        """The state in ``data`` (``to_checkpoint``'s dict), shaped and typed like ``like``.
+
+        ``step`` is the step of the checkpoint file and ``max_t`` the meta-steps of the run: a state that lacks an
+        entry, has another rule's parameters, non-finite values, or a step count outside ``0..max_t`` or unequal to
+        ``step`` raises :class:`RunDirectoryError` (``source`` names the file).
+        """
+        fix = "Delete that checkpoint to resume from the one before it, or start the run afresh."
+        keys = ("t", "params", "adam_m", "adam_v", "adam_steps", "skips", "stopped", "stop_step")
+        missing = [k for k in keys if not isinstance(data, Mapping) or k not in data]
+        if missing:
+            raise RunDirectoryError(f"{source} lacks {missing}; it is not a complete training state. {fix}")
+        t = data["t"]
+        bad_t = isinstance(t, bool) or not isinstance(t, int) or t < 0 or (max_t is not None and t > max_t)
+        if bad_t or (step is not None and t != step):
+            span = f"0..{max_t} (meta.episodes)" if max_t is not None else ">= 0"
+            at = f", and equal to the file's step {step}" if step is not None else ""
+            raise RunDirectoryError(f"{source} holds t = {str(t)[:40]}; the meta-steps done must be {span}{at}. {fix}")
+
+        def dev(d, ref, name):
+            if not isinstance(d, Mapping) or set(d) != set(ref):
+                got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
                 raise RunDirectoryError(
-                    f"Checkpoint parameters {sorted(d)} do not match the rule's {sorted(ref)}; the run directory "
-                    f"belongs to another rule."
+                    f"{source}: parameters {got} do not match the rule's {sorted(ref)}; the run directory belongs to "
+                    f"another rule."
                 )
             out = {}
             for k, v in d.items():
-                if tuple(v.shape) != tuple(ref[k].shape):
-                    raise RunDirectoryError(
-                        f"Checkpoint parameter {k!r} has shape {tuple(v.shape)}, expected {tuple(ref[k].shape)}."
-                    )
+                if not torch.is_tensor(v) or tuple(v.shape) != tuple(ref[k].shape):
+                    shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                    raise RunDirectoryError(f"{source}: {name} {k!r} is {shape}, expected shape {tuple(ref[k].shape)}.")
+                if not bool(torch.isfinite(v).all()):
+                    raise RunDirectoryError(f"{source}: {name} {k!r} holds NaN or infinite values. {fix}")
                 out[k] = v.to(device=device, dtype=ref[k].dtype)
             return out
 
+        def per_run(name, ref):
+            v = data[name]
+            if not torch.is_tensor(v) or tuple(v.shape) != tuple(ref.shape):
+                raise RunDirectoryError(f"{source}: {name!r} is not a tensor of shape {tuple(ref.shape)}. {fix}")
+            return v.to(device=device, dtype=ref.dtype)
+
         return cls(
-            t=int(data["t"]),
-            params=dev(data["params"], like.params),
-            m=dev(data["adam_m"], like.params),
-            v=dev(data["adam_v"], like.params),
-            steps=data["adam_steps"].to(device),
-            skips=data["skips"].to(device),
-            stopped=data["stopped"].to(device),
-            stop_step=data["stop_step"].to(device),
+            t=t,
+            params=dev(data["params"], like.params, "parameter"),
+            m=dev(data["adam_m"], like.params, "Adam moment"),
+            v=dev(data["adam_v"], like.params, "Adam moment"),
+            steps=per_run("adam_steps", like.steps),
+            skips=per_run("skips", like.skips),
+            stopped=per_run("stopped", like.stopped),
+            stop_step=per_run("stop_step", like.stop_step),
         )
 
 
