@@ -29,6 +29,7 @@ from rulesearch.distill import (
     get_backend,
 )
 from rulesearch.distill import pysr as pysr_module
+from rulesearch.distill.operon import OPERON_SYMBOLS, operon_symbols, parse_model
 from rulesearch.distill.closed_loop import closed_loop, rule_params
 from rulesearch.distill.pipeline import data_identities, distill, heldout_error
 from rulesearch.distill.samples import (
@@ -231,6 +232,38 @@ def test_operon_unavailable_error(monkeypatch, np_rng):
     X, y = _planted(np_rng, n=50)
     with pytest.raises(BackendUnavailableError, match=r"rulesearch\[operon\]"):
         OperonBackend().fit(X, y, SIGNAL_FEATURES)
+
+
+def test_operon_primitive_sets_compile_into_rules():
+    assert operon_symbols("polynomial") == "add,sub,mul,constant,variable"  # the default
+    assert operon_symbols("nonlinear") == "add,sub,mul,div,tanh,exp,abs,constant,variable"
+    assert operon_symbols(" tanh, div ,variable") == "tanh,div,constant,variable"
+    for bad in ("add,fmin", "aq", ""):
+        with pytest.raises(ConfigError, match="polynomial, rational, nonlinear"):
+            operon_symbols(bad)
+    # every allowed symbol as Operon prints it reads as a function of the rule language and compiles
+    printed = {"add": "(x0 + x1)", "sub": "(x0 - x1)", "mul": "(x0 * x1)", "div": "(x0 / x1)", "square": "(x0 ^ 2)",
+               "abs": "abs(x0)", "exp": "exp(x0)", "log": "log(x0)", "logabs": "log(abs(x0))", "sqrt": "sqrt(x0)",
+               "sqrtabs": "sqrt(abs(x0))", "tanh": "tanh((0.5 * x0))", "sin": "sin(x0)", "cos": "cos(x0)"}  # fmt: skip
+    assert set(printed) == set(OPERON_SYMBOLS)
+    for symbol, text in printed.items():
+        expr = parse_model(f"(1.5 * {text}) * (x1 ^ 3)", [post, pre])
+        assert {s.name for s in expr.free_symbols} == {"post", "pre"}, symbol
+        formula_to_rule(expr).compile()
+    with pytest.raises(ConfigError, match="max_time must be a number of seconds >= 2"):
+        OperonBackend(max_time=1).fit(np.ones((4, 1)), np.arange(4.0), [pre])
+
+
+def test_operon_max_time_bounds_the_whole_fit(np_rng):
+    pytest.importorskip("pyoperon")
+    X = np_rng.normal(size=(3000, 4))
+    y = np.tanh(2 * X[:, 0]) * X[:, 1] + 0.3 * np.abs(X[:, 2]) - 0.1 * X[:, 3] / (1 + X[:, 0] ** 2)
+    backend = OperonBackend(primitives="nonlinear", max_time=3, population_size=1000, generations=100000)
+    t0 = time.perf_counter()
+    backend.fit(X, y, SIGNAL_FEATURES)
+    assert time.perf_counter() - t0 < 3 + 0.5, backend.history_
+    assert np.isfinite(backend.predict(X)).all()
+    assert any(isinstance(c.expr, sp.Basic) for c in backend.front_)
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS), ids=sorted(BACKENDS))
