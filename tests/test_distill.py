@@ -19,18 +19,23 @@ from rulesearch.distill import (
     BACKENDS,
     Candidate,
     DistillDataError,
+    FunctionUpdate,
     OperonBackend,
     PySRBackend,
     SparseBackend,
+    add_noise,
     clean_formula,
     evaluate_expr,
     expr_complexity,
     formula_to_rule,
     get_backend,
+    is_recovered,
+    reduce_identities,
+    same_terms,
 )
 from rulesearch.distill import pysr as pysr_module
-from rulesearch.distill.operon import OPERON_SYMBOLS, operon_symbols, parse_model
 from rulesearch.distill.closed_loop import closed_loop, rule_params
+from rulesearch.distill.operon import OPERON_SYMBOLS, operon_symbols, parse_model
 from rulesearch.distill.pipeline import data_identities, distill, heldout_error
 from rulesearch.distill.samples import (
     ID_COLUMNS,
@@ -756,3 +761,49 @@ def test_distill_run_of_a_network_rule(trained_run, tmp_path):
     assert _same_formula(results[0].formula, first.sympy(), rtol=1e-6)
     assert _same_formula(results[1].formula, sp.expand(second.sympy()), rtol=1e-6)
     assert (path / "dnet" / "group1" / "rule.tex").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- planted rules
+
+
+def test_a_planted_torch_function_is_recovered(tiny_setup):
+    net, batch = tiny_setup
+
+    def hebb_decay(s):  # 0.03 y_i x_j - 0.01 W_ij, written in torch only
+        return 0.03 * s["post"][:, :, None] * s["pre"][:, None, :] - 0.01 * s["w"]
+
+    update = FunctionUpdate(hebb_decay, needs=("pre", "post", "w"), name="hebb_decay")
+    grammar = _small_grammar()
+    train = collect_samples(net, batch, update, None, grammar=grammar, n_per_step=12, run_seed=0)
+    held = collect_samples(net, batch, update, None, grammar=grammar, n_per_step=12, run_seed=1, seed=1)
+    res = distill(add_noise(train, 0.0), grammar=grammar)
+    truth = 0.03 * post * pre - 0.01 * w
+    assert is_recovered(res.formula, truth, res.backend.identities_, heldout=held)
+    assert not is_recovered(0.03 * post * pre - 0.02 * w, truth, heldout=held)  # same terms, other values
+    assert not is_recovered(res.formula, 0.03 * post * pre)
+    with pytest.raises(ShapeError, match=r"returned \(2, 5\); an update returns dW of shape \(B, n_post, n_pre\)"):
+        collect_samples(net, batch, FunctionUpdate(lambda s: s["post"], needs=("post", "pre", "w")), None,
+                        grammar=grammar, run_seed=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="needs must name base signals"):
+        FunctionUpdate(hebb_decay, needs=("pre", "presynaptic"))
+
+
+def test_add_noise_changes_only_the_target(tiny_samples):
+    noisy = add_noise(tiny_samples, 0.1, seed=[0, 3])
+    dw = tiny_samples[TARGET].to_numpy()
+    diff = noisy[TARGET].to_numpy() - dw
+    assert abs(diff.std() / (0.1 * dw.std()) - 1) < 0.15
+    assert noisy.drop(columns=TARGET).equals(tiny_samples.drop(columns=TARGET))
+    assert noisy.attrs == tiny_samples.attrs and samples_features(noisy)[1] == samples_features(tiny_samples)[1]
+    assert add_noise(tiny_samples, 0.1, seed=[0, 3]).equals(noisy) and add_noise(tiny_samples, 0.0).equals(tiny_samples)
+    with pytest.raises(ConfigError, match="Noise level must be a finite number >= 0"):
+        add_noise(tiny_samples, -0.1)
+
+
+def test_same_terms_modulo_identities():
+    identities = [(reward**2, reward), (layer_sum(post) * pre, pre)]
+    assert same_terms(0.5 * post * pre + 0.2 * reward**2 * err, 0.5 * post * pre + 0.21 * reward * err, []) is False
+    assert same_terms(0.5 * post * pre + 0.2 * reward**2, 0.5 * post * pre + 0.2 * reward, identities)
+    assert same_terms(0.1 * layer_sum(post) * pre + 0.1 * pre, 0.2 * pre, identities)
+    assert not same_terms(0.5 * post * pre, 0.5 * post * pre + 1e-3 * w)
+    assert reduce_identities(0.1 * layer_sum(post) * pre - 0.1 * pre, identities) == {}
