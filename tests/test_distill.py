@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
+from texcheck import latex_errors
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.distill import (
@@ -58,9 +59,9 @@ from rulesearch.distill.select import (
 )
 from rulesearch.errors import BackendUnavailableError, ConfigError, NotFittedError, ShapeError
 from rulesearch.lang.grammar import Grammar
-from rulesearch.lang.pools import f0, oja
+from rulesearch.lang.pools import f0, oja, pool
 from rulesearch.lang.rule import Rule
-from rulesearch.lang.signals import err, layer_sum, post, pre, reward, sanger, trace, w, wT
+from rulesearch.lang.signals import bilinear, err, layer_sum, post, pre, pre_err, reward, sanger, trace, w, wT
 from rulesearch.networks.feedforward import Network
 from rulesearch.reference.naive import naive_eval
 
@@ -717,14 +718,49 @@ def test_distill_command(trained_run):
     assert help_text.exit_code == 0, help_text.output
     assert all(opt in help_text.output for opt in ("RUN", "--backend", "--grammar", "--layers", "--set"))
     path, _ = trained_run
-    args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2", "--no-check"]
+    args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2"]
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "dW_ij =" in out.output and f"wrote {path / 'distill'}/" in out.output
+    # stage messages with estimates and times (stderr); --quiet silences them
+    for stage in ("sampling the update on 2 episodes x 9 steps", "sampling 2 held-out episodes (about ",
+                  "fitting sparse: ", "closed loop: ", "closed_loop done in ", "writing "):  # fmt: skip
+        assert f"distill: {stage}" in out.output or f"distill:   {stage}" in out.output, stage
     for name in ("samples.parquet", "rule.json", "rule.tex", "front.csv", "summary.json", "report.md"):
         assert (path / "distill" / name).is_file(), name
+    quiet = runner.invoke(app, [*args, "--quiet", "--no-check", "--out", "quiet"])
+    assert quiet.exit_code == 0 and "distill:" not in quiet.output, quiet.output
     bad = runner.invoke(app, ["distill", str(path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_distill_run_default_library_and_reports(trained_run):
+    """The default library is fitted to the rule (no reward terms for a rule that reads no reward, the rule's own
+    operators in it); report.md and rule.tex hold one complete equation, the front's formulas uncut."""
+    from rulesearch.distill.pipeline import distill_run, library_for
+
+    path, _ = trained_run
+    res = distill_run(path, n_episodes=2, test_episodes=2, check=False)
+    trained = Rule.from_json(__import__("json").loads((path / "rule.json").read_text()))
+    assert _same_formula(res.formula, sp.expand(trained.sympy()), rtol=1e-5)
+    assert res.rule.n_terms == 3  # -a e x + b y x - b y (W^T y): the rule itself, nothing spurious
+    assert not {"reward", "reward_bar", "mod"} & set(res.samples.columns)
+    report = (path / "distill" / "report.md").read_text()
+    assert "reward" not in report and report.count(r"\Delta W_{ij}") == 1
+    rows = [line.split("`")[1] for line in report.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == len(res.backend.front_) and all(sp.sympify(r) is not None for r in rows)  # uncut
+    assert max(len(r) for r in rows) > 0 and all(r.count("(") == r.count(")") for r in rows)
+    tex = (path / "distill" / "rule.tex").read_text()
+    assert tex.startswith("% \\input") and tex.count(r"\Delta W_{ij}") == 1
+    equation = tex.split("\\begin{equation}\n")[1].split("\n\\end{equation}")[0]
+    assert not latex_errors(equation)
+    # a rule that reads the reward keeps the reward atoms; the pool's layer sum and bilinear forms become atoms
+    three_factor = Rule.general(reward * post * pre, name="three_factor")
+    assert reward in library_for(three_factor.compile()).atoms
+    pool_atoms = library_for(pool.compile()).atoms
+    assert layer_sum(post) in pool_atoms and bilinear(post, pre_err) in pool_atoms and reward not in pool_atoms
+    g = Grammar.default()
+    assert library_for(pool.compile(), g) is g  # a Grammar object is used as given
 
 
 def test_distill_update_of_a_black_box_neural_rule():

@@ -34,6 +34,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import ConfigError, InvalidRuleError, NotFittedError, RuleSearchError, ShapeError
+from ..lang.export import round_floats
 from ..lang.rule import Rule, Term
 from ..lang.signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_derived
 
@@ -656,8 +657,8 @@ class DistillBackend(abc.ABC):
         chosen = self.front_[self.selection_["index"]]
         for c in self.front_:
             mark = ">" if c is chosen else " "
-            f = sp.sstr(c.expr.evalf(precision), order="none")
-            lines.append(f"{mark:2}{c.complexity:>10}  {c.loss:>11.4e}  {c.n_params:>6}  {f[:100]}")
+            f = sp.sstr(round_floats(c.expr, precision), order="none")
+            lines.append(f"{mark:2}{c.complexity:>10}  {c.loss:>11.4e}  {c.n_params:>6}  {f}")
         if self.best_.expr != chosen.expr:
             lines.append(f"snapped: {sp.sstr(self.best_.expr, order='none')}")
         return "\n".join(lines)
