@@ -41,7 +41,7 @@ from .signals import (
 __all__ = [
     "RuleLatexPrinter",
     "expr_latex",
-    "latex_equations",
+    "latex_fragment",
     "round_floats",
     "significant",
     "rule_to_sympy",
@@ -179,13 +179,19 @@ def rule_to_sympy(rule, values=None) -> sp.Expr:
     return rule.expr.xreplace({c: sp.Float(vals[c.name]) for c in rule.constants})
 
 
-def latex_equations(lines: Sequence[str]) -> str:
-    r"""Display equations for a LaTeX document: one line in an ``equation`` environment, several in ``gather``
-    (amsmath)."""
-    lines = list(lines)
-    if len(lines) == 1:
-        return "\\begin{equation}\n" + lines[0] + "\n\\end{equation}"
-    return "\\begin{gather}\n" + " \\\\\n".join(lines) + "\n\\end{gather}"
+def latex_fragment(equations: Sequence[str], tables: Sequence[str] = (), header: bool = True) -> str:
+    r"""A LaTeX fragment to ``\input``: a comment naming the packages it needs (``header``), the equations (one in an
+    ``equation`` environment, several in ``gather``), then the (booktabs) tables."""
+    equations = list(equations)
+    head = ""
+    if header:
+        head = "% \\input this file into a LaTeX document that loads \\usepackage{amsmath}"
+        head += " and \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule).\n" if tables else ".\n"
+    if len(equations) == 1:
+        body = "\\begin{equation}\n" + equations[0] + "\n\\end{equation}"
+    else:
+        body = "\\begin{gather}\n" + " \\\\\n".join(equations) + "\n\\end{gather}"
+    return head + "\n\n".join([body, *tables])
 
 
 def rule_to_latex(rule, precision: int = 3, values=None, table: bool = False) -> str:

@@ -10,12 +10,12 @@ import numpy as np
 import sympy as sp
 
 from ..errors import ConfigError, RunDirectoryError
-from ..lang.export import latex_equations, latex_table, markdown_table, round_floats
+from ..lang.export import latex_fragment, latex_table, markdown_table, round_floats
 from ..lang.rule import NetworkRule, Rule
 from ..neural import NeuralRule
 from .rules import load_feedback_rule, load_rule, resolve_rule
 
-__all__ = ["LATEX_HEADER", "coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"]
+__all__ = ["coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"]
 
 
 def _groups(rule) -> list[tuple[tuple[int, ...], Rule]]:
@@ -33,32 +33,25 @@ def _layers_label(layers) -> str:
     return f"layers {', '.join(str(i + 1) for i in layers)}" if len(layers) > 1 else f"layer {layers[0] + 1}"
 
 
-LATEX_HEADER = (
-    "% A rulesearch rule, to \\input{} into a LaTeX document that loads \\usepackage{amsmath} (\\text, gather)\n"
-    "% and \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule of the coefficient table)."
-)
-
-
 def rule_latex(rule, intervals=None, precision: int = 3, table_precision: int | None = None, header: bool = True):
-    """A trained rule as a LaTeX fragment to ``\\input``: a comment naming the packages it needs (``header``), the
-    update in an ``equation`` (``gather`` per layer group) to ``precision`` significant digits, and a booktabs
-    coefficient table to ``table_precision`` digits (default ``precision + 1``: the console's formula and table).
+    """A trained rule as a LaTeX fragment to ``\\input`` (:func:`~rulesearch.lang.export.latex_fragment`): a comment
+    naming the packages it needs (``header``), the update in an ``equation`` (``gather`` per layer group) to
+    ``precision`` significant digits, and a booktabs coefficient table to ``table_precision`` digits (default
+    ``precision + 1``: the console's formula and table).
 
     ``intervals``: ``(R, 2)`` for a Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``.
     """
     if isinstance(rule, NeuralRule):
         return f"% {rule.describe()}\n% A neural rule has no closed form; distill it to get one."
     tp = precision + 1 if table_precision is None else table_precision
-    head = LATEX_HEADER + "\n" if header else ""
     groups = _groups(rule)
     if not isinstance(rule, NetworkRule):
         ivs = (
             [intervals.tolist() if isinstance(intervals, np.ndarray) else intervals] if intervals is not None else None
         )
-        return (
-            head + latex_equations([rule.latex(precision)]) + "\n\n" + latex_table([rule], precision=tp, intervals=ivs)
-        )
-    eqs = latex_equations([rf"\text{{{_layers_label(layers)}}}:\quad " + r.latex(precision) for layers, r in groups])
+        table = latex_table([rule], precision=tp, intervals=ivs)
+        return latex_fragment([rule.latex(precision)], [table], header)
+    eqs = [rf"\text{{{_layers_label(layers)}}}:\quad " + r.latex(precision) for layers, r in groups]
     rules = [Rule(r.terms, _layers_label(layers), values=r.values) for layers, r in groups]
     if not all(r.terms == rules[0].terms for r in rules):
         tables = [
@@ -69,9 +62,9 @@ def rule_latex(rule, intervals=None, precision: int = 3, table_precision: int | 
             )
             for g, r in enumerate(rules)
         ]
-        return head + eqs + "\n\n" + "\n\n".join(tables)
+        return latex_fragment(eqs, tables, header)
     ivs = None if intervals is None else [_group_intervals(rule, intervals, g).tolist() for g in range(len(rules))]
-    return head + eqs + "\n\n" + latex_table(rules, precision=tp, intervals=ivs)
+    return latex_fragment(eqs, [latex_table(rules, precision=tp, intervals=ivs)], header)
 
 
 def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
