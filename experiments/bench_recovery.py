@@ -32,9 +32,9 @@ import pandas as pd
 import sympy as sp
 import torch
 
-from rulesearch.distill import BACKENDS, pysr_status
+from rulesearch.distill import BACKENDS, add_noise, is_recovered, pysr_status, reduce_identities, same_terms
 from rulesearch.distill.pipeline import distill, heldout_error
-from rulesearch.distill.samples import TARGET, collect_samples
+from rulesearch.distill.samples import collect_samples
 from rulesearch.lang.grammar import Grammar
 from rulesearch.lang.rule import Rule
 from rulesearch.lang.signals import (
@@ -87,36 +87,6 @@ def planted(name: str, seed: int) -> sp.Expr:
     return sp.expand(build(*coefs))
 
 
-def _terms(expr) -> dict:
-    out: dict = {}
-    for t in sp.Add.make_args(sp.expand(expr)):
-        c, m = t.as_coeff_Mul()
-        out[m] = out.get(m, 0.0) + float(c)
-    return out
-
-
-def reduce_identities(expr, identities) -> dict:
-    """Monomial -> coefficient of ``expr`` after rewriting dropped terms by the data identities."""
-    terms = _terms(expr)
-    rewrite = {sp.expand(t): comb for t, comb in identities}
-    for _ in range(4):  # identities map to simpler terms, so a few passes suffice
-        changed = False
-        for m in list(terms):
-            if m in rewrite:
-                c = terms.pop(m)
-                for m2, c2 in _terms(rewrite[m]).items():
-                    terms[m2] = terms.get(m2, 0.0) + c * c2
-                changed = True
-        if not changed:
-            break
-    scale = max((abs(c) for c in terms.values()), default=0.0)
-    return {m: c for m, c in terms.items() if abs(c) > 1e-9 * scale}
-
-
-def same_structure(found, truth, identities) -> bool:
-    return set(reduce_identities(found, identities)) == set(reduce_identities(truth, identities))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     avail = [b for b in ("sparse", "operon") if BACKENDS[b].available()]
@@ -157,12 +127,8 @@ def main(argv=None):
             held = collect_samples(net, test, rule.compile(), {}, grammar=grammar, n_per_step=a.per_step,
                                    seed=a.seed + 1)  # fmt: skip
         collect_seconds = time.perf_counter() - t1
-        dw = samples[TARGET].to_numpy()
         for k, noise in enumerate(NOISES):
-            noisy = samples.copy()
-            noisy.attrs = samples.attrs
-            rng = np.random.default_rng([a.seed, list(RULES).index(name), k])
-            noisy[TARGET] = dw + noise * dw.std() * rng.standard_normal(len(dw))
+            noisy = add_noise(samples, noise, seed=[a.seed, list(RULES).index(name), k])
             identities = None
             for backend in backends:
                 t2 = time.perf_counter()
@@ -172,8 +138,8 @@ def main(argv=None):
                     identities = getattr(res.backend, "identities_", identities) or []
                 formula = res.formula
                 err_h = heldout_error(formula, held)
-                structural = same_structure(formula, truth, identities)
-                exact = structural and (noise > 0 or err_h < 1e-6)
+                structural = same_terms(formula, truth, identities)
+                exact = is_recovered(formula, truth, identities, heldout=held if noise == 0 else None)
                 row = {
                     "rule": name,
                     "backend": backend,
@@ -184,7 +150,7 @@ def main(argv=None):
                     "fit_seconds": round(fit_seconds, 2),
                     "total_seconds": round(fit_seconds + collect_seconds, 2),
                     "n_samples": len(samples),
-                    "n_terms_found": len(_terms(formula)),
+                    "n_terms_found": len(reduce_identities(formula)),
                     "formula": sp.sstr(formula.evalf(6), order="none"),
                     "planted": sp.sstr(truth, order="none"),
                 }

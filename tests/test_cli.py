@@ -1,9 +1,11 @@
 """Smoke tests of the `rulesearch` command line (typer.testing.CliRunner), tiny configs."""
 
 import json
+import re
 
 import pytest
 import typer
+from texcheck import latex_errors
 from typer.testing import CliRunner
 
 from rulesearch.cli import app
@@ -37,6 +39,34 @@ def test_discover_prints_rule_accuracies_baselines_and_run_dir(run_dir):
     assert "first 10%" in text and "last 10%" in text and "f0 (fa)" in text and "f0 (bp)" in text
     assert f"run directory: {out}" in text
     assert RunDir.open(out).is_finished
+
+
+def _numbers(text: str, latex: bool) -> list[float]:
+    """The decimal numbers of a console formula or a LaTeX one (``1.2 \\cdot 10^{-4}``), in order."""
+    if latex:
+        found = re.findall(r"(\d+(?:\.\d+)?)(?: \\cdot 10\^\{(-?\d+)\})?", re.sub(r"_\{\d+\}", "", text))
+        return [float(f"{m}e{e or 0}") for m, e in found]
+    return [float(m) for m in re.findall(r"\d+\.\d*(?:e[-+]\d+)?", text)]
+
+
+def test_rule_tex_is_an_input_able_fragment_with_the_console_digits(run_dir):
+    out, text = run_dir
+    tex = (out / "rule.tex").read_text()
+    head, _, body = tex.partition("\n\\begin{equation}\n")
+    assert head.startswith("%") and all(line.startswith("%") for line in head.splitlines())
+    assert r"\usepackage{booktabs}" in head and r"\usepackage{amsmath}" in head
+    equation, _, table = body.partition("\n\\end{equation}\n\n")
+    assert equation.startswith(r"\Delta W_{ij} = ") and "\n" not in equation and not latex_errors(equation)
+    assert table.startswith(r"\begin{tabular}") and table.rstrip().endswith(r"\end{tabular}")
+    cells = re.findall(r"\$([^$]*)\$", table)
+    assert cells and not [c for c in cells if latex_errors(c)]
+    # the equation has the console formula's digits, the table the console table's (each value to 4 digits)
+    console = next(line for line in text.splitlines() if "dW_ij = " in line)
+    assert sorted(_numbers(equation, latex=True)) == sorted(_numbers(console, latex=False))
+    rows = [line.split() for line in text.splitlines() if re.match(r"\s+F\d\s", line)]
+    values = [float(r[2]) for r in rows]
+    tabled = [_numbers(line.split("&")[2], latex=True)[0] for line in table.splitlines() if re.match(r"F\d &", line)]
+    assert len(values) == 10 and [abs(v) for v in values] == tabled
 
 
 def test_export_formats(run_dir, tmp_path):

@@ -13,23 +13,30 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
+from texcheck import latex_errors
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.distill import (
     BACKENDS,
     Candidate,
     DistillDataError,
+    FunctionUpdate,
     OperonBackend,
     PySRBackend,
     SparseBackend,
+    add_noise,
     clean_formula,
     evaluate_expr,
     expr_complexity,
     formula_to_rule,
     get_backend,
+    is_recovered,
+    reduce_identities,
+    same_terms,
 )
 from rulesearch.distill import pysr as pysr_module
 from rulesearch.distill.closed_loop import closed_loop, rule_params
+from rulesearch.distill.operon import OPERON_SYMBOLS, operon_symbols, parse_model
 from rulesearch.distill.pipeline import data_identities, distill, heldout_error
 from rulesearch.distill.samples import (
     ID_COLUMNS,
@@ -52,9 +59,9 @@ from rulesearch.distill.select import (
 )
 from rulesearch.errors import BackendUnavailableError, ConfigError, NotFittedError, ShapeError
 from rulesearch.lang.grammar import Grammar
-from rulesearch.lang.pools import f0, oja
+from rulesearch.lang.pools import f0, oja, pool
 from rulesearch.lang.rule import Rule
-from rulesearch.lang.signals import err, layer_sum, post, pre, reward, sanger, trace, w, wT
+from rulesearch.lang.signals import bilinear, err, layer_sum, post, pre, pre_err, reward, sanger, trace, w, wT
 from rulesearch.networks.feedforward import Network
 from rulesearch.reference.naive import naive_eval
 
@@ -231,6 +238,38 @@ def test_operon_unavailable_error(monkeypatch, np_rng):
     X, y = _planted(np_rng, n=50)
     with pytest.raises(BackendUnavailableError, match=r"rulesearch\[operon\]"):
         OperonBackend().fit(X, y, SIGNAL_FEATURES)
+
+
+def test_operon_primitive_sets_compile_into_rules():
+    assert operon_symbols("polynomial") == "add,sub,mul,constant,variable"  # the default
+    assert operon_symbols("nonlinear") == "add,sub,mul,div,tanh,exp,abs,constant,variable"
+    assert operon_symbols(" tanh, div ,variable") == "tanh,div,constant,variable"
+    for bad in ("add,fmin", "aq", ""):
+        with pytest.raises(ConfigError, match="polynomial, rational, nonlinear"):
+            operon_symbols(bad)
+    # every allowed symbol as Operon prints it reads as a function of the rule language and compiles
+    printed = {"add": "(x0 + x1)", "sub": "(x0 - x1)", "mul": "(x0 * x1)", "div": "(x0 / x1)", "square": "(x0 ^ 2)",
+               "abs": "abs(x0)", "exp": "exp(x0)", "log": "log(x0)", "logabs": "log(abs(x0))", "sqrt": "sqrt(x0)",
+               "sqrtabs": "sqrt(abs(x0))", "tanh": "tanh((0.5 * x0))", "sin": "sin(x0)", "cos": "cos(x0)"}  # fmt: skip
+    assert set(printed) == set(OPERON_SYMBOLS)
+    for symbol, text in printed.items():
+        expr = parse_model(f"(1.5 * {text}) * (x1 ^ 3)", [post, pre])
+        assert {s.name for s in expr.free_symbols} == {"post", "pre"}, symbol
+        formula_to_rule(expr).compile()
+    with pytest.raises(ConfigError, match="max_time must be a number of seconds >= 2"):
+        OperonBackend(max_time=1).fit(np.ones((4, 1)), np.arange(4.0), [pre])
+
+
+def test_operon_max_time_bounds_the_whole_fit(np_rng):
+    pytest.importorskip("pyoperon")
+    X = np_rng.normal(size=(3000, 4))
+    y = np.tanh(2 * X[:, 0]) * X[:, 1] + 0.3 * np.abs(X[:, 2]) - 0.1 * X[:, 3] / (1 + X[:, 0] ** 2)
+    backend = OperonBackend(primitives="nonlinear", max_time=3, population_size=1000, generations=100000)
+    t0 = time.perf_counter()
+    backend.fit(X, y, SIGNAL_FEATURES)
+    assert time.perf_counter() - t0 < 3 + 0.5, backend.history_
+    assert np.isfinite(backend.predict(X)).all()
+    assert any(isinstance(c.expr, sp.Basic) for c in backend.front_)
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS), ids=sorted(BACKENDS))
@@ -679,14 +718,49 @@ def test_distill_command(trained_run):
     assert help_text.exit_code == 0, help_text.output
     assert all(opt in help_text.output for opt in ("RUN", "--backend", "--grammar", "--layers", "--set"))
     path, _ = trained_run
-    args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2", "--no-check"]
+    args = ["distill", str(path), "--grammar", "default", "--episodes", "2", "--test-episodes", "2"]
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "dW_ij =" in out.output and f"wrote {path / 'distill'}/" in out.output
+    # stage messages with estimates and times (stderr); --quiet silences them
+    for stage in ("sampling the update on 2 episodes x 9 steps", "sampling 2 held-out episodes (about ",
+                  "fitting sparse: ", "closed loop: ", "closed_loop done in ", "writing "):  # fmt: skip
+        assert f"distill: {stage}" in out.output or f"distill:   {stage}" in out.output, stage
     for name in ("samples.parquet", "rule.json", "rule.tex", "front.csv", "summary.json", "report.md"):
         assert (path / "distill" / name).is_file(), name
+    quiet = runner.invoke(app, [*args, "--quiet", "--no-check", "--out", "quiet"])
+    assert quiet.exit_code == 0 and "distill:" not in quiet.output, quiet.output
     bad = runner.invoke(app, ["distill", str(path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_distill_run_default_library_and_reports(trained_run):
+    """The default library is fitted to the rule (no reward terms for a rule that reads no reward, the rule's own
+    operators in it); report.md and rule.tex hold one complete equation, the front's formulas uncut."""
+    from rulesearch.distill.pipeline import distill_run, library_for
+
+    path, _ = trained_run
+    res = distill_run(path, n_episodes=2, test_episodes=2, check=False)
+    trained = Rule.from_json(__import__("json").loads((path / "rule.json").read_text()))
+    assert _same_formula(res.formula, sp.expand(trained.sympy()), rtol=1e-5)
+    assert res.rule.n_terms == 3  # -a e x + b y x - b y (W^T y): the rule itself, nothing spurious
+    assert not {"reward", "reward_bar", "mod"} & set(res.samples.columns)
+    report = (path / "distill" / "report.md").read_text()
+    assert "reward" not in report and report.count(r"\Delta W_{ij}") == 1
+    rows = [line.split("`")[1] for line in report.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == len(res.backend.front_) and all(sp.sympify(r) is not None for r in rows)  # uncut
+    assert max(len(r) for r in rows) > 0 and all(r.count("(") == r.count(")") for r in rows)
+    tex = (path / "distill" / "rule.tex").read_text()
+    assert tex.startswith("% \\input") and tex.count(r"\Delta W_{ij}") == 1
+    equation = tex.split("\\begin{equation}\n")[1].split("\n\\end{equation}")[0]
+    assert not latex_errors(equation)
+    # a rule that reads the reward keeps the reward atoms; the pool's layer sum and bilinear forms become atoms
+    three_factor = Rule.general(reward * post * pre, name="three_factor")
+    assert reward in library_for(three_factor.compile()).atoms
+    pool_atoms = library_for(pool.compile()).atoms
+    assert layer_sum(post) in pool_atoms and bilinear(post, pre_err) in pool_atoms and reward not in pool_atoms
+    g = Grammar.default()
+    assert library_for(pool.compile(), g) is g  # a Grammar object is used as given
 
 
 def test_distill_update_of_a_black_box_neural_rule():
@@ -723,3 +797,49 @@ def test_distill_run_of_a_network_rule(trained_run, tmp_path):
     assert _same_formula(results[0].formula, first.sympy(), rtol=1e-6)
     assert _same_formula(results[1].formula, sp.expand(second.sympy()), rtol=1e-6)
     assert (path / "dnet" / "group1" / "rule.tex").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- planted rules
+
+
+def test_a_planted_torch_function_is_recovered(tiny_setup):
+    net, batch = tiny_setup
+
+    def hebb_decay(s):  # 0.03 y_i x_j - 0.01 W_ij, written in torch only
+        return 0.03 * s["post"][:, :, None] * s["pre"][:, None, :] - 0.01 * s["w"]
+
+    update = FunctionUpdate(hebb_decay, needs=("pre", "post", "w"), name="hebb_decay")
+    grammar = _small_grammar()
+    train = collect_samples(net, batch, update, None, grammar=grammar, n_per_step=12, run_seed=0)
+    held = collect_samples(net, batch, update, None, grammar=grammar, n_per_step=12, run_seed=1, seed=1)
+    res = distill(add_noise(train, 0.0), grammar=grammar)
+    truth = 0.03 * post * pre - 0.01 * w
+    assert is_recovered(res.formula, truth, res.backend.identities_, heldout=held)
+    assert not is_recovered(0.03 * post * pre - 0.02 * w, truth, heldout=held)  # same terms, other values
+    assert not is_recovered(res.formula, 0.03 * post * pre)
+    with pytest.raises(ShapeError, match=r"returned \(2, 5\); an update returns dW of shape \(B, n_post, n_pre\)"):
+        collect_samples(net, batch, FunctionUpdate(lambda s: s["post"], needs=("post", "pre", "w")), None,
+                        grammar=grammar, run_seed=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="needs must name base signals"):
+        FunctionUpdate(hebb_decay, needs=("pre", "presynaptic"))
+
+
+def test_add_noise_changes_only_the_target(tiny_samples):
+    noisy = add_noise(tiny_samples, 0.1, seed=[0, 3])
+    dw = tiny_samples[TARGET].to_numpy()
+    diff = noisy[TARGET].to_numpy() - dw
+    assert abs(diff.std() / (0.1 * dw.std()) - 1) < 0.15
+    assert noisy.drop(columns=TARGET).equals(tiny_samples.drop(columns=TARGET))
+    assert noisy.attrs == tiny_samples.attrs and samples_features(noisy)[1] == samples_features(tiny_samples)[1]
+    assert add_noise(tiny_samples, 0.1, seed=[0, 3]).equals(noisy) and add_noise(tiny_samples, 0.0).equals(tiny_samples)
+    with pytest.raises(ConfigError, match="Noise level must be a finite number >= 0"):
+        add_noise(tiny_samples, -0.1)
+
+
+def test_same_terms_modulo_identities():
+    identities = [(reward**2, reward), (layer_sum(post) * pre, pre)]
+    assert same_terms(0.5 * post * pre + 0.2 * reward**2 * err, 0.5 * post * pre + 0.21 * reward * err, []) is False
+    assert same_terms(0.5 * post * pre + 0.2 * reward**2, 0.5 * post * pre + 0.2 * reward, identities)
+    assert same_terms(0.1 * layer_sum(post) * pre + 0.1 * pre, 0.2 * pre, identities)
+    assert not same_terms(0.5 * post * pre, 0.5 * post * pre + 1e-3 * w)
+    assert reduce_identities(0.1 * layer_sum(post) * pre - 0.1 * pre, identities) == {}

@@ -12,7 +12,7 @@ import re
 KNOWN_COMMANDS = {
     # structure and spacing
     "left", "right", "frac", "sqrt", "begin", "end", "text", "mathrm", "textstyle", "quad", "cdot", "top", "le",
-    "sum", "bar", "prime", "Delta", "infty", ":", ",", "\\", "_", "{", "}", "|", "operatorname",
+    "sum", "bar", "prime", "Delta", " ", "infty", ":", ",", "\\", "_", "{", "}", "|", "operatorname",
     # glyphs of signals and functions
     "ell", "theta", "max", "min", "exp", "log", "tanh", "sinh", "cosh", "sin", "cos", "pi",
 }  # fmt: skip

@@ -14,6 +14,7 @@ from .base import (
 from .operon import OperonBackend
 from .pipeline import DistillResult, distill, distill_run, distill_update
 from .pysr import PySRBackend, pysr_status
+from .recovery import FunctionUpdate, add_noise, is_recovered, reduce_identities, same_terms
 from .samples import collect_samples, load_samples, save_samples
 from .sparse import SparseBackend
 
@@ -23,9 +24,11 @@ __all__ = [
     "DistillBackend",
     "DistillDataError",
     "DistillResult",
+    "FunctionUpdate",
     "OperonBackend",
     "PySRBackend",
     "SparseBackend",
+    "add_noise",
     "clean_formula",
     "collect_samples",
     "distill",
@@ -35,7 +38,10 @@ __all__ = [
     "expr_complexity",
     "formula_to_rule",
     "get_backend",
+    "is_recovered",
     "load_samples",
     "pysr_status",
+    "reduce_identities",
+    "same_terms",
     "save_samples",
 ]

@@ -34,6 +34,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import ConfigError, InvalidRuleError, NotFittedError, RuleSearchError, ShapeError
+from ..lang.export import round_floats
 from ..lang.rule import Rule, Term
 from ..lang.signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_derived
 
@@ -313,6 +314,7 @@ def clean_formula(
     w: np.ndarray,
     drop_tol: float = 1e-3,
     rel_floor: float = 1e-9,
+    deadline: float | None = None,
 ) -> tuple[sp.Expr, float]:
     r"""Clean a formula found by genetic programming: expand, drop negligible terms, refit constants.
 
@@ -324,8 +326,14 @@ def clean_formula(
     3. Constants inside non-linear parts are refitted jointly by Levenberg-Marquardt
        (``scipy.optimize.least_squares``) when that lowers the loss.
 
+    ``deadline`` (a ``time.perf_counter()`` value) ends steps 2 and 3 early, keeping what is fitted by then.
+
     Returns the cleaned formula and its weighted mean squared error.
     """
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     W = w.sum()
     y_rms = float(np.sqrt(np.sum(w * y**2) / W))
     floor = (rel_floor * y_rms) ** 2
@@ -360,7 +368,7 @@ def clean_formula(
         if keep.all():
             break
         parts = [p for p, k in zip(parts, keep) if k]
-    while len(parts) > 1:
+    while len(parts) > 1 and not out_of_time():
         trials = [fit([col for j, (_, col) in enumerate(parts) if j != k]) for k in range(len(parts))]
         k = min(range(len(parts)), key=lambda k: trials[k][1])
         if max(trials[k][1], floor) > max(loss, floor) * (1 + price):
@@ -369,12 +377,16 @@ def clean_formula(
         coef, loss = trials[k]
     out = sp.Add(*(sp.Float(float(c)) * rest for c, (rest, _) in zip(coef, parts)))
     inner = sorted(out.atoms(sp.Float) - {sp.Float(float(c)) for c in coef}, key=str)
-    if inner:
-        out, loss = _refit_constants(out, features, X, y, w, loss)
+    if inner and not out_of_time():
+        out, loss = _refit_constants(out, features, X, y, w, loss, deadline)
     return out, loss
 
 
-def _refit_constants(expr, features, X, y, w, loss):
+class _OutOfTime(Exception):
+    pass
+
+
+def _refit_constants(expr, features, X, y, w, loss, deadline=None):
     import scipy.optimize
 
     floats = sorted(expr.atoms(sp.Float), key=str)
@@ -390,6 +402,8 @@ def _refit_constants(expr, features, X, y, w, loss):
     cols = [X[:, k] for k in range(X.shape[1])]
 
     def resid(c):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _OutOfTime
         with np.errstate(all="ignore"):
             r = (np.broadcast_to(fn(*cols, *c), y.shape) - y) * sw
         return np.nan_to_num(r, nan=1e6, posinf=1e6, neginf=-1e6)
@@ -397,7 +411,7 @@ def _refit_constants(expr, features, X, y, w, loss):
     x0 = np.array([float(f) for f in floats])
     try:
         sol = scipy.optimize.least_squares(resid, x0, method="lm", max_nfev=200 * (len(x0) + 1))
-    except (ValueError, np.linalg.LinAlgError):
+    except (ValueError, np.linalg.LinAlgError, _OutOfTime):
         return expr, loss
     new = float(np.sum(resid(sol.x) ** 2))
     if np.isfinite(new) and new < loss:
@@ -643,8 +657,8 @@ class DistillBackend(abc.ABC):
         chosen = self.front_[self.selection_["index"]]
         for c in self.front_:
             mark = ">" if c is chosen else " "
-            f = sp.sstr(c.expr.evalf(precision), order="none")
-            lines.append(f"{mark:2}{c.complexity:>10}  {c.loss:>11.4e}  {c.n_params:>6}  {f[:100]}")
+            f = sp.sstr(round_floats(c.expr, precision), order="none")
+            lines.append(f"{mark:2}{c.complexity:>10}  {c.loss:>11.4e}  {c.n_params:>6}  {f}")
         if self.best_.expr != chosen.expr:
             lines.append(f"snapped: {sp.sstr(self.best_.expr, order='none')}")
         return "\n".join(lines)

@@ -68,6 +68,15 @@ def distill_command(
         list[str] | None,
         typer.Option("--set", help="Backend parameter KEY=VALUE, repeatable (e.g. --set selection=knee)."),
     ] = None,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress",
+            " /--quiet",
+            " /-q",
+            help="Stage messages with time estimates and progress bars on stderr (default); --quiet: none.",
+        ),
+    ] = True,
 ) -> None:
     """Distill a run's learned rule into a compact formula, check it in the loop, and write LaTeX.
 
@@ -89,6 +98,7 @@ def distill_command(
             n_per_step=per_step,
             layers=parse_layers(layers),
             check=check,
+            progress=progress,
             **parse_settings(settings),
         )
     except RuleSearchError as err:

@@ -102,8 +102,8 @@ def rule_params(rule: Rule, dtype=torch.float64, device=None):
 class _CosineObserver:
     """Evaluates per-layer distilled updates on the observed signals and accumulates cosines."""
 
-    def __init__(self, compiled, params, n_layers: int):
-        self.compiled, self.params = compiled, params
+    def __init__(self, compiled, params, n_layers: int, on_step=None):
+        self.compiled, self.params, self.on_step = compiled, params, on_step
         needs, specs = set(), []
         for c in compiled:
             if c is None:
@@ -120,6 +120,8 @@ class _CosineObserver:
         self.ref2 = 0.0
 
     def __call__(self, step, layer, signals, dw):
+        if layer == 0 and self.on_step is not None:
+            self.on_step()
         comp = self.compiled[layer]
         if comp is None:
             return
@@ -156,6 +158,7 @@ def closed_loop(
     *,
     layers=None,
     seed: int | None = None,
+    on_step=None,
     **run_kwargs,
 ) -> ClosedLoopReport:
     """Compare a distilled rule with the original update on the same episodes (see the module docstring).
@@ -172,6 +175,8 @@ def closed_loop(
         Use the distilled rule only in these layers (the original elsewhere); default all.
     seed : int, optional
         Initialization seed (default: the batch's own); both runs start from the same weights.
+    on_step : callable, optional
+        Called once per step of the original's run (e.g. to advance a progress bar).
     **run_kwargs :
         Passed to :func:`run_episodes` (e.g. ``reward=``).
     """
@@ -187,7 +192,7 @@ def closed_loop(
     rules = [None if r is None else (r if isinstance(r, Rule) else formula_to_rule(r)) for r in per_layer]
     compiled = [None if r is None else compile_rule(r) for r in rules]
     dparams = [None if r is None else rule_params(r, dtype, device) for r in rules]
-    obs = _CosineObserver(compiled, dparams, n)
+    obs = _CosineObserver(compiled, dparams, n, on_step)
     run_kwargs = {"raise_on_divergence": False, **run_kwargs}  # diverged episodes are counted in the report
     orig = run_episodes(net, batch, update, params, seed=seed, observe=obs, metrics=False, **run_kwargs)
     upd_list = update if isinstance(update, (list, tuple)) else [update] * n

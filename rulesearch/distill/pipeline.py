@@ -28,10 +28,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +46,11 @@ import sympy as sp
 import torch
 
 from ..errors import ConfigError, RunDirectoryError
+from ..lang.export import latex_fragment, round_floats
 from ..lang.grammar import Grammar
 from ..lang.rule import NetworkRule, Rule
-from ..lang.signals import BASE_SIGNALS
-from .base import DistillBackend, evaluate_expr, get_backend
+from ..lang.signals import BASE_SIGNALS, OPERATORS, Constant, base_needs, signals_in
+from .base import DistillBackend, evaluate_expr, get_backend, term_name
 from .closed_loop import ClosedLoopReport, closed_loop
 from .samples import collect_samples, samples_arrays, save_samples
 from .select import CollinearityReport
@@ -54,11 +58,13 @@ from .sparse import library_collinearity, library_terms
 
 __all__ = [
     "DistillResult",
+    "Progress",
     "data_identities",
     "distill",
     "distill_update",
     "distill_run",
     "heldout_error",
+    "library_for",
     "resolve_grammar",
 ]
 
@@ -75,6 +81,80 @@ def resolve_grammar(grammar) -> Grammar:
     if maker is None:
         raise ConfigError(f"Unknown grammar {grammar!r}; known: {sorted(GRAMMARS)} (or pass a Grammar).")
     return maker()
+
+
+class Progress:
+    """Stage messages of a distillation on stderr: what runs, an estimate of how long, then how long it took; a
+    progress bar with the remaining time over the online steps of a stage that runs the network.
+
+    ``Progress(False)`` is silent. Estimates come from the stages already run (sampling the held-out episodes from
+    the training ones, the closed loop from both).
+    """
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.seconds: dict[str, float] = {}
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(f"distill: {text}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, key: str, text: str, estimate: float | None = None, steps: int | None = None):
+        """Announce a stage (``estimate`` in seconds); yields an ``on_step`` callback for a bar of ``steps``."""
+        self._say(text + (f" (about {_duration(estimate)})" if estimate is not None else "") + " ...")
+        bar = None
+        if self.enabled and steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            yield (lambda: bar.update(1)) if bar is not None else None
+        finally:
+            if bar is not None:
+                bar.close()
+        self.seconds[key] = time.perf_counter() - t0
+        self._say(f"  {key} done in {_duration(self.seconds[key])}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def library_for(update, grammar=None) -> Grammar:
+    """The term library for distilling ``update`` (an update object, or one per layer).
+
+    A :class:`Grammar` is used as given. A built-in one, by name (default ``classic``), is fitted to the update:
+    atoms that read a signal the update never reads (its ``needs``) are dropped, so a rule that reads no reward gets
+    no reward terms (nor identities about the reward), and the operators and derived signals of a compiled rule's own
+    terms (e.g. the pool's layer sum and bilinear forms) are added as atoms, so the rule lies in its library.
+    """
+    if isinstance(grammar, Grammar):
+        return grammar
+    base = resolve_grammar(grammar)
+    updates = list(update) if isinstance(update, (list, tuple)) else [update]
+    if not all(isinstance(getattr(u, "needs", None), (set, frozenset)) for u in updates):
+        return base
+    reads = set().union(*(u.needs for u in updates))
+    for u in updates:
+        for spec in getattr(u, "states", None) or ():
+            reads |= set(spec.needs)
+    atoms = [a for a in base.atoms if base_needs(a) <= reads]
+    for u in updates:
+        rule = getattr(u, "rule", None)
+        if not isinstance(rule, Rule):
+            continue
+        for e in [t.expr for t in rule.terms] if rule.is_linear else [rule.expr]:
+            own = sorted(e.atoms(*OPERATORS), key=sp.default_sort_key)
+            own += sorted((x for x in signals_in(e) if not x.is_base and not isinstance(x, Constant)), key=str)
+            atoms += [a for a in own if a not in atoms]
+    if atoms == list(base.atoms):
+        return base
+    names = {term_name(a) for a in atoms}
+    limits = {k: v for k, v in base.degree_per_signal.items() if k in names}
+    return dataclasses.replace(base, atoms=tuple(atoms), degree_per_signal=limits)
 
 
 @dataclass
@@ -116,9 +196,11 @@ class DistillResult:
         return self.backend.best_.expr
 
     def latex(self, precision: int = 3) -> str:
+        r"""The update as LaTeX, ``\Delta W_{ij} = ...``."""
         return self.rule.latex(precision=precision)
 
-    def front_rows(self) -> list[dict]:
+    def front_rows(self, precision: int | None = None) -> list[dict]:
+        """The Pareto front, one dict per formula (``precision``: round its numbers to that many digits)."""
         b = self.backend
         chosen = b.front_[b.selection_["index"]]
         return [
@@ -129,7 +211,7 @@ class DistillResult:
                 "score": s,
                 "selected": c is chosen,
                 "source": c.source,
-                "formula": sp.sstr(c.expr, order="none"),
+                "formula": sp.sstr(c.expr if precision is None else round_floats(c.expr, precision), order="none"),
             }
             for c, s in zip(b.front_, b.selection_["scores"])
         ]
@@ -155,7 +237,7 @@ class DistillResult:
     def report(self) -> str:
         """A Markdown report: formula, front, identities, closed loop."""
         s = self.summary()
-        lines = ["# Distilled rule", "", f"$$\\Delta W_{{ij}} = {s['latex']}$$", "", f"`{s['formula']}`", ""]
+        lines = ["# Distilled rule", "", f"$${s['latex']}$$", "", f"`{s['formula']}`", ""]
         lines += [
             f"- backend: {s['backend']}; {s['n_samples']} samples, {s['n_features']} features",
             f"- complexity {s['complexity']}, weighted train MSE {s['train_loss']:.4e}, held-out relative error "
@@ -164,9 +246,9 @@ class DistillResult:
         if self.closed_loop is not None:
             lines.append(f"- closed loop: {self.closed_loop}")
         lines += ["", "## Pareto front", "", "| | complexity | loss | params | formula |", "|---|---|---|---|---|"]
-        for r in self.front_rows():
+        for r in self.front_rows(precision=4):
             mark = "**>**" if r["selected"] else ""
-            lines.append(f"| {mark} | {r['complexity']} | {r['loss']:.4e} | {r['n_params']} | `{r['formula'][:120]}` |")
+            lines.append(f"| {mark} | {r['complexity']} | {r['loss']:.4e} | {r['n_params']} | `{r['formula']}` |")
         if self.identities:
             lines += ["", "## Identities on the data (the simplest member was kept)", ""]
             lines += [f"- `{i}`" for i in self.identities[:50]]
@@ -293,30 +375,41 @@ def distill_update(
     dtype: torch.dtype = torch.float64,
     check: bool = True,
     run_kwargs: dict | None = None,
+    progress: Progress | bool = False,
     **backend_params,
 ) -> DistillResult:
     """Distill any update object: sample it on fresh episodes, fit, select, check on held-out episodes.
 
     Episodes ``(seed, t, 0..n_episodes-1)`` give the training samples and ``(seed, t + 1, ...)`` the held-out
     samples and the closed-loop check (``check=True``); ``t`` defaults far beyond any meta-training step, so the
-    tasks are fresh. ``layers`` restricts samples and the closed-loop replacement to some layers.
+    tasks are fresh. ``layers`` restricts samples and the closed-loop replacement to some layers. ``grammar``: see
+    :func:`library_for`. ``progress``: stage messages on stderr (a :class:`Progress`, or True).
     """
-    grammar = resolve_grammar(grammar)
+    grammar = library_for(update, grammar)
+    prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
     run_kwargs = dict(run_kwargs or {})
-    timing = {}
-    t0 = time.perf_counter()
-    train = sampler.sample(seed, t, range(n_episodes)).to(dtype=dtype)
     opts = dict(grammar=grammar, n_per_step=n_per_step, n_strata=n_strata, layers=layers, **run_kwargs)
-    samples = collect_samples(net, train, update, params, seed=seed, **opts)
+    train = sampler.sample(seed, t, range(n_episodes)).to(dtype=dtype)
+    steps = int(train.x_train.shape[1]) if hasattr(train, "x_train") else None
+    what = f"{n_episodes} episodes x {steps} steps" if steps else f"{n_episodes} episodes"
+    with prog.stage("sample", f"sampling the update on {what} (fit rows)", steps=steps) as on_step:
+        samples = collect_samples(net, train, update, params, seed=seed, on_step=on_step, **opts)
     test = sampler.sample(seed, t + 1, range(test_episodes)).to(dtype=dtype)
-    held = collect_samples(net, test, update, params, seed=seed + 1, **opts)
-    timing["collect"] = time.perf_counter() - t0
-    res = distill(samples, backend, grammar=grammar, layers=layers, heldout=held, **backend_params)
-    res.seconds.update(timing)
+    per_episode = prog.seconds["sample"] / max(n_episodes, 1)
+    with prog.stage("heldout", f"sampling {test_episodes} held-out episodes", per_episode * test_episodes,
+                    steps) as on_step:  # fmt: skip
+        held = collect_samples(net, test, update, params, seed=seed + 1, on_step=on_step, **opts)
+    name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
+    with prog.stage(
+        "fit", f"fitting {name}: {len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name})"
+    ):
+        res = distill(samples, backend, grammar=grammar, layers=layers, heldout=held, **backend_params)
     if check:
-        t1 = time.perf_counter()
-        res.closed_loop = closed_loop(res.rule, update, params, net, test, layers=layers, **run_kwargs)
-        res.seconds["closed_loop"] = time.perf_counter() - t1
+        with prog.stage("closed_loop", "closed loop: the original and the distilled rule on the held-out episodes",
+                        2 * per_episode * test_episodes, steps) as on_step:  # fmt: skip
+            res.closed_loop = closed_loop(res.rule, update, params, net, test, layers=layers, on_step=on_step,
+                                          **run_kwargs)  # fmt: skip
+    res.seconds.update({k: v for k, v in prog.seconds.items() if k != "fit"})
     return res
 
 
@@ -355,6 +448,7 @@ def distill_run(
     layers: Sequence[int] | None = None,
     check: bool = True,
     write: bool = True,
+    progress: bool = False,
     **backend_params,
 ) -> DistillResult:
     """Distill the trained rule of a run directory and write the results into ``<run>/<out>/``.
@@ -374,6 +468,8 @@ def distill_run(
     write : bool
         Write the outputs (``samples.parquet``, ``rule.json``, ``rule.tex``, ``front.csv``, ``summary.json``,
         ``report.md``).
+    progress : bool
+        Stage messages with time estimates and progress bars on stderr.
     """
     from ..train import load_rule
 
@@ -389,7 +485,10 @@ def distill_run(
     dtype = torch.float64
     groups = [tuple(lay) for lay, _ in trained.groups] if isinstance(trained, NetworkRule) else [None]
     results = []
+    prog = Progress(progress)
     for g, grp in enumerate(groups):
+        if len(groups) > 1:
+            prog._say(f"layer group {g + 1} of {len(groups)} (layers {', '.join(str(i) for i in grp)})")
         use = grp if grp is not None else (tuple(layers) if layers is not None else None)
         if isinstance(trained, NetworkRule):
             upd, par = [], []
@@ -402,13 +501,14 @@ def distill_run(
         res = distill_update(
             upd, par, net, sampler, grammar=grammar, backend=backend, layers=use, seed=seed + g,
             n_episodes=n_episodes, test_episodes=test_episodes, n_per_step=n_per_step, check=check,
-            run_kwargs=run_kwargs, **backend_params,
+            run_kwargs=run_kwargs, progress=prog, **backend_params,
         )  # fmt: skip
         results.append(res)
     if write:
         for g, res in enumerate(results):
             sub = out if len(results) == 1 else f"{out}/group{g}"
-            _write(run, sub, res)
+            with prog.stage("write", f"writing {run_path / sub}/"):
+                _write(run, sub, res)
     return results[0] if len(results) == 1 else results
 
 
@@ -424,7 +524,7 @@ def _write(run, sub: str, res: DistillResult) -> None:
         side = tmp.with_suffix(".csv.json")
         side.replace(final.with_suffix(".csv.json"))
     run.write_json(f"{sub}/rule.json", res.rule.to_json())
-    run.write_text(f"{sub}/rule.tex", "\\[ \\Delta W_{ij} = " + res.latex() + " \\]\n")
+    run.write_text(f"{sub}/rule.tex", latex_fragment([res.latex()]) + "\n")
     buf = io.StringIO()
     rows = res.front_rows()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,8 @@ class SampleCollector:
         Only these layers / steps are sampled (states still advance at every step).
     seed : int
         Seeds the ``torch.Generator`` that draws the rows.
+    on_step : callable, optional
+        Called once per online step (at its first layer), e.g. to advance a progress bar.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class SampleCollector:
         layers: Sequence[int] | None = None,
         steps: Sequence[int] | None = None,
         seed: int = 0,
+        on_step: Callable[[], None] | None = None,
     ):
         if not atoms:
             raise ConfigError("SampleCollector needs at least one atom (signal or operator) to record.")
@@ -154,12 +157,15 @@ class SampleCollector:
         self.layers = None if layers is None else frozenset(int(x) for x in layers)
         self.steps = None if steps is None else frozenset(int(x) for x in steps)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.on_step = on_step
         self._state: dict[int, dict] = {}
         self._chunks: list[dict[str, np.ndarray]] = []
         self.dtype = None
         self.run_index = 0
 
     def __call__(self, step: int, layer: int, signals, dw: torch.Tensor) -> None:
+        if layer == 0 and self.on_step is not None:
+            self.on_step()
         if step == 0:
             self._state[layer] = {}
             if layer == 0 and self._chunks:
@@ -290,6 +296,7 @@ def collect_samples(
     seed: int = 0,
     run_seed: int | None = None,
     drop_diverged: bool = True,
+    on_step: Callable[[], None] | None = None,
     **run_kwargs,
 ) -> pd.DataFrame:
     """Run ``update`` on ``batch`` and return the sampled signal table (see the module docstring).
@@ -306,7 +313,7 @@ def collect_samples(
         Record exactly these columns instead of a grammar's.
     signals : sequence of sympy.Expr
         Extra declared (derived or state) signals to record.
-    n_per_step, n_strata, stratify, layers, steps, seed :
+    n_per_step, n_strata, stratify, layers, steps, seed, on_step :
         See :class:`SampleCollector`.
     run_seed : int, optional
         ``seed`` of :func:`run_episodes` (weight initialization); default: the batch's own.
@@ -320,7 +327,7 @@ def collect_samples(
         atoms = sample_atoms(grammar, signals)
     else:
         atoms = sample_atoms(None, list(atoms) + list(signals))
-    collector = SampleCollector(atoms, n_per_step, n_strata, stratify, layers, steps, seed)
+    collector = SampleCollector(atoms, n_per_step, n_strata, stratify, layers, steps, seed, on_step)
     run_kwargs = {"raise_on_divergence": False, **run_kwargs}  # diverged episodes are dropped or kept below
     res = run_episodes(net, batch, update, params, seed=run_seed, observe=collector, metrics=False, **run_kwargs)
     df = collector.frame()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 
-import numpy as np
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
@@ -42,6 +42,9 @@ from .signals import (
 __all__ = [
     "RuleLatexPrinter",
     "expr_latex",
+    "latex_fragment",
+    "round_floats",
+    "significant",
     "rule_to_sympy",
     "rule_to_latex",
     "latex_table",
@@ -58,21 +61,16 @@ _INDEX = {"post": "i", "pre": "j", "synapse": "ij", "global": ""}
 
 
 class RuleLatexPrinter(LatexPrinter):
-    r"""LaTeX in index notation: :math:`x_j, y_i, e_i, e'_j, W_{ij}, B_{ji}`; floats to ``precision`` significant
-    digits (scientific below :math:`10^{-\mathrm{precision}}`)."""
+    r"""LaTeX in index notation: :math:`x_j, y_i, e_i, e'_j, W_{ij}, B_{ji}`; floats correctly rounded to
+    ``precision`` significant digits as by :func:`significant` (scientific below :math:`10^{-\mathrm{precision}}`)."""
 
     _default_settings = {**LatexPrinter._default_settings, "precision": 3, "vector": False}
 
     def _print_Float(self, expr):
-        # ``precision`` significant digits (as in latex_table), not decimals: 0.00149 must not print as 0.001
-        s = np.format_float_positional(
-            float(expr), precision=self._settings["precision"], unique=True, fractional=False, trim="-"
-        )
-        if abs(float(expr)) < 10 ** (-self._settings["precision"]) and float(expr) != 0:
-            s = np.format_float_scientific(float(expr), precision=self._settings["precision"] - 1, trim="-")
-            mant, exp = s.split("e")
-            return rf"{mant} \cdot 10^{{{int(exp)}}}"
-        return s
+        mant, exp = significant(float(expr), self._settings["precision"])
+        if exp < -self._settings["precision"]:  # scientific below 10^-precision
+            return rf"{mant} \cdot 10^{{{exp}}}"
+        return format(Decimal(f"{mant}e{exp}"), "f")
 
     def _glyph(self, sig: Signal) -> str:
         if sig.latex:
@@ -147,6 +145,22 @@ class RuleLatexPrinter(LatexPrinter):
         return self._power(tex, exp, indexed=False)
 
 
+def significant(value: float, precision: int) -> tuple[str, int]:
+    """``value`` correctly rounded to ``precision`` significant digits (as Python's ``format(value, ".4g")``), as
+    a mantissa without trailing zeros and a decimal exponent: ``significant(0.0017664, 3) == ("1.77", -3)``."""
+    mant, exp = f"{value:.{precision - 1}e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return ("0", 0) if float(mant) == 0 else (mant, int(exp))
+
+
+def round_floats(expr, precision: int = 3):
+    """``expr`` with every Float rounded as :func:`significant` rounds it (and printed with that many digits):
+    the plain-text formula shows the digits the LaTeX shows."""
+    expr = sp.sympify(expr)
+    return expr.xreplace({f: sp.Float(f"{float(f):.{precision - 1}e}", precision) for f in expr.atoms(sp.Float)})
+
+
 def expr_latex(expr, precision: int = 3) -> str:
     """LaTeX of one expression over signals."""
     return RuleLatexPrinter({"precision": precision}).doprint(expr)
@@ -178,6 +192,21 @@ def rule_to_sympy(rule, values=None) -> sp.Expr:
     if vals is None:
         return rule.expr
     return rule.expr.xreplace({c: sp.Float(vals[c.name]) for c in rule.constants})
+
+
+def latex_fragment(equations: Sequence[str], tables: Sequence[str] = (), header: bool = True) -> str:
+    r"""A LaTeX fragment to ``\input``: a comment naming the packages it needs (``header``), the equations (one in an
+    ``equation`` environment, several in ``gather``), then the (booktabs) tables."""
+    equations = list(equations)
+    head = ""
+    if header:
+        head = "% \\input this file into a LaTeX document that loads \\usepackage{amsmath}"
+        head += " and \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule).\n" if tables else ".\n"
+    if len(equations) == 1:
+        body = "\\begin{equation}\n" + equations[0] + "\n\\end{equation}"
+    else:
+        body = "\\begin{gather}\n" + " \\\\\n".join(equations) + "\n\\end{gather}"
+    return head + "\n\n".join([body, *tables])
 
 
 def rule_to_latex(rule, precision: int = 3, values=None, table: bool = False) -> str:

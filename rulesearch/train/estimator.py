@@ -53,6 +53,7 @@ from ..errors import ConfigError, DivergenceError, NotFittedError, RunDirectoryE
 from ..inner import run_episodes
 from ..io.runs import RunDir, run_path
 from ..io.stats import bootstrap_ci
+from ..lang.export import round_floats
 from ..lang.rule import NetworkRule, Rule
 from ..networks.feedforward import Network, stack_episodes
 from ..neural import NeuralRule
@@ -646,7 +647,7 @@ class RuleSearch:
         groups = rule.groups if isinstance(rule, NetworkRule) else [((), rule)]
         out = []
         for layers, r in groups:
-            expr = sp.sstr(r.sympy().evalf(precision))
+            expr = sp.sstr(round_floats(r.sympy(), precision))  # the digits of rule.tex
             prefix = f"layers {', '.join(str(i + 1) for i in layers)}: " if layers else ""
             out.append(f"{prefix}dW_ij = {expr}")
         return _with_feedback("\n".join(out), self.feedback_rule_, "formula", precision)

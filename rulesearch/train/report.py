@@ -10,7 +10,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import ConfigError, InvalidRuleError, RunDirectoryError
-from ..lang.export import latex_table, markdown_table
+from ..lang.export import latex_fragment, latex_table, markdown_table, round_floats
 from ..lang.rule import NetworkRule, Rule
 from ..neural import NeuralRule
 from .rules import _rule_data, load_feedback_rule, load_rule, resolve_rule
@@ -33,34 +33,38 @@ def _layers_label(layers) -> str:
     return f"layers {', '.join(str(i + 1) for i in layers)}" if len(layers) > 1 else f"layer {layers[0] + 1}"
 
 
-def rule_latex(rule, intervals=None, precision: int = 3) -> str:
-    """LaTeX of a trained rule: the update and a booktabs coefficient table (``intervals``: ``(R, 2)`` for a
-    Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``)."""
+def rule_latex(rule, intervals=None, precision: int = 3, table_precision: int | None = None, header: bool = True):
+    """A trained rule as a LaTeX fragment to ``\\input`` (:func:`~rulesearch.lang.export.latex_fragment`): a comment
+    naming the packages it needs (``header``), the update in an ``equation`` (``gather`` per layer group) to
+    ``precision`` significant digits, and a booktabs coefficient table to ``table_precision`` digits (default
+    ``precision + 1``: the console's formula and table).
+
+    ``intervals``: ``(R, 2)`` for a Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``.
+    """
     if isinstance(rule, NeuralRule):
         return f"% {rule.describe()}\n% A neural rule has no closed form; distill it to get one."
+    tp = precision + 1 if table_precision is None else table_precision
     groups = _groups(rule)
     if not isinstance(rule, NetworkRule):
         ivs = (
             [intervals.tolist() if isinstance(intervals, np.ndarray) else intervals] if intervals is not None else None
         )
-        return rule.latex(precision) + "\n\n" + latex_table([rule], precision=precision, intervals=ivs)
+        table = latex_table([rule], precision=tp, intervals=ivs)
+        return latex_fragment([rule.latex(precision)], [table], header)
     eqs = [rf"\text{{{_layers_label(layers)}}}:\quad " + r.latex(precision) for layers, r in groups]
     rules = [Rule(r.terms, _layers_label(layers), values=r.values) for layers, r in groups]
     if not all(r.terms == rules[0].terms for r in rules):
-        return (
-            "\n".join(eqs)
-            + "\n\n"
-            + "\n\n".join(
-                latex_table(
-                    [r],
-                    precision=precision,
-                    intervals=None if intervals is None else [_group_intervals(rule, intervals, g).tolist()],
-                )
-                for g, r in enumerate(rules)
+        tables = [
+            latex_table(
+                [r],
+                precision=tp,
+                intervals=None if intervals is None else [_group_intervals(rule, intervals, g).tolist()],
             )
-        )
+            for g, r in enumerate(rules)
+        ]
+        return latex_fragment(eqs, tables, header)
     ivs = None if intervals is None else [_group_intervals(rule, intervals, g).tolist() for g in range(len(rules))]
-    return "\n".join(eqs) + "\n\n" + latex_table(rules, precision=precision, intervals=ivs)
+    return latex_fragment(eqs, [latex_table(rules, precision=tp, intervals=ivs)], header)
 
 
 def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
@@ -192,9 +196,9 @@ def _with_feedback(text: str, feedback_rule: Rule | None, fmt: str, precision: i
     if feedback_rule is None:
         return text
     if fmt == "formula":
-        return f"{text}\nfeedback: dB_ji = {sp.sstr(feedback_rule.sympy().evalf(precision))}"
+        return f"{text}\nfeedback: dB_ji = {sp.sstr(round_floats(feedback_rule.sympy(), precision))}"
     if fmt == "latex":
-        block = "% plastic feedback rule\n" + rule_latex(feedback_rule, None, precision).replace(
+        block = "% plastic feedback rule\n" + rule_latex(feedback_rule, None, precision, header=False).replace(
             r"\Delta W_{ij}", r"\Delta B_{ji}", 1
         )
     elif fmt == "markdown":
