@@ -326,7 +326,9 @@ def evaluate(
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, ...")] = "cpu",
     out: Annotated[
         Path | None,
-        typer.Option(help="Directory for the table and plot (default: RUN/evaluation for a run directory, else none)."),
+        typer.Option(
+            help="Directory for the table and plot (default: RUN/evaluation for a single run directory, else none)."
+        ),
     ] = None,
 ):
     """Evaluate rules against f0 under fa and bp on fresh tasks, with 95% bootstrap intervals over seeds."""

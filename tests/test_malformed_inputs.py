@@ -114,6 +114,7 @@ def _replace_metrics(path):
 
 
 DAMAGE = {
+    "config not UTF-8": (lambda p: (p / "config.yaml").write_bytes(b"seed: \xff\n"), "config.yaml' is not UTF-8"),
     "manifest not UTF-8": (lambda p: (p / "manifest.json").write_bytes(b"\xff{}"), "manifest.json' is not UTF-8"),
     "manifest nested deep": (lambda p: (p / "manifest.json").write_text("[" * 5000 + "]" * 5000), "deeper than 100"),
     "metrics a directory": (_replace_metrics, "metrics.csv cannot be read (Is a directory)"),

@@ -528,13 +528,16 @@ def _format(path: Path) -> str:
     raise ConfigError(f"Config file {str(path)!r} has suffix {suffix!r}; expected .yaml, .yml or .json.")
 
 
-def load_config(path: str | Path, cls: type[C] | None = None) -> C | dict[str, Any]:
-    """Read a YAML (``.yaml``, ``.yml``) or JSON (``.json``) config file: ``cls`` if given, else a dict."""
+def load_config(path: str | Path, cls: type[C] | None = None, *, fix: str | None = None) -> C | dict[str, Any]:
+    """Read a YAML (``.yaml``, ``.yml``) or JSON (``.json``) config file: ``cls`` if given, else a dict.
+
+    A file that cannot be read raises :class:`ConfigError` naming the problem and ``fix`` (what to do instead).
+    """
     from rulesearch.io.files import parse_json, read_text
 
     path = Path(path)
     fmt = _format(path)
-    fix = "Pass a YAML or JSON file of settings (as written to config.yaml in a run directory)."
+    fix = fix or "Pass a YAML or JSON file of settings (as written to config.yaml in a run directory)."
     text = read_text(path, "Config file", ConfigError, fix)
     if fmt == "json":
         data = parse_json(text, f"Config file {str(path)!r}", ConfigError, fix)
@@ -542,7 +545,7 @@ def load_config(path: str | Path, cls: type[C] | None = None) -> C | dict[str, A
         try:
             data = load_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err} {fix}") from None
         except (ValueError, RecursionError) as err:  # 5,000-digit integers, absurd nesting
             problem = "an integer of more than 4300 digits" if "integer string conversion" in str(err) else str(err)
             raise ConfigError(f"Config file {str(path)!r} cannot be read: it holds {problem}. {fix}") from None

@@ -639,7 +639,7 @@ class RunDir:
         """The stored ``config.yaml`` as a dict."""
         from rulesearch.io.config import load_config
 
-        return load_config(self.path / CONFIG)
+        return load_config(self.path / CONFIG, fix=_DAMAGED)
 
     def manifest(self) -> dict[str, Any]:
         """The stored ``manifest.json``."""
