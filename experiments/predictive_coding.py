@@ -475,8 +475,8 @@ def _discover_section(d: pd.DataFrame) -> list[str]:
         "defaults otherwise: digits, 5-way K=50 Q=10, 5-layer softplus network 64-170-130-100-70-10, one run, seed "
         "0) with the errors `err`/`pre_err` given by FixedPred inference at eta = 1 with n sweeps: for n < L = 5 "
         "the errors of the lowest L - n layers are exactly zero, so rules there see activities only; n = L gives "
-        "backprop's errors (on the autograd path). The reference is the same pool meta-learned with backprop's "
-        "errors on the fast path (`--feedback bp`). Each "
+        "backprop's `err` at every layer (only the first layer's `pre_err`, e_0, stays zero; it needs n = L + 1). "
+        "The reference is the same pool meta-learned with backprop's errors on the fast path (`--feedback bp`). Each "
         "finished run's rule is then evaluated (`rulesearch evaluate`, 10 seeds x 2 fresh episodes of the train "
         "classes) beside f0 = -lr e x^T under feedback alignment and backprop at lr 0.03 (the tuned backprop "
         "learning rate of `results/baseline_bp_fa_digits.md`). Diverged episodes count as accuracy 0 (column "
@@ -510,10 +510,10 @@ def _discover_section(d: pd.DataFrame) -> list[str]:
     exact = d[d.setting == "pc-fixedpred n=5"]
     if len(exact) and len(stopped[stopped.setting == "bp (reference)"]):
         lines.append(
-            f"- n = 5 gives the same errors as `--feedback bp` (to rounding; autograd path instead of the fast path), "
-            f"yet that run skipped {int(exact.diverged_meta_steps.iloc[0])} diverged meta-steps and finished while "
-            "the backprop run stopped: at this learning rate the fate of one meta-training run turns on rounding-level "
-            "differences."
+            f"- n = 5 gives the `err` signals of `--feedback bp` at every layer (its first layer's `pre_err` e_0 is "
+            f"zero instead of backprop's), and that run skipped {int(exact.diverged_meta_steps.iloc[0])} diverged "
+            "meta-steps and finished while the backprop run stopped: one run per setting does not tell whether the "
+            "difference (e_0, or the autograd path's rounding) matters."
         )
     bp = d[d.method == "f0 (bp)"].iloc[0]
     ref = d[(d.setting == "bp (reference)") & (d.method == "rule (bp)")]

@@ -326,7 +326,7 @@ def test_network_config_builds_the_pc_network_and_validates_its_keys():
     assert net.base.feedback == "bp" and net.sizes == (64, 170, 130, 100, 70, 10)
     net = NetworkConfig(credit="pc-strict").build(64, 10)
     assert (net.inference, net.eta, net.n_iters) == ("strict", 0.1, 20)
-    assert NetworkConfig(credit="pc-fixedpred").build(64, 10).n_iters == 5  # default: the depth, exact
+    assert NetworkConfig(credit="pc-fixedpred").build(64, 10).n_iters == 6  # default: exact down to e_0
     assert isinstance(NetworkConfig().build(64, 10), Network)  # the default is unchanged
     with pytest.raises(ConfigError, match="network.pc_iters set, but network.credit is 'feedback'"):
         NetworkConfig(pc_iters=2)
