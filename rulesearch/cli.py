@@ -100,7 +100,7 @@ def discover(
     ] = None,
     pc_iters: Annotated[
         int | None,
-        typer.Option(help="Under --credit pc-*: inference iterations n (default: L for pc-fixedpred, 20 for strict)."),
+        typer.Option(help="Under --credit pc-*: inference iterations n (default: L+1 for pc-fixedpred, 20 strict)."),
     ] = None,
     pc_eta: Annotated[
         float | None,

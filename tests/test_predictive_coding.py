@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rulesearch.credit import PCNetwork, energy, predictive_coding
+from rulesearch.credit import PCNetwork, energy, fixedpred_errors, predictive_coding
 from rulesearch.errors import ConfigError, ShapeError
 from rulesearch.inner import f0, run_episodes
 from rulesearch.networks import Network, backprop_errors, init_params
@@ -128,6 +128,31 @@ def test_fixedpred_small_eta_converges_to_the_gradient_as_iterations_grow():
         errs.append(_rel(res.grads[first], bp[first]))
     assert all(b < a for a, b in zip(errs, errs[1:]))
     assert errs[0] > 0.5 and errs[-1] < 1e-6
+
+
+@pytest.mark.parametrize("eta, calls", [(1.0, [1, 1, 1, 1]), (0.5, [7, 8, 9, 1])])
+def test_fixedpred_takes_each_jacobian_product_once_at_eta_1(eta, calls):
+    """At eta = 1 a converged error is carried over unchanged, so its product is reused (FixedPred(1, L) costs one
+    backward pass); zero errors are skipped at any eta."""
+    counts = [0] * 6
+    g = torch.Generator().manual_seed(0)
+    mats = [None] + [torch.randn(4, 4, generator=g, dtype=F64) for _ in range(5)]
+
+    def back(layer):
+        def f(e):
+            counts[layer] += 1
+            return e @ mats[layer]
+
+        return f
+
+    backs = [None] + [back(layer) for layer in range(1, 6)]
+    eps, nxt = fixedpred_errors(torch.ones(4, dtype=F64), backs, eta, 10, range(4, 0, -1))
+    assert counts[2:] == calls and counts[1] == 0  # layer 1's product would carry an error into the input
+    exact = [None] * 5 + [torch.ones(4, dtype=F64)]
+    for layer in range(4, 0, -1):
+        exact[layer] = exact[layer + 1] @ mats[layer + 1]
+    if eta == 1.0:
+        assert all(torch.equal(eps[layer], exact[layer]) for layer in range(1, 6))
 
 
 def test_strict_update_is_the_energy_gradient_at_the_converged_beliefs():
@@ -301,7 +326,7 @@ def test_network_config_builds_the_pc_network_and_validates_its_keys():
     assert net.base.feedback == "bp" and net.sizes == (64, 170, 130, 100, 70, 10)
     net = NetworkConfig(credit="pc-strict").build(64, 10)
     assert (net.inference, net.eta, net.n_iters) == ("strict", 0.1, 20)
-    assert NetworkConfig(credit="pc-fixedpred").build(64, 10).n_iters == 5  # default: the depth, exact
+    assert NetworkConfig(credit="pc-fixedpred").build(64, 10).n_iters == 6  # default: exact down to e_0
     assert isinstance(NetworkConfig().build(64, 10), Network)  # the default is unchanged
     with pytest.raises(ConfigError, match="network.pc_iters set, but network.credit is 'feedback'"):
         NetworkConfig(pc_iters=2)

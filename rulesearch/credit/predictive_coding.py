@@ -213,13 +213,17 @@ def strict_relax(
     """
     v = list(beliefs)
     n = len(v)
-    for it in range(n_iters + 1):
+
+    def errors_at(v):
         preds = [None] + [predict(l, v[l - 1]) for l in range(1, n + 1)]
         eps = [None] + [preds[l][0] - v[l] for l in range(1, n)] + [out_error(preds[n][0])]
-        if it == n_iters:
-            return v, eps, [None] + [p[1] for p in preds[1:]]
-        v = [v[0]] + [v[l] + eta * (eps[l] - preds[l + 1][1](eps[l + 1])) for l in range(1, n)]
-    raise AssertionError("unreachable")  # pragma: no cover
+        return eps, [None] + [p[1] for p in preds[1:]]
+
+    for _ in range(n_iters):
+        eps, backs = errors_at(v)
+        v = [v[0]] + [v[l] + eta * (eps[l] - backs[l + 1](eps[l + 1])) for l in range(1, n)]
+    eps, backs = errors_at(v)
+    return v, eps, backs
 
 
 # ---- torch.nn.Sequential -----------------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def predictive_coding(
     loss, eps_out = loss_grad(vhat[n])
     layers = range(n - 1, 0, -1)
     backs = [None] + [p[1] for p in preds[1:]]
-    if method == "exact":
+    if method == "exact":  # the backprop recursion: FixedPred(1, L) takes each product once
         eps, nxt = fixedpred_errors(eps_out, backs, 1.0, n, layers)
         beliefs = [vhat[0]] + [vh - e for vh, e in zip(vhat[1:], eps[1:])]
     elif method == "fixedpred":

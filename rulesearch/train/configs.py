@@ -160,8 +160,9 @@ class NetworkConfig(Config):
     )
     pc_iters: int | None = option(
         None,
-        help="Under a pc credit: inference iterations n (default: the depth L for pc-fixedpred, exact at pc_eta 1; "
-        "20 for pc-strict). FixedPred with n < L leaves the errors of the lowest L - n hidden layers at zero.",
+        help="Under a pc credit: inference iterations n (default: L + 1 for pc-fixedpred, which at pc_eta 1 gives "
+        "backprop's errors e_L..e_0; 20 for pc-strict). FixedPred at eta 1 makes e_l exact for l >= L - n + 1 and "
+        "leaves the lower ones at zero (n = L: every err exact, the first layer's pre_err e_0 zero).",
     )
     pc_eta: float | None = option(
         None, help="Under a pc credit: the belief step size eta (default 1.0 for pc-fixedpred, 0.1 for pc-strict)."
@@ -215,7 +216,7 @@ class NetworkConfig(Config):
         inference = self.credit.removeprefix("pc-")
         strict = inference == "strict"
         eta = self.pc_eta if self.pc_eta is not None else (0.1 if strict else 1.0)
-        n_iters = self.pc_iters if self.pc_iters is not None else (20 if strict else net.n_layers)
+        n_iters = self.pc_iters if self.pc_iters is not None else (20 if strict else net.n_layers + 1)
         return PCNetwork(net, inference, eta=float(eta), n_iters=int(n_iters))
 
 
