@@ -19,6 +19,7 @@ MODULES = (
     ("rulesearch.lang", "The rule language"),
     ("rulesearch.compile", "Compiling rules to torch"),
     ("rulesearch.networks", "Networks"),
+    ("rulesearch.credit", "Predictive coding"),
     ("rulesearch.tasks", "Tasks and datasets"),
     ("rulesearch.inner", "The inner loop"),
     ("rulesearch.train", "Meta-training"),

@@ -428,8 +428,8 @@ def _cnn_verdict(t, align) -> list[str]:
         f"{_ratio_word(fp, 1.24, 0.1)} (see the SGD comparison below: Adam undoes FixedPred's per-layer scale).",
         f"- Strict(0.1,20) vs BP (MSE): final-loss ratio {st:.2f} here, 1.10 in the paper (0.0079 / 0.0072): "
         f"{_ratio_word(st, 1.10, 0.05)}. The paper's Strict figures were made before Torch2PC's 2022-04 fix "
-        f"(updates at the beliefs instead of the feed-forward values; an inference from the dates, "
-        f"`/work/shared/reference/lab-systems.md` 2.3), so they may not describe the algorithm as tested here.",
+        f"(updates at the beliefs instead of the feed-forward values; an inference from the dates of the paper and of "
+        f"the library's history), so they may not describe the algorithm as tested here.",
         "- Wall-clock: the paper reports PC at 2-4x BP on a GPU; the ratios on this CPU are in the table's `x_bp`.",
         "",
     ]
