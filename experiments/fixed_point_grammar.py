@@ -7,7 +7,7 @@ It contains dW3 (P_L = (I-WG) G, P_R = (I-GW)^T (I-GW)) and dW4 (P_L = I-WG, P_R
 Score of a rule at a learning rate: held-out accuracy after ``--steps`` steps minus a stability penalty
 ``max(0, max Re lambda(GW) - 0.9)`` (over the run), minus the fraction of failed fixed-point solves; a diverged run
 scores 0. Each rule takes its best learning rate of ``--lrs``. Stage 1 screens every rule on a small network;
-stage 2 reruns the best ``--top`` rules and dW3 / dW4 at the full size.
+stage 2 reruns the best ``--top`` rules and dW3 / dW4 on a larger network.
 
     python experiments/fixed_point_grammar.py            # -> results/fixed_point_grammar.md, .csv
     python experiments/fixed_point_grammar.py --resume   # keep the runs already in the CSV (written after each run)
@@ -93,14 +93,14 @@ def score_run(rule, lr, N, batch, steps, train, test, seed=1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", default="0.1,0.3,1.0")
-    ap.add_argument("--N", type=int, default=100)
+    ap.add_argument("--lrs", default="0.25,1.0")
+    ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--top", type=int, default=3)
-    ap.add_argument("--full-N", type=int, default=300)
-    ap.add_argument("--full-batch", type=int, default=512)
+    ap.add_argument("--full-N", type=int, default=150)
+    ap.add_argument("--full-batch", type=int, default=256)
     ap.add_argument("--full-steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--resume", action="store_true", help="keep the runs already in the CSV")
@@ -199,7 +199,7 @@ steps), so the issue's bar (≥ 85% at 3 epochs) is not tested here.
 
 {table(s1.head(10))}
 
-## Stage 2: finalists at full size
+## Stage 2: finalists at N = {args.full_N}
 
 {table(s2)}
 

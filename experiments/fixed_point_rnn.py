@@ -29,7 +29,7 @@ from rulesearch.networks import FixedPointNetwork
 
 DATA = Path("/work/shared/data/emnist_bymerge_test.npz")
 OUT = Path(__file__).resolve().parents[1] / "results"
-DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.025,dW1:0.01"
+DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.05,dW1:0.025,dW1:0.01"
 N_STAB = 32  # held-out samples whose G W spectra are computed
 
 
@@ -141,14 +141,17 @@ def report(args) -> None:
     dw1 = sorted((k for k in summary if k.startswith("dW1_")), key=lambda k: float(k.split("_")[1]))
     if dw1:
         s = summary[dw1[-1]]
-        crossed = max(s["max_re_GW"], s["max_re_W"]) >= 1
+        crossed_w, crossed_gw = s["max_re_W"] >= 1, s["max_re_GW"] >= 1
         fell = s["peak"] - s["final"] > 0.20
         checks.append(
             f"2. dW1 at its largest eta ({dw1[-1]}): peak {s['peak']:.3f}, final {s['final']:.3f} (drop "
-            f"{s['peak'] - s['final']:.3f}); max Re lambda(W) {s['max_re_W']:.3f}, max Re lambda(GW) "
-            f"{s['max_re_GW']:.3f}; crosses Re lambda = 1: {'yes' if crossed else 'no'}; falls > 20 points: "
-            f"{'yes' if fell else 'no'}: **{'met' if crossed or fell else 'not met'}**."
-        )
+            f"{s['peak'] - s['final']:.3f}; falls > 20 points: {'yes' if fell else 'no'}); max Re lambda(W) over the "
+            f"run {s['max_re_W']:.3f} (crosses 1: {'yes' if crossed_w else 'no'}), max Re lambda(GW) "
+            f"{s['max_re_GW']:.3f} (crosses 1: {'yes' if crossed_gw else 'no'}): "
+            f"**{'met' if crossed_w or crossed_gw or fell else 'not met'}**"
+            + (" (on the paper's measure, lambda(W), only: the fixed points stay stable)." if crossed_w and not
+               (crossed_gw or fell) else ".")
+        )  # fmt: skip
     if "dW3_0.25" in summary and "dW1_0.01" in summary:
         gap = summary["dW3_0.25"]["final"] - summary["dW1_0.01"]["final"]
         checks.append(
