@@ -196,7 +196,9 @@ def test_reindex_needs_a_square_layer():
 
 def test_feedforward_loop_refuses_recurrent_signals_clearly():
     with pytest.raises(SignalError, match="FixedPointNetwork"):
-        _needs(compile_rule(dW3), "update of layer 0")
+        _needs(compile_rule(Rule((Term("t", -gain * delta * pre),), "t")), "update of layer 0")
+    with pytest.raises(ConfigError, match="as_pre/as_post.*recurrent"):
+        _needs(compile_rule(Rule((Term("t", post * as_pre(post)),), "t")), "update of layer 0")
 
 
 def test_fixed_point_network_refuses_missing_signals():
