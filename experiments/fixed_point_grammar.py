@@ -93,7 +93,7 @@ def score_run(rule, lr, N, batch, steps, train, test, seed=1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", default="0.25,1.0")
+    ap.add_argument("--lrs", default="0.25,1.0,4.0")
     ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=25)
