@@ -175,6 +175,20 @@ def report(df, by_name, args, seconds) -> None:
         return rf"$\Delta W_{{ij}} = -\theta\,\left[{expr_latex(u)}\right]\left[{expr_latex(v)}\right]$"
 
     latex = "\n".join(f"- {n}{tag[n]}: {latex(n)}" for n in s2["rule"])
+    is_gram = s1["rule"].str.contains(r"\^T", regex=True)
+    gram, no_gram = int(is_gram.head(10).sum()), s1[~is_gram].iloc[0]
+    unstable = ", ".join(f"{r['rule']}{tag[r['rule']]} ({r['max_re_GW']:.2f})" for _, r in s2.iterrows()
+                         if not r["max_re_GW"] < 1) or "none"  # fmt: skip
+    versus = ""
+    if len(s2) > 1:  # the runner-up, and whether the gap exceeds twice the binomial standard error of the two
+        second = s2.iloc[1]
+        se = math.sqrt(sum(a * (1 - a) / args.n_test for a in (winner["accuracy"], second["accuracy"])))
+        gap = winner["accuracy"] - second["accuracy"]
+        versus = (
+            f"Runner-up: {second['rule']}{tag[second['rule']]} (accuracy {second['accuracy']:.3f}, max Re λ(GW) "
+            f"{second['max_re_GW']:.3f}); the accuracy gap {gap:.3f} is {'within' if abs(gap) < 2 * se else 'beyond'} "
+            f"two standard errors ({2 * se:.3f}; {args.n_test} held-out images, one seed)."
+        )
     d3 = next(n for n, r in by_name.items() if _is(r, dW3))
     d4 = next(n for n, r in by_name.items() if _is(r, dW4))
     text = f"""# Searching the preconditioned-gradient family of fixed-point rules
@@ -197,15 +211,21 @@ steps), so the issue's bar (≥ 85% at 3 epochs) is not tested here.
 
 ## Stage 1: top 10 of {len(s1)} (dW3 ranks {rank[d3]}, dW4 ranks {rank[d4]})
 
+{gram} of the top 10 use a Gram right preconditioner P_R = QᵀQ; without one the best is
+{no_gram["rule"]} (rank {rank[no_gram["rule"]]}, accuracy {no_gram["accuracy"]:.3f}).
+
 {table(s1.head(10))}
 
 ## Stage 2: finalists at N = {args.full_N}
 
 {table(s2)}
 
-**Winner:** {winner["rule"]}{tag[winner["rule"]]}, accuracy {winner["accuracy"]:.3f}, max Re λ(GW)
+**Top of stage 2:** {winner["rule"]}{tag[winner["rule"]]}, accuracy {winner["accuracy"]:.3f}, max Re λ(GW)
 {winner["max_re_GW"]:.3f}, {n_products(w_rule)} products with W or Wᵀ per sample (dW3: {n_products(dW3)}, dW4:
-{n_products(dW4)}).
+{n_products(dW4)}). {versus}
+
+Stage-2 runs that left the stable region (max Re λ(GW) ≥ 1) at their stage-1 learning rate: {unstable}. The
+learning rate is chosen on the small network and not re-tuned at N = {args.full_N}.
 
 ## LaTeX of the finalists
 
