@@ -24,12 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rulesearch.fixedpoint import FIXED_POINT_RULES, train_fixed_point
+from rulesearch.fixedpoint import FIXED_POINT_RULES, preconditioned, train_fixed_point
 from rulesearch.networks import FixedPointNetwork
 
 DATA = Path("/work/shared/data/emnist_bymerge_test.npz")
 OUT = Path(__file__).resolve().parents[1] / "results"
-DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.05,dW1:0.025,dW1:0.01"
+RULES = {**FIXED_POINT_RULES, "dWG": preconditioned(("G",), ("I-WtG", "I-GW"), "dWG")}
+"""dW1, dW3, dW4 and dWG = G delta r^T (I-GW)^T (I-GW), the cheaper rule of experiments/fixed_point_grammar.py."""
+DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.05,dW1:0.025,dW1:0.01,dWG:0.25"
 N_STAB = 32  # held-out samples whose G W spectra are computed
 
 
@@ -67,7 +69,7 @@ def run(rule_name: str, lr: float, args, train, test) -> pd.DataFrame:
                   f"({row['seconds']:.0f}s)", flush=True)  # fmt: skip
 
     W, rows = train_fixed_point(
-        net, params, FIXED_POINT_RULES[rule_name], lr, batches(*train, args.batch, args.seed), args.steps,
+        net, params, RULES[rule_name], lr, batches(*train, args.batch, args.seed), args.steps,
         (test[0][: args.n_test], test[1][: args.n_test]), args.eval_every, callback=log, n_stability=N_STAB,
     )  # fmt: skip
     df = pd.DataFrame(rows)
@@ -176,7 +178,9 @@ Reproduced by `experiments/fixed_point_rnn.py` (rerun: `python experiments/fixed
 **Setup.** Leaky tanh rate network, N = {args.N}, W_x ~ N(0, 1/784) and readout R ~ N(0, 1/N) fixed, initial
 W = 0.5 N(0, 1/N), only W learns; softmax cross-entropy of R r*. Fixed points solved by Anderson acceleration to
 ‖r − tanh(W r + W_x x)‖₂ ≤ {args.tol:g} (at most {args.max_iter} iterations; a solve that stops above the tolerance
-is counted as failed). Each rule is a compiled rule of the rule language (`rulesearch.fixedpoint.dW1/dW3/dW4`),
+is counted as failed). Each rule is a compiled rule of the rule language
+(`rulesearch.fixedpoint.dW1/dW3/dW4`; dWG = −θ G δ r*ᵀ(I − GW)ᵀ(I − GW), the cheaper rule of
+`results/fixed_point_grammar.md`),
 applied per sample at the fixed point and averaged over the batch; the learning rate is the rule's coefficient.
 
 **Data: MNIST stand-in.** Digits 0–9 of the bundled EMNIST `bymerge` test split (57,527 28×28 digit images; MNIST
