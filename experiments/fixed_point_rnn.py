@@ -165,6 +165,7 @@ def report(args) -> None:
         f"{sum(s['train_failed'] + s['test_failed'] for s in summary.values())}; diverged runs: "
         f"{sum(s['diverged'] for s in summary.values())}."
     )
+    steps = max(s["steps"] for s in summary.values())
     cols = ["run (rule_lr)", f"held-out accuracy every {args.eval_every} steps", "final", "peak",
             "max Re λ(GW) final (run max)", "max Re λ(W) final (run max)", "failed solves train / held-out",
             "diverged", "mean solver iterations", "seconds"]  # fmt: skip
@@ -189,7 +190,7 @@ of 512 (the authors' code computed them on test batches). Held-out accuracy on {
 {args.eval_every} steps; max Re λ(GW) over the fixed points of the first {N_STAB} of them (the Jacobian of the
 dynamics is −I + GW: stable iff max Re λ(GW) < 1), and max Re λ(W) as the paper reports.
 
-**Budget (reduced).** {args.steps} steps per run (about 1.2 epochs; the paper: 354 steps = 3 epochs), one seed,
+**Budget.** {steps} steps per run ({steps * args.batch / 52527:.1f} epochs; the paper: 354 steps = 3 epochs), one seed,
 float32, one thread per run on a 2-core machine shared with other jobs (wall-clock seconds below are therefore
 noisy).
 
@@ -206,7 +207,7 @@ Paper (3 epochs, stored results of the authors' code, GPU): dW1 peaks ~0.65 and 
 λ(W) 1.24 at 0.01, 2.23 and collapse to ~0.22 at 0.025); dW3 reaches ~0.87 at η = 0.25 with max Re λ(W) ≤ 0.77;
 dW4 ~0.83. There the "fixed point" is the state after 500 Euler steps from r = 0 (t = 5τ), which nothing checks for
 convergence; here every solve is checked against the tolerance. Whether that difference explains why dW1 does not
-collapse here within {args.steps} steps is not tested (it would need the Euler state at this budget).
+collapse here within {steps} steps is not tested (it would need the Euler state at this budget).
 
 ![accuracy and stability](fixed_point_rnn_accuracy.png)
 
