@@ -7,7 +7,7 @@ It contains dW3 (P_L = (I-WG) G, P_R = (I-GW)^T (I-GW)) and dW4 (P_L = I-WG, P_R
 Score of a rule at a learning rate: held-out accuracy after ``--steps`` steps minus a stability penalty
 ``max(0, max Re lambda(GW) - 0.9)`` (over the run), minus the fraction of failed fixed-point solves; a diverged run
 scores 0. Each rule takes its best learning rate of ``--lrs``. Stage 1 screens every rule on a small network;
-stage 2 reruns the best ``--top`` rules and dW3 / dW4 at the full size.
+stage 2 reruns the best ``--top`` rules and dW3 / dW4 on a larger network.
 
     python experiments/fixed_point_grammar.py            # -> results/fixed_point_grammar.md, .csv
     python experiments/fixed_point_grammar.py --resume   # keep the runs already in the CSV (written after each run)
@@ -93,14 +93,14 @@ def score_run(rule, lr, N, batch, steps, train, test, seed=1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", default="0.1,0.3,1.0")
-    ap.add_argument("--N", type=int, default=100)
+    ap.add_argument("--lrs", default="0.25,1.0,4.0")
+    ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--top", type=int, default=3)
-    ap.add_argument("--full-N", type=int, default=300)
-    ap.add_argument("--full-batch", type=int, default=512)
+    ap.add_argument("--full-N", type=int, default=150)
+    ap.add_argument("--full-batch", type=int, default=256)
     ap.add_argument("--full-steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--resume", action="store_true", help="keep the runs already in the CSV")
@@ -175,6 +175,20 @@ def report(df, by_name, args, seconds) -> None:
         return rf"$\Delta W_{{ij}} = -\theta\,\left[{expr_latex(u)}\right]\left[{expr_latex(v)}\right]$"
 
     latex = "\n".join(f"- {n}{tag[n]}: {latex(n)}" for n in s2["rule"])
+    is_gram = s1["rule"].str.contains(r"\^T", regex=True)
+    gram, no_gram = int(is_gram.head(10).sum()), s1[~is_gram].iloc[0]
+    unstable = ", ".join(f"{r['rule']}{tag[r['rule']]} ({r['max_re_GW']:.2f})" for _, r in s2.iterrows()
+                         if not r["max_re_GW"] < 1) or "none"  # fmt: skip
+    versus = ""
+    if len(s2) > 1:  # the runner-up, and whether the gap exceeds twice the binomial standard error of the two
+        second = s2.iloc[1]
+        se = math.sqrt(sum(a * (1 - a) / args.n_test for a in (winner["accuracy"], second["accuracy"])))
+        gap = winner["accuracy"] - second["accuracy"]
+        versus = (
+            f"Runner-up: {second['rule']}{tag[second['rule']]} (accuracy {second['accuracy']:.3f}, max Re λ(GW) "
+            f"{second['max_re_GW']:.3f}); the accuracy gap {gap:.3f} is {'within' if abs(gap) < 2 * se else 'beyond'} "
+            f"two standard errors ({2 * se:.3f}; {args.n_test} held-out images, one seed)."
+        )
     d3 = next(n for n, r in by_name.items() if _is(r, dW3))
     d4 = next(n for n, r in by_name.items() if _is(r, dW4))
     text = f"""# Searching the preconditioned-gradient family of fixed-point rules
@@ -197,15 +211,21 @@ steps), so the issue's bar (≥ 85% at 3 epochs) is not tested here.
 
 ## Stage 1: top 10 of {len(s1)} (dW3 ranks {rank[d3]}, dW4 ranks {rank[d4]})
 
+{gram} of the top 10 use a Gram right preconditioner P_R = QᵀQ; without one the best is
+{no_gram["rule"]} (rank {rank[no_gram["rule"]]}, accuracy {no_gram["accuracy"]:.3f}).
+
 {table(s1.head(10))}
 
-## Stage 2: finalists at full size
+## Stage 2: finalists at N = {args.full_N}
 
 {table(s2)}
 
-**Winner:** {winner["rule"]}{tag[winner["rule"]]}, accuracy {winner["accuracy"]:.3f}, max Re λ(GW)
+**Top of stage 2:** {winner["rule"]}{tag[winner["rule"]]}, accuracy {winner["accuracy"]:.3f}, max Re λ(GW)
 {winner["max_re_GW"]:.3f}, {n_products(w_rule)} products with W or Wᵀ per sample (dW3: {n_products(dW3)}, dW4:
-{n_products(dW4)}).
+{n_products(dW4)}). {versus}
+
+Stage-2 runs that left the stable region (max Re λ(GW) ≥ 1) at their stage-1 learning rate: {unstable}. The
+learning rate is chosen on the small network and not re-tuned at N = {args.full_N}.
 
 ## LaTeX of the finalists
 

@@ -24,12 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rulesearch.fixedpoint import FIXED_POINT_RULES, train_fixed_point
+from rulesearch.fixedpoint import FIXED_POINT_RULES, preconditioned, train_fixed_point
 from rulesearch.networks import FixedPointNetwork
 
 DATA = Path("/work/shared/data/emnist_bymerge_test.npz")
 OUT = Path(__file__).resolve().parents[1] / "results"
-DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.025,dW1:0.01"
+RULES = {**FIXED_POINT_RULES, "dWG": preconditioned(("G",), ("I-WtG", "I-GW"), "dWG")}
+"""dW1, dW3, dW4 and dWG = G delta r^T (I-GW)^T (I-GW), the cheaper rule of experiments/fixed_point_grammar.py."""
+DEFAULT_RUNS = "dW3:0.25,dW4:0.1,dW1:0.05,dW1:0.025,dW1:0.01,dWG:0.25"
 N_STAB = 32  # held-out samples whose G W spectra are computed
 
 
@@ -67,7 +69,7 @@ def run(rule_name: str, lr: float, args, train, test) -> pd.DataFrame:
                   f"({row['seconds']:.0f}s)", flush=True)  # fmt: skip
 
     W, rows = train_fixed_point(
-        net, params, FIXED_POINT_RULES[rule_name], lr, batches(*train, args.batch, args.seed), args.steps,
+        net, params, RULES[rule_name], lr, batches(*train, args.batch, args.seed), args.steps,
         (test[0][: args.n_test], test[1][: args.n_test]), args.eval_every, callback=log, n_stability=N_STAB,
     )  # fmt: skip
     df = pd.DataFrame(rows)
@@ -141,19 +143,29 @@ def report(args) -> None:
     dw1 = sorted((k for k in summary if k.startswith("dW1_")), key=lambda k: float(k.split("_")[1]))
     if dw1:
         s = summary[dw1[-1]]
-        crossed = max(s["max_re_GW"], s["max_re_W"]) >= 1
+        crossed_w, crossed_gw = s["max_re_W"] >= 1, s["max_re_GW"] >= 1
         fell = s["peak"] - s["final"] > 0.20
         checks.append(
             f"2. dW1 at its largest eta ({dw1[-1]}): peak {s['peak']:.3f}, final {s['final']:.3f} (drop "
-            f"{s['peak'] - s['final']:.3f}); max Re lambda(W) {s['max_re_W']:.3f}, max Re lambda(GW) "
-            f"{s['max_re_GW']:.3f}; crosses Re lambda = 1: {'yes' if crossed else 'no'}; falls > 20 points: "
-            f"{'yes' if fell else 'no'}: **{'met' if crossed or fell else 'not met'}**."
-        )
+            f"{s['peak'] - s['final']:.3f}; falls > 20 points: {'yes' if fell else 'no'}); max Re lambda(W) over the "
+            f"run {s['max_re_W']:.3f} (crosses 1: {'yes' if crossed_w else 'no'}), max Re lambda(GW) "
+            f"{s['max_re_GW']:.3f} (crosses 1: {'yes' if crossed_gw else 'no'}): "
+            f"**{'met' if crossed_w or crossed_gw or fell else 'not met'}**"
+            + (" (on the paper's measure, lambda(W), only: the fixed points stay stable)." if crossed_w and not
+               (crossed_gw or fell) else ".")
+        )  # fmt: skip
     if "dW3_0.25" in summary and "dW1_0.01" in summary:
         gap = summary["dW3_0.25"]["final"] - summary["dW1_0.01"]["final"]
         checks.append(
             f"3. dW3(0.25) - dW1(0.01) = {gap:.3f} (target >= 0.2): **{'met' if gap >= 0.2 else 'not met'}**."
         )
+    best = max(summary, key=lambda k: summary[k]["final"])
+    checks.append(
+        f"Best final accuracy: {best} ({summary[best]['final']:.3f}); failed fixed-point solves in all runs: "
+        f"{sum(s['train_failed'] + s['test_failed'] for s in summary.values())}; diverged runs: "
+        f"{sum(s['diverged'] for s in summary.values())}."
+    )
+    steps = max(s["steps"] for s in summary.values())
     cols = ["run (rule_lr)", f"held-out accuracy every {args.eval_every} steps", "final", "peak",
             "max Re λ(GW) final (run max)", "max Re λ(W) final (run max)", "failed solves train / held-out",
             "diverged", "mean solver iterations", "seconds"]  # fmt: skip
@@ -167,7 +179,9 @@ Reproduced by `experiments/fixed_point_rnn.py` (rerun: `python experiments/fixed
 **Setup.** Leaky tanh rate network, N = {args.N}, W_x ~ N(0, 1/784) and readout R ~ N(0, 1/N) fixed, initial
 W = 0.5 N(0, 1/N), only W learns; softmax cross-entropy of R r*. Fixed points solved by Anderson acceleration to
 ‖r − tanh(W r + W_x x)‖₂ ≤ {args.tol:g} (at most {args.max_iter} iterations; a solve that stops above the tolerance
-is counted as failed). Each rule is a compiled rule of the rule language (`rulesearch.fixedpoint.dW1/dW3/dW4`),
+is counted as failed). Each rule is a compiled rule of the rule language
+(`rulesearch.fixedpoint.dW1/dW3/dW4`; dWG = −θ G δ r*ᵀ(I − GW)ᵀ(I − GW), the cheaper rule of
+`results/fixed_point_grammar.md`),
 applied per sample at the fixed point and averaged over the batch; the learning rate is the rule's coefficient.
 
 **Data: MNIST stand-in.** Digits 0–9 of the bundled EMNIST `bymerge` test split (57,527 28×28 digit images; MNIST
@@ -176,7 +190,7 @@ of 512 (the authors' code computed them on test batches). Held-out accuracy on {
 {args.eval_every} steps; max Re λ(GW) over the fixed points of the first {N_STAB} of them (the Jacobian of the
 dynamics is −I + GW: stable iff max Re λ(GW) < 1), and max Re λ(W) as the paper reports.
 
-**Budget (reduced).** {args.steps} steps per run (about 1.2 epochs; the paper: 354 steps = 3 epochs), one seed,
+**Budget.** {steps} steps per run ({steps * args.batch / 52527:.1f} epochs; the paper: 354 steps = 3 epochs), one seed,
 float32, one thread per run on a 2-core machine shared with other jobs (wall-clock seconds below are therefore
 noisy).
 
@@ -187,11 +201,13 @@ noisy).
 
 **Targets (from the issue), computed from the rows above:**
 
-{chr(10).join(checks)}
+{(chr(10) * 2).join(checks)}
 
 Paper (3 epochs, stored results of the authors' code, GPU): dW1 peaks ~0.65 and turns unstable at η ≥ 0.01 (max Re
 λ(W) 1.24 at 0.01, 2.23 and collapse to ~0.22 at 0.025); dW3 reaches ~0.87 at η = 0.25 with max Re λ(W) ≤ 0.77;
-dW4 ~0.83.
+dW4 ~0.83. There the "fixed point" is the state after 500 Euler steps from r = 0 (t = 5τ), which nothing checks for
+convergence; here every solve is checked against the tolerance. Whether that difference explains why dW1 does not
+collapse here within {steps} steps is not tested (it would need the Euler state at this budget).
 
 ![accuracy and stability](fixed_point_rnn_accuracy.png)
 

@@ -183,6 +183,18 @@ def test_reindex_roles_json_latex_and_locality():
     assert dW3.terms[0].locality == "layer-nonlocal"
 
 
+def test_bad_factors_and_settings_are_refused():
+    with pytest.raises(InvalidRuleError, match="Unknown preconditioner factor 'I-W'"):
+        preconditioned(("I-W",), ())
+    with pytest.raises(InvalidRuleError, match="Unknown preconditioner factor 'X'"):
+        preconditioned((), ("X",))
+    with pytest.raises(ConfigError, match="solver"):
+        FixedPointNetwork(n_in=3, method="jacobi")
+    net, params, x, _ = _case(8)
+    with pytest.raises(ShapeError, match=r"x must have shape \(B, 6\)"):
+        net.solve(params, x[:, :5])
+
+
 def test_reindex_needs_a_square_layer():
     rule = Rule((Term("t", post * as_pre(post)),), "t")
     upd = compile_rule(rule)
@@ -196,7 +208,9 @@ def test_reindex_needs_a_square_layer():
 
 def test_feedforward_loop_refuses_recurrent_signals_clearly():
     with pytest.raises(SignalError, match="FixedPointNetwork"):
-        _needs(compile_rule(dW3), "update of layer 0")
+        _needs(compile_rule(Rule((Term("t", -gain * delta * pre),), "t")), "update of layer 0")
+    with pytest.raises(ConfigError, match="as_pre/as_post.*recurrent"):
+        _needs(compile_rule(Rule((Term("t", post * as_pre(post)),), "t")), "update of layer 0")
 
 
 def test_fixed_point_network_refuses_missing_signals():

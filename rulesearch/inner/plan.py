@@ -63,6 +63,12 @@ def _needs(obj, what: str) -> frozenset:
     needs = frozenset(needs)
     for spec in getattr(obj, "states", ()):
         needs |= frozenset(getattr(spec, "needs", ()))
+    if "reindex" in getattr(obj, "paths", ()):
+        raise ConfigError(
+            f"{what} reads a vector with the other index (as_pre/as_post), which needs a recurrent layer whose "
+            f"pre- and post-synaptic neurons are one population; the feedforward inner loop has none. Train such "
+            f"rules with rulesearch.fixedpoint.train_fixed_point on a FixedPointNetwork."
+        )
     unknown = needs - SIGNALS
     if unknown & set(RECURRENT_SIGNALS):
         raise SignalError(
