@@ -95,6 +95,38 @@ def fmt(x):
     return f"{ok.mean():.3f} ± {ok.std(ddof=1) if len(ok) > 1 else 0:.3f} ({(ok < SATISFACTORY).sum()}/{len(x)})"
 
 
+def checks(df):
+    """The issue's targets, each as a comparison of seed means (NaN, i.e. diverged, runs excluded from the means)."""
+
+    def mean(task, alg, col="deviation", gain=1.0):
+        g = df[(df.task == task) & (df.algorithm == alg) & (df.dopamine == gain)]
+        return float(np.nanmean(g[col])) if len(g) else float("nan")
+
+    out = []
+    f, s, r = mean("butterfly", "force"), mean("butterfly", "supertrex"), mean("butterfly", "rmhl")
+    if np.isfinite([f, s, r]).all():
+        ok = max(f, s) < r / 3
+        out.append(f"- Task 1, FORCE ≈ SUPER-TREX << RMHL (both below a third of RMHL): FORCE {f:.3f}, "
+                   f"SUPER-TREX {s:.3f}, RMHL {r:.3f}: {'met' if ok else 'not met'}; SUPER-TREX / FORCE = "
+                   f"{s / f:.2f}.")  # fmt: skip
+    s2, r2 = mean("arm2", "supertrex"), mean("arm2", "rmhl")
+    if np.isfinite([s2, r2]).all():
+        out.append(f"- Task 2, SUPER-TREX << RMHL (below a third): SUPER-TREX {s2:.3f}, RMHL {r2:.3f}: "
+                   f"{'met' if s2 < r2 / 3 else 'not met'}.")  # fmt: skip
+    for task in ("butterfly", "arm2"):
+        i, les = mean(task, "supertrex", "deviation_intact"), mean(task, "supertrex", "deviation_lesioned")
+        if np.isfinite([i, les]).all():
+            out.append(f"- Lesion, {task}: SUPER-TREX intact {i:.3f} vs exploratory pathway removed {les:.3f}: "
+                       f"performance {'kept (within 1.5x of a satisfactory intact run)' if les <= 1.5 * i < 1.5 * SATISFACTORY
+                       else 'not kept, or nothing learnt to keep'}.")  # fmt: skip
+    devs = [mean("butterfly", "supertrex", gain=g) for g in GAINS]
+    if np.isfinite(devs).all():
+        mono = all(a < b for a, b in zip(devs, devs[1:]))
+        out.append("- Reduced dopamine, Task 1: deviation at g_DA = " + ", ".join(f"{g:g}: {d:.3f}" for g, d in
+                   zip(GAINS, devs)) + f": {'worse at every lower gain' if mono else 'not monotone'}.")  # fmt: skip
+    return out
+
+
 def report(out: Path, results: Path):
     import matplotlib
 
@@ -129,6 +161,7 @@ def report(out: Path, results: Path):
     for (task, alg), g in base.groupby(["task", "algorithm"], sort=False):
         lines.append(f"| {task} | {alg} | {fmt(g.deviation)} | {PUBLISHED.get((task, alg), '')} | "
                      f"{int(g.diverged.sum())}/{len(g)} |")  # fmt: skip
+    lines += ["", "## Checks against the targets", ""] + checks(df) + [""]
     lines += ["", "## Lesion: remove the exploratory pathway after learning", "",
               "Same test phase, two readouts: intact (W_exp r + W_mst r, exploration noise off) and lesioned "
               "(W_mst r only). For RMHL the lesion leaves no output pathway.", "",
