@@ -116,9 +116,10 @@ def checks(df):
     for task in ("butterfly", "arm2"):
         i, les = mean(task, "supertrex", "deviation_intact"), mean(task, "supertrex", "deviation_lesioned")
         if np.isfinite([i, les]).all():
+            kept = les <= 1.5 * i and i < SATISFACTORY
+            verdict = "kept (within 1.5x of a satisfactory intact run)" if kept else "not kept, or nothing learnt"
             out.append(f"- Lesion, {task}: SUPER-TREX intact {i:.3f} vs exploratory pathway removed {les:.3f}: "
-                       f"performance {'kept (within 1.5x of a satisfactory intact run)' if les <= 1.5 * i < 1.5 * SATISFACTORY
-                       else 'not kept, or nothing learnt to keep'}.")  # fmt: skip
+                       f"performance {verdict}.")  # fmt: skip
     devs = [mean("butterfly", "supertrex", gain=g) for g in GAINS]
     if np.isfinite(devs).all():
         mono = all(a < b for a, b in zip(devs, devs[1:]))
