@@ -187,6 +187,24 @@ def report(out: Path, results: Path):
     for (task, alg, gain), g in df.groupby(["task", "algorithm", "dopamine"], sort=False):
         lines.append(f"| {task} | {alg} | {gain:g} | " + " | ".join(f"{g[c].mean():.3g}" for c in trials) + " |")
     lines += ["", "Trials 1-10 are training (the learner's own output, noise included), 11-15 test.", ""]
+    lines += [
+        "## Notes",
+        "",
+        "- Budget: N, trial length and seeds are below the paper's (first paragraph) because the 3 parts take "
+        "about 50 min of wall time each on the shared 2-core machine (the compiled rule runs once per Euler step). "
+        "A trial here is half a traversal-time of the paper's (the target moves twice as fast).",
+        "- The deviation carries the training error into the test phase: msebar decays with a time constant of "
+        "5000 steps, a fifth of a trial here (a tenth in the paper), so the test-phase mean weighs the transient "
+        "twice as much as the paper's. The test-trial errors (trials 11-15 above) show the steady state.",
+        "- Lesion: the mastery readout has absorbed the exploratory output, so the intact readout (both pathways, "
+        "exploration noise off) counts it twice; removing the exploratory pathway is the paper's own test protocol "
+        "for SUPER-TREX. RMHL has no second pathway, so its lesion leaves a zero output.",
+        "- Reduced dopamine: g_DA multiplies the modulatory factor of the exploratory rule (equivalently its "
+        "learning rate); exploration noise and the mastery gate are unchanged.",
+        "- Figure `results/reservoir_motor.png`: the drawn trajectory (pen or end effector) of the last test trial "
+        "of seed 0 for each condition against the target, and the mean error per trial.",
+        "",
+    ]
     (results / "reservoir_motor.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4 * (len(parts) + 1), 4))
