@@ -6,7 +6,7 @@ thread each (BLAS threads pinned to 1 before numpy loads).
 
     python experiments/bench_reservoir.py --steps 1000 --batch 1 8
 
-Writes nothing; the figures in results/reservoir_motor.md come from a run of this script.
+``--out FILE`` also writes the printed lines to FILE (results/bench_reservoir.txt comes from such a run).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -63,24 +64,31 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    ap.add_argument("--dtype", choices=("float64", "float32"), nargs="+", default=["float64", "float32"])
+    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    dtype = getattr(torch, a.dtype)
     sec = numpy_trial(a.n, a.steps)
     base = sec / a.steps * 1e3
-    print(f"numpy loop, 1 network, float64, dense J: {base:.3f} ms/step (CPU)")
+    lines = [f"N = {a.n}, {a.steps} steps of a SUPER-TREX training trial (Task 1), CPU time per step, one thread",
+             f"numpy loop, 1 network, float64, dense J: {base:.3f} ms/step"]  # fmt: skip
+    print(lines[-1])
     learning = paper_learning("supertrex", "butterfly")
-    for B in a.batch:
-        t0 = time.process_time()
-        Reservoir(n=a.n, sparse=True).init(list(range(B)), 2, dtype)
-        t_init = time.process_time() - t0
-        t0 = time.process_time()
-        run_reservoir(Reservoir(n=a.n, sparse=True), "butterfly", learning, list(range(B)), n_train=1, n_test=0,
-                      trial_steps=a.steps, dtype=dtype)  # fmt: skip
-        per = (time.process_time() - t0 - t_init) / a.steps * 1e3  # the network draw is not a step
-        print(f"run_reservoir, B={B}, {a.dtype}, sparse J: {per:.3f} ms/step = {per / B:.3f} ms per network-step "
-              f"({base / (per / B):.2f}x the numpy loop per network)")  # fmt: skip
+    for name in a.dtype:
+        dtype = getattr(torch, name)
+        for B in a.batch:
+            t0 = time.process_time()
+            Reservoir(n=a.n, sparse=True).init(list(range(B)), 2, dtype)
+            t_init = time.process_time() - t0
+            t0 = time.process_time()
+            run_reservoir(Reservoir(n=a.n, sparse=True), "butterfly", learning, list(range(B)), n_train=1, n_test=0,
+                          trial_steps=a.steps, dtype=dtype)  # fmt: skip
+            per = (time.process_time() - t0 - t_init) / a.steps * 1e3  # the network draw is not a step
+            lines.append(f"run_reservoir, B={B}, {name}, sparse J: {per:.3f} ms/step = {per / B:.3f} ms per "
+                         f"network-step ({base / (per / B):.2f}x the numpy loop per network)")  # fmt: skip
+            print(lines[-1])
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

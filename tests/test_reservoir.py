@@ -21,6 +21,7 @@ from rulesearch.reservoir import (
     butterfly,
     get_task,
     hoerzer_rmhl,
+    modulator_family,
     node_perturbation,
     paper_learning,
     recurrent_input,
@@ -187,3 +188,18 @@ def test_bad_input_raises_clear_errors():
         run_reservoir(res, "arm2", paper_learning("supertrex", "arm2"), [0], n_train=2, n_test=3, trial_steps=20)
     with pytest.raises(ConfigError, match="n=1"):
         Reservoir(n=1)
+
+
+def test_rule_family_in_one_batch_matches_the_single_rules():
+    """modulator_family with per-row constants (a, p) reproduces node_perturbation (signed and one-sided, p = 1/4)
+    row by row; a general rule without its constants is refused."""
+    kw = dict(n_train=1, n_test=1, trial_steps=150)
+    res = Reservoir(n=20)
+    fam = run_reservoir(res, "arm3", paper_learning("supertrex", "arm3", rule=modulator_family()), [0, 0],
+                        rule_constants={"a": [1.0, 0.0], "p": 0.25}, **kw)  # fmt: skip
+    for row, one_sided in ((0, False), (1, True)):
+        rule = node_perturbation(one_sided=one_sided)
+        single = run_reservoir(res, "arm3", paper_learning("supertrex", "arm3", rule=rule), [0], **kw)
+        np.testing.assert_allclose(fam.trial_error[row], single.trial_error[0], rtol=1e-10)
+    with pytest.raises(ConfigError, match="needs rule_constants"):
+        run_reservoir(res, "arm3", paper_learning("supertrex", "arm3", rule=modulator_family()), [0], **kw)

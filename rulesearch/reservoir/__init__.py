@@ -15,7 +15,7 @@ from .loop import (
 )
 from .model import NoiseStream, Reservoir, ReservoirParams, recurrent_input, reservoir_step
 from .rls import rls_delta, rls_gain_, rls_init, rls_solve
-from .rules import MODULATORS, hoerzer_rmhl, node_perturbation
+from .rules import MODULATORS, hoerzer_rmhl, modulator_family, node_perturbation
 from .tasks import TASKS, Arm, MotorTask, butterfly, get_task
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "rls_solve",
     "node_perturbation",
     "hoerzer_rmhl",
+    "modulator_family",
     "MODULATORS",
     "butterfly",
     "Arm",

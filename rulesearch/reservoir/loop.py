@@ -30,7 +30,7 @@ mastery readout for SUPER-TREX and FORCE and of the full readout for RMHL (the r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,8 +64,10 @@ DIVERGENCE_BOUND = 1e4  # |W| or |x| beyond this (or non-finite) marks a run div
 
 @dataclass(frozen=True)
 class Exploration:
-    """The exploratory pathway: its plasticity ``rule`` (learning rate ``lr`` per term) and the exploration noise
-    amplitude :math:`\\beta = \\beta_g (10\\bar e)^{\\beta_p}` (``beta0`` before the first step)."""
+    """The exploratory pathway: its plasticity ``rule`` and the exploration noise amplitude
+    :math:`\\beta = \\beta_g (10\\bar e)^{\\beta_p}` (``beta0`` before the first step). A linear rule's term
+    coefficients are ``lr``; a general rule's output is scaled by ``lr`` and its constants are given per row to
+    :func:`run_reservoir` (``rule_constants``), so one batch can hold a family of rules."""
 
     rule: Rule
     lr: float = 5e-4
@@ -74,8 +76,8 @@ class Exploration:
     beta_power: float = 0.25
 
     def __post_init__(self):
-        if not isinstance(self.rule, Rule) or not self.rule.is_linear:
-            raise ConfigError("Exploration.rule must be a linear Rule (its term coefficients are the learning rate).")
+        if not isinstance(self.rule, Rule):
+            raise ConfigError(f"Exploration.rule must be a Rule, got {type(self.rule).__name__}.")
         extra = sorted(self.rule_needs - RESERVOIR_SIGNALS)
         if extra:
             raise SignalError(
@@ -208,6 +210,7 @@ def run_reservoir(
     trial_steps: int = 50_000,
     dopamine: float | Sequence[float] = 1.0,
     mastery_on: bool | Sequence[bool] = True,
+    rule_constants: Mapping[str, float | Sequence[float]] | None = None,
     record_every: int = 10,
     dtype=torch.float64,
     log: Callable[[str], None] | None = None,
@@ -216,7 +219,8 @@ def run_reservoir(
 
     ``dopamine`` (a number or one per seed) scales the exploratory update's reward modulation; ``mastery_on`` (one
     per seed, or one for all) False keeps a row's mastery gate shut, so that row is RMHL inside a SUPER-TREX batch
-    (its reported deviation is then the full readout's). Deterministic per seed: row ``b`` depends on ``seeds[b]``
+    (its reported deviation is then the full readout's). ``rule_constants`` gives a general exploratory rule's
+    constants (a number or one per seed). Deterministic per seed: row ``b`` depends on ``seeds[b]``
     and its own arguments only. ``log`` receives a line per training trial.
     """
     task = get_task(task) if isinstance(task, str) else task
@@ -234,7 +238,8 @@ def run_reservoir(
     f = butterfly(trial_steps, dtype)
     ex, ms, fo = learning.exploration, learning.mastery, learning.force
     update = compile_rule(ex.rule) if ex is not None else None
-    theta = (ex.lr * gda).unsqueeze(-1).expand(B, ex.rule.n_params) if ex is not None else None
+    theta = _rule_params(ex, gda, rule_constants, B, dtype) if ex is not None else None
+    scale = None if ex is None or ex.rule.is_linear else (ex.lr * gda).reshape(B, 1, 1)
     rls = ms or fo
     P = rls_init(B, N, rls.gamma, dtype) if rls is not None else None
 
@@ -284,7 +289,8 @@ def run_reservoir(
                     for spec in update.states:
                         prev = states.get(spec.name)
                         states[spec.name] = sig[spec.name] = spec.step(spec.init(sig) if prev is None else prev, sig)
-                    W_exp = W_exp + update(sig, theta)
+                    dW = update(sig, theta)
+                    W_exp = W_exp + (dW if scale is None else scale * dW)
                 step = trial * trial_steps + t + 1
                 if ms is not None and step % ms.every == 0:
                     gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
@@ -358,6 +364,19 @@ def run_reservoir(
         wall_s=time.perf_counter() - t0,
         steps=n_trials * trial_steps,
     )
+
+
+def _rule_params(ex: Exploration, gda: Tensor, constants, B: int, dtype):
+    """``theta`` ``(B, R)`` = lr * g_DA for a linear rule; the constants ``{name: (B,)}`` for a general one."""
+    if ex.rule.is_linear:
+        if constants:
+            raise ConfigError(f"rule_constants given, but rule {ex.rule.name!r} is linear (no constants).")
+        return (ex.lr * gda).unsqueeze(-1).expand(B, ex.rule.n_params).to(dtype)
+    names = [c.name for c in ex.rule.constants]
+    missing = sorted(set(names) - set(constants or {}))
+    if missing:
+        raise ConfigError(f"Rule {ex.rule.name!r} needs rule_constants {missing} (a number or one per seed).")
+    return {n: _per_row(constants[n], B, f"rule_constants[{n!r}]").to(dtype) for n in names}
 
 
 def _per_row(value, B: int, name: str) -> Tensor:

@@ -23,9 +23,9 @@ import sympy as sp
 
 from ..errors import ConfigError
 from ..lang.rule import Rule, Term
-from ..lang.signals import post, pre, reward, reward_baseline, trace
+from ..lang.signals import Constant, post, pre, reward, reward_baseline, trace
 
-__all__ = ["node_perturbation", "hoerzer_rmhl", "MODULATORS"]
+__all__ = ["node_perturbation", "modulator_family", "hoerzer_rmhl", "MODULATORS"]
 
 MODULATORS = ("power", "binary", "linear")
 
@@ -56,6 +56,22 @@ def node_perturbation(
     else:
         phi = sp.sympify(gain) * s * sp.Abs(u) ** sp.sympify(exponent)
     return Rule([Term(name, phi * (post - trace(post, tau_z)) * pre)], name=name)
+
+
+def modulator_family(tau_z: float = 5.0, tau_r: float = 5.0) -> Rule:
+    r"""A grammar of exploratory rules as one general rule with per-row constants ``a`` and ``p``:
+
+    .. math:: \Delta W_{ij} = 5\,\big(a\,\mathrm{sign}(u) + (1 - a) H(u)\big) |u|^{p} (z_i - \bar z_i) r_j,
+        \qquad u = R - \bar R,
+
+    ``a = 1`` signed, ``a = 0`` one-sided; ``p = 0`` binary (Hoerzer et al. with ``a = 0``), ``1/4`` the paper's,
+    ``1`` linear node perturbation. :func:`~rulesearch.reservoir.loop.run_reservoir` takes ``rule_constants``
+    ``{"a": ..., "p": ...}`` per row, so every point of the grammar runs in one batch.
+    """
+    a, p = Constant("a", "signed (1) or one-sided (0)"), Constant("p", "exponent of |R - Rbar|")
+    u = reward - reward_baseline(tau_r, name=f"reward_bar{_tag(tau_r)}")
+    phi = 5 * (a * sp.sign(u) + (1 - a) * sp.Heaviside(u)) * sp.Abs(u) ** p
+    return Rule.general(phi * (post - trace(post, tau_z)) * pre, [a, p], name="modulator_family")
 
 
 def hoerzer_rmhl(tau_z: float = 5.0, tau_r: float = 5.0) -> Rule:
