@@ -399,14 +399,13 @@ def distill_update(
     with prog.stage("heldout", f"sampling {test_episodes} held-out episodes", per_episode * test_episodes,
                     steps) as on_step:  # fmt: skip
         held = collect_samples(net, test, update, params, seed=seed + 1, on_step=on_step, **opts)
-    name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
-    with prog.stage(
-        "fit", f"fitting {name}: {len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name})"
-    ):
+    be = get_backend(backend, **backend_params)  # its name, and its time bound (operon's max_time) if it has one
+    size = f"{len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name} grammar)"
+    with prog.stage("fit", f"fitting {be.name}: {size}", be.get_params().get("max_time")):
         res = distill(samples, backend, grammar=grammar, layers=layers, heldout=held, **backend_params)
     if check:
         with prog.stage("closed_loop", "closed loop: the original and the distilled rule on the held-out episodes",
-                        2 * per_episode * test_episodes, steps) as on_step:  # fmt: skip
+                        prog.seconds["heldout"] / 4, steps) as on_step:  # fmt: skip
             res.closed_loop = closed_loop(res.rule, update, params, net, test, layers=layers, on_step=on_step,
                                           **run_kwargs)  # fmt: skip
     res.seconds.update({k: v for k, v in prog.seconds.items() if k != "fit"})
