@@ -386,6 +386,7 @@ def distill_update(
     :func:`library_for`. ``progress``: stage messages on stderr (a :class:`Progress`, or True).
     """
     grammar = library_for(update, grammar)
+    be = get_backend(backend, **backend_params)  # bad parameters fail here, before any sampling
     prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
     run_kwargs = dict(run_kwargs or {})
     opts = dict(grammar=grammar, n_per_step=n_per_step, n_strata=n_strata, layers=layers, **run_kwargs)
@@ -399,9 +400,8 @@ def distill_update(
     with prog.stage("heldout", f"sampling {test_episodes} held-out episodes", per_episode * test_episodes,
                     steps) as on_step:  # fmt: skip
         held = collect_samples(net, test, update, params, seed=seed + 1, on_step=on_step, **opts)
-    be = get_backend(backend, **backend_params)  # its name, and its time bound (operon's max_time) if it has one
     size = f"{len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name} grammar)"
-    with prog.stage("fit", f"fitting {be.name}: {size}", be.get_params().get("max_time")):
+    with prog.stage("fit", f"fitting {be.name}: {size}", be.get_params().get("max_time")):  # operon's bound
         res = distill(samples, backend, grammar=grammar, layers=layers, heldout=held, **backend_params)
     if check:
         with prog.stage("closed_loop", "closed loop: the original and the distilled rule on the held-out episodes",
