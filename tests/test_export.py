@@ -452,7 +452,23 @@ def test_latex_checker_catches_what_tex_rejects():
 
 _VECTORS_POST = (post, err, post * err, post**2, trace(post, 3), bcm_threshold(3))
 _VECTORS_PRE = (pre, pre_err, pre * pre_err, trace(pre, 3))
-_FUNCTIONS = (sp.tanh, sp.exp, sp.Abs, sp.sign, sp.Heaviside, sp.atan, sp.erf, lambda x: sp.Max(x, 0))
+_FUNCTIONS = (
+    sp.tanh,
+    sp.exp,
+    sp.log,
+    sp.sinh,
+    sp.cosh,
+    sp.sin,
+    sp.cos,
+    sp.Abs,
+    sp.sign,
+    sp.Heaviside,
+    sp.atan,
+    sp.erf,
+    lambda x: sp.Max(x, 0),
+    lambda x: sp.Min(x, 1),
+    lambda x: sp.Piecewise((x, x > 0), (-x / 2, True)),
+)  # every elementwise function of the rule language (ELEMENTWISE_FUNCTIONS; sqrt is a power)
 _EXPONENTS = (1, 2, 3, -1, -2, sp.Rational(1, 2), sp.Rational(3, 2), sp.Rational(-1, 2))
 
 

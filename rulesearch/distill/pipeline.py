@@ -87,8 +87,8 @@ class Progress:
     """Stage messages of a distillation on stderr: what runs, an estimate of how long, then how long it took; a
     progress bar with the remaining time over the online steps of a stage that runs the network.
 
-    ``Progress(False)`` is silent. Estimates come from the stages already run (sampling the held-out episodes from
-    the training ones, the closed loop from both).
+    ``Progress(False)`` is silent. Estimates come from the stages already run (the held-out sampling from the
+    training sampling, the closed loop from the held-out sampling) or from a backend's time bound.
     """
 
     def __init__(self, enabled: bool = True, stream=None):
@@ -96,14 +96,14 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.seconds: dict[str, float] = {}
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         if self.enabled:
             print(f"distill: {text}", file=self.stream, flush=True)
 
     @contextlib.contextmanager
     def stage(self, key: str, text: str, estimate: float | None = None, steps: int | None = None):
         """Announce a stage (``estimate`` in seconds); yields an ``on_step`` callback for a bar of ``steps``."""
-        self._say(text + (f" (about {_duration(estimate)})" if estimate is not None else "") + " ...")
+        self.say(text + (f" (about {_duration(estimate)})" if estimate is not None else "") + " ...")
         bar = None
         if self.enabled and steps:
             from tqdm.auto import tqdm
@@ -116,7 +116,7 @@ class Progress:
             if bar is not None:
                 bar.close()
         self.seconds[key] = time.perf_counter() - t0
-        self._say(f"  {key} done in {_duration(self.seconds[key])}")
+        self.say(f"  {key} done in {_duration(self.seconds[key])}")
 
 
 def _duration(seconds: float) -> str:
@@ -408,7 +408,8 @@ def distill_update(
                         prog.seconds["heldout"] / 4, steps) as on_step:  # fmt: skip
             res.closed_loop = closed_loop(res.rule, update, params, net, test, layers=layers, on_step=on_step,
                                           **run_kwargs)  # fmt: skip
-    res.seconds.update({k: v for k, v in prog.seconds.items() if k != "fit"})
+    stages = ("sample", "heldout", "fit", "closed_loop") if check else ("sample", "heldout", "fit")
+    res.seconds = {k: prog.seconds[k] for k in stages}  # wall time per stage
     return res
 
 
@@ -487,7 +488,7 @@ def distill_run(
     prog = Progress(progress)
     for g, grp in enumerate(groups):
         if len(groups) > 1:
-            prog._say(f"layer group {g + 1} of {len(groups)} (layers {', '.join(str(i) for i in grp)})")
+            prog.say(f"layer group {g + 1} of {len(groups)} (layers {', '.join(str(i) for i in grp)})")
         use = grp if grp is not None else (tuple(layers) if layers is not None else None)
         if isinstance(trained, NetworkRule):
             upd, par = [], []
