@@ -42,7 +42,11 @@ def distill_command(
         str, typer.Option(help="Symbolic-regression backend: sparse (default, numpy only), operon or pysr.")
     ] = "sparse",
     grammar: Annotated[
-        str, typer.Option(help="Term library of the sparse backend: classic (default grammar + traces) or default.")
+        str,
+        typer.Option(
+            help="Term library: classic (default grammar + traces) or default, fitted to the rule: atoms reading a "
+            "signal the rule never reads (e.g. the reward of a supervised rule) left out, the rule's own operators in."
+        ),
     ] = "classic",
     rule: Annotated[
         Path | None,
