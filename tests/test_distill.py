@@ -728,8 +728,16 @@ def test_distill_command(trained_run):
         assert f"distill: {stage}" in out.output or f"distill:   {stage}" in out.output, stage
     for name in ("samples.parquet", "rule.json", "rule.tex", "front.csv", "summary.json", "report.md"):
         assert (path / "distill" / name).is_file(), name
+    report = (path / "distill" / "report.md").read_text()
+    assert report.count(r"\Delta W_{ij}") == 1 and "reward" not in report  # oja reads no reward
     quiet = runner.invoke(app, [*args, "--quiet", "--no-check", "--out", "quiet"])
     assert quiet.exit_code == 0 and "distill:" not in quiet.output, quiet.output
+    bad = runner.invoke(app, [*args, "--backend", "operon", "--set", "primitives=add,fmin"])
+    assert bad.exit_code == 2 and "polynomial, rational, nonlinear" in bad.output and "sampling" not in bad.output
+    if OperonBackend.available():  # the nonlinear primitives and a time bound from the command line
+        nonlinear = ["--backend", "operon", "--set", "primitives=nonlinear", "--set", "max_time=2", "--no-check"]
+        done = runner.invoke(app, [*args, *nonlinear, "--out", "operon"])
+        assert done.exit_code == 0 and "fitting operon: " in done.output and "(about 2 s)" in done.output, done.output
     bad = runner.invoke(app, ["distill", str(path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
 

@@ -29,9 +29,11 @@ from rulesearch.lang.export import (
     expr_to_json,
     latex_table,
     markdown_table,
+    round_floats,
     rule_from_json,
     rule_to_json,
     rule_to_latex,
+    significant,
 )
 from rulesearch.lang.grammar import BUILTIN_GRAMMARS
 from rulesearch.lang.pools import NAMED_RULES, bio, ehebb, pool
@@ -164,6 +166,17 @@ def test_latex_glyphs_in_index_notation(expr, tex):
 )
 def test_latex_float_precision(value, precision, tex):
     assert expr_latex(sp.Float(value) * w, precision=precision) == tex
+
+
+@pytest.mark.parametrize("value", [0.1235, 0.00015049, 1500.0, -2.5e-5, 0.0017664, 123456.0, 1.0, 0.00099996])
+def test_console_and_latex_round_alike(value):
+    # correctly rounded as format(v, '.3g') (sympy's evalf(3) rounded twice: 0.1235 -> 0.124), in both the plain-text
+    # formula of the console and the LaTeX
+    mant, exp = significant(value, 3)
+    assert float(f"{mant}e{exp}") == float(f"{value:.3g}")
+    assert float(sp.sstr(round_floats(sp.Float(value) * w, 3)).split("*")[0]) == float(f"{value:.3g}")
+    tex = expr_latex(sp.Float(value), 3).replace(r" \cdot 10^{", "e").replace("}", "")
+    assert float(tex) == float(f"{value:.3g}")
 
 
 def test_latex_symbolic_rule_and_general_rule():
@@ -452,7 +465,23 @@ def test_latex_checker_catches_what_tex_rejects():
 
 _VECTORS_POST = (post, err, post * err, post**2, trace(post, 3), bcm_threshold(3))
 _VECTORS_PRE = (pre, pre_err, pre * pre_err, trace(pre, 3))
-_FUNCTIONS = (sp.tanh, sp.exp, sp.Abs, sp.sign, sp.Heaviside, sp.atan, sp.erf, lambda x: sp.Max(x, 0))
+_FUNCTIONS = (
+    sp.tanh,
+    sp.exp,
+    sp.log,
+    sp.sinh,
+    sp.cosh,
+    sp.sin,
+    sp.cos,
+    sp.Abs,
+    sp.sign,
+    sp.Heaviside,
+    sp.atan,
+    sp.erf,
+    lambda x: sp.Max(x, 0),
+    lambda x: sp.Min(x, 1),
+    lambda x: sp.Piecewise((x, x > 0), (-x / 2, True)),
+)  # every elementwise function of the rule language (ELEMENTWISE_FUNCTIONS; sqrt is a power)
 _EXPONENTS = (1, 2, 3, -1, -2, sp.Rational(1, 2), sp.Rational(3, 2), sp.Rational(-1, 2))
 
 

@@ -12,7 +12,7 @@ from .base import (
     get_backend,
 )
 from .operon import OperonBackend
-from .pipeline import DistillResult, distill, distill_run, distill_update
+from .pipeline import DistillResult, Progress, distill, distill_run, distill_update, library_for
 from .pysr import PySRBackend, pysr_status
 from .recovery import FunctionUpdate, add_noise, is_recovered, reduce_identities, same_terms
 from .samples import collect_samples, load_samples, save_samples
@@ -26,6 +26,7 @@ __all__ = [
     "DistillResult",
     "FunctionUpdate",
     "OperonBackend",
+    "Progress",
     "PySRBackend",
     "SparseBackend",
     "add_noise",
@@ -39,6 +40,7 @@ __all__ = [
     "formula_to_rule",
     "get_backend",
     "is_recovered",
+    "library_for",
     "load_samples",
     "pysr_status",
     "reduce_identities",

@@ -42,7 +42,11 @@ def distill_command(
         str, typer.Option(help="Symbolic-regression backend: sparse (default, numpy only), operon or pysr.")
     ] = "sparse",
     grammar: Annotated[
-        str, typer.Option(help="Term library of the sparse backend: classic (default grammar + traces) or default.")
+        str,
+        typer.Option(
+            help="Term library: classic (default grammar + traces) or default, fitted to the rule: atoms reading a "
+            "signal the rule never reads (e.g. the reward of a supervised rule) left out, the rule's own operators in."
+        ),
     ] = "classic",
     rule: Annotated[
         Path | None,
@@ -68,6 +72,9 @@ def distill_command(
         list[str] | None,
         typer.Option("--set", help="Backend parameter KEY=VALUE, repeatable (e.g. --set selection=knee)."),
     ] = None,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for torch (default 1: fastest for the small tensors of online steps).")
+    ] = 1,
     progress: Annotated[
         bool,
         typer.Option(
@@ -82,25 +89,27 @@ def distill_command(
 
     Samples fresh episodes, fits, selects on the Pareto front, re-runs the formula, writes RUN/<out>/.
     """
+    from ..train.runtime import threads as torch_threads
     from .pipeline import distill_run
 
     try:
-        res = distill_run(
-            run,
-            backend=backend,
-            grammar=grammar,
-            rule=rule,
-            run_index=run_index,
-            out=out,
-            seed=seed,
-            n_episodes=episodes,
-            test_episodes=test_episodes,
-            n_per_step=per_step,
-            layers=parse_layers(layers),
-            check=check,
-            progress=progress,
-            **parse_settings(settings),
-        )
+        with torch_threads(threads):
+            res = distill_run(
+                run,
+                backend=backend,
+                grammar=grammar,
+                rule=rule,
+                run_index=run_index,
+                out=out,
+                seed=seed,
+                n_episodes=episodes,
+                test_episodes=test_episodes,
+                n_per_step=per_step,
+                layers=parse_layers(layers),
+                check=check,
+                progress=progress,
+                **parse_settings(settings),
+            )
     except RuleSearchError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None

@@ -138,6 +138,15 @@ class OperonBackend(DistillBackend, name="operon"):
         self.rel_floor = rel_floor
         self.snap = snap
         self.random_state = random_state
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Refuse bad primitives and time bounds at once (again in :meth:`fit`, after ``set_params``)."""
+        operon_symbols(self.primitives)
+        if isinstance(self.max_time, bool) or not (isinstance(self.max_time, (int, float)) and self.max_time >= 2):
+            raise ConfigError(f"operon max_time must be a number of seconds >= 2; received {self.max_time!r}.")
+        if not 0 < self.search_share < 1:
+            raise ConfigError(f"operon search_share must lie in (0, 1); received {self.search_share!r}.")
 
     @property
     def supports_constants(self) -> bool:
@@ -160,10 +169,7 @@ class OperonBackend(DistillBackend, name="operon"):
             )
 
     def fit(self, X, y, feature_names, weights=None):
-        if not (isinstance(self.max_time, (int, float)) and self.max_time >= 2):
-            raise ConfigError(f"operon max_time must be a number of seconds >= 2; received {self.max_time!r}.")
-        if not 0 < self.search_share < 1:
-            raise ConfigError(f"operon search_share must lie in (0, 1); received {self.search_share!r}.")
+        self._check_params()
         self._deadline = time.perf_counter() + 0.95 * self.max_time  # the rest: selection and snapping
         return super().fit(X, y, feature_names, weights)
 

@@ -87,8 +87,8 @@ class Progress:
     """Stage messages of a distillation on stderr: what runs, an estimate of how long, then how long it took; a
     progress bar with the remaining time over the online steps of a stage that runs the network.
 
-    ``Progress(False)`` is silent. Estimates come from the stages already run (sampling the held-out episodes from
-    the training ones, the closed loop from both).
+    ``Progress(False)`` is silent. Estimates come from the stages already run (the held-out sampling from the
+    training sampling, the closed loop from the held-out sampling) or from a backend's time bound.
     """
 
     def __init__(self, enabled: bool = True, stream=None):
@@ -96,14 +96,14 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.seconds: dict[str, float] = {}
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         if self.enabled:
             print(f"distill: {text}", file=self.stream, flush=True)
 
     @contextlib.contextmanager
     def stage(self, key: str, text: str, estimate: float | None = None, steps: int | None = None):
         """Announce a stage (``estimate`` in seconds); yields an ``on_step`` callback for a bar of ``steps``."""
-        self._say(text + (f" (about {_duration(estimate)})" if estimate is not None else "") + " ...")
+        self.say(text + (f" (about {_duration(estimate)})" if estimate is not None else "") + " ...")
         bar = None
         if self.enabled and steps:
             from tqdm.auto import tqdm
@@ -116,7 +116,7 @@ class Progress:
             if bar is not None:
                 bar.close()
         self.seconds[key] = time.perf_counter() - t0
-        self._say(f"  {key} done in {_duration(self.seconds[key])}")
+        self.say(f"  {key} done in {_duration(self.seconds[key])}")
 
 
 def _duration(seconds: float) -> str:
@@ -386,6 +386,7 @@ def distill_update(
     :func:`library_for`. ``progress``: stage messages on stderr (a :class:`Progress`, or True).
     """
     grammar = library_for(update, grammar)
+    be = get_backend(backend, **backend_params)  # bad parameters fail here, before any sampling
     prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
     run_kwargs = dict(run_kwargs or {})
     opts = dict(grammar=grammar, n_per_step=n_per_step, n_strata=n_strata, layers=layers, **run_kwargs)
@@ -399,17 +400,16 @@ def distill_update(
     with prog.stage("heldout", f"sampling {test_episodes} held-out episodes", per_episode * test_episodes,
                     steps) as on_step:  # fmt: skip
         held = collect_samples(net, test, update, params, seed=seed + 1, on_step=on_step, **opts)
-    name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
-    with prog.stage(
-        "fit", f"fitting {name}: {len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name})"
-    ):
+    size = f"{len(samples)} rows, {len(library_terms(grammar))} library terms ({grammar.name} grammar)"
+    with prog.stage("fit", f"fitting {be.name}: {size}", be.get_params().get("max_time")):  # operon's bound
         res = distill(samples, backend, grammar=grammar, layers=layers, heldout=held, **backend_params)
     if check:
         with prog.stage("closed_loop", "closed loop: the original and the distilled rule on the held-out episodes",
-                        2 * per_episode * test_episodes, steps) as on_step:  # fmt: skip
+                        prog.seconds["heldout"] / 4, steps) as on_step:  # fmt: skip
             res.closed_loop = closed_loop(res.rule, update, params, net, test, layers=layers, on_step=on_step,
                                           **run_kwargs)  # fmt: skip
-    res.seconds.update({k: v for k, v in prog.seconds.items() if k != "fit"})
+    stages = ("sample", "heldout", "fit", "closed_loop") if check else ("sample", "heldout", "fit")
+    res.seconds = {k: prog.seconds[k] for k in stages}  # wall time per stage
     return res
 
 
@@ -488,7 +488,7 @@ def distill_run(
     prog = Progress(progress)
     for g, grp in enumerate(groups):
         if len(groups) > 1:
-            prog._say(f"layer group {g + 1} of {len(groups)} (layers {', '.join(str(i) for i in grp)})")
+            prog.say(f"layer group {g + 1} of {len(groups)} (layers {', '.join(str(i) for i in grp)})")
         use = grp if grp is not None else (tuple(layers) if layers is not None else None)
         if isinstance(trained, NetworkRule):
             upd, par = [], []

@@ -50,6 +50,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..inner import SIGNALS
+from .pipeline import heldout_error
 from .samples import TARGET
 
 __all__ = ["FunctionUpdate", "add_noise", "is_recovered", "reduce_identities", "same_terms"]
@@ -160,9 +161,4 @@ def is_recovered(
     ``heldout`` samples are given, a weighted relative RMS error below ``tol`` on them (the same values)."""
     if not same_terms(found, truth, identities):
         return False
-    if heldout is None:
-        return True
-    from .pipeline import heldout_error
-
-    err = heldout_error(found, heldout)
-    return bool(err < tol)
+    return heldout is None or bool(heldout_error(found, heldout) < tol)
