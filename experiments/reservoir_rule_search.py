@@ -81,6 +81,10 @@ def report(out: Path, results: Path):
     means = df.groupby(["a", "p"]).deviation.mean()
     best = means.idxmin()
     paper = means.get((1.0, 0.25), float("nan"))
+    n_ok = int((df.deviation < SATISFACTORY).sum())
+    lines += ["", f"Satisfactory runs over the whole grammar: {n_ok}/{len(df)}. The mastery gate (open when the "
+              f"running error is below 1.5e-2) was open in at most {df.gate_trial10.max():.0%} of trial 10's updates "
+              "of any run, so little reached the mastery readout that the test scores."]  # fmt: skip
     lines += ["", f"Best by mean deviation: a = {best[0]:g}, p = {best[1]:g} ({means[best]:.3f}); the paper's rule "
               f"(a = 1, p = 1/4): {paper:.3f}. With {seeds} seeds and a shorter, smaller run than the paper's, "
               "this ranks the grammar's rules at this budget only; it does not settle the comparison with 5/11.",
