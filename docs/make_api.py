@@ -22,6 +22,8 @@ MODULES = (
     ("rulesearch.credit", "Predictive coding"),
     ("rulesearch.tasks", "Tasks and datasets"),
     ("rulesearch.inner", "The inner loop"),
+    ("rulesearch.fixedpoint", "Recurrent networks at fixed points"),
+    ("rulesearch.reservoir", "Reward-modulated reservoirs"),
     ("rulesearch.train", "Meta-training"),
     ("rulesearch.distill", "Distillation"),
     ("rulesearch.io", "Configs, run directories, figures, statistics"),
