@@ -28,7 +28,7 @@ import sympy as sp
 import torch
 from fixed_point_rnn import DATA, OUT, batches, load_digits
 
-from rulesearch.fixedpoint import dW3, dW4, evaluate, fixed_point_step, preconditioned, preconditioned_vectors
+from rulesearch.fixedpoint import dW3, dW4, fixed_point_step, heldout_metrics, preconditioned, preconditioned_vectors
 from rulesearch.lang.export import expr_latex
 from rulesearch.lang.signals import Contract
 from rulesearch.networks import FixedPointNetwork
@@ -77,13 +77,13 @@ def score_run(rule, lr, N, batch, steps, train, test, seed=1) -> dict:
             diverged = True
             break
         if step % 10 == 9:
-            max_gw = max(max_gw, evaluate(net, params, W, x_s, y_s)["max_re_GW"])
+            max_gw = max(max_gw, heldout_metrics(net, params, W, x_s, y_s)["max_re_GW"])
     base = {"rule": rule.name, "lr": lr, "N": N, "steps": steps, "diverged": diverged}
     if diverged:
         nan = float("nan")
         return {**base, "accuracy": nan, "max_re_GW": nan, "failed_frac": nan, "score": 0.0,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
-    ev = evaluate(net, params, W, *test)
+    ev = heldout_metrics(net, params, W, *test)
     max_gw = max(max_gw, ev["max_re_GW"])
     fail = (failed + ev["n_failed"]) / (solves + len(test[1]))
     score = ev["accuracy"] - max(0.0, max_gw - 0.9) - fail

@@ -13,7 +13,7 @@ from .rules import (
     preconditioned,
     preconditioned_vectors,
 )
-from .train import StepRecord, evaluate, fixed_point_step, train_fixed_point
+from .train import StepRecord, fixed_point_step, heldout_metrics, train_fixed_point
 
 __all__ = [
     "FACTORS",
@@ -26,7 +26,7 @@ __all__ = [
     "preconditioned",
     "preconditioned_vectors",
     "StepRecord",
-    "evaluate",
+    "heldout_metrics",
     "fixed_point_step",
     "train_fixed_point",
 ]

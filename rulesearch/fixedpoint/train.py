@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..lang.rule import Rule
 from ..networks.fixedpoint import FIXED_POINT_SIGNALS, FixedPointNetwork, FixedPointParams, stability
 
-__all__ = ["StepRecord", "fixed_point_step", "evaluate", "train_fixed_point"]
+__all__ = ["StepRecord", "fixed_point_step", "heldout_metrics", "train_fixed_point"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def fixed_point_step(
 
 
 @torch.no_grad()
-def evaluate(
+def heldout_metrics(
     net: FixedPointNetwork, params: FixedPointParams, W: Tensor, x: Tensor, y: Tensor, n_stability: int | None = 64
 ) -> dict[str, float]:
     """Held-out ``loss``, ``accuracy``, the solver's ``n_failed`` and ``max_residual``, and :func:`stability` at the
@@ -97,7 +97,7 @@ def train_fixed_point(
     n_stability: int | None = 64,
 ) -> tuple[Tensor, list[dict]]:
     """Train ``params.W`` with ``rule`` for ``steps`` batches; returns the final ``W`` and one row per step
-    (:class:`StepRecord` fields, ``step``, and every ``eval_every`` steps and at the end the :func:`evaluate`
+    (:class:`StepRecord` fields, ``step``, and every ``eval_every`` steps and at the end the :func:`heldout_metrics`
     columns prefixed ``test_``, before that step's update). A non-finite ``W`` or loss stops the run with
     ``diverged`` set in the last row. ``callback(row)`` sees (and may add to) every row."""
     if steps < 1 or eval_every < 1:
@@ -108,7 +108,9 @@ def train_fixed_point(
             x, y = next(batches)
             row = {"step": step}
             if eval_data is not None and step % eval_every == 0:
-                row.update({f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()})
+                row.update(
+                    {f"test_{k}": v for k, v in heldout_metrics(net, params, W, *eval_data, n_stability).items()}
+                )
             W, rec, _ = fixed_point_step(net, params, W, x, y, rule, lr)
             row.update(rec.__dict__, diverged=not bool(torch.isfinite(W).all()) or not math.isfinite(rec.loss))
             rows.append(row)
@@ -120,7 +122,7 @@ def train_fixed_point(
             rows.append(
                 {
                     "step": steps,
-                    **{f"test_{k}": v for k, v in evaluate(net, params, W, *eval_data, n_stability).items()},
+                    **{f"test_{k}": v for k, v in heldout_metrics(net, params, W, *eval_data, n_stability).items()},
                 }
             )
             if callback is not None:
