@@ -1,4 +1,10 @@
-"""Symbolic distillation: learned updates to compact formulas, verified in the loop."""
+"""Symbolic distillation: learned updates to compact formulas, verified in the loop.
+
+The backends (numpy, SymPy) are imported with the package, so that they are registered in :data:`BACKENDS`; the
+sampling and the pipeline (torch, pandas) are imported when first used, which keeps the command line quick.
+"""
+
+import importlib
 
 from .base import (
     BACKENDS,
@@ -12,11 +18,29 @@ from .base import (
     get_backend,
 )
 from .operon import OperonBackend
-from .pipeline import DistillResult, Progress, distill, distill_run, distill_update, library_for
 from .pysr import PySRBackend, pysr_status
-from .recovery import FunctionUpdate, add_noise, is_recovered, reduce_identities, same_terms
-from .samples import collect_samples, load_samples, save_samples
 from .sparse import SparseBackend
+
+_LAZY = {
+    **dict.fromkeys(
+        ("DistillResult", "Progress", "distill", "distill_run", "distill_update", "library_for"), "pipeline"
+    ),
+    **dict.fromkeys(("FunctionUpdate", "add_noise", "is_recovered", "reduce_identities", "same_terms"), "recovery"),
+    **dict.fromkeys(("collect_samples", "load_samples", "save_samples"), "samples"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rulesearch.distill' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BACKENDS",
