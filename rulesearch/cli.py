@@ -377,7 +377,6 @@ def export(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
 ):
     """Print a trained rule (mean and 95% interval per coefficient across runs) as LaTeX, JSON or Markdown."""
-    from .io.runs import atomic_write_text
     from .train import export_run
 
     try:
@@ -385,6 +384,8 @@ def export(
     except RuleSearchError as err:
         raise _fail(err) from None
     if output is not None:
+        from .io.runs import atomic_write_text
+
         atomic_write_text(output, text + "\n")
         typer.echo(f"wrote {output}")
     else:

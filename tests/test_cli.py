@@ -165,3 +165,51 @@ def test_help_explains_every_option(command):
     for p in params:
         assert (getattr(p, "help", None) or "").strip(), f"{command}: {p.name} has no help"
         assert p.opts[0] in text or p.name.upper() in text or p.human_readable_name in text
+
+
+LIGHT_COMMANDS = r"""
+import sys
+
+import rulesearch
+
+assert "torch" not in sys.modules, "import rulesearch"
+from typer.testing import CliRunner
+
+from rulesearch.cli import app
+
+runner = CliRunner()
+rule_file, out = sys.argv[1:]
+for args in (["--help"], ["terms"], ["terms", "--rule", "bio"], ["terms", "--grammar", "default", "--describe"],
+             ["export", rule_file], ["export", rule_file, "-f", "json"], ["export", rule_file, "-f", "markdown"],
+             ["export", rule_file, "-o", out]):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (args, result.output)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "pandas"})
+    assert not heavy, f"rulesearch {' '.join(args)} imported {heavy}"
+print("light")
+"""
+
+
+def test_terms_export_and_help_do_not_import_torch(tmp_path):
+    """``import rulesearch`` and the commands that only read and print rules load neither torch nor pandas (checked in
+    a fresh interpreter's ``sys.modules``): they start in about a second."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from rulesearch import pool
+    from rulesearch.train import trained_rule_json
+
+    rule = pool
+    runs = np.linspace(-1, 1, 2 * rule.n_terms).reshape(2, rule.n_terms)
+    data = trained_rule_json(rule.with_values(runs.mean(0)), runs=runs, intervals=np.stack([runs[0], runs[1]], 1))
+    (tmp_path / "rule.json").write_text(json.dumps(data))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    args = [sys.executable, "-c", LIGHT_COMMANDS, str(tmp_path / "rule.json"), str(tmp_path / "rule.tex")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "light" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "rule.tex").read_text().startswith("%")

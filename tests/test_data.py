@@ -90,9 +90,10 @@ def test_emnist_idx_is_transposed_upright(tmp_path, np_rng):
     write_idx(tmp_path / "emnist-balanced-test-labels-idx1-ubyte.gz", labels)
     ds = load_dataset("emnist", tmp_path, split="balanced", part="test")
     assert ds.name == "emnist-balanced-test"
-    assert ds.images.shape == (60, 784) and ds.images.dtype == torch.float32
+    assert ds.images.shape == (60, 784) and ds.images.dtype == torch.uint8 and ds.scale == 255.0  # kept compact
+    assert ds.inputs().shape == (60, 784) and ds.inputs().dtype == torch.float32
     assert ds.image_shape == (28, 28) and ds.n_classes == 47
-    np.testing.assert_allclose(ds.images.numpy(), images.reshape(60, -1) / 255.0, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(ds.inputs().numpy(), images.reshape(60, -1) / 255.0, rtol=0, atol=1e-7)
     assert ds.labels.dtype == torch.int64
     np.testing.assert_array_equal(ds.labels.numpy(), labels)
     assert ds.class_names == tuple(EMNIST_MAPPING)
@@ -105,7 +106,7 @@ def test_emnist_idx_uncompressed_in_gzip_subfolder_and_file_path(tmp_path, np_rn
     write_idx(sub / "emnist-bymerge-train-images-idx3-ubyte", images.transpose(0, 2, 1))
     write_idx(sub / "emnist-bymerge-train-labels-idx1-ubyte", labels)
     ds = load_emnist(tmp_path, split="bymerge-train")
-    np.testing.assert_array_equal((ds.images.numpy() * 255).round().astype(np.uint8), images.reshape(50, -1))
+    np.testing.assert_array_equal((ds.inputs().numpy() * 255).round().astype(np.uint8), images.reshape(50, -1))
     direct = load_emnist(sub / "emnist-bymerge-train-images-idx3-ubyte")
     assert direct.name == "emnist-bymerge-train"
     assert torch.equal(direct.images, ds.images)
@@ -128,14 +129,14 @@ def test_emnist_npz_file_and_per_class_first_n_in_file_order(tmp_path, np_rng):
 
     full = load_dataset("emnist", path)
     assert full.n_samples == n and full.n_classes == 47
-    np.testing.assert_allclose(full.images.numpy(), images.reshape(n, -1) / 255.0, atol=1e-7)  # already upright
+    np.testing.assert_allclose(full.inputs().numpy(), images.reshape(n, -1) / 255.0, atol=1e-7)  # already upright
 
     sub = load_dataset("emnist", path, per_class=5)
     expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:5] for c in range(n_classes)]))
     assert sub.n_samples == 5 * n_classes
     assert torch.equal(sub.n_per_class(), torch.full((47,), 5))
     np.testing.assert_array_equal(sub.labels.numpy(), labels[expected])
-    np.testing.assert_allclose(sub.images.numpy(), images[expected].reshape(len(expected), -1) / 255.0, atol=1e-7)
+    np.testing.assert_allclose(sub.inputs().numpy(), images[expected].reshape(len(expected), -1) / 255.0, atol=1e-7)
     assert sub.info["per_class"] == 5
     # the same subset through the Dataset method
     assert torch.equal(full.first_per_class(5).images, sub.images)
@@ -214,7 +215,7 @@ def test_mnist_like_not_transposed(tmp_path, np_rng, name, sub, part, prefix):
     write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
     ds = load_dataset(name, tmp_path, part=part)
     assert ds.n_classes == 10 and ds.images.shape == (40, 784)
-    np.testing.assert_allclose(ds.images.numpy(), images.reshape(40, -1) / 255.0, atol=1e-7)
+    np.testing.assert_allclose(ds.inputs().numpy(), images.reshape(40, -1) / 255.0, atol=1e-7)
     np.testing.assert_array_equal(ds.labels.numpy(), labels)
     assert len(load_dataset(name, tmp_path, part=part, per_class=2)) == 20
 

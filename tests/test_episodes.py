@@ -274,3 +274,43 @@ def test_episode_batch_shape_check():
     EpisodeBatch(x, y, x[:, :2], y[:, :2], torch.zeros(2, 2, dtype=torch.int64), 0, 0, (0, 1), 2, 3, 1)
     with pytest.raises(ShapeError, match="x_query"):
         EpisodeBatch(x, y, x, y[:, :2], torch.zeros(2, 2, dtype=torch.int64), 0, 0, (0, 1), 2, 3, 1)
+
+
+def test_compact_uint8_dataset_gives_episodes_bitwise_equal_to_the_float_one(tmp_path):
+    """An EMNIST file's uint8 images are kept as they are (``scale`` 255) and divided per episode: the episodes hold
+    the same float32 bits as those of the images converted at load time (``astype(float32) / float32(255)``)."""
+    import numpy as np
+
+    from rulesearch.tasks.data import load_emnist
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(470, 28, 28), dtype=np.uint8)
+    images[0].flat[:256] = np.arange(256)  # every stored value
+    labels = np.arange(470) % 47
+    np.savez(tmp_path / "emnist-balanced-test.npz", images=images, labels=labels)
+    compact = load_emnist(tmp_path / "emnist-balanced-test.npz")
+    assert compact.images.dtype == torch.uint8 and compact.scale == 255.0
+    floats = torch.from_numpy(images.reshape(470, -1).astype(np.float32) / np.float32(255.0))  # the float path
+    as_float = Dataset(compact.name, floats, compact.labels, compact.n_classes, compact.image_shape)
+    assert torch.equal(compact.inputs().view(torch.int32), floats.view(torch.int32))
+    for kw in ({}, {"fixed_images": True}, {"remap_labels": True, "replacement": True}):
+        for seed, t, ks in ((0, 0, 4), (3, 17, [5, 0, 9])):
+            a = TaskSampler(compact, M=5, K=6, Q=3, **kw).sample(seed, t, ks)
+            b = TaskSampler(as_float, M=5, K=6, Q=3, **kw).sample(seed, t, ks)
+            assert a.x_train.dtype == b.x_train.dtype == torch.float32
+            assert torch.equal(a.x_train.view(torch.int32), b.x_train.view(torch.int32))
+            assert torch.equal(a.x_query.view(torch.int32), b.x_query.view(torch.int32))
+            assert_batches_equal(a, b)
+    sub = compact.subset([3, 1], remap=True).first_per_class(4)
+    assert sub.scale == 255.0 and torch.equal(
+        sub.inputs(), as_float.subset([3, 1], remap=True).first_per_class(4).images
+    )
+
+
+def test_compact_dataset_refuses_float_images_and_bad_scale():
+    with pytest.raises(DatasetError, match="uint8"):
+        Dataset("x", torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), 1, (3,), scale=255.0)
+    with pytest.raises(DatasetError, match="scale"):
+        Dataset("x", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 1, (3,), scale=0.0)
+    with pytest.raises(DatasetError, match="in \\[0, 1\\]"):
+        Dataset("x", torch.full((2, 3), 17, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 1, (3,), scale=16)

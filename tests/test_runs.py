@@ -299,7 +299,7 @@ def test_checkpoint_round_trip_with_weights_only(run, monkeypatch):
         calls.append(kwargs.get("weights_only"))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(runs_module.torch, "load", spy)
+    monkeypatch.setattr(torch, "load", spy)
     step, loaded = run.load_checkpoint()
     assert step == 5 and calls == [True]
     assert_same(state, loaded)
@@ -385,7 +385,7 @@ def test_crash_during_checkpoint_save_keeps_previous(run, monkeypatch):
         f.truncate(30)  # half written
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs_module.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         run.save_checkpoint(2, {"theta": torch.tensor([2.0])})
     monkeypatch.undo()

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
-import scipy.linalg
 import sympy as sp
 
 from ..errors import ConfigError
@@ -353,6 +352,8 @@ def find_collinear(
         ``kept`` indices (in ``order``) and one :class:`Identity` per dropped column with its coefficients in the
         original column units.
     """
+    import scipy.linalg  # here, not at import: the distill package is imported by every command of the CLI
+
     A = np.asarray(A, dtype=np.float64)
     n, p = A.shape
     order = list(range(p)) if order is None else list(order)

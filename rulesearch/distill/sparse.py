@@ -31,7 +31,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.linalg
 import sympy as sp
 
 from ..errors import ConfigError
@@ -115,6 +114,8 @@ def _one_blas_thread():
 
 def _solve(G, c):
     """Solve ``G x = c`` for a symmetric positive (semi)definite ``G``; least squares when singular."""
+    import scipy.linalg  # here, not at import: the distill package is imported by every command of the CLI
+
     if G.shape[0] == 0:
         return np.zeros(0)
     try:

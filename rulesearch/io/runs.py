@@ -60,12 +60,16 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from rulesearch.errors import RunDirectoryError, StorageError
 from rulesearch.io.files import read_json
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that save and load checkpoints and record the environment: writing text files
+# and reading a finished run's files (rulesearch export) do not load it.
 
 __all__ = [
     "RunDir",
@@ -213,6 +217,7 @@ def _find_key(data: Any, key: str) -> Any:
 
 def _environment() -> dict[str, Any]:
     import numpy
+    import torch
 
     import rulesearch
 
@@ -233,14 +238,20 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _loaded_torch():
+    """torch if it is imported, else None: a tensor, device or dtype exists only once it is."""
+    return sys.modules.get("torch")
+
+
 def _json_default(obj: Any) -> Any:
+    torch = _loaded_torch()
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, (torch.Tensor,)) or type(obj).__module__ == "numpy":
+    if (torch is not None and isinstance(obj, torch.Tensor)) or type(obj).__module__ == "numpy":
         return obj.tolist() if hasattr(obj, "tolist") else obj.item()
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
-    if isinstance(obj, (torch.device, torch.dtype)):
+    if torch is not None and isinstance(obj, (torch.device, torch.dtype)):
         return str(obj)
     raise TypeError(
         f"Object of type {type(obj).__name__} is not JSON serializable; convert it to plain "
@@ -285,12 +296,14 @@ def _isnan(x: Any) -> bool:
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
-_LEAF_TYPES = (torch.Tensor, int, float, bool, str, bytes, type(None))
-
 
 def _check_state(obj: Any, where: str) -> None:
     """Refuse at save time what ``torch.load(weights_only=True)`` would refuse at load time."""
-    if isinstance(obj, _LEAF_TYPES) and type(obj).__module__ != "numpy":  # np.float64 subclasses float
+    import torch
+
+    if (
+        isinstance(obj, (torch.Tensor, int, float, bool, str, bytes, type(None))) and type(obj).__module__ != "numpy"
+    ):  # np.float64 subclasses float
         if isinstance(obj, torch.Tensor) and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
             raise TypeError(
                 f"Checkpoint entry {where} is a {type(obj).__name__} (a tensor subclass); "
@@ -335,7 +348,8 @@ def _step_of(path: Path) -> int | None:
 def _csv_value(value: Any, column: str) -> Any:
     if value is None:
         return ""
-    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+    torch = _loaded_torch()
+    if (torch is not None and isinstance(value, torch.Tensor)) or type(value).__module__ == "numpy":
         if getattr(value, "ndim", 0) != 0:
             raise TypeError(
                 f"Metric {column!r} has shape {tuple(value.shape)}; metrics are scalars "
@@ -829,6 +843,8 @@ class RunDir:
         _check_state(state, "state")
         target = self.checkpoint_path(step)
         payload = {"format": _CHECKPOINT_FORMAT, "step": step, "state": state}
+        import torch
+
         with atomic_open(target, "wb") as f:
             torch.save(payload, f)
         steps = self.checkpoint_steps()
@@ -839,6 +855,8 @@ class RunDir:
         return target
 
     def _load_file(self, step: int, map_location: Any) -> dict[str, Any]:
+        import torch
+
         path = self.checkpoint_path(step)
         payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT or "state" not in payload:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import inspect
+import math
 import os
 import re
 import struct
@@ -74,8 +75,9 @@ class Dataset:
     ----------
     name : str
         Short identifier, e.g. ``"digits"`` or ``"emnist-balanced-test"``.
-    images : torch.Tensor, (N, D) float
-        Inputs flattened row-major from ``image_shape``, values in ``[0, 1]``.
+    images : torch.Tensor, (N, D) float, or (N, D) uint8 with ``scale``
+        Inputs flattened row-major from ``image_shape``, values in ``[0, 1]`` (``images / scale`` when kept
+        compact). Read them as floats with :meth:`inputs`.
     labels : torch.Tensor
         ``(N,)`` int64 class ids in ``[0, n_classes)`` for classification; ``(N, n_out)`` float targets for
         regression.
@@ -88,6 +90,9 @@ class Dataset:
         Optional display name per class (``len == n_classes``) or empty.
     info : dict
         Free-form provenance (source file, split, generator parameters, the true weights of ``lowrank``...).
+    scale : float or None
+        None: ``images`` are floats. A number: ``images`` are the files' uint8 values, kept compact (a quarter of
+        the memory of float32) and divided by ``scale`` in float32 when rows are read (:meth:`inputs`, per episode).
     """
 
     name: str
@@ -98,6 +103,7 @@ class Dataset:
     task: str = "classification"
     class_names: tuple = ()
     info: dict = field(default_factory=dict, repr=False)
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,7 +111,18 @@ class Dataset:
         if self.task not in _TASKS:
             raise DatasetError(f"Dataset {self.name!r}: task must be one of {_TASKS}; received {self.task!r}.")
         x, y = self.images, self.labels
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+        if self.scale is not None:
+            ok = isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and math.isfinite(self.scale)
+            if not ok or self.scale <= 0:
+                raise DatasetError(f"Dataset {self.name!r}: scale must be a positive number or None; received "
+                                   f"{self.scale!r}.")  # fmt: skip
+            object.__setattr__(self, "scale", float(self.scale))
+            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype != torch.uint8:
+                raise DatasetError(
+                    f"Dataset {self.name!r}: images kept compact (scale={self.scale:g}) must be a uint8 torch.Tensor "
+                    f"of shape (N, D); received {_describe(x)}. Pass float images with scale=None."
+                )
+        elif not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise DatasetError(
                 f"Dataset {self.name!r}: images must be a floating torch.Tensor of shape (N, D); received "
                 f"{_describe(x)}. Flatten images with images.reshape(len(images), -1).float() / 255."
@@ -122,10 +139,11 @@ class Dataset:
                 f"Dataset {self.name!r}: image_shape {shape} holds {int(np.prod(shape))} values but images "
                 f"have D = {x.shape[1]} features."
             )
-        if x.numel() and (not bool(torch.isfinite(x).all()) or float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        div = 1.0 if self.scale is None else self.scale
+        if x.numel() and (not bool(torch.isfinite(x).all()) or float(x.min()) < 0.0 or float(x.max()) > div):
             raise DatasetError(
                 f"Dataset {self.name!r}: image values must be finite and in [0, 1]; received range "
-                f"[{float(x.min()):g}, {float(x.max()):g}]. Scale uint8 images by 1/255."
+                f"[{float(x.min()) / div:g}, {float(x.max()) / div:g}]. Scale uint8 images by 1/255."
             )
         if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
             raise DatasetError(
@@ -191,6 +209,13 @@ class Dataset:
         """Network output size: ``n_classes`` for classification, ``n_out`` for regression."""
         return self.n_classes if self.task == "classification" else int(self.labels.shape[1])
 
+    def inputs(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows ``indices`` (an index tensor of any shape; all rows when None) as float inputs in ``[0, 1]``:
+        ``images[indices]``, or ``images[indices].float() / scale`` for compact images (the same float32 values as
+        converting the whole array at load time, element by element)."""
+        x = self.images if indices is None else self.images[indices]
+        return x if self.scale is None else x.to(torch.float32) / self.scale
+
     def n_per_class(self) -> torch.Tensor:
         """Samples per class, ``(n_classes,)`` int64 (classification only)."""
         self._require_classification("n_per_class")
@@ -220,6 +245,7 @@ class Dataset:
             task=self.task,
             class_names=self.class_names,
             info=dict(self.info),
+            scale=self.scale,
         )
 
     def subset(self, classes: Sequence[int], remap: bool = False) -> Dataset:
@@ -252,6 +278,7 @@ class Dataset:
             task=self.task,
             class_names=names,
             info={**self.info, "classes": list(cls)},
+            scale=self.scale,
         )
 
     def first_per_class(self, n: int) -> Dataset:
@@ -274,6 +301,7 @@ class Dataset:
             task=out.task,
             class_names=out.class_names,
             info={**self.info, "per_class": int(n)},
+            scale=out.scale,
         )
 
     def _require_classification(self, what: str) -> None:
@@ -346,7 +374,8 @@ def _classification(
     class_names: Sequence[str] = (),
     info: dict | None = None,
 ) -> Dataset:
-    """Build a classification dataset from raw arrays, subsetting before the float conversion."""
+    """Build a classification dataset from raw arrays, subsetting before the float conversion; uint8 images are kept
+    as they are with ``scale`` (converted per episode, :meth:`Dataset.inputs`)."""
     labels = _int_labels(labels, name)
     images = np.asarray(images)
     if images.dtype.kind not in "biuf":
@@ -355,7 +384,9 @@ def _classification(
         idx = _first_per_class_indices(labels, per_class, n_classes, name)
         images, labels = images[idx], labels[idx]
     shape = tuple(images.shape[1:])
-    x = torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1).astype(np.float32) / np.float32(scale))
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    compact = flat.dtype == np.uint8
+    x = torch.from_numpy(flat if compact else flat.astype(np.float32) / np.float32(scale))
     info = dict(info or {})
     if per_class is not None:
         info["per_class"] = int(per_class)
@@ -367,6 +398,7 @@ def _classification(
         image_shape=shape,
         class_names=tuple(class_names),
         info=info,
+        scale=float(scale) if compact else None,
     )
 
 

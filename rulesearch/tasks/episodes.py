@@ -317,9 +317,9 @@ class TaskSampler(Task):
         if self._regression:
             y_train, y_query = self._targets[train], self._targets[query]
         return EpisodeBatch(
-            x_train=self._images[train],
+            x_train=self.dataset.inputs(train),
             y_train=y_train.to(dev),
-            x_query=self._images[query],
+            x_query=self.dataset.inputs(query),
             y_query=y_query.to(dev),
             classes=classes.to(dev),
             seed=int(seed),

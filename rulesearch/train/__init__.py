@@ -3,35 +3,46 @@
 The data path of a fit: :class:`DiscoverConfig` -> :class:`Problem` (dataset, sampler, network, learner) ->
 :class:`Trainer` (meta-steps over :func:`rulesearch.inner.run_episodes`, an :class:`Objective`, Adam) ->
 :class:`RuleSearch` (run directory, reports).
+
+Each name is imported from its module when first used: the reports and rule files (``rulesearch terms``,
+``rulesearch export``) load neither torch nor the trainer.
 """
 
-from .configs import (
-    DEFAULT_HIDDEN,
-    MAIN_JOB,
-    DiscoverConfig,
-    MetaConfig,
-    NetworkConfig,
-    NeuralConfig,
-    TaskConfig,
-    main_job_config,
-)
-from .estimator import RuleSearch, discover
-from .learners import Learner, LinearLearner, NeuralLearner, PlasticFeedback, make_learner
-from .objective import Objective, QueryLoss
-from .optim import adam_step
-from .problem import Problem
-from .report import coefficient_table, export_run, rule_latex, rule_markdown, terms_table
-from .rules import (
-    NETWORK_RULE_FORMAT,
-    load_feedback_rule,
-    load_rule,
-    pseudo_gradient_lr,
-    resolve_feedback_rule,
-    resolve_rule,
-    trained_rule_json,
-)
-from .runtime import process_group, resolve_device, threads
-from .trainer import Trainer, TrainState
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(
+        ("DEFAULT_HIDDEN", "MAIN_JOB", "DiscoverConfig", "MetaConfig", "NetworkConfig", "NeuralConfig", "TaskConfig",
+         "main_job_config"),
+        "configs",
+    ),
+    **dict.fromkeys(("RuleSearch", "discover"), "estimator"),
+    **dict.fromkeys(("Learner", "LinearLearner", "NeuralLearner", "PlasticFeedback", "make_learner"), "learners"),
+    **dict.fromkeys(("Objective", "QueryLoss"), "objective"),
+    "adam_step": "optim",
+    "Problem": "problem",
+    **dict.fromkeys(("coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"), "report"),
+    **dict.fromkeys(
+        ("NETWORK_RULE_FORMAT", "load_feedback_rule", "load_rule", "pseudo_gradient_lr", "resolve_feedback_rule",
+         "resolve_rule", "trained_rule_json"),
+        "rules",
+    ),
+    **dict.fromkeys(("process_group", "resolve_device", "threads"), "runtime"),
+    **dict.fromkeys(("Trainer", "TrainState"), "trainer"),
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DEFAULT_HIDDEN",

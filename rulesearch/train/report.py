@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sympy as sp
@@ -12,8 +13,10 @@ import sympy as sp
 from ..errors import ConfigError, InvalidRuleError, RunDirectoryError
 from ..lang.export import latex_fragment, latex_table, markdown_table, round_floats
 from ..lang.rule import NetworkRule, Rule
-from ..neural import NeuralRule
-from .rules import _rule_data, load_feedback_rule, load_rule, resolve_rule
+from .rules import _is_neural, _rule_data, load_feedback_rule, load_rule, resolve_rule
+
+if TYPE_CHECKING:
+    from ..neural import NeuralRule
 
 __all__ = ["coefficient_table", "export_run", "rule_latex", "rule_markdown", "terms_table"]
 
@@ -41,7 +44,7 @@ def rule_latex(rule, intervals=None, precision: int = 3, table_precision: int | 
 
     ``intervals``: ``(R, 2)`` for a Rule, one ``(R_g, 2)`` per group of a NetworkRule; shown as ``mean [lo, hi]``.
     """
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         return f"% {rule.describe()}\n% A neural rule has no closed form; distill it to get one."
     tp = precision + 1 if table_precision is None else table_precision
     groups = _groups(rule)
@@ -69,7 +72,7 @@ def rule_latex(rule, intervals=None, precision: int = 3, table_precision: int | 
 
 def rule_markdown(rule, intervals=None, precision: int = 4) -> str:
     """Markdown coefficient table(s) of a trained rule, with a 95% interval column when ``intervals`` is given."""
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         return _neural_table(rule, precision)
     blocks = []
     for g, (layers, r) in enumerate(_groups(rule)):
@@ -102,7 +105,7 @@ def _neural_table(rule: NeuralRule, precision: int) -> str:
 
 def coefficient_table(rule, intervals=None, precision: int = 4) -> str:
     """Plain-text coefficient table: term, locality, value (and 95% interval) per term and layer group."""
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         return _neural_table(rule, precision)
     blocks = []
     for g, (layers, r) in enumerate(_groups(rule)):
@@ -124,7 +127,7 @@ def coefficient_table(rule, intervals=None, precision: int = 4) -> str:
 def terms_table(rule) -> str:
     """The terms of a rule, pool or grammar: index, name, locality and LaTeX (``rulesearch terms``)."""
     rule = resolve_rule(rule)
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         return rule.describe()
     from ..lang.export import expr_latex
 

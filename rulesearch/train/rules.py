@@ -8,20 +8,24 @@ reading it needs no data files.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sympy as sp
-import torch
 
 from ..errors import ConfigError, InvalidRuleError
 from ..io.files import read_json
 from ..lang.export import FORMAT as RULE_FORMAT
 from ..lang.rule import NetworkRule, Pool, Rule
-from ..neural import FORMAT as NEURAL_FORMAT
-from ..neural import NeuralRule
-from .configs import NeuralConfig
+
+if TYPE_CHECKING:
+    from .configs import NeuralConfig
+
+# torch, the neural rule and the configs are imported where a neural rule is built or read: the linear rules' files
+# and reports (rulesearch terms, rulesearch export) need neither.
 
 __all__ = [
     "NETWORK_RULE_FORMAT",
@@ -36,6 +40,15 @@ __all__ = [
 
 NETWORK_RULE_FORMAT = "rulesearch.network_rule/1"
 
+_NEURAL_MODULE = __name__.rsplit(".", 2)[0] + ".neural"
+
+
+def _is_neural(rule) -> bool:
+    """Whether ``rule`` is a :class:`~rulesearch.neural.NeuralRule`, without importing torch: there is none before
+    its module is imported."""
+    neural = sys.modules.get(_NEURAL_MODULE)
+    return neural is not None and isinstance(rule, neural.NeuralRule)
+
 
 def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig | None = None):
     """A rule object from a spec: a :class:`Rule`, :class:`NetworkRule`, :class:`NeuralRule`, :class:`Pool`,
@@ -49,6 +62,8 @@ def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig 
     rule = spec
     if isinstance(spec, str):
         if spec == "neural":
+            from .configs import NeuralConfig
+
             rule = (neural or NeuralConfig()).build()
         elif spec.startswith("grammar:"):
             kind = spec.split(":", 1)[1]
@@ -73,7 +88,7 @@ def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig 
         rule = spec.rule()
     elif isinstance(spec, Pool):
         rule = spec.rule()
-    if not isinstance(rule, (Rule, NetworkRule, NeuralRule)):
+    if not (isinstance(rule, (Rule, NetworkRule)) or _is_neural(rule)):
         raise ConfigError(
             f"rule must be a Rule, NetworkRule, NeuralRule, Pool, Grammar or a name; received {type(spec).__name__}."
         )
@@ -92,7 +107,7 @@ def resolve_rule(spec, terms: Sequence[str] | None = None, neural: NeuralConfig 
 def trained_rule_json(rule, runs=None, intervals=None) -> dict:
     """JSON of a trained rule object: a :class:`Rule` (``rulesearch.rule/1``), a :class:`NetworkRule` or a
     :class:`NeuralRule`; ``runs`` (per-run values) and ``intervals`` are stored alongside."""
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         return rule.to_json(runs=runs)
     if isinstance(rule, NetworkRule):
         out = {
@@ -109,7 +124,8 @@ def trained_rule_json(rule, runs=None, intervals=None) -> dict:
 
 
 def _plain(x):
-    if torch.is_tensor(x):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and torch.is_tensor(x):
         return x.detach().cpu().double().tolist()
     if isinstance(x, np.ndarray):
         return x.astype(float).tolist()
@@ -128,8 +144,6 @@ def load_rule(source, run: int | None = None):
     """
     data = _rule_data(source)
     fmt = data.get("format")
-    if fmt == NEURAL_FORMAT:
-        return NeuralRule.from_json(data, run=run if run is not None else (0 if data.get("runs") else None))
     runs = data.get("runs")
     if fmt == NETWORK_RULE_FORMAT:
         groups = []
@@ -144,6 +158,11 @@ def load_rule(source, run: int | None = None):
         if run is not None:
             rule = rule.with_values(_run_values(runs, run))
         return rule
+    from ..neural import FORMAT as NEURAL_FORMAT
+    from ..neural import NeuralRule
+
+    if fmt == NEURAL_FORMAT:
+        return NeuralRule.from_json(data, run=run if run is not None else (0 if runs else None))
     raise InvalidRuleError(
         f"Unknown rule file format {fmt!r}; expected {RULE_FORMAT!r}, {NETWORK_RULE_FORMAT!r} or a neural rule."
     )
@@ -261,7 +280,7 @@ def _pseudo_gradient_term(rule: Rule) -> tuple[int, float] | None:
 def pseudo_gradient_lr(rule) -> float | None:
     """The learning rate ``c * theta_r`` of the rule's ``-e_i x_j`` term (mean over layer groups), if it has one; for
     a neural rule, minus its skip coefficient of the feature ``err*pre``."""
-    if isinstance(rule, NeuralRule):
+    if _is_neural(rule):
         ids = [i for i, f in enumerate(rule.features) if sorted(f.split("*")) == ["err", "pre"]]
         if not (rule.skip and ids and rule.params is not None):
             return None
