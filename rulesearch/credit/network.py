@@ -38,16 +38,7 @@ import torch
 from ..batched import matvec, vecmat
 from ..errors import ConfigError
 from ..networks.base import LayeredNetwork
-from ..networks.feedforward import (
-    Network,
-    _activate,
-    _angle,
-    _derivative,
-    _input_derivative,
-    _orthonormality,
-    _output,
-    _propagate,
-)
+from ..networks.feedforward import Network, activity_orthonormality, vector_angle
 from .predictive_coding import fixedpred_errors, strict_relax
 
 __all__ = ["INFERENCES", "PCNetwork"]
@@ -136,13 +127,13 @@ class PCNetwork(LayeredNetwork):
         """``g -> J_{l+1}(u_l)^T g = d_l * (W_{l+1}^T g)`` at the belief ``u_l`` (``d_l = sigma'(u_l)``; ``d_0``: the
         input derivative), or with a given ``d``."""
         if d is None:
-            d = _input_derivative(self.base, u) if l == 0 else _derivative(self.base, _activate(self.base, u), u)
+            d = self.base.input_derivative(u) if l == 0 else self.base.derivative(self.base.activate(u), u)
         w = weights[l]
         return lambda g: vecmat(g, w) * d
 
     def _predict(self, weights, l: int, u):
         """``(f_l(u), pullback of layer l at u)`` with ``f_l(u) = W_l sigma(u)`` (``f_1(x) = W_1 x``)."""
-        p = matvec(weights[l - 1], u if l == 1 else _activate(self.base, u))
+        p = matvec(weights[l - 1], u if l == 1 else self.base.activate(u))
         return p, self._pullback(weights, l - 1, u)
 
     def propagate(self, act, e_out, mats, layers):
@@ -151,7 +142,7 @@ class PCNetwork(LayeredNetwork):
         if self.inference == "fixedpred":
             backs: list = [None] * (n + 1)
             for l in layers:
-                d = _input_derivative(base, act.ys[0]) if l == 0 else _derivative(base, act.ys[l], act.zs[l])
+                d = base.input_derivative(act.ys[0]) if l == 0 else base.derivative(act.ys[l], act.zs[l])
                 backs[l + 1] = self._pullback(mats, l, None, d)
             eps, _ = fixedpred_errors(e_out, backs, float(self.eta), int(self.n_iters), layers)
             es[n] = e_out
@@ -162,7 +153,7 @@ class PCNetwork(LayeredNetwork):
         beliefs = [act.ys[0]] + [act.zs[l] for l in range(1, n)]
         _, eps, backs = strict_relax(
             lambda l, u: self._predict(mats, l, u),
-            lambda p: _output(base, p) - target,
+            lambda p: base.output(p) - target,
             beliefs,
             float(self.eta),
             int(self.n_iters),
@@ -180,10 +171,10 @@ class PCNetwork(LayeredNetwork):
         layers = range(n - 1, 0, -1)
         mats = self.feedback_matrices(weights, feedback, layers)
         pc = self.propagate(act, e_out, mats, layers)
-        bp = _propagate(self.base, act.ys, act.zs, e_out, list(weights), layers, False)
+        bp = self.base.propagate(act, e_out, list(weights), layers)
         if n == 1:
             empty = e_out.new_zeros((e_out.shape[0], 0))
-            return empty, empty, _orthonormality(weights, act.ys, act.zs)
-        angles = torch.stack([_angle(pc[i].mean(1), bp[i].mean(1)) for i in range(1, n)], dim=-1)
-        per_sample = torch.stack([_angle(pc[i], bp[i]).mean(-1) for i in range(1, n)], dim=-1)
-        return angles, per_sample, _orthonormality(weights, act.ys, act.zs)
+            return empty, empty, activity_orthonormality(weights, act.ys, act.zs)
+        angles = torch.stack([vector_angle(pc[i].mean(1), bp[i].mean(1)) for i in range(1, n)], dim=-1)
+        per_sample = torch.stack([vector_angle(pc[i], bp[i]).mean(-1) for i in range(1, n)], dim=-1)
+        return angles, per_sample, activity_orthonormality(weights, act.ys, act.zs)

@@ -12,6 +12,7 @@ from .feedforward import (
     PAPER,
     PAPER_3LAYER,
     Network,
+    activity_orthonormality,
     alignment_angles,
     backprop_errors,
     errors,
@@ -24,6 +25,7 @@ from .feedforward import (
     query_loss_accuracy,
     sample_loss,
     stack_episodes,
+    vector_angle,
 )
 from .fixedpoint import (
     FIXED_POINT_SIGNALS,
@@ -58,6 +60,8 @@ __all__ = [
     "PAPER_3LAYER",
     "Network",
     "alignment_angles",
+    "vector_angle",
+    "activity_orthonormality",
     "backprop_errors",
     "errors",
     "query_loss_accuracy",

@@ -92,6 +92,8 @@ __all__ = [
     "backprop_errors",
     "query_loss_accuracy",
     "alignment_angles",
+    "vector_angle",
+    "activity_orthonormality",
     "orthonormality",
 ]
 
@@ -227,6 +229,23 @@ class Network(AdjointNetwork):
     def plastic_feedback(self) -> bool:
         return self.feedback == "plastic"
 
+    # ---- elementwise maps (for networks built on this one, e.g. rulesearch.credit.PCNetwork) ----------------
+    def activate(self, z: Tensor) -> Tensor:
+        """The hidden nonlinearity ``sigma(z)``."""
+        return _activate(self, z)
+
+    def output(self, z: Tensor) -> Tensor:
+        """The output map of ``z_L``: softmax under CE, identity under MSE."""
+        return _output(self, z)
+
+    def derivative(self, y: Tensor, z: Tensor | None) -> Tensor:
+        """``sigma'(z)`` from the activity ``y = sigma(z)`` (and ``z`` where needed)."""
+        return _derivative(self, y, z)
+
+    def input_derivative(self, x: Tensor) -> Tensor:
+        """``1 - exp(-beta x)``: the input's derivative in the convention of ``e_0``."""
+        return _input_derivative(self, x)
+
     # ---- the LayeredNetwork contract (the hot path: validation is in the public functions below) ----------
     def init_episodes(self, seed, t, ks, dtype=torch.float32, device=None):
         return init_params(self, seed, t, ks, dtype=dtype, device=device)
@@ -269,7 +288,7 @@ class Network(AdjointNetwork):
 
     def diagnostics(self, weights, feedback, act, target):
         angles, angles_ps = _alignment(self, weights, feedback, act.ys, act.zs, target)
-        return angles, angles_ps, _orthonormality(weights, act.ys, act.zs)
+        return angles, angles_ps, activity_orthonormality(weights, act.ys, act.zs)
 
     # ---- the AdjointNetwork contract (the fast path) ---------------------------------------------------
     def trace_step(self, weights, feedback, x, target, err_layers, need_loss):
@@ -730,7 +749,7 @@ def query_loss_accuracy(net: Network, weights: Sequence[Tensor], x: Tensor, y: T
     return loss, _accuracy(net, ys[-1].detach(), labels).mean(-1)
 
 
-def _angle(a: Tensor, b: Tensor) -> Tensor:
+def vector_angle(a: Tensor, b: Tensor) -> Tensor:
     """Angle in degrees between vectors along the last dim, ``2 atan2(|a^ - b^|, |a^ + b^|)`` (accurate near
     0 and 180 degrees; NaN when a vector is zero)."""
     a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
@@ -749,8 +768,8 @@ def _alignment(net, weights, feedback, ys, zs, target) -> tuple[Tensor, Tensor]:
     if n == 1:
         empty = e_out.new_zeros((e_out.shape[0], 0))
         return empty, empty
-    mean_angles = torch.stack([_angle(fb[i].mean(1), bp[i].mean(1)) for i in range(1, n)], dim=-1)
-    sample_angles = torch.stack([_angle(fb[i], bp[i]).mean(-1) for i in range(1, n)], dim=-1)
+    mean_angles = torch.stack([vector_angle(fb[i].mean(1), bp[i].mean(1)) for i in range(1, n)], dim=-1)
+    sample_angles = torch.stack([vector_angle(fb[i], bp[i]).mean(-1) for i in range(1, n)], dim=-1)
     return mean_angles, sample_angles
 
 
@@ -781,7 +800,8 @@ def alignment_angles(
         return _alignment(net, weights, feedback, ys, zs, target)
 
 
-def _orthonormality(weights: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor]) -> Tensor:
+def activity_orthonormality(weights: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor]) -> Tensor:
+    """``E_W = ||z_l - W W^T y_l||^2`` per layer (columns), averaged over the samples of a forward pass."""
     out = []
     for i, w in enumerate(weights):
         ybar = vecmat(ys[i + 1], w)  # W^T y_l, (B, N, n_pre)
@@ -808,4 +828,4 @@ def orthonormality(net: Network, weights: Sequence[Tensor], x: Tensor) -> Tensor
         raise ShapeError(f"orthonormality needs x of shape (B, N, n_in); received {tuple(x.shape)}.")
     with torch.no_grad():
         ys, zs = _forward(net, weights, x)
-        return _orthonormality(weights, ys, zs)
+        return activity_orthonormality(weights, ys, zs)
