@@ -3,6 +3,7 @@
 The data path: grammar -> rule -> compiled update -> inner loop -> meta-loss -> rule -> distilled formula -> LaTeX.
 """
 
+from ._lazy import lazy_exports
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -58,18 +59,7 @@ _LAZY = {
 }  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rulesearch' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

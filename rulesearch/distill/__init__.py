@@ -4,8 +4,7 @@ The backends (numpy, SymPy) are imported with the package, so that they are regi
 sampling and the pipeline (torch, pandas) are imported when first used, which keeps the command line quick.
 """
 
-import importlib
-
+from .._lazy import lazy_exports
 from .base import (
     BACKENDS,
     Candidate,
@@ -30,16 +29,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rulesearch.distill' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

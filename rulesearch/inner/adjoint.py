@@ -77,6 +77,7 @@ class _FastRun:
         nds = list(enumerate(plan.needs))  # the activities, errors and loss that are some layer's signal
         self.leaf_ys = sorted({i for i, nd in nds if "pre" in nd and i > 0} | {i + 1 for i, nd in nds if "post" in nd})
         self.leaf_es = sorted({i + 1 for i, nd in nds if "err" in nd} | {i for i, nd in nds if "pre_err" in nd})
+        self.fb_is_weight = [net.fb_source(i) == "weight" for i in range(net.n_layers)]  # else the stored matrix
 
     # ---- parameters: unique tensors (the autograd.Function's inputs) and per-layer structure ----------------
     def set_params(self, params_per_layer) -> None:
@@ -129,7 +130,7 @@ class _FastRun:
                 nd = plan.needs[i]
                 if "w" in nd:
                     wrefs[i].pre, wrefs[i].z = t.ys[i], t.zs[i + 1]
-                fb = (wrefs[i] if net.fb_source(i) == "weight" else self.fbs[i]) if "fb" in nd else None
+                fb = (wrefs[i] if self.fb_is_weight[i] else self.fbs[i]) if "fb" in nd else None
                 sig = fill_signals({}, nd, i, t.ys, t.es, wrefs[i], fb, rew, t.loss, rew)
                 n_post, n_pre = net.sizes[i + 1], net.sizes[i]
                 facs.append(self.lows[i].factors(sig, params[i], coefs[i], wrefs[i], b, n_post, n_pre, x))
@@ -265,7 +266,7 @@ class _FastRun:
                 if out.grad is not None:
                     gv = ref.backward(v, out, out.grad, transpose, v.requires_grad)
                     v.grad = add(v.grad, gv)
-            self.net.step_vjp(t.step, revs, self.fbs, self.target[:, s], self.plan.err_layers, sinks)
+            self.net.step_vjp(t.step, revs, self.fbs, self.target[:, s], sinks)
             for i, f in enumerate(facs):  # G <- (1 + a) G + P Q; <G, W_s> for the next step's da
                 a = f.a
                 one_a = None if a is None else _one_plus(a, self.betas[i])

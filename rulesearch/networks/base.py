@@ -194,7 +194,7 @@ class AdjointNetwork(LayeredNetwork):
         ``err_layers`` (:meth:`error_layers`), without autograd."""
 
     @abstractmethod
-    def step_vjp(self, trace: StepTrace, weights, feedback, target: Tensor, err_layers, sinks) -> None:
+    def step_vjp(self, trace: StepTrace, weights, feedback, target: Tensor, sinks) -> None:
         """Carry the gradients of a traced step's tensors (their ``.grad``: activities, pre-activations, errors,
         loss) back through its errors and forward pass, by hand.
 

@@ -294,7 +294,7 @@ class Network(AdjointNetwork):
     def trace_step(self, weights, feedback, x, target, err_layers, need_loss):
         return _trace_step(self, weights, feedback, x, target, err_layers, need_loss)
 
-    def step_vjp(self, trace, weights, feedback, target, err_layers, sinks):
+    def step_vjp(self, trace, weights, feedback, target, sinks):
         _step_vjp(self, trace, weights, feedback, target, sinks)
 
     def fb_source(self, layer):
@@ -560,19 +560,18 @@ def _step_vjp(net: Network, t: StepTrace, weights, feedback, target, sinks) -> N
     gz: list = [None] + [None if z is y else z.grad for z, y in zip(t.zs[1:], t.ys[1:])]
     if t.es[n] is not None:
         layers = [i for i in range(n) if t.es[i] is not None]  # ascending: e_i feeds e_{i-1} (or e_L) only
-        fb_t = None  # the matrices that carried the errors, transposed (bp: the weights' own products)
+        mats = None  # the matrices that carried the errors (bp: the weights' own products)
         if net.feedback == "sign":
             mats = _feedback_mats(net, [w.dense() for w in weights], feedback, layers)
-            fb_t = [None if m is None else m.transpose(1, 2) for m in mats]
         elif net.feedback != "bp":
-            fb_t = [f.transpose(1, 2) for f in feedback]
+            mats = feedback
         backs, ds = t.saved["backs"], t.saved["ds"]
         for i in layers:
             if ge[i] is None:
                 continue
             src = n if net.feedback == "dfa" else i + 1
             g_back = ge[i] * ds[i]
-            ge[src] = add(ge[src], weights[i].vecmat(g_back, True) if fb_t is None else vecmat(g_back, fb_t[i]))
+            ge[src] = add(ge[src], weights[i].vecmat(g_back, True) if mats is None else matvec(mats[i], g_back))
             if net.feedback == "bp":
                 sinks[i].append(RankOne(t.es[src], g_back, backs[i], g_back))
             if i > 0:

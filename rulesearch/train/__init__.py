@@ -8,7 +8,7 @@ Each name is imported from its module when first used: the reports and rule file
 ``rulesearch export``) load neither torch nor the trainer.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
     **dict.fromkeys(
@@ -32,16 +32,7 @@ _LAZY = {
 }  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

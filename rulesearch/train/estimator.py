@@ -426,26 +426,22 @@ class RuleSearch:
             "divergences": _stops(rows, self.stopped_runs_, state, self._problem.seeds),
         }
 
-        def mean_acc(window):
-            vals = [
-                r["meta_accuracy"]
-                for r in rows
-                if (int(r["step"]) - 1) in window and not int(r.get("skipped", 0)) and r["run"] in self.reported_runs_
-            ]
-            return float(np.nanmean(vals)) if vals else float("nan")
-
-        def mean_acc_failed(window):  # a skipped (diverged) meta-step counts as accuracy 0
+        def mean_acc(window, skipped_as_failed: bool = False):
+            """Mean meta-accuracy of the reported runs over ``window``; a skipped (diverged) meta-step is left out,
+            or counted as accuracy 0."""
             vals = [
                 0.0 if int(r.get("skipped", 0)) else r["meta_accuracy"]
                 for r in rows
-                if (int(r["step"]) - 1) in window and r["run"] in self.reported_runs_
+                if (int(r["step"]) - 1) in window
+                and r["run"] in self.reported_runs_
+                and (skipped_as_failed or not int(r.get("skipped", 0)))
             ]
             return float(np.nanmean(vals)) if vals else float("nan")
 
         out["rule_first"] = mean_acc(first)
         out["rule_last"] = mean_acc(last)
-        out["rule_first_skips_failed"] = mean_acc_failed(first)
-        out["rule_last_skips_failed"] = mean_acc_failed(last)
+        out["rule_first_skips_failed"] = mean_acc(first, skipped_as_failed=True)
+        out["rule_last_skips_failed"] = mean_acc(last, skipped_as_failed=True)
         out["skipped_steps"] = sum(int(r.get("skipped", 0)) for r in rows)
         out["diverged_episodes"] = sum(int(r.get("diverged", 0)) for r in rows)
         out["meta_steps_run"] = len(rows)
