@@ -27,6 +27,7 @@ MODULES = (
     ("rulesearch.train", "Meta-training"),
     ("rulesearch.distill", "Distillation"),
     ("rulesearch.io", "Configs, run directories, figures, statistics"),
+    ("rulesearch.io.summary", "Per-run summaries of a meta-training history"),
 )
 
 

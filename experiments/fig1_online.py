@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from rulesearch.compile.compiler import compile_rule
 from rulesearch.evaluate import seed_episodes
 from rulesearch.inner import run_episodes
+from rulesearch.io.stats import t_interval
 from rulesearch.lang.pools import bio, f0
 from rulesearch.networks.feedforward import Network
 from rulesearch.tasks.data import default_data_dir, load_dataset
@@ -47,15 +47,6 @@ METHODS = {  # name: (feedback, rule)
     "f0 (dfa)": ("dfa", f0),
     "bio (fa)": ("fa", bio),
 }
-
-
-def t_ci(x, ci=0.95):
-    x = np.asarray(x, float)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    h = float(stats.t.ppf((1 + ci) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return m, m - h, m + h
 
 
 def params_for(rule, lr):
@@ -124,8 +115,8 @@ def main(argv=None):
             for j, c in enumerate(checkpoints):
                 rows.append({"method": name, "feedback": mode, "lr": best, "seed": s, "step": c,
                              "test_accuracy": acc[i, j], "diverged": bool(div[i, j])})  # fmt: skip
-        m, lo, hi = t_ci(acc[:, -1])
-        m100 = t_ci(acc[:, checkpoints.index(100)]) if 100 in checkpoints else (np.nan,) * 3
+        m, lo, hi = t_interval(acc[:, -1])
+        m100 = t_interval(acc[:, checkpoints.index(100)]) if 100 in checkpoints else (np.nan,) * 3
         summary.append({"method": name, "lr": best, "final": (m, lo, hi), "at100": m100,
                         "diverged": int(div[:, -1].sum()),
                         "tuning": " ".join(f"{k:g}:{v:.3f}" + (f" ({tune_div[k]} div.)" if tune_div[k] else "")
@@ -146,7 +137,7 @@ def main(argv=None):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for name in METHODS:
             d = df[df.method == name].pivot(index="seed", columns="step", values="test_accuracy")
-            ci = np.array([t_ci(d[c]) for c in d.columns])
+            ci = np.array([t_interval(d[c]) for c in d.columns])
             ax.plot(d.columns, ci[:, 0], marker=".", label=name)
             ax.fill_between(d.columns, ci[:, 1], ci[:, 2], alpha=0.2)
         ax.set_xscale("log")
@@ -162,7 +153,7 @@ def main(argv=None):
     final = df[df.step == N].pivot(index="seed", columns="method", values="test_accuracy")
     diffs = []
     for x, y in (("bio (fa)", "f0 (fa)"), ("bio (fa)", "f0 (bp)"), ("f0 (dfa)", "f0 (fa)"), ("f0 (bp)", "f0 (dfa)")):
-        m, lo, hi = t_ci(final[x] - final[y])
+        m, lo, hi = t_interval(final[x] - final[y])
         diffs.append(f"| {x} - {y} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
     cmd = f"python experiments/fig1_online.py --dataset {a.dataset}" + (
         " --data-dir ../shared/data" if a.dataset != "digits" else ""

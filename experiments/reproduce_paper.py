@@ -2,7 +2,9 @@
 
 Each item meta-trains its variants as resumable run directories under ``runs/paper/<item>/<variant>`` (git-ignored;
 rerunning a command continues an unfinished run and reuses a finished one), then writes its summary to
-``results/paper/``: ``<item>.md`` (table), ``<item>.csv`` (per-step means and 95% bootstrap intervals across runs),
+``results/paper/``: ``<item>.md`` (table), ``<item>_runs.csv`` (per run and tenth of the episodes: meta-accuracy,
+skipped episodes, angle, E_W, coefficients; every interval of the table recomputes from it), ``<item>.csv`` (per-step
+means and 95% Student-t intervals across runs),
 ``<item>_*.png`` (figures) and ``<item>.tex`` (coefficient tables, mean and 95% interval across runs).
 
 Items (defaults: the full protocol, 600 episodes x 20 runs; EMNIST = the first 400 images per class of the ByMerge
@@ -23,7 +25,9 @@ test split in ../shared/data, a ByMerge-derived subset, not the official Balance
     python experiments/reproduce_paper.py fig3 --summarize-only    # rewrite the summary from the run directories
 
 Meta-accuracy is the query accuracy of each meta-training episode (the paper's definition); intervals are 95%
-percentile bootstrap intervals across runs (the paper: 98%, 500 resamples).
+Student-t intervals across runs of per-run means (the paper: 98% bootstrap, 500 resamples). Skipped (diverged)
+episodes are counted and left out of the means, and scored 0 in a second column; runs that stopped are counted
+and left out of the last window and the coefficients.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import torch
 
 from rulesearch.errors import DivergenceError
 from rulesearch.io.runs import RunDir
-from rulesearch.io.stats import bootstrap_ci, moving_average
+from rulesearch.io.stats import moving_average, t_interval
+from rulesearch.io.summary import run_windows
 from rulesearch.tasks.data import default_data_dir
 from rulesearch.train import RuleSearch
 
@@ -104,22 +109,45 @@ def window_means(h: pd.DataFrame, column: str, frac: float = 0.1) -> tuple[np.nd
 
 
 def ci(values) -> str:
+    """``mean [lo, hi]``: a 95% Student-t interval across runs (NaN values, e.g. a stopped run's empty window, left
+    out)."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return "n/a"
     if values.size == 1:
         return f"{values[0]:.3f}"
-    m, lo, hi = bootstrap_ci(values)
+    m, lo, hi = t_interval(values)
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def variant_row(name: str, windows: pd.DataFrame, episodes: int) -> dict:
+    """The counts and interval columns of one variant's table row, from its per-run windows (``run_windows``):
+    runs, stopped runs (and where), skipped episodes, meta-accuracy over the first and last window with skipped
+    episodes left out and scored 0, mean angle and E_W, the largest E_W of any episode."""
+    runs = windows.groupby("run")
+    stopped = runs["stopped_at"].first().dropna().astype(int)
+    first, last = windows[windows["window"] == 1], windows[windows["window"] == windows["window"].max()]
+    where = f" ({', '.join(map(str, stopped))})" if len(stopped) else ""
+    row = {"variant": name, "episodes": episodes, "runs": runs.ngroups,
+           "runs stopped (at episode)": f"{len(stopped)}{where}",
+           "skipped episodes (of run)": f"{int(windows['skipped'].sum())} of {int(windows['episodes'].sum())}",
+           "skipped, last 10%": int(last["skipped"].sum())}  # fmt: skip
+    for col, label in (("meta_accuracy", "meta-acc"), ("angle", "angle"), ("ew", "E_W")):
+        row[f"{label} first 10%"] = ci(first[col])
+        row[f"{label} last 10%"] = ci(last[col])
+        if col == "meta_accuracy":
+            row["meta-acc last 10%, skipped = 0"] = ci(last["meta_accuracy_skips_failed"])
+    row["E_W max"] = f"{windows['ew_max'].max():.3g}"
+    return row
+
+
 def per_step(h: pd.DataFrame, column: str, window: int = 10) -> pd.DataFrame:
-    """Mean across runs of the moving average of ``column`` per step, with a 95% bootstrap interval."""
+    """Mean across runs of the moving average of ``column`` per step, with a 95% Student-t interval."""
     wide = h.pivot_table(index="step", columns="run", values=column)
     smooth = np.stack([moving_average(wide[c].to_numpy(), window) for c in wide.columns], axis=1)
     if smooth.shape[1] > 1:
-        m, lo, hi = bootstrap_ci(smooth, axis=1, nan_policy="omit")
+        m, lo, hi = t_interval(smooth, axis=1)
     else:
         m = lo = hi = smooth[:, 0]
     return pd.DataFrame({"step": wide.index, f"{column}": m, f"{column}_lo": lo, f"{column}_hi": hi})
@@ -161,27 +189,22 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
     """Tables, per-step CSV, figures and LaTeX of one item."""
     RESULTS = Path(a.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows, curves, tex = [], {}, []
+    rows, curves, tex, per_run = [], {}, [], []
     for name, s in searches.items():
-        h = s.history_
-        h = h[h["skipped"] == 0]
+        full = s.history_  # a stopped run has no rows after its stop
+        windows = run_windows(full, planned=s.config().meta.episodes)
+        per_run.append(windows.assign(variant=name))
+        row = variant_row(name, windows, int(full["step"].max()))
+        h = full[full["skipped"] == 0]
         angles = [c for c in h.columns if c.startswith("angle.")]
         ews = [c for c in h.columns if c.startswith("ew.")]
         h = h.assign(angle_mean=h[angles].mean(axis=1), ew_mean=h[ews].mean(axis=1) if ews else np.nan)
-        full = s.history_  # a stopped run has no rows after its stop
-        n, planned = int(full["step"].max()), s.config().meta.episodes
-        row = {"variant": name, "episodes": n, "runs": s.n_runs_,
-               "runs not stopped": int(full.loc[full["step"] == planned, "run"].nunique())}  # fmt: skip
-        for col, label in (("meta_accuracy", "meta-acc"), ("angle_mean", "angle"), ("ew_mean", "E_W")):
-            first, last = window_means(h, col)
-            row[f"{label} first 10%"] = ci(first)
-            row[f"{label} last 10%"] = ci(last)
         for layer in angles:
             row[f"angle {layer[6:]} last 10%"] = ci(window_means(h, layer)[1])
         if s.theta_ is not None and torch.is_tensor(s.theta_):
-            theta = s.theta_.double().numpy()
+            theta = s.theta_[s.reported_runs_].double().numpy()
             names = [c[6:] for c in h.columns if c.startswith("theta.")]
-            row["coefficients (mean [95% CI] across runs)"] = "; ".join(
+            row["coefficients (mean [95% CI] across runs not stopped)"] = "; ".join(
                 f"{n}={ci(theta[:, j])}" for j, n in enumerate(names)
             )
             if item in ("fig4", "lambda") and s.theta_.dim() == 2:
@@ -190,6 +213,7 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
                     f"{n}={ci(shares[:, j])}" for j, n in enumerate(names)
                 )
             tex.append(f"% {item}: {name}\n" + s.to_latex())
+        row["intervals"] = "t"
         rows.append(row)
         curve = per_step(h, "meta_accuracy")
         for col in ("query_loss", "angle_mean", "ew_mean"):
@@ -201,6 +225,7 @@ def summarize(item: str, searches: dict[str, RuleSearch], a) -> None:
         rows, tex = rows + kept_rows, tex + kept_tex
         curves.update(kept_curves)
     table = pd.DataFrame(rows)
+    pd.concat(per_run).to_csv(RESULTS / f"{item}_runs.csv", index=False, float_format="%.6g")
     long = pd.concat([c.assign(variant=n) for n, c in curves.items()])
     long.to_csv(RESULTS / f"{item}.csv", index=False)
     titles = {"fig3": "theta_0 only (Fig. 3)", "fig4": "10-term pool with L1 (Fig. 4)",
@@ -233,6 +258,7 @@ def _earlier_variants(item: str, results: Path, names: set[str]) -> tuple[list[d
     rows = [dict(zip(split[0], r)) for r in split[1:] if r[0] not in names]
     for r in rows:
         r["episodes"], r["runs"] = int(r["episodes"]), int(r["runs"])
+        r.setdefault("intervals", "bootstrap (earlier summary)")
     keep = {r["variant"] for r in rows}
     long = pd.read_csv(csv)
     curves = {n: g.drop(columns="variant").reset_index(drop=True) for n, g in long.groupby("variant") if n in keep}
@@ -279,8 +305,11 @@ def _protocol(item: str, a) -> str:
         )
         + ", theta_0 = 1e-3 and the other coefficients 0; runs batched. "
         "Classes without replacement, images drawn at random per episode (the paper's code: with replacement, "
-        "fixed first-K / next-Q images). Intervals: 95% percentile bootstrap across runs (1000 resamples). "
-        "'first/last 10%': per-run mean over the first/last 10% of episodes. Regenerate"
+        "fixed first-K / next-Q images). Intervals: 95% Student-t across runs of per-run means (rows kept from an "
+        "earlier summary say 'bootstrap': 95% percentile bootstrap, 1000 resamples). 'first/last 10%': per-run mean "
+        f"over the first/last 10% of episodes; per-run data: `{item}_runs.csv`. Skipped episodes (max |W| > 1e3 or "
+        "a non-finite loss) are counted, left out of the means and scored 0 in 'skipped = 0'; stopped runs (5 "
+        "consecutive skipped meta-steps) are counted and left out of the last 10% and the coefficients. Regenerate"
         + (
             f" (one invocation per variant: its --lr, --term-scale, --clip, --episodes and --runs; every variant "
             f"under {a.runs_dir}/{item} is summarised)"

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from rulesearch.errors import DivergenceError
 from rulesearch.io.runs import RunDir
+from rulesearch.io.stats import t_interval
 from rulesearch.networks.feedforward import PAPER_3LAYER
 from rulesearch.tasks.data import default_data_dir
 from rulesearch.train import RuleSearch
@@ -37,18 +37,11 @@ from rulesearch.train import RuleSearch
 VARIANTS = {"ehebb per-layer": ("ehebb", True), "ehebb shared": ("ehebb", False), "f0": ("f0", False)}
 
 
-def t_ci(x, ci=0.95):
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan
-    m = float(x.mean())
-    h = float(stats.t.ppf((1 + ci) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan
-    return m, m - h, m + h
-
-
 def fmt(x):
-    m, lo, hi = t_ci(x)
+    x = np.asarray(x, float)
+    if not np.isfinite(x).any():
+        return "n/a"
+    m, lo, hi = t_interval(x)
     return f"{m:.3f}" if not np.isfinite(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
