@@ -13,6 +13,7 @@ test split in ../shared/data, a ByMerge-derived subset, not the official Balance
     fig3    theta_0 only (rule f0), lambda = 0, under bp and under fa            (EMNIST)
     lambda  the 10-term pool with L1 under fa, one run set per lambda            (digits)
     fig4    the 10-term pool with L1 under fa, at --l1 (best of the sweep)      (EMNIST)
+            (--rule pool_f5mean: the pool with F5 width-normalized, for the ablation of the stabilizing changes)
     rules   bio, ehebb and oja under fa                                        (EMNIST)
     oja     the Oja follow-up: bp vs bp + Oja's term, online, deeper nets and poor initialization (digits;
             coefficients tuned on separate episodes, no meta-learning)
@@ -72,7 +73,7 @@ def variants(item: str, a) -> list[tuple[str, dict]]:
     if item == "fig4":
         meta = {"l1_mode": a.l1_mode}
         tag = f"lr={a.lr:g}{steps}" + (" paper-sampling" if a.paper_sampling else "")
-        return [(f"pool {a.l1_mode} l1={l1:g} {tag}", {"rule": "pool", "task": task, "meta": {**meta, "l1": l1}})
+        return [(f"{a.rule} {a.l1_mode} l1={l1:g} {tag}", {"rule": a.rule, "task": task, "meta": {**meta, "l1": l1}})
                 for l1 in a.l1]  # fmt: skip
     if item == "rules":
         return [(r, {"rule": r, "task": task, "meta": {"l1": 0.0}}) for r in ("bio", "ehebb", "oja")]
@@ -321,6 +322,7 @@ def _protocol(item: str, a) -> str:
         + (f" --term-scale {a.term_scale}" if a.term_scale != "none" else "")
         + (f" --clip {a.clip:g}" if a.clip else "")
         + (" --paper-sampling" if a.paper_sampling else "")
+        + (f" --rule {a.rule}" if a.rule != "pool" else "")
         + (f" --l1 {' '.join(f'{x:g}' for x in a.l1)} --l1-mode {a.l1_mode}" if item in ("fig4", "lambda") else "")
         + (f" --runs-dir {a.runs_dir}" if a.runs_dir != "runs/paper" else "")
         + (f" --results {a.results}" if a.results != "results/paper" else "")
@@ -340,6 +342,8 @@ def main(argv=None):
         choices=("subgradient", "proximal"),
         help="L1 in the meta-loss (the paper) or a proximal soft-threshold step (fig4, lambda)",
     )
+    p.add_argument("--rule", default="pool", choices=("pool", "pool_f5mean"), help="fig4: the paper's pool, or the "
+                   "pool with F5 width-normalized (-(mean y) e x^T instead of -(sum y) e x^T)")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 1e-3)")
     p.add_argument("--term-scale", default="none", choices=("none", "rms", "capped"), help="per-term Adam step sizes")
     p.add_argument("--clip", type=float, default=None, help="clip each run's meta-gradient to this norm")
@@ -356,6 +360,8 @@ def main(argv=None):
     p.add_argument("--summarize-only", action="store_true", help="only rewrite the summary from the runs")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     a = p.parse_args(argv)
+    if a.rule != "pool" and a.item != "fig4":
+        p.error("--rule is a fig4 option (its variants are named by the rule; other items' rules are fixed)")
     if a.paper_sampling and a.item != "fig4":
         p.error("--paper-sampling is a fig4 option (its variants are tagged; other items' names are fixed)")
     if a.item == "oja":

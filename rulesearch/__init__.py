@@ -29,6 +29,7 @@ from .lang.signals import (
     derived,
     err,
     fb,
+    layer_mean,
     layer_sum,
     loss,
     mod,
@@ -66,7 +67,8 @@ __all__ = [
     "__version__",
     # signals and operators
     "Signal", "Constant", "pre", "post", "err", "pre_err", "w", "fb", "mod", "reward", "loss",
-    "derived", "state", "trace", "bcm_threshold", "reward_baseline", "wT", "wv", "layer_sum", "bilinear", "sanger",
+    "derived", "state", "trace", "bcm_threshold", "reward_baseline", "wT", "wv", "layer_sum", "layer_mean", "bilinear",
+    "sanger",
     # rules
     "Term", "Rule", "Pool", "NetworkRule", "Grammar", "PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio",
     "named_rule", "latex_table",

@@ -26,6 +26,7 @@ from rulesearch.lang.signals import (
     derived,
     err,
     fb,
+    layer_mean,
     layer_sum,
     loss,
     mod,
@@ -198,6 +199,7 @@ def test_operators_against_loops(gen):
         "wv(x)": (wv(pre) * pre, lambda b, i, j: x[b, j] * sum(W[b, i, k] * x[b, k] for k in range(n_pre))),
         "fb^T e": (post * wT(err, fb), lambda b, i, j: y[b, i] * sum(Bf[b, k, j] * e[b, k] for k in range(n_post))),
         "sum y": (layer_sum(post) * w, lambda b, i, j: W[b, i, j] * y[b].sum()),
+        "mean x": (layer_mean(pre) * err, lambda b, i, j: e[b, i] * x[b].sum() / n_pre),
         "y^T W x": (
             bilinear(pre, post),
             lambda b, i, j: sum(y[b, k] * W[b, k, m] * x[b, m] for k in range(n_post) for m in range(n_pre)),
@@ -247,6 +249,7 @@ def test_pool_compiles_to_one_fused_outer_product_group_and_one_weight_decay_gro
 
 GLOBAL_FACTORS = [
     Term("ls", layer_sum(post) * err * pre),
+    Term("lm", layer_mean(pre_err) * err * pre),
     Term("bl", bilinear(err, pre) * post * pre_err),
     Term("m", mod * err * pre),
     Term("d", -loss * w),

@@ -1,8 +1,8 @@
 """Property-based tests of the rule compiler: exact invariants only (STYLE.md point 12).
 
 Rules are drawn from a small grammar over the signals ``pre, post, err, pre_err, w, fb, mod, reward, loss`` (plus a
-trace and a derived signal), small exact constants, the operators ``wT, wv, layer_sum, bilinear, sanger`` and the
-elementwise functions. One strategy per compile path (``outer``, ``synapse``, ``contraction``, ``bilinear``,
+trace and a derived signal), small exact constants, the operators ``wT, wv, layer_sum, layer_mean, bilinear, sanger``
+and the elementwise functions. One strategy per compile path (``outer``, ``synapse``, ``contraction``, ``bilinear``,
 ``elementwise``) guarantees that every path is drawn; the paths actually used are collected in :data:`SEEN_PATHS`
 and checked by the last test of the module.
 
@@ -29,6 +29,7 @@ from rulesearch.lang.signals import (
     derived,
     err,
     fb,
+    layer_mean,
     layer_sum,
     loss,
     mod,
@@ -108,13 +109,14 @@ def synapse_factor(draw):
 @st.composite
 def contraction_factor(draw):
     M = draw(MATRICES)
-    kind = draw(st.sampled_from(("wT", "wv", "layer_sum", "sanger")))
+    kind = draw(st.sampled_from(("wT", "wv", "layer_sum", "layer_mean", "sanger")))
     if kind == "wT":
         core = wT(draw(vector("post")), M) * draw(st.sampled_from(POST_ATOMS))
     elif kind == "wv":
         core = wv(draw(vector("pre")), M) * draw(st.sampled_from(PRE_ATOMS))
-    elif kind == "layer_sum":
-        core = layer_sum(draw(vector(draw(st.sampled_from(("post", "pre"))))))
+    elif kind in ("layer_sum", "layer_mean"):
+        reduce = layer_sum if kind == "layer_sum" else layer_mean
+        core = reduce(draw(vector(draw(st.sampled_from(("post", "pre"))))))
     else:
         core = sanger(draw(vector("post")), M)
     return core * draw(vectors())

@@ -46,6 +46,7 @@ from rulesearch.lang.signals import (
     derived,
     err,
     fb,
+    layer_mean,
     layer_sum,
     loss,
     mod,
@@ -251,7 +252,9 @@ ROUND_TRIP = {
             Term("num", sp.pi * sp.E * w * sp.Float("0.12345678901234567890123", 25) + sp.Float(0.1) * pre),
         ]
     ),
-    "operators": Rule([Term("s", sanger(err, fb)), Term("b", bilinear(pre, err, fb) * wv(pre_err))]),
+    "operators": Rule(
+        [Term("s", sanger(err, fb)), Term("b", bilinear(pre, err, fb) * wv(pre_err)), Term("m", layer_mean(post) * w)]
+    ),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from rulesearch.compile import compile_rule, low_rank_of
 from rulesearch.errors import ConfigError, DivergenceError
 from rulesearch.inner import adjoint, matrices, run_episodes
-from rulesearch.lang.pools import bio, f0, oja, pool
+from rulesearch.lang.pools import bio, f0, oja, pool, pool_f5mean
 from rulesearch.lang.rule import Rule, Term
 from rulesearch.lang.signals import Bilinear, Constant, Contract, err, fb, layer_sum, loss, mod, post, pre, pre_err, w
 from rulesearch.networks.feedforward import Network, init_params
@@ -55,6 +55,17 @@ def test_adjoint_equals_autograd(rule, feedback):
     torch.testing.assert_close(res.train_loss, ref.train_loss, equal_nan=True)
     torch.testing.assert_close(res.angles, ref.angles, equal_nan=True)
     assert torch.equal(res.diverged, ref.diverged) and torch.equal(res.diverged_step, ref.diverged_step)
+
+
+@pytest.mark.parametrize("feedback", ["fa", "bp"])
+def test_adjoint_equals_autograd_width_normalized_pool(feedback):
+    """The pool with F5 = -(mean y) e x^T (a LayerMean factor): the hand adjoint's meta-gradient is autograd's."""
+    net, batch, theta = Network(sizes=SIZES, feedback=feedback), _batch(), _theta(pool_f5mean)
+    ref, g_ref = _grad(net, batch, pool_f5mean, theta, method="autograd")
+    res, g = _grad(net, batch, pool_f5mean, theta, method="adjoint")
+    assert bool(torch.isfinite(ref.loss).all()) and not bool(ref.diverged.any())
+    torch.testing.assert_close(res.loss, ref.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("feedback", ["fa", "bp"])

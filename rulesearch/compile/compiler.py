@@ -330,6 +330,11 @@ class TorchCompiler:
         ru = self.slot(expr.args[0])
         return self._emit(lambda env, x: x.sum(-1), (ru[1],), "global", _sum_vjp)
 
+    def _compile_LayerMean(self, expr):
+        self.kinds.add("contraction")
+        ru = self.slot(expr.args[0])
+        return self._emit(lambda env, x: x.mean(-1), (ru[1],), "global", _mean_vjp)
+
     def _compile_Bilinear(self, expr):
         self.kinds.add("bilinear")
         u, M, v = expr.args
@@ -357,6 +362,13 @@ def _sum_vjp(g, args, cots):
     zero)."""
     (x,), (cx,) = args, cots
     return (g.expand_as(x) if cx is None else cx + g,)
+
+
+def _mean_vjp(g, args, cots):
+    """``s = mean_k x_k``, ``x`` ``(B, n)``, ``ds = g`` ``(B, 1)``: ``c_x + g / n``."""
+    (x,), (cx,) = args, cots
+    gx = (g / x.shape[-1]).expand_as(x)
+    return (gx if cx is None else cx + gx,)
 
 
 def _vecdot_vjp(g, args, cots):

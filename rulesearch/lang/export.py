@@ -120,6 +120,10 @@ class RuleLatexPrinter(LatexPrinter):
         (u,) = expr.args
         return self._power(rf"{{\textstyle\sum_k {self._vec(u)}_k}}", exp, indexed=False)
 
+    def _print_LayerMean(self, expr, exp=None):
+        (u,) = expr.args
+        return self._power(rf"{{\textstyle\frac{{1}}{{n}}\sum_k {self._vec(u)}_k}}", exp, indexed=False)
+
     def _print_Bilinear(self, expr, exp=None):
         u, M, v = expr.args
         left = self.parenthesize_super(self._vec(u))  # \bar{y}^{(3)}^\top would be a double superscript

@@ -18,6 +18,10 @@ r     :math:`F^r_{ij}`                                        locality
 9     :math:`y_i (x_j - (W^\top y)_j)` (Oja, subspace)         layer-nonlocal
 ====  ======================================================  ================
 
+``pool_f5mean`` is the pool with :math:`F^5` width-normalized, :math:`-(\frac{1}{n}\sum_k y_k)\, e_i x_j`
+(term ``F5m``): the sum over a layer's :math:`n` outputs makes :math:`F^5` 10-30x larger than :math:`F^0`, so one
+meta-step on its coefficient can wreck the inner loop; the mean keeps it at :math:`F^0`'s scale.
+
 Expect :math:`\theta_2 < 0` (eHebb pulls W toward the feedback's transpose only then); signs are never
 constrained.
 
@@ -30,9 +34,21 @@ from __future__ import annotations
 
 from ..errors import InvalidRuleError
 from .rule import Pool, Rule, Term
-from .signals import bilinear, err, fb, layer_sum, post, pre, pre_err, w, wT
+from .signals import bilinear, err, fb, layer_mean, layer_sum, post, pre, pre_err, w, wT
 
-__all__ = ["PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio", "NAMED_RULES", "named_rule", "kp", "FEEDBACK_RULES"]
+__all__ = [
+    "PAPER_POOL",
+    "pool",
+    "pool_f5mean",
+    "f0",
+    "ehebb",
+    "oja",
+    "bio",
+    "NAMED_RULES",
+    "named_rule",
+    "kp",
+    "FEEDBACK_RULES",
+]
 
 PAPER_POOL = Pool(
     (
@@ -56,7 +72,10 @@ oja = pool.select(["F0", "F9"])
 bio = pool.select(["F0", "F2", "F9"])
 f0, ehebb, oja, bio = (Rule(r.terms, n) for r, n in ((f0, "f0"), (ehebb, "ehebb"), (oja, "oja"), (bio, "bio")))
 
-NAMED_RULES = {"pool": pool, "f0": f0, "ehebb": ehebb, "oja": oja, "bio": bio}
+F5_MEAN = Term("F5m", -layer_mean(post) * err * pre, "-(mean y) e x^T (F5 normalized by the layer's width)")
+pool_f5mean = Rule(tuple(F5_MEAN if t.name == "F5" else t for t in pool.terms), "pool_f5mean")
+
+NAMED_RULES = {"pool": pool, "pool_f5mean": pool_f5mean, "f0": f0, "ehebb": ehebb, "oja": oja, "bio": bio}
 
 kp = Rule(
     (
@@ -70,7 +89,7 @@ FEEDBACK_RULES = {"kp": kp}
 
 
 def named_rule(name: str) -> Rule:
-    """One of ``pool``, ``f0``, ``ehebb``, ``oja``, ``bio``."""
+    """One of ``pool``, ``pool_f5mean``, ``f0``, ``ehebb``, ``oja``, ``bio``."""
     try:
         return NAMED_RULES[name]
     except KeyError:

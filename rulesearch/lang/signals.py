@@ -20,7 +20,7 @@ Roles of compound expressions are inferred by :func:`role_of` with the *join* ``
   the result is their join. So ``y_i + x_j`` is a legal synapse term and ``tanh(W_ij) x_j`` too.
 * ``Contract(M, u)`` (:func:`wT`, :func:`wv`): ``M`` a synapse *signal* (``w`` or ``fb``) and ``u`` post-role
   (result :math:`(M^\top u)_j`, pre-role) or pre-role (result :math:`(M u)_i`, post-role).
-* ``LayerSum(u)``: ``u`` post- or pre-role; the result is global.
+* ``LayerSum(u)``, ``LayerMean(u)``: ``u`` post- or pre-role; the result (sum or mean over the layer) is global.
 * ``Bilinear(u, M, v)`` = :math:`u^\top M v`: one post-role and one pre-role vector, in either order (stored
   canonically with the post vector on the left); the result is global.
 * ``OrderedContract(u, M)`` = :math:`\sum_{k \le i} u_k M_{kj}` (Sanger): ``u`` post-role; the result is synapse.
@@ -68,6 +68,7 @@ __all__ = [
     "StateDef",
     "Contract",
     "LayerSum",
+    "LayerMean",
     "Bilinear",
     "OrderedContract",
     "Reindex",
@@ -89,6 +90,7 @@ __all__ = [
     "wT",
     "wv",
     "layer_sum",
+    "layer_mean",
     "bilinear",
     "sanger",
     "as_pre",
@@ -232,7 +234,7 @@ def _operator_role(expr) -> str:
                 f"(giving (W^T u)_j) or a pre-role vector (giving (W v)_i). Contract one index at a time."
             )
         return "pre" if ru == "post" else "post"
-    if isinstance(expr, LayerSum):
+    if isinstance(expr, (LayerSum, LayerMean)):
         ru = role_of(expr.args[0])
         if ru not in ("post", "pre"):
             raise InvalidRuleError(
@@ -376,8 +378,8 @@ class Contract(_Operator):
         return None
 
 
-class LayerSum(_Operator):
-    r"""``LayerSum(u)`` = :math:`\sum_k u_k` over the neurons of a post- or pre-role vector (global)."""
+class _LayerReduction(_Operator):
+    """A linear reduction of a post- or pre-role vector over its layer (global)."""
 
     nargs = 1
 
@@ -389,6 +391,15 @@ class LayerSum(_Operator):
         if scal != 1 and rest != 1:
             return scal * cls(rest)
         return None
+
+
+class LayerSum(_LayerReduction):
+    r"""``LayerSum(u)`` = :math:`\sum_k u_k` over the neurons of a post- or pre-role vector (global)."""
+
+
+class LayerMean(_LayerReduction):
+    r"""``LayerMean(u)`` = :math:`\frac{1}{n} \sum_k u_k` over the :math:`n` neurons of a post- or pre-role vector
+    (global): the width-normalized :class:`LayerSum`."""
 
 
 class Bilinear(_Operator):
@@ -441,7 +452,7 @@ class Reindex(_Operator):
         return None
 
 
-OPERATORS = (Contract, LayerSum, Bilinear, OrderedContract, Reindex)
+OPERATORS = (Contract, LayerSum, LayerMean, Bilinear, OrderedContract, Reindex)
 
 
 def wT(u, M=w):
@@ -457,6 +468,11 @@ def wv(v, M=w):
 def layer_sum(u):
     r""":math:`\sum_k u_k` over a layer (global)."""
     return LayerSum(sp.sympify(u))
+
+
+def layer_mean(u):
+    r""":math:`\frac{1}{n} \sum_k u_k` over a layer of :math:`n` neurons (global)."""
+    return LayerMean(sp.sympify(u))
 
 
 def bilinear(a, b, M=w):

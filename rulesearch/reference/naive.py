@@ -19,11 +19,13 @@ from ..lang.signals import (
     Bilinear,
     Constant,
     Contract,
+    LayerMean,
     LayerSum,
     OrderedContract,
     Reindex,
     Signal,
     expand_derived,
+    role_of,
     signals_in,
 )
 
@@ -66,17 +68,15 @@ def naive_eval(expr, signals: Mapping, params: Mapping, shape) -> torch.Tensor:
             return torch.pow(ev(e.args[0]), ev(e.args[1]))
         if isinstance(e, Contract):  # role of u decides the contracted index
             M, u = ev(e.args[0]), ev(e.args[1])
-            from ..lang.signals import role_of
-
             if role_of(e.args[1]) == "post":
                 return (M * u).sum(dim=1, keepdim=True).expand(shape)
             return (M * u).sum(dim=2, keepdim=True).expand(shape)
         if isinstance(e, LayerSum):
-            from ..lang.signals import role_of
-
             u = ev(e.args[0])
             dim = 1 if role_of(e.args[0]) == "post" else 2
             return u.sum(dim=dim, keepdim=True).sum(dim=3 - dim, keepdim=True).expand(shape) / shape[3 - dim]
+        if isinstance(e, LayerMean):
+            return ev(LayerSum(e.args[0])) / shape[1 if role_of(e.args[0]) == "post" else 2]
         if isinstance(e, Bilinear):
             u, M, v = (ev(a) for a in e.args)
             return (u * M * v).sum(dim=(1, 2), keepdim=True).expand(shape)
