@@ -127,8 +127,8 @@ def discover(
     rule: Annotated[
         str | None,
         typer.Option(
-            help="Rule to meta-learn: pool (default), f0, ehebb, oja, bio, neural, grammar:default, grammar:classic, "
-            "or a rule JSON file."
+            help="Rule to meta-learn: pool (default), pool_f5mean, f0, ehebb, oja, bio, neural, grammar:default, "
+            "grammar:classic, or a rule JSON file."
         ),
     ] = None,
     grammar: Annotated[
@@ -293,7 +293,8 @@ def evaluate(
         list[str],
         typer.Argument(
             help="One or more rules, compared side by side on the same episodes: run directories, rule JSON files or "
-            "named rules (pool, f0, ehebb, oja, bio); NAME@v1,v2,... gives a linear rule its coefficients (f0@0.05)."
+            "named rules (pool, pool_f5mean, f0, ehebb, oja, bio); NAME@v1,v2,... gives a linear rule its "
+            "coefficients (f0@0.05)."
         ),
     ],
     feedback: Annotated[
@@ -394,7 +395,9 @@ def export(
 
 @app.command()
 def terms(
-    rule: Annotated[str, typer.Option(help="A named rule (pool, f0, ehebb, oja, bio) or a rule JSON file.")] = "pool",
+    rule: Annotated[
+        str, typer.Option(help="A named rule (pool, pool_f5mean, f0, ehebb, oja, bio) or a rule JSON file.")
+    ] = "pool",
     grammar: Annotated[
         str | None, typer.Option(help="List the terms of a grammar instead: default or classic (overrides --rule).")
     ] = None,

@@ -43,8 +43,9 @@ DEFAULT_HIDDEN = (170, 130, 100, 70)
 
 
 _RULE_HELP = (
-    "The rule to meta-learn: a named rule (pool, f0, ehebb, oja, bio), 'neural' (a NeuralRule, see the neural "
-    "section), 'grammar:default' / 'grammar:classic' (every term of that grammar), or the path of a rule JSON file."
+    "The rule to meta-learn: a named rule (pool, pool_f5mean, f0, ehebb, oja, bio), 'neural' (a NeuralRule, see the "
+    "neural section), 'grammar:default' / 'grammar:classic' (every term of that grammar), or the path of a rule JSON "
+    "file."
 )
 
 
