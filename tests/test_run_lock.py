@@ -107,6 +107,14 @@ def test_failed_create_releases_the_lock(tmp_path):
     RunDir.create(tmp_path / "r", {"seed": 0}, resume=True, lock=True).unlock()  # not left locked
 
 
+def test_resume_may_change_threads_not_the_experiment(tmp_path):
+    RunDir.create(tmp_path / "r", {"meta": {"threads": 2, "lr": 1e-3}})
+    again = RunDir.create(tmp_path / "r", {"meta": {"threads": 1, "lr": 1e-3}}, resume=True)
+    assert len(again.manifest()["resumes"]) == 1 and "threads" in again.manifest()["resumes"][0]
+    with pytest.raises(RunDirectoryError, match="changed keys: meta.lr"):
+        RunDir.create(tmp_path / "r", {"meta": {"threads": 1, "lr": 3e-4}}, resume=True)
+
+
 def test_foreign_directory_is_refused_before_a_lock_file_is_made(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")

@@ -77,6 +77,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "EXECUTION_KEYS",
 ]
 
 _DAMAGED = "The run directory is damaged: restore the file, or start the run afresh under another --name / --out."
@@ -275,6 +276,10 @@ def _plain_config(config: Any) -> dict[str, Any]:
     raise TypeError(
         f"RunDir.create expects the config as a dict or a config dataclass, received {type(config).__name__}."
     )
+
+
+EXECUTION_KEYS = ("meta.threads", "meta.checkpoint_every")
+"""Config keys a resume may change: CPU threads and checkpoint spacing change how a run executes, not its meta-steps."""
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -493,7 +498,7 @@ class RunDir:
             stored = self.config()
             if cfg_class is not None:  # keys added since the run was created take their defaults
                 stored = _plain_config(cfg_class.from_dict(stored))
-            changed = _diff_keys(stored, config)
+            changed = [k for k in _diff_keys(stored, config) if k not in EXECUTION_KEYS]
             if changed:
                 raise RunDirectoryError(
                     f"Cannot resume {str(self.path)!r} with a different config; changed keys: "
