@@ -477,8 +477,9 @@ def _spawn(cfg: dict, timeout: float) -> dict:
 
 
 def summarize(label: str, runs: list[dict], per_step: int) -> dict:
-    """One table row from a side's runs (one per round): median s/episode over all timed episodes, the median of
-    each round, the median without data loading, and the largest peak RSS."""
+    """One table row from a side's runs (one per round; ``times``: s/episode of each timed meta-step of
+    ``per_step`` episodes): the median over all of them, the median of each round, the median without data loading,
+    the number of episodes timed and the largest peak RSS."""
     times = [t for r in runs for t in r["times"]]
     data = [t for r in runs for t in r["data_times"]]
     return {
@@ -488,7 +489,7 @@ def summarize(label: str, runs: list[dict], per_step: int) -> dict:
         "rounds": [statistics.median(r["times"]) for r in runs],
         "data_s": statistics.median(data),
         "compute_s": statistics.median(times) - statistics.median(data),
-        "n": len(times),
+        "episodes": len(times) * per_step,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
     }
 
@@ -503,8 +504,9 @@ def format_table(rows: list[dict]) -> str:
         rounds = ", ".join(f"{x:.3f}" for x in r["rounds"])
         speed = ref["s_per_episode"] / r["s_per_episode"]
         compute = ref["compute_s"] / r["compute_s"] if r["compute_s"] > 0 else float("nan")
-        lines.append(f"| {r['label']} | {r['per_step']} | {r['s_per_episode']:.3f} ({r['n']} episodes) | {rounds} | "
-                     f"{speed:.1f}x | {r['compute_s']:.3f} | {compute:.1f}x | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+        timed = f"{r['s_per_episode']:.3f} ({r['episodes']} episodes)"
+        lines.append(f"| {r['label']} | {r['per_step']} | {timed} | {rounds} | {speed:.1f}x | {r['compute_s']:.3f} | "
+                     f"{compute:.1f}x | {r['peak_rss_mb']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -573,8 +575,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None,
                    help="EMNIST for both sides (default: rulesearch.tasks.data.default_data_dir())")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (a process per side and round)")
-    p.add_argument("--episodes", type=int, default=5, help="timed episodes per side and round (B=8: rounded up "
-                   "to whole meta-steps)")  # fmt: skip
+    p.add_argument("--episodes", type=int, default=5, help="timed episodes per side and round (rulesearch with "
+                   "B > 1: rounded up to whole meta-steps, at least 2)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed episodes (meta-steps) at the start of a process")
     p.add_argument("--batches", default="1,8", help="rulesearch's episodes per meta-step, comma-separated")
     p.add_argument("--M", type=int, default=5)
@@ -634,7 +636,7 @@ def main(argv=None) -> int:
                     cfg = dict(common, side="paper", episodes=args.episodes, warmup=args.warmup)
                     label = "paper's code"
                 else:
-                    steps = max(1, -(-args.episodes // b))
+                    steps = max(2, -(-args.episodes // b))
                     cfg = dict(common, side="ours", B=b, steps=steps, warmup_steps=args.warmup)
                     label = f"rulesearch B={b}"
                 res = _spawn(cfg, args.timeout)
@@ -666,7 +668,9 @@ def main(argv=None) -> int:
                       f"feedback), float32, tolerance {args.check_rtol:g}:")  # fmt: skip
                 lines, _ = check_lines(check["checks"], args.check_rtol)
                 print("\n".join(lines))
-        print(DIFFERENCES, flush=True)
+        print(DIFFERENCES)
+        print(f"# load average after the run {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)",
+              flush=True)  # fmt: skip
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"args": vars(args), "runs": runs, "rows": rows, "check": check}, fh, indent=1)

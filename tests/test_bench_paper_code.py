@@ -99,14 +99,15 @@ def _run(times, data, rss):
 
 def test_summary_and_table(bench):
     paper = bench.summarize("paper's code", [_run([2.0, 2.2, 1.8], [0.5], 500), _run([2.0], [0.5], 510)], 1)
-    assert paper["s_per_episode"] == 2.0 and paper["rounds"] == [2.0, 2.0] and paper["n"] == 4
+    assert paper["s_per_episode"] == 2.0 and paper["rounds"] == [2.0, 2.0] and paper["episodes"] == 4
     assert paper["compute_s"] == 1.5 and paper["peak_rss_mb"] == 510
-    ours = bench.summarize("rulesearch B=8", [_run([0.25], [0.0], 380)], 8)
+    ours = bench.summarize("rulesearch B=8", [_run([0.25, 0.25], [0.0], 380)], 8)
+    assert ours["episodes"] == 16
     table = bench.format_table([paper, ours]).splitlines()
     assert table[0].startswith("| code | episodes per meta-step | s/episode (median) |")
     assert len(table) == 4 and all(line.count("|") == 9 for line in table)
     cells = [c.strip() for c in table[3].strip("|").split("|")]
-    assert cells[:2] == ["rulesearch B=8", "8"] and cells[2].startswith("0.250")
+    assert cells[:2] == ["rulesearch B=8", "8"] and cells[2] == "0.250 (16 episodes)"
     assert cells[4] == "8.0x" and cells[6] == "6.0x" and cells[7] == "380"  # 2.0/0.25; (2.0-0.5)/0.25
     assert [c.strip() for c in table[2].strip("|").split("|")][4] == "1.0x"
 
