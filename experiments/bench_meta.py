@@ -19,6 +19,8 @@ verdict for each target of issue 6 (``TARGETS``). Memory needs Linux (``/proc/se
     python experiments/bench_meta.py                 # full run (tens of minutes on a busy 2-core machine)
     python experiments/bench_meta.py --quick         # 25 online steps, B in {1, 8}: a minute or two
     python experiments/bench_meta.py --device cuda   # GPU (torch allocator peak as memory)
+    python experiments/bench_meta.py --paper-code PATH   # then the paper's own code beside rulesearch
+                                                         # (experiments/bench_paper_code.py)
 """
 
 from __future__ import annotations
@@ -225,6 +227,19 @@ def _verdicts(table: dict, errors: dict) -> list[str]:
     return out
 
 
+def run_paper_code(path: str, threads: int = 1) -> int:
+    """The comparison with the paper's own code at ``path``: ``experiments/bench_paper_code.py`` (it says what to
+    pass, and returns 0, when ``path`` is not a checkout of that repository)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_code", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_paper_code.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--paper-code", path, "--threads", str(threads)])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="25 online steps (K=5), 5 queries, B in {1, 8}")
@@ -251,6 +266,8 @@ def main(argv=None) -> int:
                                                          "emnist_bymerge_test.npz"))  # fmt: skip
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--paper-code", default=None, metavar="PATH", help="afterwards, time the paper's own code "
+                   "(a checkout at PATH) beside rulesearch: experiments/bench_paper_code.py")  # fmt: skip
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
@@ -311,6 +328,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)
+    if args.paper_code is not None:
+        print(flush=True)
+        return run_paper_code(args.paper_code, args.threads)
     return 0
 
 
