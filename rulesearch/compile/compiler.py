@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -191,9 +192,9 @@ class TorchCompiler:
         )
 
     def run(self, env: Mapping) -> list:
-        vals: list = [None] * len(self.tape)
-        for i, (fn, args) in enumerate(self.tape):
-            vals[i] = fn(env, *(vals[a] for a in args))
+        vals: list = []
+        for fn, args in self.tape:
+            vals.append(fn(env, *[vals[a] for a in args]))
         return vals
 
     @staticmethod
@@ -208,6 +209,10 @@ class TorchCompiler:
         slots = [r[1] for r in refs if r[0] == "slot"]
         lifts = tuple((self.roles[s], role) for s in slots)
         const = functools.reduce(reduce_fn, consts) if consts else None
+        if all(a == b or b == "global" for a, b in lifts):  # no child is broadcast (lift is the identity)
+            if const is None:
+                return self._emit(lambda env, *xs: functools.reduce(reduce_fn, xs), tuple(slots), role)
+            return self._emit(lambda env, *xs: reduce_fn(functools.reduce(reduce_fn, xs), const), tuple(slots), role)
 
         def fn(env, *xs):
             out = functools.reduce(reduce_fn, [lift(x, a, b) for x, (a, b) in zip(xs, lifts)])
@@ -216,10 +221,10 @@ class TorchCompiler:
         return self._emit(fn, tuple(slots), role)
 
     def _compile_Add(self, expr):
-        return self._combine(expr, expr.args, lambda a, b: a + b)
+        return self._combine(expr, expr.args, operator.add)
 
     def _compile_Mul(self, expr):
-        return self._combine(expr, expr.args, lambda a, b: a * b)
+        return self._combine(expr, expr.args, operator.mul)
 
     def _compile_Pow(self, expr):
         base, ex = expr.args
