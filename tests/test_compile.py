@@ -684,6 +684,55 @@ def test_state_with_nonzero_init_and_dependencies(gen):
     torch.testing.assert_close(s, 0.5 + torch.tanh(x1))
 
 
+def _bound_rules():
+    a, p = Constant("a"), Constant("p")
+    u = reward - reward_baseline(3)
+    return [
+        (pool, lambda B: torch.linspace(-1, 1, 10, dtype=F64)),
+        (
+            Rule(
+                [
+                    Term("np", sp.Heaviside(u) * sp.Abs(u) ** sp.Rational(1, 4) * (post - trace(post, 5)) * pre),
+                    Term("bcm", post * (post - bcm_threshold(4)) * pre),
+                ]
+            ),
+            lambda B: torch.tensor([[0.3, -0.7], [1.1, 0.4]], dtype=F64)[:B],
+        ),
+        (
+            Rule.general(
+                5 * (a * sp.sign(u) + (1 - a) * sp.Heaviside(u)) * sp.Abs(u) ** p * (post - trace(post, 5)) * pre,
+                [a, p],
+            ),
+            lambda B: {"a": torch.tensor([1.0, 0.0], dtype=F64)[:B], "p": 0.25},
+        ),
+    ]
+
+
+@pytest.mark.parametrize("k", range(3), ids=["pool", "states", "general"])
+@pytest.mark.parametrize("scalar_reward", [False, True])
+def test_bound_rule_equals_the_checked_call_bitwise(k, scalar_reward, gen):
+    rule, params = _bound_rules()[k]
+    update = compile_rule(rule)
+    B, n_post, n_pre = 2, 3, 4
+    steps = [make_signals(gen, B, n_post, n_pre, names=update.needs) for _ in range(4)]
+    if scalar_reward and "reward" in update.needs:
+        steps = [{**sig, "reward": sig["reward"][0]} for sig in steps]
+    params = params(B)
+    bound = update.bind(steps[0], params)
+    states_a, states_b = {}, {}
+    for sig in steps:
+        sig_a = dict(sig)
+        for spec in update.states:  # the inner loop's protocol
+            prev = states_a.get(spec.name)
+            states_a[spec.name] = sig_a[spec.name] = spec.step(spec.init(sig_a) if prev is None else prev, sig_a)
+        sig_b = dict(sig)
+        bound.advance(states_b, sig_b)
+        assert states_a.keys() == states_b.keys()
+        assert all(torch.equal(states_a[n], states_b[n]) for n in states_a)
+        want, got = update(sig_a, params), bound(sig_b)
+        assert got.shape == (B, n_post, n_pre) and torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes, dtypes, degenerate rules
 

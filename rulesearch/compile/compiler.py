@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -75,12 +76,16 @@ __all__ = [
     "TorchCompiler",
     "TORCH_FUNCTIONS",
     "RuleModule",
+    "BoundRule",
     "lift",
 ]
 
 
 def _heaviside(x, h=0.5):
     # not torch.heaviside: it has no derivative, and rules are differentiated through (zero gradient a.e.)
+    # SymPy's H(0) = 1/2 in three ops: the values of the general case below (0, 1/2, 1; NaN gives 1/2)
+    if not isinstance(h, torch.Tensor) and h == 0.5:
+        return 0.5 * torch.sign(x) + 0.5
     h = torch.as_tensor(h, dtype=x.dtype, device=x.device)
     return torch.where(x > 0, torch.ones_like(x), torch.where(x < 0, torch.zeros_like(x), h))
 
@@ -187,9 +192,9 @@ class TorchCompiler:
         )
 
     def run(self, env: Mapping) -> list:
-        vals: list = [None] * len(self.tape)
-        for i, (fn, args) in enumerate(self.tape):
-            vals[i] = fn(env, *(vals[a] for a in args))
+        vals: list = []
+        for fn, args in self.tape:
+            vals.append(fn(env, *[vals[a] for a in args]))
         return vals
 
     @staticmethod
@@ -204,6 +209,10 @@ class TorchCompiler:
         slots = [r[1] for r in refs if r[0] == "slot"]
         lifts = tuple((self.roles[s], role) for s in slots)
         const = functools.reduce(reduce_fn, consts) if consts else None
+        if all(a == b or b == "global" for a, b in lifts):  # no child is broadcast (lift is the identity)
+            if const is None:
+                return self._emit(lambda env, *xs: functools.reduce(reduce_fn, xs), tuple(slots), role)
+            return self._emit(lambda env, *xs: reduce_fn(functools.reduce(reduce_fn, xs), const), tuple(slots), role)
 
         def fn(env, *xs):
             out = functools.reduce(reduce_fn, [lift(x, a, b) for x, (a, b) in zip(xs, lifts)])
@@ -212,10 +221,10 @@ class TorchCompiler:
         return self._emit(fn, tuple(slots), role)
 
     def _compile_Add(self, expr):
-        return self._combine(expr, expr.args, lambda a, b: a + b)
+        return self._combine(expr, expr.args, operator.add)
 
     def _compile_Mul(self, expr):
-        return self._combine(expr, expr.args, lambda a, b: a * b)
+        return self._combine(expr, expr.args, operator.mul)
 
     def _compile_Pow(self, expr):
         base, ex = expr.args
@@ -455,7 +464,8 @@ class FactorGroup(NamedTuple):
 
 @dataclass(frozen=True)
 class StateSpec:
-    """A derived signal carried across online steps: ``s = step(prev, signals)``; ``prev = init(signals)`` first."""
+    """A derived signal carried across online steps: ``s = step(prev, signals)``; ``prev = init(signals)`` first.
+    A compiled rule's specs also take ``shape=`` (the state's shape, when the caller knows it)."""
 
     name: str
     role: str
@@ -483,7 +493,8 @@ class CompiledRule:
     paths : frozenset of str
         Compile paths used: ``outer``, ``synapse``, ``contraction``, ``bilinear``, ``elementwise``, ``reindex``.
 
-    :meth:`batch_mean` gives the update averaged over the batch, for a network whose weights the batch shares.
+    :meth:`batch_mean` gives the update averaged over the batch, for a network whose weights the batch shares;
+    :meth:`bind` validates once for an online loop whose signals keep their shapes (:class:`BoundRule`).
     """
 
     def __init__(self, rule: Rule, functions: Mapping | None = None):
@@ -512,6 +523,8 @@ class CompiledRule:
         for col, (s, uv) in enumerate(pairs):
             A[groups[s][uv], col] = 1.0
         self._A = A
+        self._g_idx = [k for k, p in enumerate(prods) if p.g != 1]
+        self._g_all = len(self._g_idx) == len(prods)  # every product has a global factor
         self._r_idx = torch.tensor([p.r if p.r is not None else 0 for p in prods], dtype=torch.long)
         self._c = torch.tensor([p.c for p in prods], dtype=torch.float64)
         self._g = [(k, comp.slot(p.g)) for k, p in enumerate(prods) if p.g != 1]
@@ -578,21 +591,23 @@ class CompiledRule:
             if s.is_base
         )
 
-        def shaped(x, signals):
-            ref = _reference_tensor(signals)
-            shape = _role_shape(role, signals)
+        def shaped(x, signals, shape):
+            shape = _role_shape(role, signals) if shape is None else shape
             if not isinstance(x, torch.Tensor):
+                ref = _reference_tensor(signals)
                 return torch.full(shape, float(x), dtype=ref.dtype, device=ref.device)
+            if x.shape == shape:
+                return x
             return lift(x, _role_of_value(x, role), role).expand(shape)
 
-        def init(signals):
+        def init(signals, shape=None):
             vals = comp0.run({"signals": signals, "params": {}})
-            return shaped(TorchCompiler.value(ini, vals), signals)
+            return shaped(TorchCompiler.value(ini, vals), signals, shape)
 
-        def step(prev, signals):
+        def step(prev, signals, shape=None):
             env = {"signals": {**signals, name: prev}, "params": {}}
             vals = comp.run(env)
-            return shaped(TorchCompiler.value(upd, vals), signals)
+            return shaped(TorchCompiler.value(upd, vals), signals, shape)
 
         spec = StateSpec(name, role, init, step, needs)
         object.__setattr__(spec, "_kinds", frozenset(comp.kinds | comp0.kinds))
@@ -671,31 +686,48 @@ class CompiledRule:
         _check_finite(theta, "theta")
         return theta
 
-    def _coefficients(self, params, vals, B, ref):
+    def _base(self, params, ref):
+        """Per product, ``theta_r c`` (linear) or ``c`` (general): the coefficients before global factors."""
         if self._linear:
-            theta = params
-            P = theta.index_select(-1, self._r_idx.to(theta.device)) * self._c.to(theta)
-        else:
-            P = self._c.to(ref)
+            return params.index_select(-1, self._r_idx.to(params.device)) * self._c.to(params)
+        return self._c.to(ref)
+
+    def _coefficients(self, params, vals, B, ref, base=None, A=None):
+        """The coefficient of each ``(u, v)`` column, ``(pairs,)`` or ``(B, pairs)``; ``base`` (:meth:`_base`) and
+        ``A`` (in the dtype of the signals) when the caller has them at hand (:class:`BoundRule`)."""
+        P = self._base(params, ref) if base is None else base
         if self._g:
-            P = P.expand(B, -1).clone()
-            idx = [k for k, _ in self._g]
             gv = torch.stack([torch.broadcast_to(TorchCompiler.value(r, vals), (B,)) for _, r in self._g], -1)
-            P[:, idx] = P[:, idx] * gv
-        return P @ self._A.to(P)
+            if self._g_all:  # the values of the general case below, in one product
+                P = P * gv
+            else:
+                P = P.expand(B, -1).clone()
+                P[:, self._g_idx] = P[:, self._g_idx] * gv
+        return P @ (self._A.to(P) if A is None else A)
+
+    def bind(self, signals: Mapping, params) -> BoundRule:
+        """Validate ``signals`` and ``params`` once, as a call does, and return a :class:`BoundRule` that computes
+        the update for later signals of the same names, shapes, dtype and device (the steps of an online loop) with
+        these ``params``. The rule's states need not be in ``signals`` (the bound rule steps them,
+        :meth:`BoundRule.advance`)."""
+        return BoundRule(self, signals, params)
 
     def __call__(self, signals: Mapping, params) -> torch.Tensor:
         B, n_post, n_pre, signals, ref = self._check(signals)
         params = self._params(params, B, ref)
         vals = self._comp.run({"signals": signals, "params": params})
         C = self._coefficients(params, vals, B, ref)  # [pairs] or [B, pairs]
-        full = (B, n_post, n_pre)
+        return self._assemble(vals, C, (B, n_post, n_pre), ref)
+
+    def _assemble(self, vals, C, full, ref) -> torch.Tensor:
+        """``dW`` ``full`` = ``(B, n_post, n_pre)`` from the tape's values and the coefficients ``C``."""
+        B, n_post, n_pre = full
         # dW is accumulated in place once it is a full-size tensor created in this call (``owned``): at most one
         # (B, n_post, n_pre) temporary besides dW itself. Safe for autograd: no backward formula used here
         # (matmul, mul, add, addcmul) needs the value of its output or of the accumulator.
         dW, owned = None, False
         for s_ref, cols, us, vs, consts in self._groups:
-            c = C[..., cols]
+            c = C if len(cols) == C.shape[-1] else C[..., cols]  # cols are in order: one group takes all
             if consts is not None:
                 scale = (c * consts.to(c)).sum(-1)
                 inner, fresh = (scale.reshape(-1, 1, 1) if scale.dim() else scale), False
@@ -751,6 +783,45 @@ class CompiledRule:
 
     def __repr__(self):
         return f"CompiledRule({self.rule.name!r}, needs={sorted(self.needs)}, paths={sorted(self.paths)})"
+
+
+class BoundRule:
+    """A compiled rule bound to its parameters and to the shapes, dtype and device of an online loop's signals
+    (:meth:`CompiledRule.bind`). ``bound(signals)`` is ``update(signals, params)`` (the same operations, so the same
+    values) without the per-call validation and without recomputing what depends on ``params`` alone;
+    :meth:`advance` steps the rule's states. The caller keeps the shapes it bound (nothing is re-checked)."""
+
+    __slots__ = ("update", "params", "full", "ref", "_base", "_A", "_scalars", "_states")
+
+    def __init__(self, update: CompiledRule, signals: Mapping, params):
+        example = dict(signals)
+        for spec in update.states:  # the states' initial values stand in for states not given
+            if spec.name not in example:
+                example[spec.name] = spec.init(example)
+        B, n_post, n_pre, _, ref = update._check(example)
+        self.update, self.full = update, (B, n_post, n_pre)
+        self.ref = torch.empty((), dtype=ref.dtype, device=ref.device)
+        self.params = update._params(params, B, ref)
+        self._base = update._base(self.params, ref)
+        self._A = update._A.to(self._base)
+        self._scalars = tuple(n for n in update._roles if update._roles[n] == "global" and example[n].dim() == 0)
+        self._states = tuple((spec, _role_shape(spec.role, example)) for spec in update.states)
+
+    def advance(self, states: dict, signals: dict) -> None:
+        """Step the rule's states in order (each initialised on its first step): ``states[name]`` and
+        ``signals[name]`` become the new values."""
+        for spec, shape in self._states:
+            prev = states.get(spec.name)
+            prev = spec.init(signals, shape) if prev is None else prev
+            states[spec.name] = signals[spec.name] = spec.step(prev, signals, shape)
+
+    def __call__(self, signals: Mapping) -> torch.Tensor:
+        u, B = self.update, self.full[0]
+        if self._scalars:
+            signals = {**signals, **{n: signals[n].expand(B) for n in self._scalars}}
+        vals = u._comp.run({"signals": signals, "params": self.params})
+        C = u._coefficients(self.params, vals, B, self.ref, self._base, self._A)
+        return u._assemble(vals, C, self.full, self.ref)
 
 
 _SHAPE_NAMES = {"global": "(B,)", "post": "(B, n_post)", "pre": "(B, n_pre)", "synapse": "(B, n_post, n_pre)"}

@@ -259,49 +259,65 @@ def run_reservoir(
     history = []  # outputs of the last n_test training trials, for delayed-output feedback
     diverged = torch.zeros(B, dtype=torch.bool)
 
+    # the training steps' hot loop: constants hoisted; W_exp, W_mst updated in place (read through the transposed
+    # views W_expT, W_mstT); the compiled rule bound once (BoundRule); RLS skipped where every gate is exactly 0,
+    # where its update is zero. The same operations on the same values as the equations above, step for step.
+    f_rows = f.unbind(0)
+    W_expT, W_mstT = W_exp.transpose(1, 2), W_mst.transpose(1, 2)
+    alpha, leak, error = reservoir.alpha, reservoir.leak, task.error
+    zbar_target = ms is not None and ms.target == "zbar"
+    every = ms.every if ms is not None else fo.every if fo is not None else 0
+    if ex is not None:
+        b_gain, b_power = ex.beta_gain, ex.beta_power
+        needs = update.needs
+        with torch.no_grad():
+            example = {"pre": r, "post": z, "reward": z.new_zeros(B), "loss": z.new_zeros(B), "mod": z.new_zeros(B)}
+            example["w"] = W_exp
+            bound = update.bind({k: example[k] for k in needs}, theta)
     with torch.no_grad():
         for trial in range(n_train):
             e_sum, em_sum, g_sum, g_n = x.new_zeros(B), x.new_zeros(B), x.new_zeros(B), 0
             keep = task.test_feedback == "delayed_output" and trial >= n_train - n_test
             zs = x.new_empty(trial_steps, B, d) if keep else None
             for t in range(trial_steps):
-                x = reservoir_step(x, r, z, params, reservoir.leak)
+                ft = f_rows[t]
+                x = reservoir_step(x, r, z, params, leak)
                 xi = noise.next()
-                r = torch.tanh(x) + reservoir.alpha * xi[:, :N]
-                z_mst = matvec(W_mst, r)
+                r = torch.tanh(x).add_(alpha * xi[:, :N])
+                r1 = r.unsqueeze(1)
+                z_mst = torch.bmm(r1, W_mstT).squeeze(1)
                 if ex is not None:
-                    z_exp = matvec(W_exp, r) + beta.unsqueeze(-1) * xi[:, N:]
+                    z_exp = torch.bmm(r1, W_expT).squeeze(1).add_(beta.unsqueeze(-1) * xi[:, N:])
                     z = z_exp + z_mst
                     zbar = zbar + kz * (z_exp - zbar)
                 else:
                     z_exp, z = None, z_mst
-                e = task.error(z, f[t], zbar)
+                e = error(z, ft, zbar)
                 ebar = e if ebar is None else ebar + ke * (e - ebar)
                 msebar = e if msebar is None else 0.9998 * msebar + 0.0002 * e
                 e_sum += e
-                em_sum += task.error(z_mst, f[t], zbar)
+                em_sum += error(z_mst, ft, zbar)
                 if keep:
                     zs[t] = z
                 if ex is not None:
-                    beta = ex.beta_gain * (10 * ebar).clamp_min(0) ** ex.beta_power
-                    sig = {"pre": r, "post": z_exp, "reward": -e, "loss": e, "mod": -e, "w": W_exp}
-                    sig = {k: sig[k] for k in update.needs}
-                    for spec in update.states:
-                        prev = states.get(spec.name)
-                        states[spec.name] = sig[spec.name] = spec.step(spec.init(sig) if prev is None else prev, sig)
-                    dW = update(sig, theta)
-                    W_exp = W_exp + (dW if scale is None else scale * dW)
-                step = trial * trial_steps + t + 1
-                if ms is not None and step % ms.every == 0:
-                    gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
-                    k, c = rls_gain_(P, r, gate)
-                    u = z_exp if ms.target == "z_exp" else zbar
-                    W_mst = W_mst + ms.scale * rls_delta(k, c, -u, gate)
-                    g_sum += (gate > 0.5).to(dtype)
-                    g_n += 1
-                elif fo is not None and step % fo.every == 0:
-                    k, c = rls_gain_(P, r)
-                    W_mst = W_mst + rls_delta(k, c, z - f[t])
+                    beta = b_gain * (10 * ebar).clamp_min(0) ** b_power
+                    sig = {"pre": r, "post": z_exp, "w": W_exp, "loss": e}
+                    if "reward" in needs or "mod" in needs:
+                        sig["reward"] = sig["mod"] = -e
+                    bound.advance(states, sig)
+                    dW = bound(sig)
+                    W_exp.add_(dW if scale is None else scale * dW)
+                if every and (trial * trial_steps + t + 1) % every == 0:
+                    if ms is not None:
+                        gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
+                        if bool(gate.any()):  # else P and W_mst stay as they are (a zero update)
+                            k, c = rls_gain_(P, r, gate)
+                            W_mst.add_(ms.scale * rls_delta(k, c, -(zbar if zbar_target else z_exp), gate))
+                        g_sum += (gate > 0.5).to(dtype)
+                        g_n += 1
+                    else:
+                        k, c = rls_gain_(P, r)
+                        W_mst.add_(rls_delta(k, c, z - ft))
             trial_err[:, trial] = (e_sum / trial_steps).numpy()
             trial_err_m[:, trial] = (em_sum / trial_steps).numpy()
             gate_open[:, trial] = (g_sum / max(g_n, 1)).numpy()

@@ -103,8 +103,8 @@ def recurrent_input(J: Tensor, r: Tensor) -> Tensor:
 
 def reservoir_step(x: Tensor, r: Tensor, z_fb: Tensor, params: ReservoirParams, leak: float) -> Tensor:
     r""":math:`x + \frac{\Delta t}{\tau}(-x + J r + Q z_{fb})` for ``x``, ``r`` ``(B, N)`` and ``z_fb`` ``(B, d)``."""
-    drive = recurrent_input(params.J, r) + matvec(params.Q, z_fb)
-    return x + leak * (drive - x)
+    drive = recurrent_input(params.J, r).add_(matvec(params.Q, z_fb))  # in place on fresh temporaries: no copies
+    return drive.sub_(x).mul_(leak).add_(x)
 
 
 class NoiseStream:
