@@ -15,14 +15,14 @@ test split in ../shared/data, a ByMerge-derived subset, not the official Balance
     fig4    the 10-term pool with L1 under fa, at --l1 (best of the sweep)      (EMNIST)
             (--rule pool_f5mean: the pool with F5 width-normalized, for the ablation of the stabilizing changes)
     rules   bio, ehebb and oja under fa                                        (EMNIST)
-    oja     the Oja follow-up: bp vs bp + Oja's term, online, deeper nets and poor initialization (digits;
-            coefficients tuned on separate episodes, no meta-learning)
+    oja     the Oja follow-up: bp and plastic (Kolen-Pollack) feedback, each with and without Oja's term, online,
+            deeper nets and poor initialization (digits; coefficients tuned on separate episodes, no meta-learning)
 
     python experiments/reproduce_paper.py fig3 --episodes 300 --runs 5
     python experiments/reproduce_paper.py lambda --episodes 150 --runs 2 --l1 0 0.1 0.5 2
     python experiments/reproduce_paper.py fig4 --episodes 300 --runs 5 --l1 0.5
     python experiments/reproduce_paper.py rules --episodes 300 --runs 3
-    python experiments/reproduce_paper.py oja --seeds 20
+    python experiments/reproduce_paper.py oja --seeds 20 --tune-episodes 6
     python experiments/reproduce_paper.py fig3 --summarize-only    # rewrite the summary from the run directories
 
 Meta-accuracy is the query accuracy of each meta-training episode (the paper's definition); intervals are 95%
