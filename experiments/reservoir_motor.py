@@ -4,7 +4,12 @@ Parts (each writes results/reservoir_motor/<part>.csv and <part>.npz; run them i
 
 * ``t1``: Task 1 (butterfly), RMHL and SUPER-TREX at dopamine gains 1, 0.3, 0.1, one batch;
 * ``t1force``: Task 1, FORCE;
-* ``t2``: Task 2 (2-joint arm), RMHL and SUPER-TREX, one batch.
+* ``t2``: Task 2 (2-joint arm), RMHL and SUPER-TREX, one batch;
+* ``t3``: Task 3 (3-joint arm with joint costs), RMHL and SUPER-TREX with the authors' settings and with the
+  replication's fixes (``paper_learning(..., replication_fixes=True)``: on Task 3 the exploratory learning rate times
+  1/3), one batch. The fixed rows differ from the original ones only in the exploratory learning rate, so they run
+  in the same batch with their update scaled by the ratio of the two rates (``dopamine=``; for the linear rule the
+  same update, checked in ``tests/test_reservoir.py``) and are reported as ``supertrex+fixes`` / ``rmhl+fixes``.
 
 The exploratory pathway is the toolkit rule ``node_perturbation`` (one-sided on Task 1), compiled with
 ``compile_rule``; RMHL rows are SUPER-TREX rows whose mastery gate never opens. The lesion is read from the same test
@@ -12,6 +17,10 @@ phase: SUPER-TREX's reported (mastery) readout is the exploratory pathway remove
 
     python experiments/reservoir_motor.py --part t1 & python experiments/reservoir_motor.py --part t2 &
     python experiments/reservoir_motor.py --part t1force; wait
+    python experiments/reservoir_motor.py --part t3 --n 200 --seeds 3 --trial-steps 25000
+
+(the results were made with ``--n 200 --seeds 3 --trial-steps 25000`` for every part.) ``--report`` rebuilds the
+tables from the part files present, so one part can be rerun without the others.
     python experiments/reservoir_motor.py --report
 
 Writes results/reservoir_motor.md, results/reservoir_motor.csv (per seed) and results/reservoir_motor_*.png.
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +48,36 @@ PUBLISHED = {
     ("butterfly", "supertrex"): "0.006 ± 0.003 (11/11)",
     ("arm2", "rmhl"): "0.759 ± 0.284 (0/11)",
     ("arm2", "supertrex"): "0.011 ± 0.003 (11/11)",
+    ("arm3", "rmhl"): "0.850 ± 0.313 (1/11)",
+    ("arm3", "supertrex"): "0.881 ± 0.224 (5/11)",
+    # the replication's modified re-implementation (its two fixes), Table 3
+    ("arm3", "rmhl+fixes"): "0.849 ± 0.360 (0/11), modified",
+    ("arm3", "supertrex+fixes"): "0.140 ± 0.071 (10/11), modified",
 }
 
 
+def fix_factor(task):
+    """The replication's fixes on ``task`` as a factor on the exploratory learning rate (asserting that nothing else
+    of the SUPER-TREX settings changes)."""
+    base = paper_learning("supertrex", task)
+    fixed = paper_learning("supertrex", task, rule=base.exploration.rule, replication_fixes=True)
+    lr = fixed.exploration.lr
+    assert fixed == replace(base, exploration=replace(base.exploration, lr=lr)), "the fixes change more than lr"
+    return lr / base.exploration.lr
+
+
 def conditions(part):
-    """(task, learning, [(algorithm, dopamine, mastery_on)]) of a part."""
+    """(task, learning, [(algorithm, dopamine, mastery_on, factor on the exploratory update)]) of a part."""
     if part == "t1":
-        return "butterfly", "supertrex", [("rmhl", 1.0, False)] + [("supertrex", g, True) for g in GAINS]
+        return "butterfly", "supertrex", [("rmhl", 1.0, False, 1.0)] + [("supertrex", g, True, 1.0) for g in GAINS]
     if part == "t1force":
-        return "butterfly", "force", [("force", 1.0, True)]
+        return "butterfly", "force", [("force", 1.0, True, 1.0)]
     if part == "t2":
-        return "arm2", "supertrex", [("rmhl", 1.0, False), ("supertrex", 1.0, True)]
+        return "arm2", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0)]
+    if part == "t3":
+        k = fix_factor("arm3")
+        return "arm3", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0),
+                                     ("rmhl+fixes", 1.0, False, k), ("supertrex+fixes", 1.0, True, k)]  # fmt: skip
     raise SystemExit(f"unknown part {part!r}")
 
 
@@ -61,7 +90,7 @@ def run_part(part, a, out: Path):
         task,
         paper_learning(alg, task),
         [s for _, s in rows],
-        dopamine=[c[1] for c, _ in rows],
+        dopamine=[c[1] * c[3] for c, _ in rows],
         mastery_on=[c[2] for c, _ in rows],
         trial_steps=a.trial_steps,
         n_train=a.n_train,
@@ -69,7 +98,7 @@ def run_part(part, a, out: Path):
         log=lambda m: print(part, m, flush=True),
     )
     recs = []
-    for b, ((name, gain, _), seed) in enumerate(rows):
+    for b, ((name, gain, _, _), seed) in enumerate(rows):
         rec = dict(task=task, algorithm=name, dopamine=gain, seed=seed, n=a.n, trial_steps=a.trial_steps,
                    deviation=res.deviation[b], deviation_intact=res.deviation_full[b],
                    deviation_lesioned=res.deviation_mastery[b], diverged=bool(res.diverged[b]),
@@ -134,7 +163,7 @@ def report(out: Path, results: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [p for p in ("t1force", "t1", "t2") if (out / f"{p}.csv").exists()]
+    parts = [p for p in ("t1force", "t1", "t2", "t3") if (out / f"{p}.csv").exists()]
     df = pd.concat([pd.read_csv(out / f"{p}.csv") for p in parts], ignore_index=True)
     df.to_csv(results / "reservoir_motor.csv", index=False, float_format="%.6g")
     n, steps = int(df.n.iloc[0]), int(df.trial_steps.iloc[0])
@@ -232,7 +261,7 @@ def report(out: Path, results: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("t1", "t1force", "t2"))
+    p.add_argument("--part", choices=("t1", "t1force", "t2", "t3"))
     p.add_argument("--report", action="store_true")
     p.add_argument("--n", type=int, default=300, help="reservoir size")
     p.add_argument("--seeds", type=int, default=5)

@@ -26,20 +26,22 @@ EXPONENTS = (0.0, 0.25, 0.5, 1.0)
 SATISFACTORY = 0.5
 
 
-def run_half(a_value: float, a, out: Path):
-    rows = [(p, s) for p in EXPONENTS for s in range(a.seeds)]
+def run_half(a_values, a, out: Path):
+    rows = [(av, p, s) for av in a_values for p in EXPONENTS for s in range(a.seeds)]
+    tag = "fixes_" if a.fixes else ""
     res = run_reservoir(
         Reservoir(n=a.n),
         "arm3",
-        paper_learning("supertrex", "arm3", rule=modulator_family()),
-        [s for _, s in rows],
-        rule_constants={"a": a_value, "p": [p for p, _ in rows]},
+        paper_learning("supertrex", "arm3", rule=modulator_family(), replication_fixes=a.fixes),
+        [s for _, _, s in rows],
+        rule_constants={"a": [av for av, _, _ in rows], "p": [p for _, p, _ in rows]},
         trial_steps=a.trial_steps,
-        log=lambda m: print(f"a={a_value:g}", m, flush=True),
+        log=lambda m: print(f"{tag}a={a_values}", m, flush=True),
     )
+    print(f"{tag}a={a_values}: {res.steps} steps x {len(rows)} rows in {res.wall_s:.0f} s", flush=True)
     recs = [
         dict(
-            a=a_value,
+            a=av,
             p=p,
             seed=s,
             n=a.n,
@@ -50,9 +52,12 @@ def run_half(a_value: float, a, out: Path):
             err_trial10=res.trial_error[b, 9],
             gate_trial10=res.gate_open[b, 9],
         )  # fmt: skip
-        for b, (p, s) in enumerate(rows)
+        for b, (av, p, s) in enumerate(rows)
     ]
-    pd.DataFrame(recs).to_csv(out / f"half{a_value:g}.csv", index=False)
+    df = pd.DataFrame(recs)
+    df["wall_s"] = res.wall_s
+    for av, g in df.groupby("a"):
+        g.to_csv(out / f"{tag}half{av:g}.csv", index=False)
 
 
 def report(out: Path, results: Path):
@@ -96,6 +101,8 @@ def report(out: Path, results: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--half", type=float, choices=(0.0, 1.0))
+    ap.add_argument("--all", action="store_true", help="both halves as one batch")
+    ap.add_argument("--fixes", action="store_true", help="the replication's fixes (exploratory rate 1/3)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
@@ -106,8 +113,8 @@ def main(argv=None):
     results = Path(a.out)
     out = results / "reservoir_rule_search"
     out.mkdir(parents=True, exist_ok=True)
-    if a.half is not None:
-        run_half(a.half, a, out)
+    if a.all or a.half is not None:
+        run_half((0.0, 1.0) if a.all else (a.half,), a, out)
     if a.report:
         report(out, results)
 
