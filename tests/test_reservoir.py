@@ -203,3 +203,36 @@ def test_rule_family_in_one_batch_matches_the_single_rules():
         np.testing.assert_allclose(fam.trial_error[row], single.trial_error[0], rtol=1e-10)
     with pytest.raises(ConfigError, match="needs rule_constants"):
         run_reservoir(res, "arm3", paper_learning("supertrex", "arm3", rule=modulator_family()), [0], **kw)
+
+
+@pytest.mark.parametrize("alg", ["supertrex", "rmhl"])
+@pytest.mark.parametrize("task", ["butterfly", "arm2", "arm3"])
+def test_replication_fixes_change_exactly_their_factor(alg, task):
+    """replication_fixes=True (default off: the authors' settings) changes only the Task 3 exploratory learning rate
+    (times 0.5/n_segs instead of 0.5, n_segs = 3) and Task 2's mastery gate threshold (1.5e-3 -> 1.5e-2)."""
+    from dataclasses import replace
+
+    base = paper_learning(alg, task)
+    assert paper_learning(alg, task, rule=base.exploration.rule, replication_fixes=False) == base
+    fixed = paper_learning(alg, task, rule=base.exploration.rule, replication_fixes=True)
+    expected = base
+    if task == "arm3":
+        assert base.exploration.lr == pytest.approx(5e-4 * 0.5)
+        expected = replace(base, exploration=replace(base.exploration, lr=5e-4 * 0.5 / 3))
+    if task == "arm2" and alg == "supertrex":
+        assert base.mastery.threshold == 1.5e-3
+        expected = replace(base, mastery=replace(base.mastery, threshold=1.5e-2))
+    assert fixed == expected
+
+
+def test_replication_fixes_on_task3_equal_a_third_of_the_exploratory_update():
+    """A run with the fixes equals the original settings with the exploratory update scaled by 1/3 (dopamine), the
+    way experiments/reservoir_motor.py runs both in one batch; and it differs from the original."""
+    kw = dict(n_train=2, n_test=1, trial_steps=200)
+    res = Reservoir(n=20)
+    base = paper_learning("supertrex", "arm3")
+    fixed = run_reservoir(res, "arm3", paper_learning("supertrex", "arm3", replication_fixes=True), [0], **kw)
+    scaled = run_reservoir(res, "arm3", base, [0, 0], dopamine=[1 / 3, 1.0], **kw)
+    np.testing.assert_allclose(fixed.trial_error[0], scaled.trial_error[0], rtol=1e-9)
+    np.testing.assert_allclose(fixed.w_exp_norm[0], scaled.w_exp_norm[0], rtol=1e-9)
+    assert not np.allclose(fixed.w_exp_norm[0], scaled.w_exp_norm[1], rtol=1e-3)
