@@ -132,7 +132,7 @@ def variant_row(name: str, windows: pd.DataFrame, episodes: int) -> dict:
     where = f" ({', '.join(map(str, stopped))})" if len(stopped) else ""
     row = {"variant": name, "episodes": episodes, "runs": runs.ngroups,
            "runs stopped (at episode)": f"{len(stopped)}{where}",
-           "skipped episodes (of run)": f"{int(windows['skipped'].sum())} of {int(windows['episodes'].sum())}",
+           "skipped / episodes run": f"{int(windows['skipped'].sum())} of {int(windows['episodes'].sum())}",
            "skipped, last 10%": int(last["skipped"].sum())}  # fmt: skip
     for col, label in (("meta_accuracy", "meta-acc"), ("angle", "angle"), ("ew", "E_W")):
         row[f"{label} first 10%"] = ci(first[col])

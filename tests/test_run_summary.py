@@ -78,7 +78,7 @@ def test_paper_summary_row_counts_skips_and_stopped_runs():
     spec.loader.exec_module(mod)
     row = mod.variant_row("bio", run_windows(history(), planned=PLANNED), episodes=PLANNED)
     assert row["runs"] == 3 and row["runs stopped (at episode)"] == "1 (13)"
-    assert row["skipped episodes (of run)"] == "2 of 53" and row["skipped, last 10%"] == 2
+    assert row["skipped / episodes run"] == "2 of 53" and row["skipped, last 10%"] == 2
     # last 10%: run 0 only (run 1 skipped both, run 2 stopped) vs skipped scored 0: runs 0 and 1
     assert row["meta-acc last 10%"] == "0.195"
     m = float(row["meta-acc last 10%, skipped = 0"].split()[0])
