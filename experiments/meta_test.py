@@ -19,7 +19,7 @@
 3. All are evaluated with ``rulesearch.evaluate`` on the same fresh episodes (evaluation seeds 10000+) from the
    meta-train classes, from the held-out classes and from another dataset (the bundled 8x8 digits, all 10 classes,
    on the 64-170-130-100-70-10 network; the f0 learning rates stay those tuned on EMNIST). The neural rule, whose
-   inner loop is ~50x slower than a linear rule's, is evaluated on the first ``--neural-seeds`` of those seeds
+   inner loop is ~100x slower than a linear rule's, is evaluated on the first ``--neural-seeds`` of those seeds
    (the same episodes); its paired differences use those seeds. Intervals: 95% Student-t over per-seed means
    (each seed = ``--eval-episodes`` episodes). Diverged episodes score 0 and are counted.
 
@@ -222,6 +222,14 @@ def main(argv=None):
         else f"Fashion-MNIST: not evaluated, its files are not in the data folder (`{data_dir}` holds only the EMNIST "
         "ByMerge test split); the other dataset is the bundled 8x8 digits."
     )
+    step_s = {r: s.fit_seconds_ / max(s.n_steps_, 1) for r, s in searches.items()}
+    lin = [v for r, v in step_s.items() if r != "neural"]
+    step_cost = (
+        f" ({step_s['neural']:.0f} s per meta-step of one run, against {min(lin):.1f}-{max(lin):.1f} s for a "
+        f"meta-step of {a.runs} runs of a linear rule, as logged)"
+        if "neural" in step_s and lin
+        else ""
+    )
     md = [
         "# Meta-generalization: frozen learned rules on held-out EMNIST classes and another dataset",
         "",
@@ -234,8 +242,8 @@ def main(argv=None):
         "under which it stays stable (results/README.md item 2b): proximal L1 with lambda = 3, per-term capped "
         "Adam steps, meta-gradient clipped to norm 10, Adam lr 3e-4. Neural: MLP 9-16-1 over each synapse's "
         "signals plus a linear skip part (as experiments/neural_digits.py), Adam lr 1e-3, capped steps on the "
-        "skip part, clip 10; one run, fewer meta-steps (its inner loop costs ~20 s per meta-step on EMNIST, 1 "
-        f"thread). f0 baselines: learning rate tuned per mode over {list(LRS)} on meta-train classes "
+        f"skip part, clip 10; one run, fewer meta-steps{step_cost}. f0 baselines: learning rate tuned per mode "
+        f"over {list(LRS)} on meta-train classes "
         f"({a.tune_seeds} x {a.eval_episodes} tuning episodes per lr and mode). Evaluation with "
         f"`rulesearch.evaluate`: {a.seeds} seeds x {a.eval_episodes} episodes (5-way K=50 Q=10, online) per side "
         f"(the neural rule: the first {a.neural_seeds} of these seeds, the same episodes), the same episodes for "
