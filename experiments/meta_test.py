@@ -36,14 +36,13 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from rulesearch.errors import DatasetError, DivergenceError
 from rulesearch.evaluate import EvalConfig, evaluate
 from rulesearch.io.runs import RunDir
+from rulesearch.io.stats import t_interval
 from rulesearch.lang.pools import f0
 from rulesearch.tasks.data import default_data_dir, load_dataset
 from rulesearch.train import NetworkConfig, RuleSearch, TaskConfig
@@ -57,13 +56,6 @@ SETTINGS = {
     "neural": {"term_scale": "capped", "clip": 10.0, "lr": 1e-3},
 }
 NEURAL = {"hidden": [16]}
-
-
-def t_ci(x, ci=0.95):
-    x = np.asarray(x, float)
-    m = float(x.mean())
-    h = float(stats.t.ppf((1 + ci) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan
-    return m, m - h, m + h
 
 
 def f0_at(lr):
@@ -189,20 +181,20 @@ def main(argv=None):
         cells = []
         for side in sides:
             d = df[(df.method == m) & (df.classes == side)]
-            mean, lo, hi = t_ci(d["accuracy"])
+            mean, lo, hi = t_interval(d["accuracy"])
             n_div = int(round(d["diverged"].sum() * a.eval_episodes))
             cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}] | {n_div}/{len(d) * a.eval_episodes}")
-        g, glo, ghi = t_ci((acc[("held-out", m)] - acc[("train", m)]).dropna())
+        g, glo, ghi = t_interval((acc[("held-out", m)] - acc[("train", m)]).dropna())
         table.append(f"| {m} | {' | '.join(cells)} | {g:+.3f} [{glo:+.3f}, {ghi:+.3f}] |")
     diffs = []
     for x in learned:
         for y in ("f0 (fa)", "f0 (bp)"):
             cells = []
             for side in sides[1:]:
-                m, lo, hi = t_ci((acc[(side, x)] - acc[(side, y)]).dropna())
+                m, lo, hi = t_interval((acc[(side, x)] - acc[(side, y)]).dropna())
                 cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             gap = {k: acc[("held-out", k)] - acc[("train", k)] for k in (x, y)}
-            m, lo, hi = t_ci((gap[x] - gap[y]).dropna())
+            m, lo, hi = t_interval((gap[x] - gap[y]).dropna())
             n = int((gap[x] - gap[y]).notna().sum())
             diffs.append(f"| {x} - {y} | {n} | {' | '.join(cells)} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     coef = []
