@@ -26,10 +26,10 @@ verdict for each target of issue 6 (``TARGETS``). Memory needs Linux (``/proc/se
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -178,17 +178,21 @@ def _child(cfg: dict) -> dict:
 # ---- parent: run every configuration in its own process -------------------------------------------------------
 
 
+@functools.cache
+def _paper_code():
+    """``experiments/bench_paper_code.py`` as a module (standard library imports only at its top)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_code", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_paper_code.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _spawn(cfg: dict, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return _paper_code().spawn_child(os.path.abspath(__file__), cfg, timeout)
 
 
 def _mem(r: dict) -> float:
@@ -230,14 +234,7 @@ def _verdicts(table: dict, errors: dict) -> list[str]:
 def run_paper_code(path: str, threads: int = 1) -> int:
     """The comparison with the paper's own code at ``path``: ``experiments/bench_paper_code.py`` (it says what to
     pass, and returns 0, when ``path`` is not a checkout of that repository)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_paper_code", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_paper_code.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--paper-code", path, "--threads", str(threads)])
+    return _paper_code().main(["--paper-code", path, "--threads", str(threads)])
 
 
 def main(argv=None) -> int:

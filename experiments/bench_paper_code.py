@@ -462,9 +462,11 @@ CHILDREN = {"paper": _paper_child, "ours": _ours_child, "check": _check_child}
 # ---- parent -------------------------------------------------------------------------------------------------------
 
 
-def _spawn(cfg: dict, timeout: float) -> dict:
+def spawn_child(script: str, cfg: dict, timeout: float) -> dict:
+    """Run ``script --child CFG`` in a fresh process (its own RSS, ``cfg["threads"]`` threads): the dict on its
+    ``RESULT`` line, else ``{"error": ...}`` (timeout, or the last lines it printed). bench_meta.py uses it too."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+    cmd = [sys.executable, script, "--child", json.dumps(cfg)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -639,7 +641,7 @@ def main(argv=None) -> int:
                     steps = max(2, -(-args.episodes // b))
                     cfg = dict(common, side="ours", B=b, steps=steps, warmup_steps=args.warmup)
                     label = f"rulesearch B={b}"
-                res = _spawn(cfg, args.timeout)
+                res = spawn_child(os.path.abspath(__file__), cfg, args.timeout)
                 if "error" in res:
                     print(f"# round {r + 1} {label}: ERROR {res['error']}", flush=True)
                     return 1
@@ -660,7 +662,7 @@ def main(argv=None) -> int:
         check = None
         if not args.no_check:
             thetas = [[1e-3, 0.0, 0.0], [1e-3, -1e-3, 1e-4]]  # the paper's initial values; all three terms active
-            check = _spawn(dict(common, side="check", thetas=thetas), args.timeout)
+            check = spawn_child(os.path.abspath(__file__), dict(common, side="check", thetas=thetas), args.timeout)
             if "error" in check:
                 print(f"# same-episode check: ERROR {check['error']}")
             else:

@@ -335,14 +335,15 @@ class TorchCompiler:
         return self._emit(lambda env, m, x: _contract(m, x, False), (rm[1], ru[1]), "post")
 
     def _compile_LayerSum(self, expr):
-        self.kinds.add("contraction")
-        ru = self.slot(expr.args[0])
-        return self._emit(lambda env, x: x.sum(-1), (ru[1],), "global", _sum_vjp)
+        return self._layer_reduction(expr, lambda env, x: x.sum(-1), _sum_vjp)
 
     def _compile_LayerMean(self, expr):
+        return self._layer_reduction(expr, lambda env, x: x.mean(-1), _mean_vjp)
+
+    def _layer_reduction(self, expr, fn, vjp):
         self.kinds.add("contraction")
         ru = self.slot(expr.args[0])
-        return self._emit(lambda env, x: x.mean(-1), (ru[1],), "global", _mean_vjp)
+        return self._emit(fn, (ru[1],), "global", vjp)
 
     def _compile_Bilinear(self, expr):
         self.kinds.add("bilinear")
@@ -374,10 +375,8 @@ def _sum_vjp(g, args, cots):
 
 
 def _mean_vjp(g, args, cots):
-    """``s = mean_k x_k``, ``x`` ``(B, n)``, ``ds = g`` ``(B, 1)``: ``c_x + g / n``."""
-    (x,), (cx,) = args, cots
-    gx = (g / x.shape[-1]).expand_as(x)
-    return (gx if cx is None else cx + gx,)
+    """``s = mean_k x_k``, ``x`` ``(B, n)``: the sum's VJP with ``g / n``."""
+    return _sum_vjp(g / args[0].shape[-1], args, cots)
 
 
 def _vecdot_vjp(g, args, cots):
