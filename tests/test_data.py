@@ -142,6 +142,42 @@ def test_emnist_npz_file_and_per_class_first_n_in_file_order(tmp_path, np_rng):
     assert torch.equal(full.first_per_class(5).images, sub.images)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_emnist_npz_subset_streams_only_the_kept_rows(tmp_path, np_rng, monkeypatch, save):
+    """per_class reads the images member in chunks of rows, keeping only the subset (never the whole array)."""
+    from rulesearch.tasks import data
+
+    n = 47 * 9
+    images = np_rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np_rng.permutation(np.repeat(np.arange(47), 9)).astype(np.uint8)
+    path = tmp_path / "emnist_bymerge_test.npz"
+    save(path, images=images, labels=labels)
+    monkeypatch.setattr(data._NpyMember, "_CHUNK_BYTES", 7 * 784)  # 7 rows per chunk: many chunks
+    monkeypatch.setattr(data._NpyMember, "read", lambda self: pytest.fail("the whole array was read"))
+    sub = load_dataset("emnist", path, per_class=4)
+    expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:4] for c in range(47)]))
+    np.testing.assert_array_equal(sub.images.numpy(), images[expected].reshape(len(expected), -1))
+    np.testing.assert_array_equal(sub.labels.numpy(), labels[expected])
+
+
+def test_emnist_npz_with_a_damaged_images_member(tmp_path, np_rng):
+    """A member whose data ends early is a DatasetError naming the file and the fix."""
+    import zipfile
+
+    images = np_rng.integers(0, 256, size=(47 * 3, 28, 28), dtype=np.uint8)
+    labels = np.repeat(np.arange(47), 3).astype(np.uint8)
+    good = tmp_path / "good.npz"
+    np.savez(good, images=images, labels=labels)
+    bad = tmp_path / "emnist_bymerge_test.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for name in zin.namelist():
+            raw = zin.read(name)
+            zout.writestr(name, raw[: len(raw) // 2] if name == "images.npy" else raw)
+    for per_class in (2, None):
+        with pytest.raises(DatasetError, match=r"images\.npy.*(truncated|ends early).*numpy\.savez"):
+            load_dataset("emnist", bad, per_class=per_class)
+
+
 def test_per_class_too_large_names_the_short_classes(tmp_path, np_rng):
     images, labels = fake_chars(np_rng, 60)
     np.savez(tmp_path / "emnist_balanced_test.npz", images=images, labels=labels)
