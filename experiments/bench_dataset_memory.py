@@ -4,6 +4,7 @@ layout before datasets were kept compact). Each layout runs in a fresh process; 
 imports, after loading and the process peak (``ru_maxrss``). A figure to read, not a timed or memory test.
 
     python experiments/bench_dataset_memory.py --data ../shared/data/emnist_bymerge_test.npz --episodes 20 --batch 8
+    python experiments/bench_dataset_memory.py --per-class 400   # the paper's 47 x 400 subset (streamed from the npz)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def child(layout: str, data: str, episodes: int, batch: int) -> dict:
+def child(layout: str, data: str, episodes: int, batch: int, per_class: int | None) -> dict:
     import resource
 
     import torch
@@ -29,7 +30,7 @@ def child(layout: str, data: str, episodes: int, batch: int) -> dict:
 
     torch.set_num_threads(1)
     imported = _rss_mib()
-    ds = load_dataset("emnist", data)
+    ds = load_dataset("emnist", data, per_class=per_class)
     if layout == "float":
         ds = Dataset(ds.name, ds.inputs(), ds.labels, ds.n_classes, ds.image_shape, class_names=ds.class_names)
     loaded = _rss_mib()
@@ -49,17 +50,20 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/emnist_bymerge_test.npz", help="EMNIST npz or folder")
     parser.add_argument("--episodes", type=int, default=20, help="meta-steps drawn")
     parser.add_argument("--batch", type=int, default=8, help="episodes per meta-step (5-way, K=50, Q=10)")
+    parser.add_argument("--per-class", type=int, default=None, help="keep the first N images per class (paper: 400)")
     parser.add_argument("--child", choices=["compact", "float"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.data, args.episodes, args.batch)))
+        print(json.dumps(child(args.child, args.data, args.episodes, args.batch, args.per_class)))
         return
     rows = []
     for layout in ("float", "compact"):
         cmd = [sys.executable, __file__, "--child", layout, "--data", args.data, "--episodes", str(args.episodes),
                "--batch", str(args.batch)]  # fmt: skip
+        cmd += ["--per-class", str(args.per_class)] if args.per_class else []
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-    print(f"EMNIST {args.data}: {args.episodes} meta-steps of {args.batch} episodes (5-way, K=50, Q=10)")
+    subset = f", the first {args.per_class} images per class" if args.per_class else ""
+    print(f"EMNIST {args.data}{subset}: {args.episodes} meta-steps of {args.batch} episodes (5-way, K=50, Q=10)")
     print(f"{'layout':<9} {'images':>16} {'after imports':>14} {'after load':>11} {'peak':>9}")
     for r in rows:
         print(f"{r['layout']:<9} {r['dtype'][6:]:>7} {r['images_mib']:>5.0f} MiB {r['after_imports_mib']:>10.0f} MiB "
