@@ -1,0 +1,115 @@
+"""Wall time of the paper's full protocol (600 meta-steps x 20 runs, one episode per run and meta-step, EMNIST 47
+classes x 400 images, 784-170-130-100-70-47, 5-way K=50 Q=10, feedback alignment) on this machine, for the rules
+``bio`` and ``pool``, from a shorter run of the same configuration.
+
+Each setting runs ``rulesearch discover`` in a fresh process (or ``torchrun`` processes) for ``--steps`` meta-steps
+and reads the per-step wall times from its ``metrics.csv``; the protocol's time is start-up (process start to the
+first step) + 600 x the median step time after ``--warmup`` steps. Settings: one process with one thread, one
+process with all cores as threads, and data parallelism with ``torchrun`` (one process per core, one thread each;
+each process runs its block of the 20 episodes of a meta-step). A figure to read, not a timed test.
+
+    python experiments/bench_protocol.py                       # bio and pool, every setting, 20 steps each
+    python experiments/bench_protocol.py --rules bio --steps 10 --settings torchrun
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_STEPS, RUNS = 600, 20
+
+
+def _config(data_dir: str, rule: str) -> dict:
+    """The paper's protocol as a discover config (reproduce_paper.py's EMNIST task, lambda 0)."""
+    return {
+        "rule": rule,
+        "task": {"dataset": "emnist", "data_dir": data_dir, "options": {"per_class": 400}},
+        "network": {"feedback": "fa"},
+        "meta": {"runs": RUNS, "l1": 0.0, "compare": False},
+    }
+
+
+def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int) -> list[str]:
+    args = ["-m", "rulesearch.cli", "discover", "-c", str(cfg), "--episodes", str(steps), "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    if setting == "torchrun":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cores}"]
+        return [*torchrun, *args, "--threads", "1"]
+    return [sys.executable, *args, "--threads", "1" if setting == "1 thread" else str(cores)]
+
+
+def _step_seconds(out: Path) -> list[float]:
+    """Per meta-step wall time from metrics.csv (one row per run and step)."""
+    seconds: dict[int, float] = {}
+    with open(out / "metrics.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            seconds[int(row["step"])] = float(row["seconds"])
+    return [seconds[k] for k in sorted(seconds)]
+
+
+def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_dir: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench_protocol_"))
+    try:
+        cfg = work / "config.json"
+        cfg.write_text(json.dumps(_config(data_dir, rule)))
+        out = work / "run"
+        env = {**os.environ, "OMP_NUM_THREADS": "1" if setting != f"{cores} threads" else str(cores)}
+        t0 = time.perf_counter()
+        proc = subprocess.run(_command(setting, cores, cfg, out, steps), cwd=ROOT, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        total = time.perf_counter() - t0
+        if proc.returncode not in (0, 3):
+            raise RuntimeError(f"{setting} {rule} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        secs = _step_seconds(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    step = statistics.median(secs[warmup:])
+    startup = total - sum(secs)
+    core_s = step * (1 if setting == "1 thread" else cores) / RUNS
+    return {"setting": setting, "rule": rule, "steps": len(secs), "s_per_step": step, "startup_s": startup,
+            "protocol_min": (startup + PROTOCOL_STEPS * step) / 60, "core_s_per_episode": core_s}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rules", default="bio,pool")
+    p.add_argument("--settings", default="1 thread,threads,torchrun",
+                   help="comma-separated: '1 thread', 'threads' (all cores in one process), 'torchrun'")  # fmt: skip
+    p.add_argument("--steps", type=int, default=20, help="meta-steps timed per setting (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    a = p.parse_args()
+    if a.steps <= a.warmup:
+        p.error("--steps must exceed --warmup")
+    settings = [f"{a.cores} threads" if s == "threads" else s for s in a.settings.split(",")]
+    print(f"# the paper's protocol ({PROTOCOL_STEPS} meta-steps x {RUNS} runs, EMNIST 47 x 400, F^bio / F^pool under "
+          f"FA) on {a.cores} cores, load average {os.getloadavg()[0]:.2f}; each setting timed for {a.steps} "
+          f"meta-steps (median after {a.warmup}), extrapolated", flush=True)  # fmt: skip
+    rows = []
+    for rule in a.rules.split(","):
+        for setting in settings:
+            r = measure(setting, rule, a.cores, a.steps, a.warmup, a.data_dir)
+            rows.append(r)
+            print(f"{rule:<5} {setting:<10} {r['s_per_step']:.2f} s per meta-step ({RUNS} episodes; "
+                  f"{r['core_s_per_episode']:.3f} core-s per episode), start-up {r['startup_s']:.1f} s -> "
+                  f"protocol {r['protocol_min']:.1f} min", flush=True)  # fmt: skip
+    print(f"# load average after: {os.getloadavg()[0]:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
