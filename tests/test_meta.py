@@ -92,6 +92,21 @@ def test_batched_runs_equal_separate_runs(rule, kw):
         np.testing.assert_allclose(hb.to_numpy(float), ha.to_numpy(float), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule", ["pool", "bio"])
+def test_episodes_in_groups_equal_one_inner_loop(rule):
+    """meta.chunk runs a meta-step's episodes in groups (here 6 episodes as 4 + 2, or one at a time): the same
+    coefficients and metrics as one inner loop over all of them, to rounding (float64)."""
+    whole = search(rule, tiny_meta(runs=3, meta_batch=2, chunk=6)).fit()
+    for chunk in (4, 1):
+        grouped = search(rule, tiny_meta(runs=3, meta_batch=2, chunk=chunk)).fit()
+        torch.testing.assert_close(grouped.theta_, whole.theta_, rtol=1e-9, atol=1e-13)
+        hg, hw = deterministic(grouped.history_), deterministic(whole.history_)
+        assert list(hg.columns) == list(hw.columns)
+        np.testing.assert_allclose(hg.to_numpy(float), hw.to_numpy(float), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError, match="meta.chunk"):
+        tiny_meta(chunk=0)
+
+
 def test_deterministic_for_seed_and_threads():
     a = search(meta=tiny_meta(runs=2)).fit()
     b = search(meta=tiny_meta(runs=2)).fit()

@@ -118,6 +118,27 @@ class InnerResult:
     def n_episodes(self) -> int:
         return int(self.loss.shape[0])
 
+    @classmethod
+    def cat(cls, results: Sequence[InnerResult]) -> InnerResult:
+        """The results of groups of episodes as one result (every per-episode field concatenated along ``B``, in
+        order): what one call on all the episodes gives, up to rounding."""
+        if len(results) == 1:
+            return results[0]
+
+        def cat(field):
+            parts = [getattr(r, field) for r in results]
+            return None if parts[0] is None else torch.cat(parts)
+
+        def layers(field):
+            return [torch.cat(ts) for ts in zip(*(getattr(r, field) for r in results))]
+
+        states = [
+            {k: torch.cat([r.states[i][k] for r in results]) for k in st} for i, st in enumerate(results[0].states)
+        ]
+        plain = ("loss", "accuracy", "angles", "angles_per_sample", "ew", "diverged", "diverged_step", "diverged_layer",
+                 "train_loss", "train_accuracy")  # fmt: skip
+        return cls(**{f: cat(f) for f in plain}, weights=layers("weights"), feedback=layers("feedback"), states=states)
+
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 

@@ -278,8 +278,9 @@ def _plain_config(config: Any) -> dict[str, Any]:
     )
 
 
-EXECUTION_KEYS = ("meta.threads", "meta.checkpoint_every")
-"""Config keys a resume may change: CPU threads and checkpoint spacing change how a run executes, not its meta-steps."""
+EXECUTION_KEYS = ("meta.threads", "meta.checkpoint_every", "meta.chunk")
+"""Config keys a resume may change: CPU threads, checkpoint spacing and the grouping of episodes into inner loops
+change how a run executes (at most its rounding), not its meta-steps."""
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -247,24 +247,34 @@ class Trainer:
         mine = sorted({j // p.B for j in share})
         ks = [[j % p.B for j in share if j // p.B == i] for i in mine]
         batch, weights, feedback = p.episodes(t, [runs[i] for i in mine], ks=ks)
-        expanded = {k: v.index_select(0, rows) for k, v in leaves.items()}
-        with torch.set_grad_enabled(grad):
-            res = run_episodes(
-                p.net,
-                batch,
-                p.update,
-                p.learner.layer_params(expanded),
-                weights,
-                feedback,
-                divergence_bound=self.meta.divergence_bound,
-                check_every=self.meta.check_every,
-                method=self.meta.method,
-                checkpoint_every=self.meta.segment,
-                raise_on_divergence=False,
-                **p.learner.inner_kwargs(expanded),
-            )
-            objective = self.objective(res, batch)
-        return res, leaves, rows, objective
+        results, objectives = [], []
+        for g in self.groups(len(share)):  # one inner loop per group of episodes (meta.chunk)
+            expanded = {k: v.index_select(0, rows[g]) for k, v in leaves.items()}
+            part = tuple(x[g] for x in batch)
+            with torch.set_grad_enabled(grad):
+                res = run_episodes(
+                    p.net,
+                    part,
+                    p.update,
+                    p.learner.layer_params(expanded),
+                    [w[g] for w in weights],
+                    [f[g] for f in feedback],
+                    divergence_bound=self.meta.divergence_bound,
+                    check_every=self.meta.check_every,
+                    method=self.meta.method,
+                    checkpoint_every=self.meta.segment,
+                    raise_on_divergence=False,
+                    **p.learner.inner_kwargs(expanded),
+                )
+                objectives.append(self.objective(res, part))
+            results.append(res)
+        return InnerResult.cat(results), leaves, rows, torch.cat(objectives)
+
+    def groups(self, n: int) -> list[slice]:
+        """The groups of this process's ``n`` episodes that run as one inner loop each: ``meta.chunk`` at a time
+        (default 8 on a CPU, where a group's weights then stay in the cache; all at once on a GPU)."""
+        chunk = self.meta.chunk or (n if self.p.device.type == "cuda" else _CPU_CHUNK)
+        return [slice(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
 
     def _per_run(self, res: InnerResult | None, objective: Tensor | None, rows: Tensor, n: int):
         """Per-run objective of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
@@ -419,6 +429,12 @@ class Trainer:
         row.update(self.p.learner.columns(st.params, s))
         row["seconds"] = seconds
         return row
+
+
+_CPU_CHUNK = 8
+"""Episodes per inner-loop call on a CPU by default (``meta.chunk``): 20 episodes of the paper's network meta-train
+~18% faster per episode in groups of 5-10 than in one call on a 2-core machine (the weights of 20 episodes outgrow
+the cache)."""
 
 
 def _divergence_columns(res, sl: slice) -> dict[str, float]:
