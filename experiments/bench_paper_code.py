@@ -567,7 +567,7 @@ DIFFERENCES = """\
 # - Images: the paper's code sees them transposed (as written from the raw IDX files); rulesearch upright.
 #   Both use the same 47 x 400 images (the first 400 per class of --data-dir's EMNIST), float32 in [0, 1].
 # - Peak RSS is each process's whole peak: imports (the paper's code also loads matplotlib), data
-#   (rulesearch reads the whole npz before keeping 400 per class) and the meta-step."""
+#   (rulesearch reads from the npz only the 400 images per class it keeps) and the meta-step."""
 
 
 def main(argv=None) -> int:
