@@ -83,7 +83,8 @@ class SymmetricRLS:
     The same equations, rounded differently: ``spmv`` sums :math:`P r` in another order, ``spr`` forms
     :math:`k_i (a k_j)` where :func:`rls_gain_` forms :math:`(a k_i) k_j` (so its ``P`` is symmetric only to
     rounding), and a zero gate skips its row's update. :attr:`P` holds the ``B`` packed triangles (NumPy, column
-    by column); :meth:`matrix` gives the full ``(B, N, N)`` tensor. CPU, float32 or float64.
+    by column); :meth:`matrix` gives the full ``(B, N, N)`` tensor. CPU, float32 or float64. SciPy's BLAS may
+    split a product over threads (``OPENBLAS_NUM_THREADS``), and the rounding can change with their number.
     """
 
     def __init__(self, B: int, n: int, gamma: float = 10.0, dtype=torch.float64):
