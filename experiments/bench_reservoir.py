@@ -12,8 +12,10 @@ The first steps of a trial have the mastery gate shut (the running error is far 
 ``run_reservoir`` skips an RLS update whose gates are all exactly 0 (it would change nothing); the numpy loop, as the
 scripts, always updates. Rows marked ``gate open`` hold the gate open (threshold raised, mastery step 0.05) so that
 RLS runs every 10 steps, as it does once the exploratory pathway has learned: the cost of a trial's later part.
+Rows marked ``symmetric RLS`` run those updates with ``symmetric_rls=True`` (one packed triangle of ``P`` through
+BLAS, rounded differently from the default, whose results are bitwise those of the straightforward loop).
 
-    python experiments/bench_reservoir.py --steps 500 --batch 1 8 --rounds 3
+    python experiments/bench_reservoir.py --steps 500 --batch 1 8 16 --rounds 5
 
 ``--out FILE`` also writes the printed lines to FILE (results/bench_reservoir.txt comes from such a run).
 """
@@ -70,12 +72,13 @@ def numpy_trial(n: int, steps: int, seed: int = 0) -> float:
     return time.process_time() - t0
 
 
-def run_trial(n: int, steps: int, B: int, dtype, learning) -> float:
+def run_trial(n: int, steps: int, B: int, dtype, learning, symmetric_rls: bool = False) -> float:
     """CPU seconds per network-step of ``run_reservoir``'s second training trial of ``steps`` steps (timed between the
     trials' log lines: the networks' draw, the rule's compilation and the first trial's warm-up are not steps)."""
     marks = []
     run_reservoir(Reservoir(n=n, sparse=True), "butterfly", learning, list(range(B)), n_train=2, n_test=0,
-                  trial_steps=steps, dtype=dtype, log=lambda _: marks.append(time.process_time()))  # fmt: skip
+                  trial_steps=steps, dtype=dtype, symmetric_rls=symmetric_rls,
+                  log=lambda _: marks.append(time.process_time()))  # fmt: skip
     return (marks[1] - marks[0]) / steps / B
 
 
@@ -95,11 +98,13 @@ def main(argv=None):
     gate_open = replace(shut, mastery=replace(shut.mastery, threshold=1e3, scale=0.05))
     configs = [(name, B, "gate shut", shut) for name in a.dtype for B in a.batch]
     configs += [("float64", B, "gate open", gate_open) for B in a.batch if "float64" in a.dtype]
+    configs += [("float64", B, "gate open, symmetric RLS", gate_open) for B in a.batch if "float64" in a.dtype]
     base, times = [], {c[:3]: [] for c in configs}
     for k in range(a.rounds):
         base.append(numpy_trial(a.n, a.steps) / a.steps)
         for name, B, gate, learning in configs:
-            times[name, B, gate].append(run_trial(a.n, a.steps, B, getattr(torch, name), learning))
+            sym = gate.endswith("symmetric RLS")
+            times[name, B, gate].append(run_trial(a.n, a.steps, B, getattr(torch, name), learning, sym))
         print(f"round {k + 1}/{a.rounds}: numpy loop {base[-1] * 1e3:.3f} ms/step", flush=True)
     ms = lambda v: f"{min(v) * 1e3:.3f} ms (median {statistics.median(v) * 1e3:.3f})"  # noqa: E731
     lines = [

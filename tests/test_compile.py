@@ -705,10 +705,15 @@ def _bound_rules():
             ),
             lambda B: {"a": torch.tensor([1.0, 0.0], dtype=F64)[:B], "p": 0.25},
         ),
+        (  # one global factor times outer products: the bound call's shortcuts (one factor column, no product with
+            # the identity A, one bmm)
+            Rule([Term("np", sp.Heaviside(u) * sp.Abs(u) ** sp.Rational(1, 4) * (post - trace(post, 5)) * pre)]),
+            lambda B: torch.tensor([[0.3], [-0.7]], dtype=F64)[:B],
+        ),
     ]
 
 
-@pytest.mark.parametrize("k", range(3), ids=["pool", "states", "general"])
+@pytest.mark.parametrize("k", range(4), ids=["pool", "states", "general", "modulated"])
 @pytest.mark.parametrize("scalar_reward", [False, True])
 def test_bound_rule_equals_the_checked_call_bitwise(k, scalar_reward, gen):
     rule, params = _bound_rules()[k]
@@ -719,6 +724,8 @@ def test_bound_rule_equals_the_checked_call_bitwise(k, scalar_reward, gen):
         steps = [{**sig, "reward": sig["reward"][0]} for sig in steps]
     params = params(B)
     bound = update.bind(steps[0], params)
+    if k == 3:
+        assert bound._g1 is not None and bound._eye and bound._outer is not None
     states_a, states_b = {}, {}
     for sig in steps:
         sig_a = dict(sig)

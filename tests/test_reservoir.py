@@ -236,3 +236,189 @@ def test_replication_fixes_on_task3_equal_a_third_of_the_exploratory_update():
     np.testing.assert_allclose(fixed.trial_error[0], scaled.trial_error[0], rtol=1e-9)
     np.testing.assert_allclose(fixed.w_exp_norm[0], scaled.w_exp_norm[0], rtol=1e-9)
     assert not np.allclose(fixed.w_exp_norm[0], scaled.w_exp_norm[1], rtol=1e-3)
+
+
+def _reference_training(reservoir, learning, seeds, n_train, trial_steps, mastery_on, dtype):
+    """The training trials of run_reservoir on the butterfly task written plainly, as the module docstring states
+    them (torch's sparse product, the checked rule call, a fresh tensor per operation, RLS at every update): the
+    per-trial errors and weight norms."""
+    from rulesearch.batched import matvec
+    from rulesearch.reservoir import NoiseStream, reservoir_step
+
+    task, B, N = get_task("butterfly"), len(seeds), reservoir.n
+    ex, ms = learning.exploration, learning.mastery
+    params = reservoir.init(seeds, 2, dtype)
+    noise = NoiseStream(seeds, N + 2, dtype)
+    f = butterfly(trial_steps, dtype)
+    update = compile_rule(ex.rule)
+    theta = torch.full((B, ex.rule.n_params), ex.lr, dtype=torch.float64).to(dtype)
+    P = rls_init(B, N, ms.gamma, dtype)
+    gate_on = torch.tensor(mastery_on, dtype=torch.float64).to(dtype)
+    x = params.x0.clone()
+    r, z = torch.tanh(x), x.new_zeros(B, 2)
+    W_exp, W_mst, zbar = x.new_zeros(B, 2, N), x.new_zeros(B, 2, N), x.new_zeros(B, 2)
+    ebar, beta, states = None, x.new_full((B,), ex.beta0), {}
+    kz, ke = 1 / learning.zbar_tau, 1 / learning.ebar_tau
+    out = {k: np.zeros((B, n_train)) for k in ("trial_error", "trial_error_mastery", "w_exp_norm", "w_mst_norm")}
+    for trial in range(n_train):
+        e_sum, em_sum = x.new_zeros(B), x.new_zeros(B)
+        for t in range(trial_steps):
+            x = reservoir_step(x, r, z, params, reservoir.leak)
+            xi = noise.next()
+            r = torch.tanh(x) + reservoir.alpha * xi[:, :N]
+            z_mst = matvec(W_mst, r)
+            z_exp = matvec(W_exp, r) + beta.unsqueeze(-1) * xi[:, N:]
+            z = z_exp + z_mst
+            zbar = zbar + kz * (z_exp - zbar)
+            e = task.error(z, f[t], zbar)
+            ebar = e if ebar is None else ebar + ke * (e - ebar)
+            e_sum = e_sum + e
+            em_sum = em_sum + task.error(z_mst, f[t], zbar)
+            beta = ex.beta_gain * (10 * ebar).clamp_min(0) ** ex.beta_power
+            sig = {"pre": r, "post": z_exp, "reward": -e}
+            for spec in update.states:
+                prev = states.get(spec.name)
+                states[spec.name] = sig[spec.name] = spec.step(spec.init(sig) if prev is None else prev, sig)
+            W_exp = W_exp + update(sig, theta)
+            if (trial * trial_steps + t + 1) % ms.every == 0:
+                gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
+                k, c = rls_gain_(P, r, gate)
+                W_mst = W_mst + ms.scale * rls_delta(k, c, -z_exp, gate)
+        out["trial_error"][:, trial] = (e_sum / trial_steps).numpy()
+        out["trial_error_mastery"][:, trial] = (em_sum / trial_steps).numpy()
+        out["w_exp_norm"][:, trial] = torch.linalg.matrix_norm(W_exp).numpy()
+        out["w_mst_norm"][:, trial] = torch.linalg.matrix_norm(W_mst).numpy()
+    return out
+
+
+def _gate_open(learning):
+    from dataclasses import replace
+
+    return replace(learning, mastery=replace(learning.mastery, threshold=1e3, scale=0.05))
+
+
+@pytest.mark.parametrize("gate, dtype", [("shut", D), ("open", D), ("open", torch.float32)])
+def test_run_reservoir_is_bitwise_the_straightforward_loop(gate, dtype, monkeypatch):
+    """The optimised training loop (hoisted views, in-place private values, SciPy's CSR kernel, noise scaled per
+    chunk, the mastery readout skipped while W_mst = 0, the bound rule's shortcuts) gives bitwise the values of the
+    plain loop above, with the mastery gate shut (the paper's threshold: W_mst stays 0) and held open (RLS every 10
+    steps, one row gated off)."""
+    import rulesearch.reservoir.loop as loop
+
+    monkeypatch.setattr(loop, "_STACK_EVERY", 64)  # the per-step values stacked in several parts
+    res = Reservoir(n=40, sparse=True)
+    learning = paper_learning("supertrex", "butterfly")
+    learning = _gate_open(learning) if gate == "open" else learning
+    kw = dict(n_train=2, trial_steps=150)
+    got = run_reservoir(res, "butterfly", learning, [0, 1], n_test=0, mastery_on=[True, False], dtype=dtype, **kw)
+    want = _reference_training(res, learning, [0, 1], mastery_on=[True, False], dtype=dtype, **kw)
+    for name, value in want.items():
+        np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
+    assert (got.w_mst_norm[0] > 0).all() == (gate == "open") and (got.w_mst_norm[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [D, torch.float32])
+@pytest.mark.parametrize("B", [1, 3])
+def test_recurrent_matvec_is_bitwise_the_sparse_product(B, dtype):
+    from rulesearch.reservoir import recurrent_matvec
+
+    p = Reservoir(n=200, sparse=True).init(list(range(B)), 2, dtype)
+    jr = recurrent_matvec(p.J)
+    g = torch.Generator().manual_seed(B)
+    rs = [torch.tanh(3 * torch.randn(B, 200, generator=g, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    outs = [jr(r) for r in rs[:2]]  # two buffers in turn: both results valid until the third call
+    for r, y in zip(rs, outs):
+        assert y.dtype == dtype and y.shape == (B, 200)
+        assert torch.equal(y, recurrent_input(p.J, r))
+    assert torch.equal(jr(rs[2]), recurrent_input(p.J, rs[2]))
+    dense = Reservoir(n=30, sparse=False).init(list(range(B)), 2, dtype)
+    assert torch.equal(recurrent_matvec(dense.J)(rs[0][:, :30]), recurrent_input(dense.J, rs[0][:, :30]))
+
+
+def test_noise_split_equals_the_scaled_draws():
+    from rulesearch.reservoir import NoiseStream
+
+    a, b = NoiseStream([0, 4], 12, chunk=5), NoiseStream([0, 4], 12, chunk=5)
+    for _ in range(12):  # across chunk boundaries
+        xi = a.next()
+        xa, xb = b.next_split(10, 0.025)
+        assert torch.equal(xa, 0.025 * xi[:, :10]) and torch.equal(xb, xi[:, 10:])
+
+
+def test_the_reservoir_rule_takes_the_bound_shortcuts():
+    """The paper's exploratory rule is one global factor times outer products: its bound call takes the shortcuts
+    (tests/test_compile.py checks the shortcuts bitwise against the checked call)."""
+    update = compile_rule(node_perturbation(one_sided=True))
+    sig = {"pre": torch.randn(2, 7, dtype=D), "post": torch.randn(2, 2, dtype=D), "reward": torch.randn(2, dtype=D)}
+    bound = update.bind(sig, torch.full((2, 1), 5e-4, dtype=D))
+    assert bound._g1 is not None and bound._eye and bound._outer is not None
+
+
+def test_symmetric_rls_matches_rls_to_rounding():
+    """SymmetricRLS (one triangle, BLAS symv / syr) against rls_gain_: the same k, c and P to rounding (1e-12
+    relative) over 200 updates with partial and zero gates; its P is exactly symmetric; a zero gate leaves P."""
+    from rulesearch.reservoir import SymmetricRLS
+
+    g = torch.Generator().manual_seed(0)
+    B, N = 2, 30
+    sym, P = SymmetricRLS(B, N), rls_init(B, N)
+    for t in range(200):
+        r = torch.randn(B, N, generator=g, dtype=D)
+        gate = torch.tensor([1.0, 0.0 if t % 3 == 0 else 0.7], dtype=D)
+        before = sym.matrix()
+        k1, c1 = rls_gain_(P, r, gate)
+        k2, c2 = sym.gain_(r, gate)
+        assert torch.allclose(k1, k2, rtol=1e-12, atol=1e-15) and torch.allclose(c1, c2, rtol=1e-12)
+        if t % 3 == 0:
+            assert torch.equal(sym.matrix()[1], before[1])
+    M = sym.matrix()
+    assert torch.equal(M, M.transpose(1, 2))
+    assert torch.allclose(M, P, rtol=1e-12, atol=1e-15)
+    X = torch.randn(1, 40, 8, generator=g, dtype=D)
+    one = SymmetricRLS(1, 8, gamma=10.0)
+    for t in range(40):
+        one.gain_(X[:, t])
+    closed = torch.linalg.inv(10.0 * torch.eye(8, dtype=D) + X[0].T @ X[0])
+    assert torch.allclose(one.matrix()[0], closed, atol=1e-12)
+    with pytest.raises(ShapeError, match="expected"):
+        one.gain_(torch.randn(2, 8, dtype=D))
+    with pytest.raises(ConfigError, match="gamma"):
+        SymmetricRLS(1, 3, gamma=0.0)
+
+
+@pytest.mark.parametrize("alg", ["supertrex", "force"])
+def test_symmetric_rls_run_stays_close_to_the_default(alg):
+    """symmetric_rls=True rounds the RLS updates differently; the chaotic reservoir amplifies that, but over a short
+    run (N = 60, 2 trials of 300 steps, RLS every 10 steps, float64) the per-trial errors and weight norms stay
+    within 1e-6 relative of the default's (they differ by less than 1e-14 here)."""
+    learning = paper_learning(alg, "butterfly")
+    learning = _gate_open(learning) if alg == "supertrex" else learning
+    kw = dict(n_train=2, n_test=1, trial_steps=300)
+    res = Reservoir(n=60, sparse=True)
+    a = run_reservoir(res, "butterfly", learning, [0, 1], **kw)
+    b = run_reservoir(res, "butterfly", learning, [0, 1], symmetric_rls=True, **kw)
+    for name in ("trial_error", "trial_error_mastery", "w_exp_norm", "w_mst_norm", "deviation"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-6, err_msg=name)
+    assert (a.w_mst_norm > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [D, torch.float32])
+def test_trial_end_recursions_equal_the_per_step_updates(dtype):
+    """The running values formed at a trial's end from its step values (the loop's _running_mse, _trace_rows,
+    _sequential_sum) equal bitwise the per-step tensor updates they replace."""
+    from rulesearch.reservoir.loop import _running_mse, _sequential_sum, _trace_rows
+
+    g = torch.Generator().manual_seed(3)
+    E = torch.rand(300, 3, generator=g, dtype=torch.float64).to(dtype)
+    Z = torch.randn(300, 3, 2, generator=g, dtype=torch.float64).to(dtype)
+    m, total, zbar = E[0].clone(), torch.zeros(3, dtype=dtype), torch.randn(3, 2, generator=g, dtype=dtype)
+    start = zbar.clone()
+    for t in range(300):
+        if t:
+            m = 0.9998 * m + 0.0002 * E[t]
+        total += E[t]
+        zbar = zbar + 0.2 * (Z[t] - zbar)
+    first = _running_mse(None, E[:100].numpy())
+    assert torch.equal(_running_mse(first, E[100:].numpy()), m)
+    assert torch.equal(_sequential_sum(E.numpy()), total)
+    assert torch.equal(_trace_rows(start, Z.numpy(), 0.2), zbar)

@@ -193,8 +193,17 @@ class TorchCompiler:
 
     def run(self, env: Mapping) -> list:
         vals: list = []
-        for fn, args in self.tape:
-            vals.append(fn(env, *[vals[a] for a in args]))
+        append = vals.append
+        for fn, args in self.tape:  # the common arities without building an argument list (an online loop's steps)
+            n = len(args)
+            if n == 0:
+                append(fn(env))
+            elif n == 1:
+                append(fn(env, vals[args[0]]))
+            elif n == 2:
+                append(fn(env, vals[args[0]], vals[args[1]]))
+            else:
+                append(fn(env, *[vals[a] for a in args]))
         return vals
 
     @staticmethod
@@ -211,7 +220,11 @@ class TorchCompiler:
         const = functools.reduce(reduce_fn, consts) if consts else None
         if all(a == b or b == "global" for a, b in lifts):  # no child is broadcast (lift is the identity)
             if const is None:
+                if len(slots) == 2:  # the same operation as the reduction below, without its call
+                    return self._emit(lambda env, x, y: reduce_fn(x, y), tuple(slots), role)
                 return self._emit(lambda env, *xs: functools.reduce(reduce_fn, xs), tuple(slots), role)
+            if len(slots) == 1:
+                return self._emit(lambda env, x: reduce_fn(x, const), tuple(slots), role)
             return self._emit(lambda env, *xs: reduce_fn(functools.reduce(reduce_fn, xs), const), tuple(slots), role)
 
         def fn(env, *xs):
@@ -263,6 +276,8 @@ class TorchCompiler:
         consts = {i: r[1] for i, r in enumerate(refs) if r[0] == "const"}
         slots = [r[1] for r in refs if r[0] == "slot"]
         lifts = [(self.roles[s], role) for s in slots]
+        if not consts and all(a == b or b == "global" for a, b in lifts):  # lift is the identity: fn of the values
+            return self._emit(lambda env, *xs: fn(*xs), tuple(slots), role)
 
         def call(env, *xs):
             it = iter(lift(x, *lf) for x, lf in zip(xs, lifts))
@@ -790,21 +805,54 @@ class BoundRule:
     values) without the per-call validation and without recomputing what depends on ``params`` alone;
     :meth:`advance` steps the rule's states. The caller keeps the shapes it bound (nothing is re-checked)."""
 
-    __slots__ = ("update", "params", "full", "ref", "_base", "_A", "_scalars", "_states")
+    __slots__ = (
+        "update",
+        "params",
+        "full",
+        "ref",
+        "_base",
+        "_A",
+        "_scalars",
+        "_states",
+        "_g1",
+        "_eye",
+        "_outer",
+        "_base3",
+    )
 
     def __init__(self, update: CompiledRule, signals: Mapping, params):
         example = dict(signals)
         for spec in update.states:  # the states' initial values stand in for states not given
             if spec.name not in example:
                 example[spec.name] = spec.init(example)
-        B, n_post, n_pre, _, ref = update._check(example)
+        B, n_post, n_pre, checked, ref = update._check(example)
         self.update, self.full = update, (B, n_post, n_pre)
         self.ref = torch.empty((), dtype=ref.dtype, device=ref.device)
         self.params = update._params(params, B, ref)
         self._base = update._base(self.params, ref)
+        self._base3 = self._base.unsqueeze(-2)
         self._A = update._A.to(self._base)
         self._scalars = tuple(n for n in update._roles if update._roles[n] == "global" and example[n].dim() == 0)
         self._states = tuple((spec, _role_shape(spec.role, example)) for spec in update.states)
+        # Shortcuts for the common form of a reward-modulated rule, each giving the values of the general path:
+        # one global factor (one tape slot) shared by every product, multiplied in as a column instead of a stacked
+        # copy per product (``_g1``); the product with ``A`` skipped where ``A`` is the identity (``_eye``: x * 1 +
+        # y * 0 = x for finite coefficients); and one group of outer products of tape vectors of the full shapes,
+        # assembled by one bmm (``_outer``; ``torch.matmul`` of these 3-D operands is that bmm).
+        g_refs = {ref_ for _, ref_ in update._g}
+        g1 = next(iter(g_refs)) if update._g_all and len(g_refs) == 1 else None
+        self._g1 = g1[1] if g1 is not None and g1[0] == "slot" else None
+        n = update._A.shape[0]
+        self._eye = update._A.shape == (n, n) and torch.equal(update._A, torch.eye(n, dtype=update._A.dtype))
+        self._outer = None
+        groups = update._groups
+        if len(groups) == 1 and groups[0].synapse is None and groups[0].consts is None:
+            us, vs = groups[0].us, groups[0].vs
+            if all(r[0] == "slot" for r in (*us, *vs)):
+                vals = update._comp.run({"signals": checked, "params": self.params})
+                shapes = [(vals[i], (B, n_post)) for _, i in us] + [(vals[i], (B, n_pre)) for _, i in vs]
+                if all(isinstance(x, torch.Tensor) and x.shape == shape for x, shape in shapes):
+                    self._outer = (tuple(i for _, i in us), tuple(i for _, i in vs))
 
     def advance(self, states: dict, signals: dict) -> None:
         """Step the rule's states in order (each initialised on its first step): ``states[name]`` and
@@ -819,8 +867,22 @@ class BoundRule:
         if self._scalars:
             signals = {**signals, **{n: signals[n].expand(B) for n in self._scalars}}
         vals = u._comp.run({"signals": signals, "params": self.params})
-        C = u._coefficients(self.params, vals, B, self.ref, self._base, self._A)
-        return u._assemble(vals, C, self.full, self.ref)
+        if self._g1 is None:
+            C = u._coefficients(self.params, vals, B, self.ref, self._base, self._A)
+        else:
+            g = vals[self._g1]
+            if self._outer is not None and self._eye:  # the coefficients as (B, 1, pairs), ready for U * C
+                C = self._base3 * (g.view(B, 1, 1) if g.shape == (B,) else g.expand(B).view(B, 1, 1))
+            else:
+                C = self._base * torch.broadcast_to(g, (B,)).unsqueeze(-1)
+                if not self._eye:
+                    C = C @ self._A
+        if self._outer is None:
+            return u._assemble(vals, C, self.full, self.ref)
+        ui, vi = self._outer
+        U = torch.stack([vals[i] for i in ui], -1)
+        V = torch.stack([vals[i] for i in vi], -1)
+        return torch.bmm(U * (C if C.dim() == 3 else C.unsqueeze(-2)), V.transpose(-1, -2))
 
 
 _SHAPE_NAMES = {"global": "(B,)", "post": "(B, n_post)", "pre": "(B, n_pre)", "synapse": "(B, n_post, n_pre)"}

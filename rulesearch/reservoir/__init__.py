@@ -13,8 +13,8 @@ from .loop import (
     paper_learning,
     run_reservoir,
 )
-from .model import NoiseStream, Reservoir, ReservoirParams, recurrent_input, reservoir_step
-from .rls import rls_delta, rls_gain_, rls_init, rls_solve
+from .model import NoiseStream, Reservoir, ReservoirParams, recurrent_input, recurrent_matvec, reservoir_step
+from .rls import SymmetricRLS, rls_delta, rls_gain_, rls_init, rls_solve
 from .rules import MODULATORS, hoerzer_rmhl, modulator_family, node_perturbation
 from .tasks import TASKS, Arm, MotorTask, butterfly, get_task
 
@@ -23,11 +23,13 @@ __all__ = [
     "ReservoirParams",
     "NoiseStream",
     "recurrent_input",
+    "recurrent_matvec",
     "reservoir_step",
     "rls_init",
     "rls_gain_",
     "rls_delta",
     "rls_solve",
+    "SymmetricRLS",
     "node_perturbation",
     "hoerzer_rmhl",
     "modulator_family",
