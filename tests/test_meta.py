@@ -94,7 +94,7 @@ def test_batched_runs_equal_separate_runs(rule, kw):
 
 @pytest.mark.parametrize("rule", ["pool", "bio"])
 def test_episodes_in_groups_equal_one_inner_loop(rule):
-    """meta.chunk runs a meta-step's episodes in groups (here 6 episodes as 4 + 2, or one at a time): the same
+    """meta.chunk runs a meta-step's episodes in groups (here 6 episodes as 3 + 3, or one at a time): the same
     coefficients and metrics as one inner loop over all of them, to rounding (float64)."""
     whole = search(rule, tiny_meta(runs=3, meta_batch=2, chunk=6)).fit()
     for chunk in (4, 1):
@@ -105,6 +105,13 @@ def test_episodes_in_groups_equal_one_inner_loop(rule):
         np.testing.assert_allclose(hg.to_numpy(float), hw.to_numpy(float), rtol=1e-9, atol=1e-12)
     with pytest.raises(ConfigError, match="meta.chunk"):
         tiny_meta(chunk=0)
+
+
+def test_episode_groups_are_balanced():
+    """At most meta.chunk episodes per group, as few groups as will do, sizes differing by at most one."""
+    trainer = meta_mod.Trainer(search("bio", tiny_meta(runs=2, chunk=8)).fit()._problem)
+    sizes = {n: [g.stop - g.start for g in trainer.groups(n)] for n in (1, 8, 10, 20)}
+    assert sizes == {1: [1], 8: [8], 10: [5, 5], 20: [6, 7, 7]}
 
 
 def test_deterministic_for_seed_and_threads():

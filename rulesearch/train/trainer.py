@@ -271,10 +271,13 @@ class Trainer:
         return InnerResult.cat(results), leaves, rows, torch.cat(objectives)
 
     def groups(self, n: int) -> list[slice]:
-        """The groups of this process's ``n`` episodes that run as one inner loop each: ``meta.chunk`` at a time
-        (default 8 on a CPU, where a group's weights then stay in the cache; all at once on a GPU)."""
+        """The groups of this process's ``n`` episodes that run as one inner loop each: as few groups of at most
+        ``meta.chunk`` episodes as will do (default 8 on a CPU, where a group's weights then stay in the cache; all
+        at once on a GPU), their sizes differing by at most one (10 episodes: 5 + 5, not 8 + 2)."""
         chunk = self.meta.chunk or (n if self.p.device.type == "cuda" else _CPU_CHUNK)
-        return [slice(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+        k = -(-n // chunk)
+        bounds = [i * n // k for i in range(k + 1)]
+        return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     def _per_run(self, res: InnerResult | None, objective: Tensor | None, rows: Tensor, n: int):
         """Per-run objective of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
