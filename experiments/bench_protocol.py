@@ -46,9 +46,11 @@ def _config(data_dir: str, rule: str) -> dict:
     }
 
 
-def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int) -> list[str]:
+def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int, chunk: int | None) -> list[str]:
     args = ["-m", "rulesearch.cli", "discover", "-c", str(cfg), "--episodes", str(steps), "--out", str(out),
             "--no-progress"]  # fmt: skip
+    if chunk is not None and setting != "one group":
+        args += ["--set", f"meta.chunk={chunk}"]
     if setting == "torchrun":
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cores}"]
         return [*torchrun, *args, "--threads", "1"]
@@ -68,7 +70,7 @@ def _read_metrics(out: Path) -> tuple[list[float], int]:
     return [seconds[k] for k in sorted(seconds)], skipped
 
 
-def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_dir: str) -> dict:
+def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_dir: str, chunk=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_protocol_"))
     try:
         cfg = work / "config.json"
@@ -76,7 +78,7 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
         out = work / "run"
         env = {**os.environ, "OMP_NUM_THREADS": "1" if setting != f"{cores} threads" else str(cores)}
         t0 = time.perf_counter()
-        proc = subprocess.run(_command(setting, cores, cfg, out, steps), cwd=ROOT, env=env, capture_output=True,
+        proc = subprocess.run(_command(setting, cores, cfg, out, steps, chunk), cwd=ROOT, env=env, capture_output=True,
                               text=True)  # fmt: skip
         total = time.perf_counter() - t0
         # exit 3 (torchrun: 1) is a finished fit in which some runs stopped on divergence: timed all the same
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="meta-steps timed per setting (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--chunk", type=int, default=None, help="meta.chunk for every setting but 'one group' (default: 8)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--json", default=None, help="also write the rows to this file")
     a = p.parse_args()
@@ -111,11 +114,12 @@ def main() -> None:
     settings = [f"{a.cores} threads" if s == "threads" else s for s in a.settings.split(",")]
     print(f"# the paper's protocol ({PROTOCOL_STEPS} meta-steps x {RUNS} runs, EMNIST 47 x 400, F^bio / F^pool under "
           f"FA) on {a.cores} cores, load average {os.getloadavg()[0]:.2f}; each setting timed for {a.steps} "
-          f"meta-steps (median after {a.warmup}), extrapolated", flush=True)  # fmt: skip
+          f"meta-steps (median after {a.warmup}), extrapolated; meta.chunk {a.chunk or 'default (8)'}",
+          flush=True)  # fmt: skip
     rows = []
     for rule in a.rules.split(","):
         for setting in settings:
-            r = measure(setting, rule, a.cores, a.steps, a.warmup, a.data_dir)
+            r = measure(setting, rule, a.cores, a.steps, a.warmup, a.data_dir, a.chunk)
             rows.append(r)
             print(f"{rule:<5} {setting:<10} {r['s_per_step']:.2f} s per meta-step ({RUNS} episodes; "
                   f"{r['core_s_per_episode']:.3f} core-s per episode), start-up {r['startup_s']:.1f} s -> "
