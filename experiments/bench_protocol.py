@@ -4,11 +4,11 @@ classes x 400 images, 784-170-130-100-70-47, 5-way K=50 Q=10, feedback alignment
 
 Each setting runs ``rulesearch discover`` in a fresh process (or ``torchrun`` processes) for ``--steps`` meta-steps
 and reads the per-step wall times from its ``metrics.csv``; the protocol's time is start-up (process start to the
-first step) + 600 x the median step time after ``--warmup`` steps. Settings: one process with one thread ('1 thread';
-the 20 episodes of a meta-step in inner loops of 8, ``meta.chunk``'s default on a CPU), the same with all 20 in one
-inner loop ('one group'), one process with all cores as threads, and data parallelism with ``torchrun`` (one
-process per core, one thread each; each process runs its block of the 20 episodes). A figure to read, not a timed
-test.
+first step) + 600 x the median step time after ``--warmup`` steps; the peak RSS is the largest process's. Settings:
+one process with one thread ('1 thread'; the 20 episodes of a meta-step in inner loops of at most 8, ``meta.chunk``'s
+default on a CPU), the same with all 20 in one inner loop ('one group'), one process with all cores as threads, and
+data parallelism with ``torchrun`` (one process per core, one thread each; each process runs its block of the 20
+episodes). A figure to read, not a timed test.
 
     python experiments/bench_protocol.py                       # bio and pool, every setting, 20 steps each
     python experiments/bench_protocol.py --rules bio --steps 10 --settings torchrun
@@ -59,6 +59,14 @@ def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int, chunk: 
     return [sys.executable, *args, "--threads", "1" if setting in ("1 thread", "one group") else str(cores)]
 
 
+_PEAK = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print('peak_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+"""A wrapper process around a setting's command: its children's largest peak RSS (the discover process, or the
+largest of the torchrun processes), in KiB, as the last line of stderr."""
+
+
 def _read_metrics(out: Path) -> tuple[list[float], int]:
     """Per meta-step wall time from metrics.csv (one row per run and step) and the episodes skipped (diverged)."""
     seconds: dict[int, float] = {}
@@ -78,7 +86,8 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
         out = work / "run"
         env = {**os.environ, "OMP_NUM_THREADS": "1" if setting != f"{cores} threads" else str(cores)}
         t0 = time.perf_counter()
-        proc = subprocess.run(_command(setting, cores, cfg, out, steps, chunk), cwd=ROOT, env=env, capture_output=True,
+        cmd = [sys.executable, "-c", _PEAK, *_command(setting, cores, cfg, out, steps, chunk)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
                               text=True)  # fmt: skip
         total = time.perf_counter() - t0
         # exit 3 (torchrun: 1) is a finished fit in which some runs stopped on divergence: timed all the same
@@ -86,6 +95,7 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
         if proc.returncode not in (0, 3) and not done:
             raise RuntimeError(f"{setting} {rule} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         secs, skipped = _read_metrics(out)
+        peak = int(proc.stderr.strip().splitlines()[-1].split()[-1]) / 1024
     finally:
         shutil.rmtree(work, ignore_errors=True)
     step = statistics.median(secs[warmup:])
@@ -93,7 +103,7 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
     core_s = step * (1 if setting in ("1 thread", "one group") else cores) / RUNS
     return {"setting": setting, "rule": rule, "steps": len(secs), "s_per_step": step, "startup_s": startup,
             "protocol_min": (startup + PROTOCOL_STEPS * step) / 60, "core_s_per_episode": core_s,
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped, "peak_mib": peak}  # fmt: skip
 
 
 def main() -> None:
@@ -123,7 +133,8 @@ def main() -> None:
             rows.append(r)
             print(f"{rule:<5} {setting:<10} {r['s_per_step']:.2f} s per meta-step ({RUNS} episodes; "
                   f"{r['core_s_per_episode']:.3f} core-s per episode), start-up {r['startup_s']:.1f} s -> "
-                  f"protocol {r['protocol_min']:.1f} min ({r['skipped']} of {RUNS * r['steps']} episodes skipped)",
+                  f"protocol {r['protocol_min']:.1f} min ({r['skipped']} of {RUNS * r['steps']} episodes skipped); "
+                  f"peak RSS {r['peak_mib']:.0f} MiB per process",
                   flush=True)  # fmt: skip
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
     if a.json:

@@ -54,6 +54,7 @@ step act on the forward rule only: they select its terms, and would otherwise pu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -236,7 +237,10 @@ class Trainer:
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
         """This rank's share of the episodes ``(run, k)`` of ``runs`` (all of them in a single process): the inner
         result (None for an empty share), the per-run leaves ``[len(runs), ...]``, each result row's run index
-        into ``runs`` and the per-episode objective (None for an empty share)."""
+        into ``runs`` and the per-episode objective (None for an empty share), both detached. With ``grad`` each
+        group's meta-gradient is taken as soon as the group has run, ``d(sum(objective) / B) / d leaves``, summed
+        into the leaves' ``.grad``: only one group's adjoint records are held at a time, and its weights are
+        still in the cache."""
         p = self.p
         share = rank_episodes(len(runs) * p.B, self.rank, self.world_size)  # flat episode index i * B + k
         rows = torch.tensor([j // p.B for j in share], dtype=torch.long, device=p.device)
@@ -266,8 +270,11 @@ class Trainer:
                     raise_on_divergence=False,
                     **p.learner.inner_kwargs(expanded),
                 )
-                objectives.append(self.objective(res, part))
-            results.append(res)
+                objective = self.objective(res, part)
+            if objective.requires_grad:
+                (objective.sum() / p.B).backward(inputs=list(leaves.values()))
+            objectives.append(objective.detach())
+            results.append(_detached(res))
         return InnerResult.cat(results), leaves, rows, torch.cat(objectives)
 
     def groups(self, n: int) -> list[slice]:
@@ -279,19 +286,16 @@ class Trainer:
         bounds = [i * n // k for i in range(k + 1)]
         return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
-    def _per_run(self, res: InnerResult | None, objective: Tensor | None, rows: Tensor, n: int):
-        """Per-run objective of this rank's episodes divided by ``B`` (summed over the ranks: the mean over the
-        meta-batch), and whether an episode of the run diverged on any rank."""
+    def _diverged_runs(self, res: InnerResult | None, objective: Tensor | None, rows: Tensor, n: int) -> Tensor:
+        """``(n,)`` bool: whether an episode of the run diverged (or gave a non-finite loss) on any rank."""
         p = self.p
-        loss = torch.zeros(n, dtype=p.dtype, device=p.device)
         div = torch.zeros(n, dtype=p.dtype, device=p.device)
         if res is not None:
-            loss = loss.index_add(0, rows, objective) / p.B
-            bad = res.diverged | ~torch.isfinite(res.loss.detach()) | ~torch.isfinite(objective.detach())
+            bad = res.diverged | ~torch.isfinite(res.loss) | ~torch.isfinite(objective)
             div = div.index_add(0, rows, bad.to(p.dtype))
         if self.world_size > 1:
             all_reduce_sum([div])
-        return loss, div > 0
+        return div > 0
 
     def _gathered(self, res: InnerResult | None, objective: Tensor | None):
         """The per-episode metrics (and objective values) of every rank's share, in meta-batch order."""
@@ -313,7 +317,7 @@ class Trainer:
         current = active
         while current:  # diverged runs are dropped and the rest recomputed: NaNs would poison the gradient
             res, leaves, rows, objective = self._inner(t, current, st.params, grad=True)
-            loss_run, div = self._per_run(res, objective, rows, len(current))
+            div = self._diverged_runs(res, objective, rows, len(current))
             full = self._gathered(res, objective)
             results.update({s: (full, i) for i, s in enumerate(current)})
             new_bad = {s for s, d in zip(current, div.tolist()) if d}
@@ -321,19 +325,14 @@ class Trainer:
                 break
             bad |= new_bad
             current = [s for s in current if s not in new_bad]
-            del res, leaves, loss_run, objective
+            del res, leaves, objective
         grads: dict[int, dict[str, Tensor]] = {}
         grad_norm: dict[int, float] = {}
-        if current:
-            total = loss_run.sum()
+        if current:  # the meta-loss's gradient is in the leaves' .grad (_inner); a rank without episodes has zeros
             l1 = p.learner.l1(leaves)
             if l1 is not None and meta.l1 > 0 and meta.l1_mode == "subgradient" and self.rank == 0:  # counted once
-                total = total + meta.l1 * l1.sum()
-            names = list(leaves)
-            g = [None] * len(names)
-            if total.requires_grad:  # a rank without episodes contributes zeros
-                g = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)
-            g = {k: (torch.zeros_like(leaves[k]) if gi is None else gi.detach()) for k, gi in zip(names, g)}
+                (meta.l1 * l1.sum()).backward(inputs=list(leaves.values()))
+            g = {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
             if self.world_size > 1:  # every rank now holds the meta-gradient of the whole meta-batch
                 all_reduce_sum(g.values())
             norms = torch.sqrt(sum(gi.flatten(1).pow(2).sum(1) for gi in g.values()))
@@ -343,7 +342,7 @@ class Trainer:
                     continue
                 grads[s] = gs
                 grad_norm[s] = float(norms[i])
-            del total, leaves, loss_run
+            del leaves
         with torch.no_grad():  # the L1 term of the coefficients the episodes ran with (before the update)
             l1_before = p.learner.l1(st.params)
         updated = self._adam(st, grads)
@@ -432,6 +431,16 @@ class Trainer:
         row.update(self.p.learner.columns(st.params, s))
         row["seconds"] = seconds
         return row
+
+
+def _detached(res: InnerResult) -> InnerResult:
+    """``res`` without autograd history (its meta-gradient is taken): the metrics the trainer reads."""
+    plain = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+    out = {k: v.detach() if isinstance(v, Tensor) else v for k, v in plain.items()}
+    out["weights"] = [w.detach() for w in res.weights]
+    out["feedback"] = [f.detach() for f in res.feedback]
+    out["states"] = [{k: v.detach() for k, v in st.items()} for st in res.states]
+    return InnerResult(**out)
 
 
 _CPU_CHUNK = 8
