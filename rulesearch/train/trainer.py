@@ -445,8 +445,8 @@ def _detached(res: InnerResult) -> InnerResult:
 
 _CPU_CHUNK = 8
 """Episodes per inner-loop call on a CPU by default (``meta.chunk``): the weights of 20 episodes of the paper's network
-outgrow the cache; F^bio's 600 x 20 protocol takes 23.6 min in groups of 6-7 against 29.6 in one call on a 2-core
-machine (``experiments/bench_protocol.py``)."""
+outgrow the cache; in groups of 6-7, F^bio's 600 x 20 protocol takes about a sixth less time and a quarter less
+memory than in one call on a 2-core machine (``experiments/bench_protocol.py``, ``results/bench_protocol.txt``)."""
 
 
 def _divergence_columns(res, sl: slice) -> dict[str, float]:
