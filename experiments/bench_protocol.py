@@ -91,10 +91,9 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
                               text=True)  # fmt: skip
         total = time.perf_counter() - t0
         # exit 3 (torchrun: 1) is a finished fit in which some runs stopped on divergence: timed all the same
-        done = (out / "metrics.csv").exists() and len(_read_metrics(out)[0]) == steps
-        if proc.returncode not in (0, 3) and not done:
+        secs, skipped = _read_metrics(out) if (out / "metrics.csv").exists() else ([], 0)
+        if proc.returncode not in (0, 3) and len(secs) != steps:
             raise RuntimeError(f"{setting} {rule} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        secs, skipped = _read_metrics(out)
         peak = int(proc.stderr.strip().splitlines()[-1].split()[-1]) / 1024
     finally:
         shutil.rmtree(work, ignore_errors=True)

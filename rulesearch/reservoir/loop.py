@@ -456,38 +456,37 @@ def _sequential_sum(E: np.ndarray) -> Tensor:
     return torch.from_numpy(np.add.accumulate(E, 0)[-1].copy())
 
 
-def _trace_rows(m: Tensor, X: np.ndarray, k: float) -> Tensor:
-    """``m <- m + k (x - m)`` over the rows ``x`` of ``X`` ``(T, ...)`` from ``m``, each difference, product and sum
-    rounded once in ``X``'s precision (the per-step tensor update's values), element by element."""
+def _per_element(m: Tensor | None, X: np.ndarray, step: Callable) -> Tensor:
+    """``m <- step(m, x)`` over the rows ``x`` of ``X`` ``(T, ...)``, element by element, from ``m`` (None: the first
+    row), each operation rounded once in ``X``'s precision (Python floats for float64, NumPy float32 scalars for
+    float32): the values a per-step tensor update gives."""
     f32 = X.dtype == np.float32
-    k = np.float32(k) if f32 else k
     cols = X.reshape(len(X), -1)
+    start = None if m is None else m.reshape(-1).numpy()
     out = []
-    for j, mj in enumerate(m.reshape(-1).numpy()):
-        mj = mj if f32 else float(mj)
-        for x in list(cols[:, j]) if f32 else cols[:, j].tolist():
-            mj = mj + k * (x - mj)
+    for j in range(cols.shape[1]):
+        col = list(cols[:, j]) if f32 else cols[:, j].tolist()
+        if start is None:
+            mj, col = col[0], col[1:]
+        else:
+            mj = start[j] if f32 else float(start[j])
+        for x in col:
+            mj = step(mj, x)
         out.append(mj)
-    return torch.from_numpy(np.array(out, dtype=X.dtype).reshape(m.shape))
+    return torch.from_numpy(np.array(out, dtype=X.dtype).reshape(X.shape[1:]))
+
+
+def _trace_rows(m: Tensor, X: np.ndarray, k: float) -> Tensor:
+    """``m <- m + k (x - m)`` over the rows ``x`` of ``X`` ``(T, ...)`` from ``m`` (:func:`_per_element`)."""
+    k = np.float32(k) if X.dtype == np.float32 else k
+    return _per_element(m, X, lambda mj, x: mj + k * (x - mj))
 
 
 def _running_mse(m: Tensor | None, E: np.ndarray) -> Tensor:
     r""":math:`\overline{mse} \leftarrow 0.9998\,\overline{mse} + 0.0002\,e` over the rows ``e`` of ``E``
-    ``(T, B)`` from ``m`` (None: the first row), each product and sum rounded once in ``E``'s precision, as the
-    per-step tensor update would (Python floats for float64, NumPy float32 scalars for float32)."""
-    f32 = E.dtype == np.float32
-    a, b = (np.float32(0.9998), np.float32(0.0002)) if f32 else (0.9998, 0.0002)
-    out = []
-    for j in range(E.shape[1]):
-        col = list(E[:, j]) if f32 else E[:, j].tolist()
-        if m is None:
-            mj, col = col[0], col[1:]
-        else:
-            mj = m[j].numpy()[()] if f32 else float(m[j])
-        for e in col:
-            mj = a * mj + b * e
-        out.append(mj)
-    return torch.from_numpy(np.array(out, dtype=E.dtype))
+    ``(T, B)`` from ``m`` (None: the first row; :func:`_per_element`)."""
+    a, b = (np.float32(0.9998), np.float32(0.0002)) if E.dtype == np.float32 else (0.9998, 0.0002)
+    return _per_element(m, E, lambda mj, e: a * mj + b * e)
 
 
 def _rule_params(ex: Exploration, gda: Tensor, constants, B: int, dtype):

@@ -367,12 +367,10 @@ class _NpyMember:
             elif version == (2, 0):
                 self.shape, self.fortran, self.dtype = np.lib.format.read_array_header_2_0(fp)
             else:  # a newer header: whole-array reads only
-                self.shape, self.fortran, self.dtype = np.load(fp).shape, True, None
+                whole = np.load(fp, allow_pickle=False)
+                self.shape, self.fortran, self.dtype = whole.shape, True, whole.dtype
             self.offset = fp.tell()
-        if self.dtype is None or self.dtype.hasobject:
-            self.fortran = True
-        if self.dtype is None:
-            self.dtype = self.read().dtype
+        self.fortran = self.fortran or self.dtype.hasobject
 
     @property
     def ndim(self) -> int:
