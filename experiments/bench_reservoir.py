@@ -13,7 +13,9 @@ The first steps of a trial have the mastery gate shut (the running error is far 
 scripts, always updates. Rows marked ``gate open`` hold the gate open (threshold raised, mastery step 0.05) so that
 RLS runs every 10 steps, as it does once the exploratory pathway has learned: the cost of a trial's later part.
 Rows marked ``symmetric RLS`` run those updates with ``symmetric_rls=True`` (one packed triangle of ``P`` through
-BLAS, rounded differently from the default, whose results are bitwise those of the straightforward loop).
+BLAS, rounded differently from the default, whose results are bitwise those of the straightforward loop). Rows marked
+``native`` run the training steps in the C kernel (``backend="native"``, built before the first round; skipped when
+no C compiler is found).
 
     python experiments/bench_reservoir.py --steps 500 --batch 1 8 16 --rounds 5
 
@@ -35,6 +37,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rulesearch import native  # noqa: E402
 from rulesearch.reservoir import Reservoir, butterfly, paper_learning, run_reservoir  # noqa: E402
 
 
@@ -72,12 +75,12 @@ def numpy_trial(n: int, steps: int, seed: int = 0) -> float:
     return time.process_time() - t0
 
 
-def run_trial(n: int, steps: int, B: int, dtype, learning, symmetric_rls: bool = False) -> float:
+def run_trial(n: int, steps: int, B: int, dtype, learning, symmetric_rls: bool = False, backend="torch") -> float:
     """CPU seconds per network-step of ``run_reservoir``'s second training trial of ``steps`` steps (timed between the
     trials' log lines: the networks' draw, the rule's compilation and the first trial's warm-up are not steps)."""
     marks = []
     run_reservoir(Reservoir(n=n, sparse=True), "butterfly", learning, list(range(B)), n_train=2, n_test=0,
-                  trial_steps=steps, dtype=dtype, symmetric_rls=symmetric_rls,
+                  trial_steps=steps, dtype=dtype, symmetric_rls=symmetric_rls, backend=backend,
                   log=lambda _: marks.append(time.process_time()))  # fmt: skip
     return (marks[1] - marks[0]) / steps / B
 
@@ -99,18 +102,26 @@ def main(argv=None):
     configs = [(name, B, "gate shut", shut) for name in a.dtype for B in a.batch]
     configs += [("float64", B, "gate open", gate_open) for B in a.batch if "float64" in a.dtype]
     configs += [("float64", B, "gate open, symmetric RLS", gate_open) for B in a.batch if "float64" in a.dtype]
+    if native.available():
+        configs += [(name, B, "gate shut, native", shut) for name in a.dtype for B in a.batch]
+        configs += [("float64", B, "gate open, native", gate_open) for B in a.batch if "float64" in a.dtype]
+    else:
+        print("no C compiler found: the native backend's rows are left out")
     base, times = [], {c[:3]: [] for c in configs}
+    for name, _, gate, learning in configs:  # build the native kernels before timing
+        if gate.endswith("native"):
+            run_trial(a.n, 20, 1, getattr(torch, name), learning, backend="native")
     for k in range(a.rounds):
         base.append(numpy_trial(a.n, a.steps) / a.steps)
         for name, B, gate, learning in configs:
-            sym = gate.endswith("symmetric RLS")
-            times[name, B, gate].append(run_trial(a.n, a.steps, B, getattr(torch, name), learning, sym))
+            sym, backend = gate.endswith("symmetric RLS"), "native" if gate.endswith("native") else "torch"
+            times[name, B, gate].append(run_trial(a.n, a.steps, B, getattr(torch, name), learning, sym, backend))
         print(f"round {k + 1}/{a.rounds}: numpy loop {base[-1] * 1e3:.3f} ms/step", flush=True)
     ms = lambda v: f"{min(v) * 1e3:.3f} ms (median {statistics.median(v) * 1e3:.3f})"  # noqa: E731
     lines = [
         f"N = {a.n}, {a.steps} steps of a SUPER-TREX training trial (Task 1, the second trial for run_reservoir): CPU "
         f"time per network-step, one thread, "
-        f"on a 2-core machine shared with other jobs; fastest (median) of {a.rounds} interleaved rounds",
+        f"on a 2-core machine; fastest (median) of {a.rounds} interleaved rounds",
         f"numpy loop, 1 network, float64, dense J: {ms(base)}",
     ]
     for key, v in times.items():

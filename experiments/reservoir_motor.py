@@ -75,6 +75,9 @@ def conditions(part):
         return "butterfly", "force", [("force", 1.0, True, 1.0)]
     if part == "t2":
         return "arm2", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0)]
+    if part == "t3paper":
+        k = fix_factor("arm3")
+        return "arm3", "supertrex", [("supertrex", 1.0, True, 1.0), ("supertrex+fixes", 1.0, True, k)]
     if part == "t3":
         k = fix_factor("arm3")
         return "arm3", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0),
@@ -84,6 +87,11 @@ def conditions(part):
 
 def run_part(part, a, out: Path):
     task, alg, conds = conditions(part)
+    if a.only:
+        conds = [c for c in conds if c[0] == a.only]
+        if not conds:
+            raise SystemExit(f"--only {a.only}: part {part} has no such condition")
+    name = f"{part}-{a.only}" if a.only else part
     seeds = list(range(a.seeds))
     rows = [(c, s) for c in conds for s in seeds]
     res = run_reservoir(
@@ -96,25 +104,27 @@ def run_part(part, a, out: Path):
         trial_steps=a.trial_steps,
         n_train=a.n_train,
         n_test=a.n_test,
-        log=lambda m: print(part, m, flush=True),
+        backend=a.backend,
+        log=lambda m: print(name, m, flush=True),
     )
     recs = []
-    for b, ((name, gain, _, _), seed) in enumerate(rows):
-        rec = dict(task=task, algorithm=name, dopamine=gain, seed=seed, n=a.n, trial_steps=a.trial_steps,
+    for b, ((cond, gain, _, _), seed) in enumerate(rows):
+        rec = dict(task=task, algorithm=cond, dopamine=gain, seed=seed, n=a.n, trial_steps=a.trial_steps,
                    deviation=res.deviation[b], deviation_intact=res.deviation_full[b],
                    deviation_lesioned=res.deviation_mastery[b], diverged=bool(res.diverged[b]),
                    w_exp_norm=res.w_exp_norm[b, a.n_train - 1],
-                   w_mst_norm=res.w_mst_norm[b, a.n_train - 1])  # fmt: skip
+                   w_mst_norm=res.w_mst_norm[b, a.n_train - 1], backend=a.backend,
+                   wall_min_batch=res.wall_s / 60)  # fmt: skip
         rec.update({f"err_trial{k + 1}": v for k, v in enumerate(res.trial_error[b])})
         rec.update({f"err_mastery_trial{k + 1}": v for k, v in enumerate(res.trial_error_mastery[b])})
         rec.update({f"gate_trial{k + 1}": v for k, v in enumerate(res.gate_open[b])})
         recs.append(rec)
-    pd.DataFrame(recs).to_csv(out / f"{part}.csv", index=False)
+    pd.DataFrame(recs).to_csv(out / f"{name}.csv", index=False)
     first = [b for b, (_, s) in enumerate(rows) if s == seeds[0]]
-    np.savez_compressed(out / f"{part}.npz", drawn=res.drawn[first, ::5].astype(np.float32),
+    np.savez_compressed(out / f"{name}.npz", drawn=res.drawn[first, ::5].astype(np.float32),
                         target=res.target[::5].astype(np.float32), labels=[f"{rows[b][0][0]} g={rows[b][0][1]:g}"
                         for b in first])  # fmt: skip
-    print(f"{part}: {res.steps} steps x {len(rows)} rows in {res.wall_s:.0f} s")
+    print(f"{name}: {res.steps} steps x {len(rows)} rows in {res.wall_s:.0f} s")
 
 
 def fmt(x):
@@ -221,6 +231,29 @@ def task3_section(df):
     return lines
 
 
+def task3_paper_section(out: Path):
+    """Task 3 at the paper's size (part ``t3paper``, one file per condition), when its files are there."""
+    files = sorted(out.glob("t3paper*.csv"))
+    if not files:
+        return []
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    n, steps, n_seeds = int(df.n.iloc[0]), int(df.trial_steps.iloc[0]), df.seed.nunique()
+    lines = ["", "## Task 3 at the paper's size", "",
+             f"The same conditions as above at N = {n}, {steps} steps per trial (one traversal = {steps * 0.2:g} time "
+             f"units, the paper's), 10 + 5 trials, {n_seeds} seeds (0..{n_seeds - 1}), float64, with the native "
+             "backend (`run_reservoir(..., backend=\"native\")`, the training steps in C; the test trials in torch), "
+             "each condition one batch in a process of its own, two at a time on the 2-core machine. RMHL is left out "
+             "at this size for time. Per-seed rows: `results/reservoir_motor/t3paper-*.csv`.", "",
+             "| algorithm | deviation, mean ± sd (satisfactory / seeds) | replication (N = 1000, 11 seeds) | "
+             "training error, trial 10 | mastery gate open, trial 10 | diverged | wall time of the batch |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for alg, g in df.groupby("algorithm", sort=False):
+        lines.append(f"| {alg} | {fmt(g.deviation)} | {PUBLISHED.get(('arm3', alg), '')} | {g.err_trial10.mean():.4f} "
+                     f"| {g.gate_trial10.mean():.2f} | {int(g.diverged.sum())}/{len(g)} | "
+                     f"{g.wall_min_batch.iloc[0]:.0f} min |")  # fmt: skip
+    return lines
+
+
 def report(out: Path, results: Path):
     import matplotlib
 
@@ -257,6 +290,7 @@ def report(out: Path, results: Path):
                      f"{int(g.diverged.sum())}/{len(g)} |")  # fmt: skip
     lines += ["", "## Checks against the targets", ""] + checks(df) + [""]
     lines += task3_section(df)
+    lines += task3_paper_section(out)
     lines += ["", "## Lesion: remove the exploratory pathway after learning", "",
               "Same test phase, two readouts: intact (W_exp r + W_mst r, exploration noise off) and lesioned "
               "(W_mst r only). For RMHL the lesion leaves no output pathway.", "",
@@ -331,7 +365,9 @@ def report(out: Path, results: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("t1", "t1force", "t2", "t3"))
+    p.add_argument("--part", choices=("t1", "t1force", "t2", "t3", "t3paper"))
+    p.add_argument("--only", default=None, help="run only this condition of the part (e.g. supertrex+fixes)")
+    p.add_argument("--backend", choices=("torch", "native"), default="torch", help="run_reservoir's backend")
     p.add_argument("--report", action="store_true")
     p.add_argument("--n", type=int, default=300, help="reservoir size")
     p.add_argument("--seeds", type=int, default=5)

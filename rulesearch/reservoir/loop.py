@@ -229,6 +229,7 @@ def run_reservoir(
     record_every: int = 10,
     dtype=torch.float64,
     symmetric_rls: bool = False,
+    backend: str = "torch",
     log: Callable[[str], None] | None = None,
 ) -> ReservoirResult:
     """Run ``n_train`` learning and ``n_test`` test trials of ``trial_steps`` Euler steps for each seed (a batch).
@@ -243,7 +244,16 @@ def run_reservoir(
     (:class:`~.rls.SymmetricRLS`, 1.5x to 1.7x faster per update at N = 1000): the same equations, rounded
     differently, so the chaotic trajectories part from the default's (``tests/test_reservoir.py`` bounds the
     difference on short runs). The default keeps the results bitwise those of the straightforward loop.
+
+    ``backend="native"`` runs the training steps in a C kernel built on first use (:mod:`.native`; needs a C
+    compiler, a CPU and a sparse ``J``): the same equations, the exploratory rule translated to C, about 3x to 4x
+    faster per step for one network (``experiments/bench_reservoir.py``); rounded differently, so trajectories part
+    from the torch backend's as with ``symmetric_rls``. The test trials run in torch either way.
     """
+    if backend not in ("torch", "native"):
+        raise ConfigError(f"run_reservoir: backend={backend!r}; expected 'torch' or 'native' (a C kernel).")
+    if backend == "native" and symmetric_rls:
+        raise ConfigError("symmetric_rls is a torch-backend option; the native backend always updates one triangle.")
     task = get_task(task) if isinstance(task, str) else task
     seeds = tuple(seeds)
     B, d, N = len(seeds), task.n_out, reservoir.n
@@ -269,11 +279,23 @@ def run_reservoir(
         P = rls_init(B, N, rls.gamma, dtype)
         gain_ = functools.partial(rls_gain_, P)
 
+    steps_c = None
+    if backend == "native":
+        from .native import NativeSteps  # builds the kernel (once per rule, task and dtype)
+
+        prm = None
+        if ex is not None:
+            prm = theta if ex.rule.is_linear else torch.stack([*theta.values(), scale.reshape(B)], -1)
+        steps_c = NativeSteps(params.J, params.Q, task, learning, ex.rule if ex is not None else None, prm,
+                              gate_on, reservoir.alpha, reservoir.leak, dtype)  # fmt: skip
+        if rls is not None:
+            P = rls_init(B, N, rls.gamma, dtype)
+
     x = params.x0.clone()
     r = torch.tanh(x)
     z = x.new_zeros(B, d)
     W_exp, W_mst = x.new_zeros(B, d, N), x.new_zeros(B, d, N)
-    zbar, ebar, msebar = x.new_zeros(B, d), None, None
+    zbar, ebar, msebar = x.new_zeros(B, d), (x.new_zeros(B) if steps_c is not None else None), None
     beta = x.new_full((B,), ex.beta0 if ex is not None else 0.0)
     kz, ke = 1.0 / learning.zbar_tau, 1.0 / learning.ebar_tau
     states: dict[str, Tensor] = {}
@@ -328,61 +350,67 @@ def run_reservoir(
             g_sum, g_n = x.new_zeros(B), 0
             keep = task.test_feedback == "delayed_output" and trial >= n_train - n_test
             zs = x.new_empty(trial_steps, B, d) if keep else None
-            for t in range(trial_steps):
-                ft = f_rows[t]
-                # x <- x + leak (-x + J r + Q z) (reservoir_step)
-                x = jr(r).add_(torch.bmm(z.unsqueeze(1), QT).squeeze(1)).sub_(x).mul_(leak).add_(x)
-                xa, xb = noise.next_split(N, alpha)
-                r = torch.tanh(x).add_(xa)
-                r1 = r.unsqueeze(1)
-                z_mst = z_zero if mst_zero else torch.bmm(r1, W_mstT).squeeze(1)
-                if ex is not None:
-                    z_exp = torch.bmm(r1, W_expT).squeeze(1).add_(beta1 * xb)
-                    z = z_exp if mst_zero else z_exp + z_mst
-                    if zbar_late:
-                        zexps.append(z_exp)
+            if steps_c is not None:
+                E, EM, g_n = _native_trial(steps_c, noise, f, trial * trial_steps, trial_steps, every, ms is not None,
+                                           (x, r, z, W_exp, W_mst, P if rls is not None else None, zbar, ebar, beta,
+                                            kz, ke), zs)  # fmt: skip
+                g_sum = steps_c.g_sum.clone()
+            else:
+                for t in range(trial_steps):
+                    ft = f_rows[t]
+                    # x <- x + leak (-x + J r + Q z) (reservoir_step)
+                    x = jr(r).add_(torch.bmm(z.unsqueeze(1), QT).squeeze(1)).sub_(x).mul_(leak).add_(x)
+                    xa, xb = noise.next_split(N, alpha)
+                    r = torch.tanh(x).add_(xa)
+                    r1 = r.unsqueeze(1)
+                    z_mst = z_zero if mst_zero else torch.bmm(r1, W_mstT).squeeze(1)
+                    if ex is not None:
+                        z_exp = torch.bmm(r1, W_expT).squeeze(1).add_(beta1 * xb)
+                        z = z_exp if mst_zero else z_exp + z_mst
+                        if zbar_late:
+                            zexps.append(z_exp)
+                        else:
+                            zbar.add_(kz * (z_exp - zbar))
                     else:
-                        zbar.add_(kz * (z_exp - zbar))
-                else:
-                    z_exp, z = None, z_mst
-                e = error(z, ft, zbar)
-                if ebar is None:
-                    ebar = e.clone()
-                else:
-                    ebar.add_(ke * (e - ebar))
-                es.append(e)
-                ems.append(z_mst if em_late else error(z_mst, ft, zbar))
-                if keep:
-                    zs[t] = z
-                if ex is not None:
-                    torch.mul(ebar, 10, out=beta)
-                    (beta.clamp_min_(0) if clamp else beta).pow_(b_power).mul_(b_gain)
-                    sig = {"pre": r, "post": z_exp, "w": W_exp, "loss": e}
-                    if signed:
-                        sig["reward"] = sig["mod"] = -e
-                    bound.advance(states, sig)
-                    dW = bound(sig)
-                    W_exp.add_(dW if scale is None else scale * dW)
-                if every and (trial * trial_steps + t + 1) % every == 0:
-                    if ms is not None:
-                        gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
-                        if bool(gate.any()):  # else P and W_mst stay as they are (a zero update)
-                            k, c = gain_(r, gate)
-                            W_mst.add_(ms.scale * rls_delta(k, c, -(zbar if zbar_target else z_exp), gate))
+                        z_exp, z = None, z_mst
+                    e = error(z, ft, zbar)
+                    if ebar is None:
+                        ebar = e.clone()
+                    else:
+                        ebar.add_(ke * (e - ebar))
+                    es.append(e)
+                    ems.append(z_mst if em_late else error(z_mst, ft, zbar))
+                    if keep:
+                        zs[t] = z
+                    if ex is not None:
+                        torch.mul(ebar, 10, out=beta)
+                        (beta.clamp_min_(0) if clamp else beta).pow_(b_power).mul_(b_gain)
+                        sig = {"pre": r, "post": z_exp, "w": W_exp, "loss": e}
+                        if signed:
+                            sig["reward"] = sig["mod"] = -e
+                        bound.advance(states, sig)
+                        dW = bound(sig)
+                        W_exp.add_(dW if scale is None else scale * dW)
+                    if every and (trial * trial_steps + t + 1) % every == 0:
+                        if ms is not None:
+                            gate = (0.5 - 0.5 * torch.tanh(ms.sharpness * (ebar - ms.threshold))) * gate_on
+                            if bool(gate.any()):  # else P and W_mst stay as they are (a zero update)
+                                k, c = gain_(r, gate)
+                                W_mst.add_(ms.scale * rls_delta(k, c, -(zbar if zbar_target else z_exp), gate))
+                                mst_zero = False
+                            g_sum += (gate > 0.5).to(dtype)
+                            g_n += 1
+                        else:
+                            k, c = gain_(r)
+                            W_mst.add_(rls_delta(k, c, z - ft))
                             mst_zero = False
-                        g_sum += (gate > 0.5).to(dtype)
-                        g_n += 1
-                    else:
-                        k, c = gain_(r)
-                        W_mst.add_(rls_delta(k, c, z - ft))
-                        mst_zero = False
-                if (t + 1) % _STACK_EVERY == 0 or t == trial_steps - 1:
-                    for values, part in zip(steps, parts):
-                        if values:
-                            part.append(torch.stack(values))
-                            values.clear()
-            E, EM = torch.cat(parts[0]).numpy(), torch.cat(parts[1])
-            EM = (error(EM, f.unsqueeze(1)) if em_late else EM).numpy()
+                    if (t + 1) % _STACK_EVERY == 0 or t == trial_steps - 1:
+                        for values, part in zip(steps, parts):
+                            if values:
+                                part.append(torch.stack(values))
+                                values.clear()
+                E, EM = torch.cat(parts[0]).numpy(), torch.cat(parts[1])
+                EM = (error(EM, f.unsqueeze(1)) if em_late else EM).numpy()
             msebar = _running_mse(msebar, E)
             if parts[2]:
                 zbar = _trace_rows(zbar, torch.cat(parts[2]).numpy(), kz)
@@ -448,6 +476,34 @@ def run_reservoir(
         wall_s=time.perf_counter() - t0,
         steps=n_trials * trial_steps,
     )
+
+
+def _native_trial(
+    steps_c,
+    noise: NoiseStream,
+    f: Tensor,
+    step0: int,
+    T: int,
+    every: int,
+    mastery: bool,
+    state: tuple,
+    zs: Tensor | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One training trial in the C kernel (:class:`.native.NativeSteps`), the state tensors updated in place; returns
+    the step errors ``E`` and mastery-readout errors ``EM`` ``(T, B)`` and the number of gated RLS updates."""
+    E = np.empty((T, steps_c.B), dtype=str(steps_c.dtype)[6:])
+    EM = np.empty_like(E)
+    steps_c.g_sum.zero_()
+    t = 0
+    while t < T:
+        xi = noise.take(T - t)
+        m = xi.shape[0]
+        steps_c.run(
+            step0 + t, xi, f[t : t + m], *state, E[t : t + m], EM[t : t + m], zs[t : t + m] if zs is not None else None
+        )
+        t += m
+    g_n = sum(1 for s in range(step0, step0 + T) if (s + 1) % every == 0) if mastery and every else 0
+    return E, EM, g_n
 
 
 def _sequential_sum(E: np.ndarray) -> Tensor:

@@ -170,6 +170,16 @@ class NoiseStream:
             self._split = ((n, scale), a.unbind(0), b.unbind(0))
         return self._split[1][self._i - 1], self._split[2][self._i - 1]
 
+    def take(self, n: int) -> Tensor:
+        """The next ``m`` draws at once, ``(m, B, width)``, ``m = min(n, what is left of the current chunk)``: the
+        stream advances as with ``m`` calls of :meth:`next` (the same values)."""
+        if self._i == self._chunk:
+            self._advance()
+            self._i -= 1
+        m = min(n, self._chunk - self._i)
+        self._i += m
+        return self._buf[self._i - m : self._i]
+
     def _advance(self) -> None:
         if self._i == self._chunk:
             draws = [torch.rand(self._chunk, self._width, generator=g, dtype=torch.float64) for g in self._gens]

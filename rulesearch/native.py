@@ -1,0 +1,82 @@
+"""Small C kernels compiled on first use with the system's C compiler and loaded with :mod:`ctypes`.
+
+A kernel's source is generated (e.g. :mod:`rulesearch.reservoir.native`, a rule's update fused into a loop), built
+once into a shared library under the cache folder (``$RULESEARCH_CACHE/native``, default
+``~/.cache/rulesearch/native``), named by a hash of its source, the flags and the compiler, and reused by every later
+process. Nothing is compiled at import; :func:`available` tells cheaply whether a compiler is there (``$CC``, else
+``cc``, ``gcc`` or ``clang`` on the ``PATH``). The flags keep IEEE arithmetic (no ``-ffast-math``, no contraction
+of ``a * b + c`` into one rounding), so a kernel rounds as the straightforward C of its equations, except in loops
+marked ``#pragma omp simd reduction``, whose sums may be split into vector lanes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import BackendUnavailableError
+
+__all__ = ["available", "compiler", "cache_dir", "load", "FLAGS"]
+
+FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd")
+
+
+def compiler() -> str | None:
+    """The C compiler's path (``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on the ``PATH``), or
+    None."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def available() -> bool:
+    """Whether a C compiler is there to build kernels (a lookup on the ``PATH``; nothing is run)."""
+    return compiler() is not None
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$RULESEARCH_CACHE/native``, default ``~/.cache/rulesearch/native``."""
+    root = os.environ.get("RULESEARCH_CACHE") or Path.home() / ".cache" / "rulesearch"
+    return Path(root) / "native"
+
+
+@functools.cache
+def _version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def load(source: str, name: str = "kernel") -> ctypes.CDLL:
+    """Build ``source`` (C99) into a shared library, or reuse the one built before, and load it.
+
+    The library is written under a temporary name and renamed into place, so processes building the same kernel at
+    once do not read a half-written file. Raises :class:`~rulesearch.errors.BackendUnavailableError` when there is no
+    compiler or the build fails (the compiler's message included).
+    """
+    cc = compiler()
+    if cc is None:
+        raise BackendUnavailableError(
+            "No C compiler found (looked for $CC, cc, gcc, clang on the PATH): the native backend builds its kernels "
+            "with one. Install gcc (Debian: apt install gcc) or use the torch backend."
+        )
+    key = hashlib.sha256("\0".join((source, *FLAGS, _version(cc))).encode()).hexdigest()[:20]
+    out = cache_dir() / f"{name}-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            src.write_text(source)
+            res = subprocess.run([cc, *FLAGS, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise BackendUnavailableError(
+                    f"Building the native kernel {name!r} with {cc} failed:\n{res.stderr.strip()[-2000:]}\n"
+                    "Use the torch backend, or report this with the message above."
+                )
+            os.replace(lib, out)
+    return ctypes.CDLL(str(out))
