@@ -17,7 +17,8 @@ from pathlib import Path
 MODULES = (
     ("rulesearch", "Rules, grammars, the compiler and the learning side's main objects"),
     ("rulesearch.lang", "The rule language"),
-    ("rulesearch.compile", "Compiling rules to torch"),
+    ("rulesearch.compile", "Compiling rules to torch (and to C)"),
+    ("rulesearch.native", "C kernels built on first use"),
     ("rulesearch.networks", "Networks"),
     ("rulesearch.credit", "Predictive coding"),
     ("rulesearch.tasks", "Tasks and datasets"),

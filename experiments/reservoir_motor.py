@@ -75,9 +75,6 @@ def conditions(part):
         return "butterfly", "force", [("force", 1.0, True, 1.0)]
     if part == "t2":
         return "arm2", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0)]
-    if part == "t3paper":
-        k = fix_factor("arm3")
-        return "arm3", "supertrex", [("supertrex", 1.0, True, 1.0), ("supertrex+fixes", 1.0, True, k)]
     if part == "t3":
         k = fix_factor("arm3")
         return "arm3", "supertrex", [("rmhl", 1.0, False, 1.0), ("supertrex", 1.0, True, 1.0),
@@ -231,37 +228,16 @@ def task3_section(df):
     return lines
 
 
-def task3_paper_section(out: Path):
-    """Task 3 at the paper's size (part ``t3paper``, one file per condition), when its files are there."""
-    files = sorted(out.glob("t3paper*.csv"))
-    if not files:
-        return []
-    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
-    n, steps, n_seeds = int(df.n.iloc[0]), int(df.trial_steps.iloc[0]), df.seed.nunique()
-    lines = ["", "## Task 3 at the paper's size", "",
-             f"The same conditions as above at N = {n}, {steps} steps per trial (one traversal = {steps * 0.2:g} time "
-             f"units, the paper's), 10 + 5 trials, {n_seeds} seeds (0..{n_seeds - 1}), float64, with the native "
-             "backend (`run_reservoir(..., backend=\"native\")`, the training steps in C; the test trials in torch), "
-             "each condition one batch in a process of its own, two at a time on the 2-core machine. RMHL is left out "
-             "at this size for time. Per-seed rows: `results/reservoir_motor/t3paper-*.csv`.", "",
-             "| algorithm | deviation, mean ± sd (satisfactory / seeds) | replication (N = 1000, 11 seeds) | "
-             "training error, trial 10 | mastery gate open, trial 10 | diverged | wall time of the batch |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for alg, g in df.groupby("algorithm", sort=False):
-        lines.append(f"| {alg} | {fmt(g.deviation)} | {PUBLISHED.get(('arm3', alg), '')} | {g.err_trial10.mean():.4f} "
-                     f"| {g.gate_trial10.mean():.2f} | {int(g.diverged.sum())}/{len(g)} | "
-                     f"{g.wall_min_batch.iloc[0]:.0f} min |")  # fmt: skip
-    return lines
-
-
 def report(out: Path, results: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [p for p in ("t1force", "t1", "t2", "t3") if (out / f"{p}.csv").exists()]
-    df = pd.concat([pd.read_csv(out / f"{p}.csv") for p in parts], ignore_index=True)
+    # a part's file, or its conditions' files when it was run split (--only)
+    files = {p: sorted(out.glob(f"{p}.csv")) + sorted(out.glob(f"{p}-*.csv")) for p in ("t1force", "t1", "t2", "t3")}
+    parts = [p for p, fs in files.items() if fs]
+    df = pd.concat([pd.read_csv(f) for p in parts for f in files[p]], ignore_index=True)
     df.to_csv(results / "reservoir_motor.csv", index=False, float_format="%.6g")
     n, steps = int(df.n.iloc[0]), int(df.trial_steps.iloc[0])
     n_seeds = df.seed.nunique()
@@ -290,7 +266,6 @@ def report(out: Path, results: Path):
                      f"{int(g.diverged.sum())}/{len(g)} |")  # fmt: skip
     lines += ["", "## Checks against the targets", ""] + checks(df) + [""]
     lines += task3_section(df)
-    lines += task3_paper_section(out)
     lines += ["", "## Lesion: remove the exploratory pathway after learning", "",
               "Same test phase, two readouts: intact (W_exp r + W_mst r, exploration noise off) and lesioned "
               "(W_mst r only). For RMHL the lesion leaves no output pathway.", "",
@@ -342,10 +317,12 @@ def report(out: Path, results: Path):
 
     fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4 * (len(parts) + 1), 4))
     for ax, p in zip(axes, parts):
-        z = np.load(out / f"{p}.npz")
-        ax.plot(z["target"][:, 0], z["target"][:, 1], "k--", lw=1, label="target")
-        for d, lab in zip(z["drawn"], z["labels"]):
-            ax.plot(d[:, 0], d[:, 1], lw=0.8, label=str(lab))
+        for k, f in enumerate(files[p]):
+            z = np.load(f.with_suffix(".npz"))
+            if k == 0:
+                ax.plot(z["target"][:, 0], z["target"][:, 1], "k--", lw=1, label="target")
+            for d, lab in zip(z["drawn"], z["labels"]):
+                ax.plot(d[:, 0], d[:, 1], lw=0.8, label=str(lab))
         ax.set_title(f"{p}: last test trial, seed 0", fontsize=9)
         ax.set_aspect("equal")
         ax.legend(fontsize=6)
@@ -365,7 +342,7 @@ def report(out: Path, results: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("t1", "t1force", "t2", "t3", "t3paper"))
+    p.add_argument("--part", choices=("t1", "t1force", "t2", "t3"))
     p.add_argument("--only", default=None, help="run only this condition of the part (e.g. supertrex+fixes)")
     p.add_argument("--backend", choices=("torch", "native"), default="torch", help="run_reservoir's backend")
     p.add_argument("--report", action="store_true")

@@ -37,6 +37,7 @@ def run_half(rules, a, out: Path):
         [s for _, _, s in rows],
         rule_constants={"a": [av for av, _, _ in rows], "p": [p for _, p, _ in rows]},
         trial_steps=a.trial_steps,
+        backend=a.backend,
         log=lambda m: print(f"{tag}rules={rules}", m, flush=True),
     )
     print(f"{tag}rules={rules}: {res.steps} steps x {len(rows)} rows in {res.wall_s:.0f} s", flush=True)
@@ -216,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trial-steps", type=int, default=25_000)
+    ap.add_argument("--backend", choices=("torch", "native"), default="torch", help="run_reservoir's backend")
     ap.add_argument("--out", default="results")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)

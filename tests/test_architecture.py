@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rulesearch"
 
 FLOORS = {
-    "errors": 1, "batched": 1, "_lazy": 1, "lang": 1, "io": 1,
+    "errors": 1, "batched": 1, "_lazy": 1, "native": 1, "lang": 1, "io": 1,
     "compile": 2, "networks": 2, "credit": 2, "tasks": 2, "neural": 2,
     "inner": 3, "fixedpoint": 3, "reservoir": 3,
     "train": 4, "distill": 4,

@@ -6,9 +6,11 @@
 once for an online loop's steps). :func:`low_rank_of` gives the factored form
 ``dW = a W + U V^T`` of a compiled rule (a :class:`LowRank`, whose per-step :class:`Factors` the inner loop's fast
 path and its hand-written adjoint use; the weights enter its tape as a :class:`WeightRef`), or the reason the rule
-has no such form (:class:`NotLowRank`).
+has no such form (:class:`NotLowRank`). :func:`rule_c` writes an elementwise rule's update as a C function
+(:class:`CRule`), for kernels that fuse it into a loop (the reservoir's native backend).
 """
 
+from .ccode import CRule, rule_c
 from .compiler import BoundRule, CompiledRule, RuleModule, TorchCompiler, compile_rule
 from .lowrank import Factors, LowRank, NotLowRank, WeightRef, low_rank_of
 
@@ -23,4 +25,6 @@ __all__ = [
     "Factors",
     "WeightRef",
     "NotLowRank",
+    "rule_c",
+    "CRule",
 ]

@@ -107,8 +107,7 @@ class _Program:
         if role == "synapse":  # read only in the (i, j) loop, the last block: a local of its body
             self.blocks["synapse"].append(f"real {name} = {code};")
             return name, role
-        size = {"post": "n_post", "pre": "n_pre", "synapse": "n_post * n_pre"}[role]
-        self.decls.append(f"real {name}[{size}];")
+        self.decls.append(f"real {name}[{'n_post' if role == 'post' else 'n_pre'}];")
         self.blocks[role].append(f"{name}[{_INDEX[role]}] = {code};")
         return f"{name}[{_INDEX[role]}]", role
 
@@ -228,9 +227,9 @@ def rule_c(rule: Rule, signals: Mapping[str, str], name: str = "rule_update") ->
              "                   real *W) {"]  # fmt: skip
     lines += [f"    const real *s{k} = sig[{k}];" for k in range(len(order))]
     offset, layout = "0", []
-    for s in states:  # dependencies first; each state steps with the earlier ones' new values
-        lines.append(f"    real *{s.name} = st + {offset};")
-        access[s] = (s.role, s.name if s.role != "global" else f"{s.name}[0]")
+    for k, s in enumerate(states):  # dependencies first; each state steps with the earlier ones' new values
+        lines.append(f"    real *st{k} = st + {offset};  /* {s.name} */")
+        access[s] = (s.role, f"st{k}" if s.role != "global" else f"st{k}[0]")
         size = {"global": "1", "post": "n_post", "pre": "n_pre", "synapse": "n_post * n_pre"}[s.role]
         offset = f"{offset} + {size}"
         layout.append((s.name, s.role))

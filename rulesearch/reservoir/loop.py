@@ -288,8 +288,6 @@ def run_reservoir(
             prm = theta if ex.rule.is_linear else torch.stack([*theta.values(), scale.reshape(B)], -1)
         steps_c = NativeSteps(params.J, params.Q, task, learning, ex.rule if ex is not None else None, prm,
                               gate_on, reservoir.alpha, reservoir.leak, dtype)  # fmt: skip
-        if rls is not None:
-            P = rls_init(B, N, rls.gamma, dtype)
 
     x = params.x0.clone()
     r = torch.tanh(x)
@@ -502,7 +500,7 @@ def _native_trial(
             step0 + t, xi, f[t : t + m], *state, E[t : t + m], EM[t : t + m], zs[t : t + m] if zs is not None else None
         )
         t += m
-    g_n = sum(1 for s in range(step0, step0 + T) if (s + 1) % every == 0) if mastery and every else 0
+    g_n = (step0 + T) // every - step0 // every if mastery and every else 0  # steps s with (s + 1) % every == 0
     return E, EM, g_n
 
 
