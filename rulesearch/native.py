@@ -52,12 +52,30 @@ def _version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
 
 
+def _writable(folder: Path) -> Path:
+    """``folder``, created if needed, or a folder of this user's under the system's temporary folder when
+    ``folder`` cannot be written (a read-only home, a cache path that is a file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"rulesearch-native-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    if fallback.stat().st_uid != os.getuid():  # never load libraries from a folder someone else made
+        raise BackendUnavailableError(f"{folder} cannot be written and {fallback} belongs to another user; set "
+                                      "RULESEARCH_CACHE to a folder of yours.")  # fmt: skip
+    return fallback
+
+
 def load(source: str, name: str = "kernel") -> ctypes.CDLL:
     """Build ``source`` (C99) into a shared library, or reuse the one built before, and load it.
 
-    The library is written under a temporary name and renamed into place, so processes building the same kernel at
-    once do not read a half-written file. Raises :class:`~rulesearch.errors.BackendUnavailableError` when there is no
-    compiler or the build fails (the compiler's message included).
+    Libraries go to :func:`cache_dir`, or, where it cannot be written, to a folder of the user's under the system's
+    temporary folder. A library is written under a temporary name and renamed into place, so processes building the
+    same kernel at once do not read a half-written file. Raises :class:`~rulesearch.errors.BackendUnavailableError`
+    when there is no compiler or the build fails (the compiler's message included).
     """
     cc = compiler()
     if cc is None:
@@ -66,9 +84,8 @@ def load(source: str, name: str = "kernel") -> ctypes.CDLL:
             "with one. Install gcc (Debian: apt install gcc) or use the torch backend."
         )
     key = hashlib.sha256("\0".join((source, *FLAGS, _version(cc))).encode()).hexdigest()[:20]
-    out = cache_dir() / f"{name}-{key}.so"
+    out = _writable(cache_dir()) / f"{name}-{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
             src.write_text(source)

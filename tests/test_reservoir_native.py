@@ -251,3 +251,7 @@ def test_kernel_cache_is_reused_and_build_errors_are_reported(monkeypatch, tmp_p
     with pytest.raises(BackendUnavailableError, match="(?s)failed.*error: expected"):
         native.load("int broken(void) { return ; ", "broken")
     assert not list((tmp_path / "native").glob("broken-*"))  # nothing half-built is left
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("RULESEARCH_CACHE", str(blocked))  # the cache cannot be made: a temporary folder instead
+    assert native.load("int answer(void) { return 42; }", "answer").answer() == 42
