@@ -178,7 +178,7 @@ def task3_section(df):
              "the replication's fix 1 (exploratory update x 0.5/n_segs = 1/6 instead of 0.5, i.e. its rate x 1/3); "
              "its fix 2 (Task 2's gate threshold) does not touch Task 3. Budget as for Tasks 1-2 (first paragraph): "
              f"N = {int(g3.n.iloc[0])}, {int(g3.trial_steps.iloc[0])} steps per trial, 10 + 5 trials, {n_seeds} "
-             f"seeds, all {len(g3)} runs in one batch. Diverged runs count as not satisfactory.", "",
+             f"seeds. Diverged runs count as not satisfactory.", "",
              "| algorithm | deviation, mean ± sd (satisfactory / seeds) | replication (N = 1000, 11 seeds) | "
              "training error, trial 10 | mastery gate open, trial 10 | diverged |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -213,17 +213,21 @@ def task3_section(df):
         lines.append(cmp("supertrex", "rmhl", "0.881 (5/11) vs 0.850 (1/11), about equal means"))
     if {"rmhl+fixes", "rmhl"} <= set(stats):
         lines.append(cmp("rmhl+fixes", "rmhl", "0.849 (0/11, modified re-implementation) vs 0.850 (1/11)"))
-    st = g3[g3.algorithm.str.startswith("supertrex")]
     gates = [c for c in g3.columns if c.startswith("gate_trial")]
     w = g3[g3.algorithm == "supertrex"].w_exp_norm
-    lines += ["", f"The mastery gate (ebar < 1.5e-2) was open in at most {st[gates].to_numpy().max():.1%} of the "
-              "updates of any training trial of any SUPER-TREX run, with or without the fix: at this budget the "
-              "exploratory error stays above the threshold, little transfers to the mastery readout that the test "
-              "scores, and the comparison the replication makes (the fix bringing 10/11 runs below 0.5) is not "
-              "reached. The fix lowers the exploratory rate to keep the weights from blowing up (the replication's "
-              "code calls it a compensation for exploding weights); with the original rate no run diverged here "
-              f"(‖W_exp‖ after trial 10: {', '.join(f'{v:.2f}' for v in w)}), so it slowed learning (training "
-              "error, trial 10, above) without anything to prevent at this size."]  # fmt: skip
+    gmax = {alg: g3[g3.algorithm == alg][gates].to_numpy().max() for alg in ("supertrex", "supertrex+fixes")
+            if (g3.algorithm == alg).any()}  # fmt: skip
+    err10 = {alg: g3[g3.algorithm == alg].err_trial10.mean() for alg in gmax}
+    lines += ["", "The mastery gate (ebar < 1.5e-2) was open in at most "
+              + " and ".join(f"{v:.1%} ({k})" for k, v in gmax.items())
+              + " of the updates of any training trial of a SUPER-TREX run. The fix lowers the exploratory rate to "
+              "keep the weights from blowing up (the replication's code calls it a compensation for exploding "
+              f"weights); with the original rate no run diverged here (‖W_exp‖ after trial 10: "
+              f"{', '.join(f'{v:.2f}' for v in w)}), and with the fix learning was slower (training error, trial "
+              "10: " + ", ".join(f"{v:.4f} ({k})" for k, v in err10.items()) + "). The replication's 10/11 with its "
+              "fixes comes from its modified re-implementation, which departs from the scripts on Task 3 in more than "
+              "the fixes (Notes): not a like-for-like target. Against the authors' scripts (`supertrex`, 5/11 in "
+              "the replication) the count here is within the binomial spread of 11 seeds (about ±2 runs)."]  # fmt: skip
     return lines
 
 
