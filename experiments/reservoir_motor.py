@@ -1,6 +1,7 @@
 """Reward-modulated reservoir learning on the motor tasks (Pyle & Rosenbaum 2019): FORCE, RMHL and SUPER-TREX.
 
-Parts (each writes results/reservoir_motor/<part>.csv and <part>.npz; run them in parallel, then --report):
+Parts (each writes results/reservoir_motor/<part>.csv and <part>.npz, or <part>-<condition>.* with ``--only``;
+run them in parallel, then --report):
 
 * ``t1``: Task 1 (butterfly), RMHL and SUPER-TREX at dopamine gains 1, 0.3, 0.1, one batch;
 * ``t1force``: Task 1, FORCE;
@@ -15,12 +16,16 @@ The exploratory pathway is the toolkit rule ``node_perturbation`` (one-sided on 
 ``compile_rule``; RMHL rows are SUPER-TREX rows whose mastery gate never opens. The lesion is read from the same test
 phase: SUPER-TREX's reported (mastery) readout is the exploratory pathway removed; the intact readout keeps it.
 
-    python experiments/reservoir_motor.py --part t1 & python experiments/reservoir_motor.py --part t2 &
-    python experiments/reservoir_motor.py --part t1force; wait
-    python experiments/reservoir_motor.py --part t3 --n 200 --seeds 3 --trial-steps 25000
+The committed results were made at the paper's size with the native backend, one condition per process, two at a
+time (``R="--n 1000 --seeds 11 --trial-steps 50000 --backend native"``):
 
-(the results were made with ``--n 200 --seeds 3 --trial-steps 25000`` for every part.) ``--report`` rebuilds the
-tables from the part files present, so one part can be rerun without the others.
+    M="python experiments/reservoir_motor.py"
+    $M --part t1 --only supertrex $R & $M --part t2 $R; wait
+    $M --part t1force $R & $M --part t3 --only rmhl $R; wait
+    $M --part t1 --only rmhl $R & $M --part t3 --only supertrex $R; wait
+    $M --part t3 --only rmhl+fixes $R & $M --part t3 --only supertrex+fixes $R; wait
+
+``--report`` rebuilds the tables from the part files present, so one part can be rerun without the others.
     python experiments/reservoir_motor.py --report
 
 Writes results/reservoir_motor.md, results/reservoir_motor.csv (per seed) and results/reservoir_motor_*.png.

@@ -246,9 +246,9 @@ def run_reservoir(
     difference on short runs). The default keeps the results bitwise those of the straightforward loop.
 
     ``backend="native"`` runs the training steps in a C kernel built on first use (:mod:`.native`; needs a C
-    compiler, a CPU and a sparse ``J``): the same equations, the exploratory rule translated to C, about 3x to 4x
-    faster per step for one network (``experiments/bench_reservoir.py``); rounded differently, so trajectories part
-    from the torch backend's as with ``symmetric_rls``. The test trials run in torch either way.
+    compiler, a CPU and a sparse ``J``): the same equations, the exploratory rule translated to C, about 3x faster
+    per step for one network than the torch backend (``experiments/bench_reservoir.py``); rounded differently, so
+    its results agree with the torch backend's to rounding, not bitwise. The test trials run in torch either way.
     """
     if backend not in ("torch", "native"):
         raise ConfigError(f"run_reservoir: backend={backend!r}; expected 'torch' or 'native' (a C kernel).")
