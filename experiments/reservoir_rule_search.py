@@ -62,18 +62,21 @@ def run_half(rules, a, out: Path):
         g.to_csv(out / f"{tag}half{av:g}.csv", index=False)
 
 
-def rule_table(df):
-    """Markdown rows, one per rule (a, p): deviation, satisfactory runs, trial-10 error and gate, diverged runs."""
+def rule_table(df, deviation="deviation, mean ± sd", extra=None):
+    """Markdown rows, one per rule (a, p): deviation (of the finite runs), satisfactory runs, trial-10 error and gate,
+    diverged runs; ``extra = (title, cell)`` adds a column ``cell(a, p)``."""
+    title, cell = extra or ("", None)
     lines = [
-        "| a | p | deviation, mean ± sd | satisfactory | training error, trial 10 | gate open, trial 10 | diverged |",
-        "|---|---|---|---|---|---|---|",
+        f"| a | p | {deviation} | satisfactory | training error, trial 10 | gate open, trial 10 | diverged |"
+        + (f" {title} |" if cell else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if cell else ""),
     ]
     for (av, p), g in df.groupby(["a", "p"]):
         d = g.deviation.to_numpy(float)
         ok = d[np.isfinite(d)]
         lines.append(f"| {av:g} | {p:g} | {ok.mean():.3f} ± {ok.std(ddof=1) if len(ok) > 1 else 0:.3f} | "
                      f"{(ok < SATISFACTORY).sum()}/{len(d)} | {g.err_trial10.mean():.4f} | {g.gate_trial10.mean():.2f} "
-                     f"| {int(g.diverged.sum())}/{len(g)} |")  # fmt: skip
+                     f"| {int(g.diverged.sum())}/{len(g)} |" + (f" {cell(av, p)} |" if cell else ""))  # fmt: skip
     return lines
 
 
@@ -222,18 +225,13 @@ def confirm_section(cf, df, results: Path):
         'with the native backend (`backend="native"`), one batch per rule. Per-run rows: '
         "`results/reservoir_rule_search_confirm.csv`.",
         "",
-        "| a | p | deviation of the finite runs, mean ± sd | satisfactory | training error, trial 10 | gate open, "
-        "trial 10 | diverged | screen (above) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for (av, pv), g in cf.groupby(["a", "p"]):
-        d = g.deviation.to_numpy(float)
-        ok = d[np.isfinite(d)]
+
+    def screen(av, pv):
         g0 = df[(df.a == av) & (df.p == pv)].deviation
-        screen = f"{g0.mean():.3f} ({(g0 < SATISFACTORY).sum()}/{len(g0)})"
-        lines.append(f"| {av:g} | {pv:g} | {ok.mean():.3f} ± {ok.std(ddof=1) if len(ok) > 1 else 0:.3f} | "
-                     f"{(ok < SATISFACTORY).sum()}/{len(d)} | {g.err_trial10.mean():.4f} | {g.gate_trial10.mean():.2f} "
-                     f"| {int(g.diverged.sum())}/{len(g)} | {screen} |")  # fmt: skip
+        return f"{g0.mean():.3f} ({(g0 < SATISFACTORY).sum()}/{len(g0)})"
+
+    lines += rule_table(cf, "deviation of the finite runs, mean ± sd", ("screen (above)", screen))
     motor = results / "reservoir_motor.csv"
     m = pd.read_csv(motor) if motor.exists() else pd.DataFrame(columns=["task", "n", "trial_steps", "algorithm"])
     m = m[(m.task == "arm3") & (m.n == n) & (m.trial_steps == steps) & (m.algorithm == "supertrex")]

@@ -286,8 +286,7 @@ def run_reservoir(
         prm = None
         if ex is not None:
             prm = theta if ex.rule.is_linear else torch.stack([*theta.values(), scale.reshape(B)], -1)
-        steps_c = NativeSteps(params.J, params.Q, task, learning, ex.rule if ex is not None else None, prm,
-                              gate_on, reservoir.alpha, reservoir.leak, dtype)  # fmt: skip
+        steps_c = NativeSteps(params.J, params.Q, task, learning, prm, gate_on, reservoir.alpha, reservoir.leak, dtype)
 
     x = params.x0.clone()
     r = torch.tanh(x)
@@ -349,9 +348,9 @@ def run_reservoir(
             keep = task.test_feedback == "delayed_output" and trial >= n_train - n_test
             zs = x.new_empty(trial_steps, B, d) if keep else None
             if steps_c is not None:
-                E, EM, g_n = _native_trial(steps_c, noise, f, trial * trial_steps, trial_steps, every, ms is not None,
-                                           (x, r, z, W_exp, W_mst, P if rls is not None else None, zbar, ebar, beta,
-                                            kz, ke), zs)  # fmt: skip
+                state = (x, r, z, W_exp, W_mst, P if rls is not None else None, zbar, ebar, beta, kz, ke)
+                E, EM = _native_trial(steps_c, noise, f, trial * trial_steps, trial_steps, state, zs)
+                g_n = steps_c.gated_updates(trial * trial_steps, trial_steps)
                 g_sum = steps_c.g_sum.clone()
             else:
                 for t in range(trial_steps):
@@ -477,19 +476,11 @@ def run_reservoir(
 
 
 def _native_trial(
-    steps_c,
-    noise: NoiseStream,
-    f: Tensor,
-    step0: int,
-    T: int,
-    every: int,
-    mastery: bool,
-    state: tuple,
-    zs: Tensor | None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+    steps_c, noise: NoiseStream, f: Tensor, step0: int, T: int, state: tuple, zs: Tensor | None
+) -> tuple[np.ndarray, np.ndarray]:
     """One training trial in the C kernel (:class:`.native.NativeSteps`), the state tensors updated in place; returns
-    the step errors ``E`` and mastery-readout errors ``EM`` ``(T, B)`` and the number of gated RLS updates."""
-    E = np.empty((T, steps_c.B), dtype=str(steps_c.dtype)[6:])
+    the step errors ``E`` and mastery-readout errors ``EM`` ``(T, B)``."""
+    E = np.empty((T, steps_c.B), dtype=steps_c.np_dtype)
     EM = np.empty_like(E)
     steps_c.g_sum.zero_()
     t = 0
@@ -500,8 +491,7 @@ def _native_trial(
             step0 + t, xi, f[t : t + m], *state, E[t : t + m], EM[t : t + m], zs[t : t + m] if zs is not None else None
         )
         t += m
-    g_n = (step0 + T) // every - step0 // every if mastery and every else 0  # steps s with (s + 1) % every == 0
-    return E, EM, g_n
+    return E, EM
 
 
 def _sequential_sum(E: np.ndarray) -> Tensor:
