@@ -344,7 +344,8 @@ def _ours_config(cfg: dict, B: int):
 
     task = TaskConfig(dataset="emnist", data_dir=cfg["data_dir"], options={"per_class": PER_CLASS}, M=cfg["M"],
                       K=cfg["K"], Q=cfg["Q"], replacement=True, fixed_images=True)  # fmt: skip
-    meta = MetaConfig(meta_batch=B, l1=0.0, lr=1e-3, seed=cfg["seed"], threads=cfg["threads"])
+    meta = MetaConfig(meta_batch=B, l1=0.0, lr=1e-3, seed=cfg["seed"], threads=cfg["threads"],
+                      method=cfg.get("method", "auto"))  # fmt: skip
     return DiscoverConfig(rule=RULE, task=task, network=NetworkConfig(sizes=SIZES, feedback="fa"), meta=meta)
 
 

@@ -63,10 +63,14 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from ..networks.base import AdjointNetwork, LayeredNetwork
 from .adjoint import _SNAPSHOT_EVERY, _Adjoint, _fast_layers, _fast_params, _FastRun
+from .native import NATIVE_U, NATIVE_V, native_reason, run_native
 from .plan import _make_plan
 from .step import _run_checkpointed, _step, _Tracker
 
-__all__ = ["InnerResult", "run_episodes"]
+__all__ = ["InnerResult", "run_episodes", "METHODS"]
+
+METHODS = ("auto", "adjoint", "autograd", "native")
+"""How :func:`run_episodes` runs the steps and computes the meta-gradient (its ``method``)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,8 +283,8 @@ def run_episodes(
         raise ConfigError(f"check_every must be an integer >= 1; received {check_every!r}.")
     if not divergence_bound > 0:
         raise ConfigError(f"divergence_bound must be > 0; received {divergence_bound!r}.")
-    if method not in ("auto", "adjoint", "autograd"):
-        raise ConfigError(f"Unknown method {method!r}; allowed: 'auto', 'adjoint', 'autograd'.")
+    if method not in METHODS:
+        raise ConfigError(f"Unknown method {method!r}; allowed: {', '.join(map(repr, METHODS))}.")
     if checkpoint_every is not None and (
         isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):
@@ -321,7 +325,7 @@ def run_episodes(
     tracker = _Tracker(net, b, n_steps, device, check_every, divergence_bound, curves, raise_on_divergence, ks)
     states: list[dict] = [{} for _ in range(net.n_layers)]
     lows, why = None, ""
-    if method != "autograd":
+    if method not in ("autograd", "native"):
         lows, why = (
             _fast_layers(net, plan, observe, modulator, fbs)
             if isinstance(net, AdjointNetwork)
@@ -332,7 +336,18 @@ def run_episodes(
             f"method='adjoint' needs compiled rules of the form dW = a W + U diag(c) V^T without derived states, "
             f"observers, modulators or plastic feedback; here: {why}. Use method='auto' or 'autograd'."
         )
-    if lows is not None:
+    if method == "native":
+        why = native_reason(net, plan, observe, modulator, fbs, x_train)
+        if why:
+            raise ConfigError(
+                f"method='native' runs feedforward Networks (fa or bp feedback) on the CPU with linear rules whose "
+                f"terms are numbers times u v^T (u in {NATIVE_U}, v in {NATIVE_V}) or W; here: {why}. Use "
+                f"method='auto'."
+            )
+        ws = run_native(
+            net, plan, ws, x_train, target_train, labels_train, fbs, tracker, checkpoint_every or _SNAPSHOT_EVERY
+        )
+    elif lows is not None:
         run = _FastRun(
             net, plan, lows, x_train, target_train, labels_train, fbs, reward, tracker,
             checkpoint_every or _SNAPSHOT_EVERY,

@@ -290,8 +290,10 @@ class MetaConfig(Config):
     method: str = option(
         "auto",
         help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
-        "'adjoint' or 'autograd' (see rulesearch.inner.run_episodes).",
-        choices=("auto", "adjoint", "autograd"),
+        "'adjoint', 'autograd', or 'native' (steps and adjoint in one C kernel: feedforward networks on the CPU, "
+        "rules of outer products of post, err and pre, pre_err, W^T post, such as F^bio; see "
+        "rulesearch.inner.run_episodes).",
+        choices=("auto", "adjoint", "autograd", "native"),
     )
     chunk: int | None = option(
         None,

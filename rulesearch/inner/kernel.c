@@ -1,0 +1,570 @@
+/* The online inner loop of a feedforward network and its adjoint, one C kernel per episode batch
+ * (rulesearch.inner.native). Built with the flags of rulesearch.native; the defines are set by the caller:
+ *   real, ACT (0 softplus, 1 tanh, 2 sigmoid, 3 linear), CE (1: softmax + cross-entropy, 0: identity + MSE),
+ *   BP (1: errors through W^T, 0: through the stored feedback matrices), BETA (softplus sharpness).
+ *
+ * Per layer l (weights W_l of shape n_{l+1} x n_l, row-major), the rule's step is
+ *     W_l <- (1 + a) W_l + sum_p u_p Vt_p^T,   Vt_p = sum_q C[p][q] v_q,
+ * with post vectors u = (1, y_{l+1}, e_{l+1}) and pre vectors v = (1, y_l, e_l, W_l^T y_{l+1}).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NP 3
+#define NQ 4
+#define MAXL 32
+
+/* cfg: L, N, B, need_err, err_lo, snap_every, check_every, record, n_0..n_L, then per layer 14 ints:
+ * use[3][4] (structural nonzeros of C), decay, wtp (the rule reads W^T post). */
+typedef struct {
+    int L, N, B, need_err, err_lo, snap_every, check_every, record;
+    int n[MAXL + 1];
+    int use[MAXL][NP][NQ], decay[MAXL], wtp[MAXL], up[MAXL][NP];
+    long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1];
+    long S, wtot, wsize[MAXL], woff[MAXL];
+    int nmax;
+} Net;
+
+static int setup(Net *t, const int *cfg) {
+    t->L = cfg[0]; t->N = cfg[1]; t->B = cfg[2]; t->need_err = cfg[3]; t->err_lo = cfg[4];
+    t->snap_every = cfg[5]; t->check_every = cfg[6]; t->record = cfg[7];
+    if (t->L < 1 || t->L > MAXL) return 1;
+    const int L = t->L;
+    const int *lay = cfg + 8 + L + 1;
+    t->nmax = 0;
+    for (int i = 0; i <= L; i++) {
+        t->n[i] = cfg[8 + i];
+        if (t->n[i] > t->nmax) t->nmax = t->n[i];
+    }
+    long off = 0;
+    for (int i = 1; i <= L; i++) { t->off_y[i] = off; off += t->n[i]; }
+    for (int i = 1; i <= L; i++) { t->off_z[i] = off; off += t->n[i]; }
+    for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += t->n[i]; }
+    for (int i = 0; i < L; i++) { t->off_back[i] = off; off += t->n[i]; }
+    for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += t->n[i]; }
+    t->S = off;
+    t->wtot = 0;
+    for (int l = 0; l < L; l++) {
+        t->wsize[l] = (long)t->n[l + 1] * t->n[l];
+        t->woff[l] = t->wtot;
+        t->wtot += t->wsize[l];
+        for (int p = 0; p < NP; p++) {
+            t->up[l][p] = 0;
+            for (int q = 0; q < NQ; q++) {
+                t->use[l][p][q] = lay[14 * l + NQ * p + q];
+                t->up[l][p] |= t->use[l][p][q];
+            }
+        }
+        t->decay[l] = lay[14 * l + 12];
+        t->wtp[l] = lay[14 * l + 13];
+    }
+    return 0;
+}
+
+/* ---- elementwise maps (the network's activation, its derivative and their backward passes) ---------------- */
+
+static real act(real z) {
+#if ACT == 0
+    real bz = z * (real)BETA;
+    return bz > (real)20 ? z : log1p(exp(bz)) / (real)BETA;
+#elif ACT == 1
+    return tanh(z);
+#elif ACT == 2
+    return (real)1 / ((real)1 + exp(-z));
+#else
+    return z;
+#endif
+}
+
+/* sigma'(z) from y = sigma(z) */
+static real deriv(real y) {
+#if ACT == 0
+    return -expm1(-(real)BETA * y);
+#elif ACT == 1
+    return (real)1 - y * y;
+#elif ACT == 2
+    return y * ((real)1 - y);
+#else
+    (void)y;
+    return (real)1;
+#endif
+}
+
+/* g sigma'(z) as autograd computes it */
+static real act_backward(real g, real y, real z) {
+#if ACT == 0
+    (void)y;
+    real bz = z * (real)BETA;
+    real ez = exp(bz);
+    return bz > (real)20 ? g : g * ez / (ez + (real)1);
+#elif ACT == 1
+    (void)z;
+    return g * ((real)1 - y * y);
+#elif ACT == 2
+    (void)z;
+    return g * (y * ((real)1 - y));
+#else
+    (void)y; (void)z;
+    return g;
+#endif
+}
+
+/* the VJP of e = back * sigma'(z) through sigma' (cotangent of y), given ge and gd = ge * d */
+static real deriv_backward(real ge, real gd, real back, real y) {
+#if ACT == 0
+    (void)y;
+    return (ge - gd) * back * (real)BETA;
+#elif ACT == 1
+    (void)gd;
+    return ge * back * y * (real)-2;
+#elif ACT == 2
+    (void)gd;
+    return ge * back * ((real)1 - (real)2 * y);
+#else
+    (void)ge; (void)gd; (void)back; (void)y;
+    return (real)0;
+#endif
+}
+
+static real input_deriv(real x) { return -expm1(-(real)BETA * x); }
+
+/* ---- small linear algebra ------------------------------------------------------------------------------ */
+
+/* sum_j a_j b_j (vectorized: the order of the sum is the compiler's) */
+static real dot(const real *restrict a, const real *restrict b, long n) {
+    real s = 0;
+#pragma omp simd reduction(+ : s)
+    for (long j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* out = W v (W: m x n) */
+static void mv(const real *restrict W, const real *restrict v, real *restrict out, int m, int n) {
+    for (int i = 0; i < m; i++) out[i] = dot(W + (long)i * n, v, n);
+}
+
+/* out += W^T u (W: m x n) */
+static void vm_add(const real *restrict W, const real *restrict u, real *restrict out, int m, int n) {
+    for (int i = 0; i < m; i++) {
+        const real ui = u[i];
+        const real *restrict w = W + (long)i * n;
+        for (int j = 0; j < n; j++) out[j] += ui * w[j];
+    }
+}
+
+/* ---- one layer's update ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    int k;                     /* active outer products */
+    const real *u[NP];         /* post vectors (NULL: the ones vector) */
+    const real *vt[NP];        /* their Vt_p */
+} Outer;
+
+/* the layer's active (u_p, Vt_p) from the step's vectors; Vt (NP x n_pre) is written */
+static void outer_of(const Net *t, int l, const real *C, const real *const *u, const real *const *v, real *Vt,
+                     Outer *o) {
+    const int n = t->n[l];
+    o->k = 0;
+    for (int p = 0; p < NP; p++) {
+        if (!t->up[l][p]) continue;
+        real *restrict r = Vt + (long)p * n;
+        for (int j = 0; j < n; j++) r[j] = 0;
+        for (int q = 0; q < NQ; q++) {
+            if (!t->use[l][p][q]) continue;
+            const real c = C[NQ * p + q];
+            if (q == 0) {
+                for (int j = 0; j < n; j++) r[j] += c;
+            } else {
+                const real *restrict vq = v[q];
+                for (int j = 0; j < n; j++) r[j] += c * vq[j];
+            }
+        }
+        o->u[o->k] = u[p];
+        o->vt[o->k] = r;
+        o->k++;
+    }
+}
+
+/* W <- c W + s sum_k u_k Vt_k^T (u NULL: ones) */
+static void apply_outer(real *restrict W, const Outer *o, real c, real s, int m, int n) {
+    for (int i = 0; i < m; i++) {
+        real *restrict w = W + (long)i * n;
+        real a[NP];
+        for (int k = 0; k < o->k; k++) a[k] = s * (o->u[k] ? o->u[k][i] : (real)1);
+        switch (o->k) {
+        case 0:
+            if (c != (real)1) for (int j = 0; j < n; j++) w[j] = c * w[j];
+            break;
+        case 1: {
+            const real *restrict v0 = o->vt[0];
+            for (int j = 0; j < n; j++) w[j] = c * w[j] + a[0] * v0[j];
+        } break;
+        case 2: {
+            const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1];
+            for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j]);
+        } break;
+        default: {
+            const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1], *restrict v2 = o->vt[2];
+            for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j] + a[2] * v2[j]);
+        }
+        }
+    }
+}
+
+/* ---- the step's vectors in the tape -------------------------------------------------------------------- */
+
+typedef struct {
+    const real *x;
+    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1];
+} Vecs;
+
+static void vecs_of(const Net *t, real *tp, const real *x, Vecs *s) {
+    s->x = x;
+    s->y[0] = (real *)x;
+    s->z[0] = NULL;
+    for (int i = 1; i <= t->L; i++) { s->y[i] = tp + t->off_y[i]; s->z[i] = tp + t->off_z[i]; }
+    for (int i = 0; i <= t->L; i++) s->e[i] = tp + t->off_e[i];
+    for (int i = 0; i < t->L; i++) { s->back[i] = tp + t->off_back[i]; s->wtp[i] = tp + t->off_wtp[i]; }
+}
+
+/* the layer's u = (1, post, err) and v = (1, pre, pre_err, W^T post) */
+static void layer_vectors(const Net *t, const Vecs *s, int l, const real *u[NP], const real *v[NQ]) {
+    int has_e = t->need_err;
+    u[0] = NULL;
+    u[1] = s->y[l + 1];
+    u[2] = has_e ? s->e[l + 1] : NULL;
+    v[0] = NULL;
+    v[1] = s->y[l];
+    v[2] = has_e && l >= t->err_lo ? s->e[l] : NULL;
+    v[3] = s->wtp[l];
+}
+
+/* ---- forward ---------------------------------------------------------------------------------------------- */
+
+/* Forward pass, loss and correctness, errors, W^T post: everything of one step before the update. */
+static void step_signals(const Net *t, real *const *W, real *const *F, const real *tgt, long label, Vecs *s,
+                         real *loss, real *correct) {
+    const int L = t->L;
+    for (int l = 0; l < L; l++) {
+        const int m = t->n[l + 1], n = t->n[l];
+        mv(W[l], s->y[l], s->z[l + 1], m, n);
+        real *z = s->z[l + 1], *y = s->y[l + 1];
+        if (l < L - 1) {
+            for (int i = 0; i < m; i++) y[i] = act(z[i]);
+        }
+    }
+    {
+        const int m = t->n[L];
+        real *z = s->z[L], *y = s->y[L];
+#if CE
+        real mx = z[0];
+        for (int i = 1; i < m; i++) mx = z[i] > mx ? z[i] : mx;
+        real sum = 0;
+        for (int i = 0; i < m; i++) { y[i] = exp(z[i] - mx); sum += y[i]; }
+        real zt = 0;
+        for (int i = 0; i < m; i++) { y[i] = y[i] / sum; zt += z[i] * tgt[i]; }
+        *loss = (mx + log(sum)) - zt;
+#else
+        real acc = 0;
+        for (int i = 0; i < m; i++) { y[i] = z[i]; real d = y[i] - tgt[i]; acc += d * d; }
+        *loss = (real)0.5 * acc;
+#endif
+        if (label >= 0) {
+            int am = 0;
+            for (int i = 1; i < m; i++) if (y[i] > y[am]) am = i;
+            *correct = am == label ? (real)1 : (real)0;
+        } else {
+            *correct = (real)NAN;
+        }
+    }
+    if (t->need_err) {
+        real *eL = s->e[L];
+        for (int i = 0; i < t->n[L]; i++) eL[i] = s->y[L][i] - tgt[i];
+        for (int i = L - 1; i >= t->err_lo; i--) {
+            const int m = t->n[i + 1], n = t->n[i];
+            real *back = s->back[i], *e = s->e[i];
+            for (int j = 0; j < n; j++) back[j] = 0;
+#if BP
+            vm_add(W[i], s->e[i + 1], back, m, n);
+#else
+            vm_add(F[i], s->e[i + 1], back, m, n);
+#endif
+            if (i == 0) {
+                for (int j = 0; j < n; j++) e[j] = back[j] * input_deriv(s->x[j]);
+            } else {
+                const real *y = s->y[i];
+                for (int j = 0; j < n; j++) e[j] = back[j] * deriv(y[j]);
+            }
+        }
+    }
+    for (int l = 0; l < L; l++) {
+        if (!t->wtp[l]) continue;
+        real *r = s->wtp[l];
+        for (int j = 0; j < t->n[l]; j++) r[j] = 0;
+        vm_add(W[l], s->y[l + 1], r, t->n[l + 1], t->n[l]);
+    }
+}
+
+static int is_check(const Net *t, int s) { return (s + 1) % t->check_every == 0 || s == t->N - 1; }
+
+static int n_checks(const Net *t) {
+    int c = 0;
+    for (int s = 0; s < t->N; s++) c += is_check(t, s);
+    return c;
+}
+
+/* The online steps of every episode, in place on W (B x n_{l+1} x n_l per layer). With cfg's record, each
+ * step's vectors go to tape (B x N x S) and W_s to snaps (B x ceil(N / snap_every) x wtot) for s = 0, snap, ...
+ * Per step: loss, correctness (NaN without labels); per check step and layer: 1 where |W| exceeds bound or W or
+ * the layer's errors are not finite. Returns 0, or 1 for a bad configuration, 2 when out of memory. */
+int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, const real *tgt,
+               const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
+               real *correct_out, uint8_t *bad_out) {
+    Net t;
+    if (setup(&t, cfg)) return 1;
+    const int L = t.L, N = t.N;
+    const int nsnap = (N + t.snap_every - 1) / t.snap_every, nchk = n_checks(&t);
+    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax));
+    if (!scratch) return 2;
+    real *Vt = scratch + t.S;
+    for (int b = 0; b < t.B; b++) {
+        real *W[MAXL], *F[MAXL];
+        for (int l = 0; l < L; l++) {
+            W[l] = Wp[l] + b * t.wsize[l];
+            F[l] = Fp[l] ? Fp[l] + b * t.wsize[l] : NULL;
+        }
+        const real *Cb = C + (long)b * L * NP * NQ, *Ab = A + (long)b * L;
+        int chk = 0;
+        for (int s = 0; s < N; s++) {
+            const long bs = (long)b * N + s;
+            real *tp = t.record ? tape + bs * t.S : scratch;
+            if (t.record && s % t.snap_every == 0) {
+                real *dst = snaps + ((long)b * nsnap + s / t.snap_every) * t.wtot;
+                for (int l = 0; l < L; l++) memcpy(dst + t.woff[l], W[l], sizeof(real) * t.wsize[l]);
+            }
+            Vecs v;
+            vecs_of(&t, tp, x + bs * t.n[0], &v);
+            step_signals(&t, W, F, tgt + bs * t.n[L], labels ? (long)labels[bs] : -1, &v, loss_out + bs,
+                         correct_out + bs);
+            for (int l = 0; l < L; l++) {
+                const real *u[NP], *vv[NQ];
+                layer_vectors(&t, &v, l, u, vv);
+                Outer o;
+                outer_of(&t, l, Cb + l * NP * NQ, u, vv, Vt, &o);
+                apply_outer(W[l], &o, t.decay[l] ? (real)1 + Ab[l] : (real)1, (real)1, t.n[l + 1], t.n[l]);
+            }
+            if (is_check(&t, s)) {
+                uint8_t *bad = bad_out + ((long)b * nchk + chk) * L;
+                for (int l = 0; l < L; l++) {
+                    int k = 0;
+                    const real *w = W[l];
+                    for (long j = 0; j < t.wsize[l]; j++) k |= !(fabs(w[j]) <= bound);
+                    if (t.need_err) {
+                        for (int i = l; i <= l + 1; i++) {
+                            if (i < t.err_lo || (i == l && l > 0)) continue;
+                            for (int j = 0; j < t.n[i]; j++) k |= !isfinite(v.e[i][j]);
+                        }
+                    }
+                    bad[l] = (uint8_t)k;
+                }
+                chk++;
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- adjoint ---------------------------------------------------------------------------------------------- */
+
+/* The meta-gradient by the adjoint of rs_forward's recorded run: W holds W_N on entry and W_0 on exit (reversed
+ * step by step, reset from the snapshots), G holds dL/dW_N on entry and dL/dW_0 on exit; dC (B x L x 3 x 4) and
+ * dA (B x L) receive dL/dC and dL/da summed over the steps. */
+int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, const real *tgt, const real *C,
+               const real *A, real *tape, const real *snaps, real *dC, real *dA) {
+    Net t;
+    if (setup(&t, cfg)) return 1;
+    const int L = t.L, N = t.N, nm = t.nmax;
+    const int nsnap = (N + t.snap_every - 1) / t.snap_every;
+    /* per layer Vt (3 n), k (3 m), h (3 n), dv3 (n); per index gy, ge, gz, gback */
+    long need = 0;
+    for (int l = 0; l < L; l++) need += (long)NP * t.n[l] + (long)NP * t.n[l + 1] + (long)NP * t.n[l] + t.n[l];
+    need += 4L * (L + 1) * nm;
+    real *work = calloc(need, sizeof(real));
+    if (!work) return 2;
+    real *Vt[MAXL], *K[MAXL], *H[MAXL], *dv3[MAXL], *gy[MAXL + 1], *ge[MAXL + 1], *gz[MAXL + 1], *gb[MAXL + 1];
+    {
+        real *p = work;
+        for (int l = 0; l < L; l++) {
+            Vt[l] = p; p += (long)NP * t.n[l];
+            K[l] = p; p += (long)NP * t.n[l + 1];
+            H[l] = p; p += (long)NP * t.n[l];
+            dv3[l] = p; p += t.n[l];
+        }
+        for (int i = 0; i <= L; i++) { gy[i] = p; p += nm; ge[i] = p; p += nm; gz[i] = p; p += nm; gb[i] = p; p += nm; }
+    }
+    for (int b = 0; b < t.B; b++) {
+        real *W[MAXL], *F[MAXL], *G[MAXL];
+        for (int l = 0; l < L; l++) {
+            W[l] = Wp[l] + b * t.wsize[l];
+            F[l] = Fp[l] ? Fp[l] + b * t.wsize[l] : NULL;
+            G[l] = Gp[l] + b * t.wsize[l];
+        }
+        const real *Cb = C + (long)b * L * NP * NQ, *Ab = A + (long)b * L;
+        real *dCb = dC + (long)b * L * NP * NQ, *dAb = dA + (long)b * L;
+        for (int s = N - 1; s >= 0; s--) {
+            const long bs = (long)b * N + s;
+            Vecs v;
+            vecs_of(&t, tape + bs * t.S, x + bs * t.n[0], &v);
+            const real *tg = tgt + bs * t.n[L];
+            for (int i = 0; i <= L; i++) {
+                memset(gy[i], 0, sizeof(real) * nm);
+                memset(ge[i], 0, sizeof(real) * nm);
+                memset(gz[i], 0, sizeof(real) * nm);
+                memset(gb[i], 0, sizeof(real) * nm);
+            }
+            for (int l = 0; l < L; l++) {
+                const int m = t.n[l + 1], n = t.n[l];
+                const real *Cl = Cb + l * NP * NQ;
+                const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
+                const real *u[NP], *vv[NQ];
+                layer_vectors(&t, &v, l, u, vv);
+                Outer o;
+                outer_of(&t, l, Cl, u, vv, Vt[l], &o);
+                /* W_{s+1} -> W_s */
+                if (s % t.snap_every == 0) {
+                    memcpy(W[l], snaps + ((long)b * nsnap + s / t.snap_every) * t.wtot + t.woff[l],
+                           sizeof(real) * t.wsize[l]);
+                } else if (o.k > 0 || one_a != (real)1) {
+                    apply_outer(W[l], &o, (real)1, (real)-1, m, n);
+                    if (one_a != (real)1) {
+                        const real inv = (real)1 / one_a;
+                        real *w = W[l];
+                        for (long j = 0; j < t.wsize[l]; j++) w[j] = w[j] * inv;
+                    }
+                }
+                if (t.decay[l]) { /* da = <G, W_s> */
+                    dAb[l] += dot(G[l], W[l], t.wsize[l]);
+                }
+                if (o.k == 0) continue;
+                /* one pass over G: k_p = G Vt_p, h_p = G^T u_p */
+                real *k = K[l], *h = H[l];
+                memset(h, 0, sizeof(real) * NP * n);
+                for (int i = 0; i < m; i++) {
+                    const real *restrict g = G[l] + (long)i * n;
+                    for (int r = 0; r < o.k; r++) {
+                        const real *restrict vt = o.vt[r];
+                        real *restrict hr = h + (long)r * n;
+                        const real ui = o.u[r] ? o.u[r][i] : (real)1;
+                        real s0 = 0;
+#pragma omp simd reduction(+ : s0)
+                        for (int j = 0; j < n; j++) {
+                            s0 += g[j] * vt[j];
+                            hr[j] += ui * g[j];
+                        }
+                        k[(long)r * m + i] = s0;
+                    }
+                }
+                /* cotangents of the post vectors, of C, and of the pre vectors */
+                int r = 0;
+                for (int p = 0; p < NP; p++) {
+                    if (!t.up[l][p]) continue;
+                    const real *kr = k + (long)r * m, *hr = h + (long)r * n;
+                    if (p == 1) for (int i = 0; i < m; i++) gy[l + 1][i] += kr[i];
+                    if (p == 2) for (int i = 0; i < m; i++) ge[l + 1][i] += kr[i];
+                    for (int q = 0; q < NQ; q++) {
+                        if (!t.use[l][p][q]) continue;
+                        real acc = 0;
+                        if (q == 0) {
+#pragma omp simd reduction(+ : acc)
+                            for (int j = 0; j < n; j++) acc += hr[j];
+                        } else {
+                            acc = dot(vv[q], hr, n);
+                            const real c = Cl[NQ * p + q];
+                            real *dst = q == 1 ? (l > 0 ? gy[l] : NULL) : q == 2 ? ge[l] : dv3[l];
+                            if (dst) for (int j = 0; j < n; j++) dst[j] += c * hr[j];
+                        }
+                        dCb[l * NP * NQ + NQ * p + q] += acc;
+                    }
+                    r++;
+                }
+            }
+            /* W^T post inside the rule: dL/dpost += W dv3 (W_s) */
+            for (int l = 0; l < L; l++) {
+                if (!t.wtp[l]) continue;
+                const int m = t.n[l + 1], n = t.n[l];
+                const real *w = W[l];
+                for (int i = 0; i < m; i++) gy[l + 1][i] += dot(w + (long)i * n, dv3[l], n);
+            }
+            /* the network's step VJP: errors (ascending), output, forward pass (descending) */
+            if (t.need_err) {
+                for (int i = t.err_lo; i < L; i++) {
+                    const int m = t.n[i + 1], n = t.n[i];
+                    real *g_back = gb[i];
+                    for (int j = 0; j < n; j++) {
+                        const real d = i == 0 ? input_deriv(v.x[j]) : deriv(v.y[i][j]);
+                        g_back[j] = ge[i][j] * d;
+                    }
+#if BP
+                    const real *M = W[i];
+#else
+                    const real *M = F[i];
+#endif
+                    for (int a = 0; a < m; a++) ge[i + 1][a] += dot(M + (long)a * n, g_back, n);
+                    if (i > 0) {
+                        for (int j = 0; j < n; j++)
+                            gy[i][j] += deriv_backward(ge[i][j], g_back[j], v.back[i][j], v.y[i][j]);
+                    }
+                }
+                for (int j = 0; j < t.n[L]; j++) gy[L][j] += ge[L][j];
+            }
+            {
+                const int m = t.n[L];
+                const real *y = v.y[L];
+#if CE
+                real dot = 0;
+                for (int j = 0; j < m; j++) dot += gy[L][j] * y[j];
+                for (int j = 0; j < m; j++) gz[L][j] = y[j] * (gy[L][j] - dot);
+#else
+                for (int j = 0; j < m; j++) gz[L][j] = gy[L][j];
+#endif
+                (void)tg;
+            }
+            for (int i = L; i >= 1; i--) {
+                const int m = t.n[i], n = t.n[i - 1];
+                if (i < L)
+                    for (int j = 0; j < m; j++) gz[i][j] = act_backward(gy[i][j], v.y[i][j], v.z[i][j]);
+                if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
+            }
+            /* G_l <- (1 + a) G_l + gz_{l+1} y_l^T + y_{l+1} dv3^T + (bp) e_{l+1} gback_l^T */
+            for (int l = 0; l < L; l++) {
+                const int m = t.n[l + 1], n = t.n[l];
+                const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
+                const real *yl = v.y[l], *d3 = dv3[l], *gbl = gb[l];
+                const int w3 = t.wtp[l];
+                const int bp = BP && t.need_err && l >= t.err_lo;
+                for (int i = 0; i < m; i++) {
+                    real *restrict g = G[l] + (long)i * n;
+                    const real a0 = gz[l + 1][i];
+                    const real a1 = w3 ? v.y[l + 1][i] : (real)0;
+                    const real a2 = bp ? v.e[l + 1][i] : (real)0;
+                    if (w3 && bp) {
+                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a1 * d3[j] + a2 * gbl[j]);
+                    } else if (w3) {
+                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a1 * d3[j]);
+                    } else if (bp) {
+                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a2 * gbl[j]);
+                    } else {
+                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + a0 * yl[j];
+                    }
+                }
+                if (t.wtp[l]) memset(dv3[l], 0, sizeof(real) * n);
+            }
+        }
+    }
+    free(work);
+    return 0;
+}
