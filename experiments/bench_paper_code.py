@@ -448,12 +448,13 @@ def _check_child(cfg: dict) -> dict:
         batch = (x_trn[None], y_trn.reshape(1, -1), x_qry[None], y_qry.reshape(1, -1))
         weights = [seen["init"][f"fc{i}.weight"][None] for i in range(1, len(SIZES))]
         feedback = [seen["init"][f"fk{i}.weight"][None] for i in range(1, len(SIZES))]
-        leaf = torch.tensor(theta[: rule.n_params], dtype=torch.float32, requires_grad=True)
-        res = run_episodes(net, batch, compile_rule(rule), leaf, weights, feedback, metrics=False)
-        res.loss.mean().backward()
-        out.append({"theta": theta, "paper_loss": seen["loss"], "ours_loss": float(res.loss[0]),
-                    "paper_grad": seen["grad"][: rule.n_params], "ours_grad": leaf.grad.tolist(),
-                    "paper_theta_count": seen["theta_count"], "steps": int(x_trn.shape[0])})  # fmt: skip
+        for method in cfg["methods"]:
+            leaf = torch.tensor(theta[: rule.n_params], dtype=torch.float32, requires_grad=True)
+            res = run_episodes(net, batch, compile_rule(rule), leaf, weights, feedback, metrics=False, method=method)
+            res.loss.mean().backward()
+            out.append({"theta": theta, "method": method, "paper_loss": seen["loss"], "ours_loss": float(res.loss[0]),
+                        "paper_grad": seen["grad"][: rule.n_params], "ours_grad": leaf.grad.tolist(),
+                        "paper_theta_count": seen["theta_count"], "steps": int(x_trn.shape[0])})  # fmt: skip
     return {"checks": out}
 
 
@@ -542,7 +543,8 @@ def check_lines(checks: list[dict], rtol: float) -> tuple[list[str], bool]:
         good = dl <= rtol and dg <= rtol
         ok &= good
         fmt = ", ".join
-        lines.append(f"# {'ok  ' if good else 'DIFF'} theta {c['theta']}: query loss paper {c['paper_loss']:.6f} "
+        lines.append(f"# {'ok  ' if good else 'DIFF'} theta {c['theta']} ({c.get('method', 'auto')}): query loss "
+                     f"paper {c['paper_loss']:.6f} "
                      f"rulesearch {c['ours_loss']:.6f} (rel. diff {dl:.1e}); meta-gradient paper "
                      f"[{fmt(f'{g:.5g}' for g in c['paper_grad'])}] rulesearch "
                      f"[{fmt(f'{g:.5g}' for g in c['ours_grad'])}] (rel. diff {dg:.1e})")  # fmt: skip
@@ -582,6 +584,9 @@ def main(argv=None) -> int:
                    "B > 1: rounded up to whole meta-steps, at least 2)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed episodes (meta-steps) at the start of a process")
     p.add_argument("--batches", default="1,8", help="rulesearch's episodes per meta-step, comma-separated")
+    p.add_argument("--methods", default="auto,native",
+                   help="rulesearch's inner-loop methods (run_episodes' method), comma-separated: a row per method "
+                   "and batch; 'auto' is the torch fast path, 'native' the C kernel")  # fmt: skip
     p.add_argument("--M", type=int, default=5)
     p.add_argument("--K", type=int, default=50)
     p.add_argument("--Q", type=int, default=10)
@@ -617,6 +622,8 @@ def main(argv=None) -> int:
     images = images.to(dtype=__import__("torch").uint8).numpy()
     workdir = Path(tempfile.mkdtemp(prefix="bench-paper-code-"))
     batches = [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",")
+    ours = [(b, m, f"rulesearch B={b}" + ("" if m == "auto" else f" {m}")) for m in methods for b in batches]
     common = {"M": args.M, "K": args.K, "Q": args.Q, "seed": args.seed, "threads": args.threads,
               "paper_code": str(paper_root), "workdir": str(workdir), "data_dir": str(args.data_dir)}  # fmt: skip
     try:
@@ -632,16 +639,14 @@ def main(argv=None) -> int:
               f"{layout_s:.1f} s to a temporary folder")  # fmt: skip
         print(f"# machine: {os.cpu_count()} CPUs, load average before the run {os.getloadavg()[0]:.2f}", flush=True)
         runs: dict[str, list[dict]] = {}
-        sides = [("paper", None)] + [("ours", b) for b in batches]
+        sides = [("paper", None, None, "paper's code")] + [("ours", *o) for o in ours]
         for r in range(args.rounds):
-            for name, b in sides if r % 2 == 0 else sides[::-1]:
+            for name, b, method, label in sides if r % 2 == 0 else sides[::-1]:
                 if name == "paper":
                     cfg = dict(common, side="paper", episodes=args.episodes, warmup=args.warmup)
-                    label = "paper's code"
                 else:
                     steps = max(2, -(-args.episodes // b))
-                    cfg = dict(common, side="ours", B=b, steps=steps, warmup_steps=args.warmup)
-                    label = f"rulesearch B={b}"
+                    cfg = dict(common, side="ours", B=b, steps=steps, warmup_steps=args.warmup, method=method)
                 res = spawn_child(os.path.abspath(__file__), cfg, args.timeout)
                 if "error" in res:
                     print(f"# round {r + 1} {label}: ERROR {res['error']}", flush=True)
@@ -652,7 +657,7 @@ def main(argv=None) -> int:
                       flush=True)  # fmt: skip
         paper_runs = runs["paper's code"]
         rows = [summarize("paper's code", paper_runs, 1)]
-        rows += [summarize(f"rulesearch B={b}", runs[f"rulesearch B={b}"], b) for b in batches]
+        rows += [summarize(label, runs[label], b) for b, _, label in ours]
         print()
         print(format_table(rows))
         print()
@@ -663,7 +668,8 @@ def main(argv=None) -> int:
         check = None
         if not args.no_check:
             thetas = [[1e-3, 0.0, 0.0], [1e-3, -1e-3, 1e-4]]  # the paper's initial values; all three terms active
-            check = spawn_child(os.path.abspath(__file__), dict(common, side="check", thetas=thetas), args.timeout)
+            check = spawn_child(os.path.abspath(__file__), dict(common, side="check", thetas=thetas, methods=methods),
+                                args.timeout)  # fmt: skip
             if "error" in check:
                 print(f"# same-episode check: ERROR {check['error']}")
             else:

@@ -12,6 +12,7 @@ episodes). A figure to read, not a timed test.
 
     python experiments/bench_protocol.py                       # bio and pool, every setting, 20 steps each
     python experiments/bench_protocol.py --rules bio --steps 10 --settings torchrun
+    python experiments/bench_protocol.py --rules bio --settings torchrun --methods auto,native   # the C kernel too
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _config(data_dir: str, rule: str) -> dict:
     }
 
 
-def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int, chunk: int | None) -> list[str]:
+def _command(setting: str, cores: int, cfg: Path, out: Path, steps: int, chunk: int | None, method: str) -> list[str]:
     args = ["-m", "rulesearch.cli", "discover", "-c", str(cfg), "--episodes", str(steps), "--out", str(out),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--set", f"meta.method={method}"]  # fmt: skip
     if chunk is not None and setting != "one group":
         args += ["--set", f"meta.chunk={chunk}"]
     if setting == "torchrun":
@@ -78,7 +79,9 @@ def _read_metrics(out: Path) -> tuple[list[float], int]:
     return [seconds[k] for k in sorted(seconds)], skipped
 
 
-def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_dir: str, chunk=None) -> dict:
+def measure(
+    setting: str, rule: str, cores: int, steps: int, warmup: int, data_dir: str, chunk=None, method: str = "auto"
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_protocol_"))
     try:
         cfg = work / "config.json"
@@ -86,7 +89,7 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
         out = work / "run"
         env = {**os.environ, "OMP_NUM_THREADS": "1" if setting != f"{cores} threads" else str(cores)}
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-c", _PEAK, *_command(setting, cores, cfg, out, steps, chunk)]
+        cmd = [sys.executable, "-c", _PEAK, *_command(setting, cores, cfg, out, steps, chunk, method)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
                               text=True)  # fmt: skip
         total = time.perf_counter() - t0
@@ -100,8 +103,8 @@ def measure(setting: str, rule: str, cores: int, steps: int, warmup: int, data_d
     step = statistics.median(secs[warmup:])
     startup = total - sum(secs)
     core_s = step * (1 if setting in ("1 thread", "one group") else cores) / RUNS
-    return {"setting": setting, "rule": rule, "steps": len(secs), "s_per_step": step, "startup_s": startup,
-            "protocol_min": (startup + PROTOCOL_STEPS * step) / 60, "core_s_per_episode": core_s,
+    return {"setting": setting, "rule": rule, "method": method, "steps": len(secs), "s_per_step": step,
+            "startup_s": startup, "protocol_min": (startup + PROTOCOL_STEPS * step) / 60, "core_s_per_episode": core_s,
             "skipped": skipped, "peak_mib": peak}  # fmt: skip
 
 
@@ -116,6 +119,9 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunk", type=int, default=None, help="meta.chunk for every setting but 'one group' (default: 8)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--methods", default="auto",
+                   help="comma-separated meta.method values, a row per rule, setting and method: 'auto' (the torch "
+                        "fast path), 'native' (the C kernel; rules of its vocabulary only, such as bio)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the rows to this file")
     a = p.parse_args()
     if a.steps <= a.warmup:
@@ -127,10 +133,10 @@ def main() -> None:
           flush=True)  # fmt: skip
     rows = []
     for rule in a.rules.split(","):
-        for setting in settings:
-            r = measure(setting, rule, a.cores, a.steps, a.warmup, a.data_dir, a.chunk)
+        for setting, method in [(s, m) for m in a.methods.split(",") for s in settings]:
+            r = measure(setting, rule, a.cores, a.steps, a.warmup, a.data_dir, a.chunk, method)
             rows.append(r)
-            print(f"{rule:<5} {setting:<10} {r['s_per_step']:.2f} s per meta-step ({RUNS} episodes; "
+            print(f"{rule:<5} {setting:<10} {method:<6} {r['s_per_step']:.2f} s per meta-step ({RUNS} episodes; "
                   f"{r['core_s_per_episode']:.3f} core-s per episode), start-up {r['startup_s']:.1f} s -> "
                   f"protocol {r['protocol_min']:.1f} min ({r['skipped']} of {RUNS * r['steps']} episodes skipped); "
                   f"peak RSS {r['peak_mib']:.0f} MiB per process",

@@ -188,29 +188,36 @@ static void outer_of(const Net *t, int l, const real *C, const real *const *u, c
     }
 }
 
-/* W <- c W + s sum_k u_k Vt_k^T (u NULL: ones) */
-static void apply_outer(real *restrict W, const Outer *o, real c, real s, int m, int n) {
+/* row i of W <- c W + s sum_k u_k Vt_k^T (u NULL: ones) */
+static void row_update(real *restrict w, const Outer *o, int i, real c, real s, int n) {
+    real a[NP];
+    for (int k = 0; k < o->k; k++) a[k] = s * (o->u[k] ? o->u[k][i] : (real)1);
+    switch (o->k) {
+    case 0:
+        if (c != (real)1)
+            for (int j = 0; j < n; j++) w[j] = c * w[j];
+        break;
+    case 1: {
+        const real *restrict v0 = o->vt[0];
+        for (int j = 0; j < n; j++) w[j] = c * w[j] + a[0] * v0[j];
+    } break;
+    case 2: {
+        const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1];
+        for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j]);
+    } break;
+    default: {
+        const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1], *restrict v2 = o->vt[2];
+        for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j] + a[2] * v2[j]);
+    }
+    }
+}
+
+/* W <- c W + sum_k u_k Vt_k^T; with xn, also zn = W xn from the updated rows (the next step's first layer) */
+static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, const real *xn, real *zn) {
     for (int i = 0; i < m; i++) {
-        real *restrict w = W + (long)i * n;
-        real a[NP];
-        for (int k = 0; k < o->k; k++) a[k] = s * (o->u[k] ? o->u[k][i] : (real)1);
-        switch (o->k) {
-        case 0:
-            if (c != (real)1) for (int j = 0; j < n; j++) w[j] = c * w[j];
-            break;
-        case 1: {
-            const real *restrict v0 = o->vt[0];
-            for (int j = 0; j < n; j++) w[j] = c * w[j] + a[0] * v0[j];
-        } break;
-        case 2: {
-            const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1];
-            for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j]);
-        } break;
-        default: {
-            const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1], *restrict v2 = o->vt[2];
-            for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j] + a[2] * v2[j]);
-        }
-        }
+        real *w = W + (long)i * n;
+        row_update(w, o, i, c, (real)1, n);
+        if (xn) zn[i] = dot(w, xn, n);
     }
 }
 
@@ -246,11 +253,14 @@ static void layer_vectors(const Net *t, const Vecs *s, int l, const real *u[NP],
 
 /* Forward pass, loss and correctness, errors, W^T post: everything of one step before the update. */
 static void step_signals(const Net *t, real *const *W, real *const *F, const real *tgt, long label, Vecs *s,
-                         real *loss, real *correct) {
+                         const real *z1, real *loss, real *correct) {
     const int L = t->L;
     for (int l = 0; l < L; l++) {
         const int m = t->n[l + 1], n = t->n[l];
-        mv(W[l], s->y[l], s->z[l + 1], m, n);
+        if (l == 0 && z1)
+            memcpy(s->z[1], z1, sizeof(real) * m);
+        else
+            mv(W[l], s->y[l], s->z[l + 1], m, n);
         real *z = s->z[l + 1], *y = s->y[l + 1];
         if (l < L - 1) {
             for (int i = 0; i < m; i++) y[i] = act(z[i]);
@@ -327,9 +337,9 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
     if (setup(&t, cfg)) return 1;
     const int L = t.L, N = t.N;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every, nchk = n_checks(&t);
-    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax));
+    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax + t.n[1]));
     if (!scratch) return 2;
-    real *Vt = scratch + t.S;
+    real *Vt = scratch + t.S, *z1 = Vt + (long)NP * t.nmax; /* z1: the next step's W_0 x, from the update's pass */
     for (int b = 0; b < t.B; b++) {
         real *W[MAXL], *F[MAXL];
         for (int l = 0; l < L; l++) {
@@ -347,14 +357,16 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
             }
             Vecs v;
             vecs_of(&t, tp, x + bs * t.n[0], &v);
-            step_signals(&t, W, F, tgt + bs * t.n[L], labels ? (long)labels[bs] : -1, &v, loss_out + bs,
-                         correct_out + bs);
+            step_signals(&t, W, F, tgt + bs * t.n[L], labels ? (long)labels[bs] : -1, &v, s > 0 ? z1 : NULL,
+                         loss_out + bs, correct_out + bs);
             for (int l = 0; l < L; l++) {
                 const real *u[NP], *vv[NQ];
                 layer_vectors(&t, &v, l, u, vv);
                 Outer o;
                 outer_of(&t, l, Cb + l * NP * NQ, u, vv, Vt, &o);
-                apply_outer(W[l], &o, t.decay[l] ? (real)1 + Ab[l] : (real)1, (real)1, t.n[l + 1], t.n[l]);
+                const int fuse = l == 0 && s + 1 < N;
+                apply_outer(W[l], &o, t.decay[l] ? (real)1 + Ab[l] : (real)1, t.n[l + 1], t.n[l],
+                            fuse ? x + (bs + 1) * t.n[0] : NULL, z1);
             }
             if (is_check(&t, s)) {
                 uint8_t *bad = bad_out + ((long)b * nchk + chk) * L;
@@ -380,26 +392,45 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
 
 /* ---- adjoint ---------------------------------------------------------------------------------------------- */
 
+/* k_r = G Vt_r and h_r = G^T u_r of row i of G (h accumulates) */
+static void g_row_pass(const real *restrict g, const Outer *o, int i, int m, int n, real *k, real *h) {
+    for (int r = 0; r < o->k; r++) {
+        const real *restrict vt = o->vt[r];
+        real *restrict hr = h + (long)r * n;
+        const real ui = o->u[r] ? o->u[r][i] : (real)1;
+        real s0 = 0;
+#pragma omp simd reduction(+ : s0)
+        for (int j = 0; j < n; j++) {
+            s0 += g[j] * vt[j];
+            hr[j] += ui * g[j];
+        }
+        k[(long)r * m + i] = s0;
+    }
+}
+
 /* The meta-gradient by the adjoint of rs_forward's recorded run: W holds W_N on entry and W_0 on exit (reversed
  * step by step, reset from the snapshots), G holds dL/dW_N on entry and dL/dW_0 on exit; dC (B x L x 3 x 4) and
- * dA (B x L) receive dL/dC and dL/da summed over the steps. */
+ * dA (B x L) receive dL/dC and dL/da summed over the steps. Per step and layer, one pass over W (reversal, with
+ * <G, W_s> and W_s dv3) and one over G (its update, with the factor products k, h of the step before). */
 int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, const real *tgt, const real *C,
                const real *A, real *tape, const real *snaps, real *dC, real *dA) {
     Net t;
     if (setup(&t, cfg)) return 1;
     const int L = t.L, N = t.N, nm = t.nmax;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every;
-    /* per layer Vt (3 n), k (3 m), h (3 n), dv3 (n); per index gy, ge, gz, gback */
+    /* per layer two Vt (3 n each: this step's and the one before), k (3 m), h (3 n), dv3 (n); per index gy, ge,
+     * gz, gback */
     long need = 0;
-    for (int l = 0; l < L; l++) need += (long)NP * t.n[l] + (long)NP * t.n[l + 1] + (long)NP * t.n[l] + t.n[l];
+    for (int l = 0; l < L; l++) need += 2L * NP * t.n[l] + (long)NP * t.n[l + 1] + (long)NP * t.n[l] + t.n[l];
     need += 4L * (L + 1) * nm;
     real *work = calloc(need, sizeof(real));
     if (!work) return 2;
-    real *Vt[MAXL], *K[MAXL], *H[MAXL], *dv3[MAXL], *gy[MAXL + 1], *ge[MAXL + 1], *gz[MAXL + 1], *gb[MAXL + 1];
+    real *Vt[MAXL][2], *K[MAXL], *H[MAXL], *dv3[MAXL], *gy[MAXL + 1], *ge[MAXL + 1], *gz[MAXL + 1], *gb[MAXL + 1];
     {
         real *p = work;
         for (int l = 0; l < L; l++) {
-            Vt[l] = p; p += (long)NP * t.n[l];
+            Vt[l][0] = p; p += (long)NP * t.n[l];
+            Vt[l][1] = p; p += (long)NP * t.n[l];
             K[l] = p; p += (long)NP * t.n[l + 1];
             H[l] = p; p += (long)NP * t.n[l];
             dv3[l] = p; p += t.n[l];
@@ -415,66 +446,38 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
         }
         const real *Cb = C + (long)b * L * NP * NQ, *Ab = A + (long)b * L;
         real *dCb = dC + (long)b * L * NP * NQ, *dAb = dA + (long)b * L;
+        Vecs v, vp; /* this step's vectors and the step before's */
+        Outer o[MAXL], op[MAXL];
+        const real *u[MAXL][NP], *vv[MAXL][NQ], *up[MAXL][NP], *vvp[MAXL][NQ];
+        int cur = 0;
+        vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0], &v);
+        for (int l = 0; l < L; l++) { /* the last step's factor products, from G = dL/dW_N */
+            const int m = t.n[l + 1], n = t.n[l];
+            layer_vectors(&t, &v, l, u[l], vv[l]);
+            outer_of(&t, l, Cb + l * NP * NQ, u[l], vv[l], Vt[l][cur], &o[l]);
+            memset(H[l], 0, sizeof(real) * NP * n);
+            for (int i = 0; i < m; i++) g_row_pass(G[l] + (long)i * n, &o[l], i, m, n, K[l], H[l]);
+        }
         for (int s = N - 1; s >= 0; s--) {
-            const long bs = (long)b * N + s;
-            Vecs v;
-            vecs_of(&t, tape + bs * t.S, x + bs * t.n[0], &v);
-            const real *tg = tgt + bs * t.n[L];
             for (int i = 0; i <= L; i++) {
                 memset(gy[i], 0, sizeof(real) * nm);
                 memset(ge[i], 0, sizeof(real) * nm);
                 memset(gz[i], 0, sizeof(real) * nm);
                 memset(gb[i], 0, sizeof(real) * nm);
             }
+            /* cotangents of the post vectors, of C, and of the pre vectors, from k and h */
             for (int l = 0; l < L; l++) {
                 const int m = t.n[l + 1], n = t.n[l];
                 const real *Cl = Cb + l * NP * NQ;
-                const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
-                const real *u[NP], *vv[NQ];
-                layer_vectors(&t, &v, l, u, vv);
-                Outer o;
-                outer_of(&t, l, Cl, u, vv, Vt[l], &o);
-                /* W_{s+1} -> W_s */
-                if (s % t.snap_every == 0) {
-                    memcpy(W[l], snaps + ((long)b * nsnap + s / t.snap_every) * t.wtot + t.woff[l],
-                           sizeof(real) * t.wsize[l]);
-                } else if (o.k > 0 || one_a != (real)1) {
-                    apply_outer(W[l], &o, (real)1, (real)-1, m, n);
-                    if (one_a != (real)1) {
-                        const real inv = (real)1 / one_a;
-                        real *w = W[l];
-                        for (long j = 0; j < t.wsize[l]; j++) w[j] = w[j] * inv;
-                    }
-                }
-                if (t.decay[l]) { /* da = <G, W_s> */
-                    dAb[l] += dot(G[l], W[l], t.wsize[l]);
-                }
-                if (o.k == 0) continue;
-                /* one pass over G: k_p = G Vt_p, h_p = G^T u_p */
-                real *k = K[l], *h = H[l];
-                memset(h, 0, sizeof(real) * NP * n);
-                for (int i = 0; i < m; i++) {
-                    const real *restrict g = G[l] + (long)i * n;
-                    for (int r = 0; r < o.k; r++) {
-                        const real *restrict vt = o.vt[r];
-                        real *restrict hr = h + (long)r * n;
-                        const real ui = o.u[r] ? o.u[r][i] : (real)1;
-                        real s0 = 0;
-#pragma omp simd reduction(+ : s0)
-                        for (int j = 0; j < n; j++) {
-                            s0 += g[j] * vt[j];
-                            hr[j] += ui * g[j];
-                        }
-                        k[(long)r * m + i] = s0;
-                    }
-                }
-                /* cotangents of the post vectors, of C, and of the pre vectors */
+                if (t.wtp[l]) memset(dv3[l], 0, sizeof(real) * n);
                 int r = 0;
                 for (int p = 0; p < NP; p++) {
                     if (!t.up[l][p]) continue;
-                    const real *kr = k + (long)r * m, *hr = h + (long)r * n;
-                    if (p == 1) for (int i = 0; i < m; i++) gy[l + 1][i] += kr[i];
-                    if (p == 2) for (int i = 0; i < m; i++) ge[l + 1][i] += kr[i];
+                    const real *kr = K[l] + (long)r * m, *hr = H[l] + (long)r * n;
+                    if (p == 1)
+                        for (int i = 0; i < m; i++) gy[l + 1][i] += kr[i];
+                    if (p == 2)
+                        for (int i = 0; i < m; i++) ge[l + 1][i] += kr[i];
                     for (int q = 0; q < NQ; q++) {
                         if (!t.use[l][p][q]) continue;
                         real acc = 0;
@@ -482,22 +485,39 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
 #pragma omp simd reduction(+ : acc)
                             for (int j = 0; j < n; j++) acc += hr[j];
                         } else {
-                            acc = dot(vv[q], hr, n);
+                            acc = dot(vv[l][q], hr, n);
                             const real c = Cl[NQ * p + q];
                             real *dst = q == 1 ? (l > 0 ? gy[l] : NULL) : q == 2 ? ge[l] : dv3[l];
-                            if (dst) for (int j = 0; j < n; j++) dst[j] += c * hr[j];
+                            if (dst)
+                                for (int j = 0; j < n; j++) dst[j] += c * hr[j];
                         }
                         dCb[l * NP * NQ + NQ * p + q] += acc;
                     }
                     r++;
                 }
             }
-            /* W^T post inside the rule: dL/dpost += W dv3 (W_s) */
+            /* W_{s+1} -> W_s, one row at a time, with da = <G, W_s> and dL/dpost += W_s dv3 (W^T post in the rule) */
             for (int l = 0; l < L; l++) {
-                if (!t.wtp[l]) continue;
                 const int m = t.n[l + 1], n = t.n[l];
-                const real *w = W[l];
-                for (int i = 0; i < m; i++) gy[l + 1][i] += dot(w + (long)i * n, dv3[l], n);
+                const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
+                const real inv = (real)1 / one_a;
+                const real *snap = s % t.snap_every == 0
+                    ? snaps + ((long)b * nsnap + s / t.snap_every) * t.wtot + t.woff[l] : NULL;
+                const int undo = o[l].k > 0 || one_a != (real)1;
+                real da = 0;
+                for (int i = 0; i < m; i++) {
+                    real *w = W[l] + (long)i * n;
+                    if (snap) {
+                        memcpy(w, snap + (long)i * n, sizeof(real) * n);
+                    } else if (undo) {
+                        row_update(w, &o[l], i, (real)1, (real)-1, n);
+                        if (one_a != (real)1)
+                            for (int j = 0; j < n; j++) w[j] = w[j] * inv;
+                    }
+                    if (t.decay[l]) da += dot(G[l] + (long)i * n, w, n);
+                    if (t.wtp[l]) gy[l + 1][i] += dot(w, dv3[l], n);
+                }
+                dAb[l] += da;
             }
             /* the network's step VJP: errors (ascending), output, forward pass (descending) */
             if (t.need_err) {
@@ -525,13 +545,12 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 const int m = t.n[L];
                 const real *y = v.y[L];
 #if CE
-                real dot = 0;
-                for (int j = 0; j < m; j++) dot += gy[L][j] * y[j];
-                for (int j = 0; j < m; j++) gz[L][j] = y[j] * (gy[L][j] - dot);
+                real d = 0;
+                for (int j = 0; j < m; j++) d += gy[L][j] * y[j];
+                for (int j = 0; j < m; j++) gz[L][j] = y[j] * (gy[L][j] - d);
 #else
                 for (int j = 0; j < m; j++) gz[L][j] = gy[L][j];
 #endif
-                (void)tg;
             }
             for (int i = L; i >= 1; i--) {
                 const int m = t.n[i], n = t.n[i - 1];
@@ -539,13 +558,23 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     for (int j = 0; j < m; j++) gz[i][j] = act_backward(gy[i][j], v.y[i][j], v.z[i][j]);
                 if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
             }
-            /* G_l <- (1 + a) G_l + gz_{l+1} y_l^T + y_{l+1} dv3^T + (bp) e_{l+1} gback_l^T */
+            /* the step before's vectors and factors */
+            if (s > 0) {
+                vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0], &vp);
+                for (int l = 0; l < L; l++) {
+                    layer_vectors(&t, &vp, l, up[l], vvp[l]);
+                    outer_of(&t, l, Cb + l * NP * NQ, up[l], vvp[l], Vt[l][1 - cur], &op[l]);
+                }
+            }
+            /* G_l <- (1 + a) G_l + gz_{l+1} y_l^T + y_{l+1} dv3^T + (bp) e_{l+1} gback_l^T, one row at a time,
+             * with the step before's k and h */
             for (int l = 0; l < L; l++) {
                 const int m = t.n[l + 1], n = t.n[l];
                 const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
                 const real *yl = v.y[l], *d3 = dv3[l], *gbl = gb[l];
                 const int w3 = t.wtp[l];
                 const int bp = BP && t.need_err && l >= t.err_lo;
+                if (s > 0) memset(H[l], 0, sizeof(real) * NP * n);
                 for (int i = 0; i < m; i++) {
                     real *restrict g = G[l] + (long)i * n;
                     const real a0 = gz[l + 1][i];
@@ -560,8 +589,17 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     } else {
                         for (int j = 0; j < n; j++) g[j] = one_a * g[j] + a0 * yl[j];
                     }
+                    if (s > 0) g_row_pass(g, &op[l], i, m, n, K[l], H[l]);
                 }
-                if (t.wtp[l]) memset(dv3[l], 0, sizeof(real) * n);
+            }
+            if (s > 0) {
+                v = vp;
+                cur = 1 - cur;
+                for (int l = 0; l < L; l++) {
+                    o[l] = op[l];
+                    for (int p = 0; p < NP; p++) u[l][p] = up[l][p];
+                    for (int q = 0; q < NQ; q++) vv[l][q] = vvp[l][q];
+                }
             }
         }
     }
