@@ -257,7 +257,12 @@ def run_episodes(
         and when a gradient is needed it comes from a hand-written adjoint sweep that replays the recorded
         matrix-vector products and reverses the weights in place (memory ``O(N sum(n_l))`` per episode, plus
         the snapshots below, instead of ``O(N |W|)``). ``"autograd"``: plain autograd through the unrolled
-        loop (any update object).
+        loop (any update object). ``"native"``: the same steps and adjoint in one C kernel
+        (:mod:`rulesearch.inner.native`, built with the system's C compiler on first use): feedforward
+        :class:`~rulesearch.networks.Network` (fa or bp feedback) on the CPU, rules whose terms are numbers times
+        ``u v^T`` with ``u`` in ``(1, post, err)`` and ``v`` in ``(1, pre, pre_err, W^T post)``, or ``W`` (F0-F4 and
+        F9 of the pool, so F^bio); a :class:`~rulesearch.errors.ConfigError` names what does not fit, and
+        :class:`~rulesearch.errors.BackendUnavailableError` says when there is no compiler.
     checkpoint_every : int, optional
         Bound on meta-gradient memory. Autograd path: ``torch.utils.checkpoint`` over segments of this many
         online steps (only segment boundaries are stored; each segment is recomputed once in the backward
