@@ -4,8 +4,10 @@
  *   BP (1: errors through W^T, 0: through the stored feedback matrices), BETA (softplus sharpness).
  *
  * Per layer l (weights W_l of shape n_{l+1} x n_l, row-major), the rule's step is
- *     W_l <- (1 + a) W_l + sum_p u_p Vt_p^T,   Vt_p = sum_q C[p][q] v_q,
- * with post vectors u = (1, y_{l+1}, e_{l+1}) and pre vectors v = (1, y_l, e_l, W_l^T y_{l+1}).
+ *     W_l <- (1 + a) W_l + sum_p u_p Vt_p^T,   Vt_p = sum_q C[p][q] v_q,   C = sum_j g_j C_j,
+ * with post vectors u = (1, y_{l+1}, e_{l+1}), pre vectors v = (1, y_l, e_l, W_l^T y_{l+1}) and the step's global
+ * factors g = (1, sums of y_{l+1}, e_{l+1}, y_l, e_l, their means, y_{l+1}^T W y_l, e_{l+1}^T W y_l,
+ * y_{l+1}^T W e_l).
  */
 #include <math.h>
 #include <stddef.h>
@@ -15,14 +17,18 @@
 
 #define NP 3
 #define NQ 4
+#define NC (NP * NQ)
+#define NG 12
 #define MAXL 32
+#define LAYER_INTS (NG * NC + 2)
 
-/* cfg: L, N, B, need_err, err_lo, snap_every, check_every, record, n_0..n_L, then per layer 14 ints:
- * use[3][4] (structural nonzeros of C), decay, wtp (the rule reads W^T post). */
+/* cfg: L, N, B, need_err, err_lo, snap_every, check_every, record, n_0..n_L, then per layer LAYER_INTS ints:
+ * use[NG][3][4] (structural nonzeros of the C_j), decay, wtp (the rule reads W^T post). */
 typedef struct {
     int L, N, B, need_err, err_lo, snap_every, check_every, record;
     int n[MAXL + 1];
-    int use[MAXL][NP][NQ], decay[MAXL], wtp[MAXL], up[MAXL][NP];
+    int use[MAXL][NG][NP][NQ], decay[MAXL], wtp[MAXL];
+    int pq[MAXL][NP][NQ], up[MAXL][NP], gused[MAXL][NG]; /* derived: (p, q) used by some C_j; u_p used; g_j used */
     long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1];
     long S, wtot, wsize[MAXL], woff[MAXL];
     int nmax;
@@ -53,13 +59,22 @@ static int setup(Net *t, const int *cfg) {
         t->wtot += t->wsize[l];
         for (int p = 0; p < NP; p++) {
             t->up[l][p] = 0;
-            for (int q = 0; q < NQ; q++) {
-                t->use[l][p][q] = lay[14 * l + NQ * p + q];
-                t->up[l][p] |= t->use[l][p][q];
+            for (int q = 0; q < NQ; q++) t->pq[l][p][q] = 0;
+        }
+        for (int j = 0; j < NG; j++) {
+            t->gused[l][j] = 0;
+            for (int p = 0; p < NP; p++) {
+                for (int q = 0; q < NQ; q++) {
+                    const int u = lay[LAYER_INTS * l + NC * j + NQ * p + q];
+                    t->use[l][j][p][q] = u;
+                    t->pq[l][p][q] |= u;
+                    t->up[l][p] |= u;
+                    t->gused[l][j] |= u;
+                }
             }
         }
-        t->decay[l] = lay[14 * l + 12];
-        t->wtp[l] = lay[14 * l + 13];
+        t->decay[l] = lay[LAYER_INTS * l + NG * NC];
+        t->wtp[l] = lay[LAYER_INTS * l + NG * NC + 1];
     }
     return 0;
 }
@@ -173,7 +188,7 @@ static void outer_of(const Net *t, int l, const real *C, const real *const *u, c
         real *restrict r = Vt + (long)p * n;
         for (int j = 0; j < n; j++) r[j] = 0;
         for (int q = 0; q < NQ; q++) {
-            if (!t->use[l][p][q]) continue;
+            if (!t->pq[l][p][q]) continue;
             const real c = C[NQ * p + q];
             if (q == 0) {
                 for (int j = 0; j < n; j++) r[j] += c;
@@ -247,6 +262,45 @@ static void layer_vectors(const Net *t, const Vecs *s, int l, const real *u[NP],
     v[1] = s->y[l];
     v[2] = has_e && l >= t->err_lo ? s->e[l] : NULL;
     v[3] = s->wtp[l];
+}
+
+/* a layer's global factors and effective coefficients C = sum_j g_j C_j at one step */
+typedef struct {
+    real g[NG], c[NC];
+} Coef;
+
+static real vsum(const real *v, int n) {
+    real s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < n; j++) s += v[j];
+    return s;
+}
+
+static void coef_of(const Net *t, const Vecs *s, int l, const real *Cl, Coef *k) {
+    const int m = t->n[l + 1], n = t->n[l];
+    const real *post = s->y[l + 1], *err = s->e[l + 1], *pre = s->y[l], *pre_err = s->e[l];
+    k->g[0] = 1;
+    for (int j = 1; j < NG; j++) {
+        if (!t->gused[l][j]) { k->g[j] = 0; continue; }
+        switch (j) {
+        case 1: k->g[j] = vsum(post, m); break;
+        case 2: k->g[j] = vsum(err, m); break;
+        case 3: k->g[j] = vsum(pre, n); break;
+        case 4: k->g[j] = vsum(pre_err, n); break;
+        case 5: k->g[j] = vsum(post, m) / (real)m; break;
+        case 6: k->g[j] = vsum(err, m) / (real)m; break;
+        case 7: k->g[j] = vsum(pre, n) / (real)n; break;
+        case 8: k->g[j] = vsum(pre_err, n) / (real)n; break;
+        case 9: k->g[j] = dot(post, s->z[l + 1], m); break;
+        case 10: k->g[j] = dot(err, s->z[l + 1], m); break;
+        default: k->g[j] = dot(s->wtp[l], pre_err, n); break;
+        }
+    }
+    for (int c = 0; c < NC; c++) k->c[c] = 0;
+    for (int j = 0; j < NG; j++) {
+        if (!t->gused[l][j]) continue;
+        for (int c = 0; c < NC; c++) k->c[c] += k->g[j] * Cl[NC * j + c];
+    }
 }
 
 /* ---- forward ---------------------------------------------------------------------------------------------- */
@@ -346,7 +400,7 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
             W[l] = Wp[l] + b * t.wsize[l];
             F[l] = Fp[l] ? Fp[l] + b * t.wsize[l] : NULL;
         }
-        const real *Cb = C + (long)b * L * NP * NQ, *Ab = A + (long)b * L;
+        const real *Cb = C + (long)b * L * NG * NC, *Ab = A + (long)b * L;
         int chk = 0;
         for (int s = 0; s < N; s++) {
             const long bs = (long)b * N + s;
@@ -363,7 +417,9 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
                 const real *u[NP], *vv[NQ];
                 layer_vectors(&t, &v, l, u, vv);
                 Outer o;
-                outer_of(&t, l, Cb + l * NP * NQ, u, vv, Vt, &o);
+                Coef k;
+                coef_of(&t, &v, l, Cb + l * NG * NC, &k);
+                outer_of(&t, l, k.c, u, vv, Vt, &o);
                 const int fuse = l == 0 && s + 1 < N;
                 apply_outer(W[l], &o, t.decay[l] ? (real)1 + Ab[l] : (real)1, t.n[l + 1], t.n[l],
                             fuse ? x + (bs + 1) * t.n[0] : NULL, z1);
@@ -444,17 +500,19 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
             F[l] = Fp[l] ? Fp[l] + b * t.wsize[l] : NULL;
             G[l] = Gp[l] + b * t.wsize[l];
         }
-        const real *Cb = C + (long)b * L * NP * NQ, *Ab = A + (long)b * L;
-        real *dCb = dC + (long)b * L * NP * NQ, *dAb = dA + (long)b * L;
+        const real *Cb = C + (long)b * L * NG * NC, *Ab = A + (long)b * L;
+        real *dCb = dC + (long)b * L * NG * NC, *dAb = dA + (long)b * L;
         Vecs v, vp; /* this step's vectors and the step before's */
         Outer o[MAXL], op[MAXL];
+        Coef kc[MAXL], kp[MAXL];
         const real *u[MAXL][NP], *vv[MAXL][NQ], *up[MAXL][NP], *vvp[MAXL][NQ];
         int cur = 0;
         vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0], &v);
         for (int l = 0; l < L; l++) { /* the last step's factor products, from G = dL/dW_N */
             const int m = t.n[l + 1], n = t.n[l];
             layer_vectors(&t, &v, l, u[l], vv[l]);
-            outer_of(&t, l, Cb + l * NP * NQ, u[l], vv[l], Vt[l][cur], &o[l]);
+            coef_of(&t, &v, l, Cb + l * NG * NC, &kc[l]);
+            outer_of(&t, l, kc[l].c, u[l], vv[l], Vt[l][cur], &o[l]);
             memset(H[l], 0, sizeof(real) * NP * n);
             for (int i = 0; i < m; i++) g_row_pass(G[l] + (long)i * n, &o[l], i, m, n, K[l], H[l]);
         }
@@ -465,10 +523,11 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 memset(gz[i], 0, sizeof(real) * nm);
                 memset(gb[i], 0, sizeof(real) * nm);
             }
-            /* cotangents of the post vectors, of C, and of the pre vectors, from k and h */
+            /* cotangents of the post vectors, of the C_j, the global factors and the pre vectors, from k and h */
             for (int l = 0; l < L; l++) {
                 const int m = t.n[l + 1], n = t.n[l];
-                const real *Cl = Cb + l * NP * NQ;
+                const real *Cl = Cb + l * NG * NC, *c = kc[l].c, *g = kc[l].g;
+                real dg[NG] = {0};
                 if (t.wtp[l]) memset(dv3[l], 0, sizeof(real) * n);
                 int r = 0;
                 for (int p = 0; p < NP; p++) {
@@ -479,21 +538,49 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     if (p == 2)
                         for (int i = 0; i < m; i++) ge[l + 1][i] += kr[i];
                     for (int q = 0; q < NQ; q++) {
-                        if (!t.use[l][p][q]) continue;
+                        if (!t.pq[l][p][q]) continue;
                         real acc = 0;
                         if (q == 0) {
 #pragma omp simd reduction(+ : acc)
                             for (int j = 0; j < n; j++) acc += hr[j];
                         } else {
                             acc = dot(vv[l][q], hr, n);
-                            const real c = Cl[NQ * p + q];
+                            const real cpq = c[NQ * p + q];
                             real *dst = q == 1 ? (l > 0 ? gy[l] : NULL) : q == 2 ? ge[l] : dv3[l];
                             if (dst)
-                                for (int j = 0; j < n; j++) dst[j] += c * hr[j];
+                                for (int j = 0; j < n; j++) dst[j] += cpq * hr[j];
                         }
-                        dCb[l * NP * NQ + NQ * p + q] += acc;
+                        for (int j = 0; j < NG; j++) { /* dL/dC_j += g_j dL/dC, dL/dg_j = <C_j, dL/dC> */
+                            if (!t.use[l][j][p][q]) continue;
+                            dCb[(l * NG + j) * NC + NQ * p + q] += g[j] * acc;
+                            dg[j] += Cl[NC * j + NQ * p + q] * acc;
+                        }
                     }
                     r++;
+                }
+                for (int j = 1; j < NG; j++) { /* the global factors' cotangents to the step's vectors */
+                    if (!t.gused[l][j]) continue;
+                    const real d = dg[j], dm = d / (real)m, dn = d / (real)n;
+                    real *gpost = gy[l + 1], *gerr = ge[l + 1], *gpre = l > 0 ? gy[l] : NULL, *gpe = ge[l];
+                    const real *z = v.z[l + 1];
+                    switch (j) {
+                    case 1: for (int i = 0; i < m; i++) gpost[i] += d; break;
+                    case 2: for (int i = 0; i < m; i++) gerr[i] += d; break;
+                    case 3: if (gpre) for (int i = 0; i < n; i++) gpre[i] += d; break;
+                    case 4: for (int i = 0; i < n; i++) gpe[i] += d; break;
+                    case 5: for (int i = 0; i < m; i++) gpost[i] += dm; break;
+                    case 6: for (int i = 0; i < m; i++) gerr[i] += dm; break;
+                    case 7: if (gpre) for (int i = 0; i < n; i++) gpre[i] += dn; break;
+                    case 8: for (int i = 0; i < n; i++) gpe[i] += dn; break;
+                    case 9: /* post^T z, z = W pre: dz joins the forward pass's VJP */
+                        for (int i = 0; i < m; i++) { gpost[i] += d * z[i]; gz[l + 1][i] += d * v.y[l + 1][i]; }
+                        break;
+                    case 10:
+                        for (int i = 0; i < m; i++) { gerr[i] += d * z[i]; gz[l + 1][i] += d * v.e[l + 1][i]; }
+                        break;
+                    default: /* (W^T post)^T pre_err */
+                        for (int i = 0; i < n; i++) { dv3[l][i] += d * v.e[l][i]; gpe[i] += d * v.wtp[l][i]; }
+                    }
                 }
             }
             /* W_{s+1} -> W_s, one row at a time, with da = <G, W_s> and dL/dpost += W_s dv3 (W^T post in the rule) */
@@ -547,15 +634,15 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
 #if CE
                 real d = 0;
                 for (int j = 0; j < m; j++) d += gy[L][j] * y[j];
-                for (int j = 0; j < m; j++) gz[L][j] = y[j] * (gy[L][j] - d);
+                for (int j = 0; j < m; j++) gz[L][j] += y[j] * (gy[L][j] - d);
 #else
-                for (int j = 0; j < m; j++) gz[L][j] = gy[L][j];
+                for (int j = 0; j < m; j++) gz[L][j] += gy[L][j];
 #endif
             }
             for (int i = L; i >= 1; i--) {
                 const int m = t.n[i], n = t.n[i - 1];
                 if (i < L)
-                    for (int j = 0; j < m; j++) gz[i][j] = act_backward(gy[i][j], v.y[i][j], v.z[i][j]);
+                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(gy[i][j], v.y[i][j], v.z[i][j]);
                 if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
             }
             /* the step before's vectors and factors */
@@ -563,7 +650,8 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0], &vp);
                 for (int l = 0; l < L; l++) {
                     layer_vectors(&t, &vp, l, up[l], vvp[l]);
-                    outer_of(&t, l, Cb + l * NP * NQ, up[l], vvp[l], Vt[l][1 - cur], &op[l]);
+                    coef_of(&t, &vp, l, Cb + l * NG * NC, &kp[l]);
+                    outer_of(&t, l, kp[l].c, up[l], vvp[l], Vt[l][1 - cur], &op[l]);
                 }
             }
             /* G_l <- (1 + a) G_l + gz_{l+1} y_l^T + y_{l+1} dv3^T + (bp) e_{l+1} gback_l^T, one row at a time,
@@ -597,6 +685,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 cur = 1 - cur;
                 for (int l = 0; l < L; l++) {
                     o[l] = op[l];
+                    kc[l] = kp[l];
                     for (int p = 0; p < NP; p++) u[l][p] = up[l][p];
                     for (int q = 0; q < NQ; q++) vv[l][q] = vvp[l][q];
                 }

@@ -1,21 +1,25 @@
 r"""``method="native"``: the online steps of a feedforward :class:`~rulesearch.networks.Network` and their adjoint as
 one C kernel (``kernel.c`` beside this module, built by :mod:`rulesearch.native`).
 
-It runs the equations of the fast path (:mod:`.adjoint`) for rules whose every term is a number times an outer
-product of the vocabulary below, or the weights themselves:
+It runs the equations of the fast path (:mod:`.adjoint`) for rules whose every term is a sum of numbers times an
+outer product of the vocabulary below, optionally times one global factor, or the weights themselves:
 
 .. math::
 
-    \Delta W_l = a_l W_l + \sum_{p,q} C_{l,pq}\, u_p v_q^\top, \qquad
+    \Delta W_l = a_l W_l + \sum_{j,p,q} g_j C_{l,jpq}\, u_p v_q^\top, \qquad
     u \in (1,\ y_{l+1},\ e_{l+1}), \quad v \in (1,\ y_l,\ e_l,\ W_l^\top y_{l+1}),
 
-with ``C`` and ``a`` linear in ``theta`` (:func:`term_tables`: ``C = theta T``, ``a = theta d``; the paper pool's
-F0-F4 and F9, so F^bio). The kernel runs all steps of an episode, then the next episode (its weights stay in the
-cache), with no Python per step: the forward pass, loss, errors (feedback alignment or backprop), ``W^T post``, the
-update in place; divergence checks every ``check_every`` steps. With a gradient it keeps each step's vectors and a
-weight snapshot every ``checkpoint_every`` steps, and the adjoint sweep (:class:`_NativeEpisodes`) reverses the
-weights step by step (reset at the snapshots) while it carries ``G = dL/dW`` back: ``dL/dC`` and ``dL/da`` summed
-over the steps, then autograd takes them to ``theta``.
+with ``g`` = 1, the layer sums and means of ``post``, ``err``, ``pre``, ``pre_err``, and the bilinear forms
+``post^T W pre``, ``err^T W pre``, ``post^T W pre_err`` (:data:`NATIVE_G`), and ``C`` and ``a`` linear in ``theta``
+(:func:`term_tables`: ``C = theta T``, ``a = theta d``). The whole paper pool (F0-F9) fits, so F^bio does. The kernel
+runs all steps of an episode, then the next episode (its weights stay in the cache), with no Python per step: the
+forward pass, loss, errors (feedback alignment or backprop), ``W^T post`` and the global factors, the update in
+place; divergence checks every ``check_every`` steps. With a gradient it keeps each step's vectors and a weight
+snapshot every ``checkpoint_every`` steps, and the adjoint sweep (:class:`_NativeEpisodes`) reverses the weights step
+by step (reset at the snapshots) while it carries ``G = dL/dW`` back: ``dL/dC`` and ``dL/da`` summed over the steps,
+then autograd takes them to ``theta``. Per step and layer the adjoint makes one pass over ``W`` (its reversal, with
+``<G, W_s>`` and ``W_s`` times the cotangent of ``W^T post``) and one over ``G`` (its update, with the factor
+products ``G Vt`` and ``G^T u`` of the step before).
 
 It rounds differently from the torch paths (sums in another order), so they agree to rounding: float64 to 1e-10
 relative (``tests/test_inner_native.py``). Float32 and float64, CPU only.
@@ -34,13 +38,18 @@ from torch import Tensor
 from .. import native
 from ..errors import ConfigError
 
-__all__ = ["NATIVE_U", "NATIVE_V", "term_tables", "native_reason", "run_native"]
+__all__ = ["NATIVE_U", "NATIVE_V", "NATIVE_G", "NotNative", "term_tables", "native_reason", "run_native"]
 
 NATIVE_U = ("1", "post", "err")
 """The post vectors of the kernel's outer products, in its order."""
 
 NATIVE_V = ("1", "pre", "pre_err", "wT(post)")
 """The pre vectors of the kernel's outer products, in its order."""
+
+NATIVE_G = ("1", "layer_sum(post)", "layer_sum(err)", "layer_sum(pre)", "layer_sum(pre_err)", "layer_mean(post)",
+            "layer_mean(err)", "layer_mean(pre)", "layer_mean(pre_err)", "bilinear(post, pre)", "bilinear(err, pre)",
+            "bilinear(post, pre_err)")  # fmt: skip
+"""The global factors of the kernel's outer products, in its order (``bilinear(u, v)`` is ``u^T W v``)."""
 
 _ACT = {"softplus": 0, "tanh": 1, "sigmoid": 2, "linear": 3}
 _NEEDS = frozenset({"pre", "post", "err", "pre_err", "w"})
@@ -51,13 +60,26 @@ class NotNative(Exception):
     """A rule, network or option the kernel does not cover (the reason is the message)."""
 
 
-def _monomial(m) -> tuple[float, int, int]:
-    """``(coefficient, p, q)`` of one monomial of a term (``p = q = -1``: the weights, a decay)."""
+def _global_index(f) -> int:
+    """The kernel's index of a global factor (:data:`NATIVE_G`), or 0 if ``f`` is not one."""
+    from ..lang.signals import Bilinear, LayerMean, LayerSum, err, post, pre, pre_err, w
+
+    vec = {post: 0, err: 1, pre: 2, pre_err: 3}
+    if isinstance(f, (LayerSum, LayerMean)) and f.args[0] in vec:
+        return 1 + vec[f.args[0]] + (4 if isinstance(f, LayerMean) else 0)
+    if isinstance(f, Bilinear) and f.args[1] == w:
+        return {(post, pre): 9, (err, pre): 10, (post, pre_err): 11}.get((f.args[0], f.args[2]), 0)
+    return 0
+
+
+def _monomial(m) -> tuple[float, int, int, int]:
+    """``(coefficient, j, p, q)`` of one monomial of a term: ``g_j u_p v_q^T`` (``p = q = -1``: the weights, a
+    decay)."""
     from ..lang.signals import Contract, err, post, pre, pre_err, w
 
     u_of, v_of = {post: 1, err: 2}, {pre: 1, pre_err: 2}
     coef, factors = m.as_coeff_mul()
-    p = q = 0
+    j = p = q = 0
     decay = False
     for f in factors:
         base, ex = f.as_base_exp()
@@ -71,36 +93,40 @@ def _monomial(m) -> tuple[float, int, int]:
             q = 3
         elif base == w and not decay:
             decay = True
+        elif j == 0 and _global_index(base):
+            j = _global_index(base)
         else:
-            raise NotNative(f"the factor {f} in {m} (products of one of {NATIVE_U} and one of {NATIVE_V}, or W)")
+            raise NotNative(
+                f"the factor {f} in {m} (products of one of {NATIVE_U}, one of {NATIVE_V} and one of {NATIVE_G}, or W)"
+            )
     if not coef.is_Number:
         raise NotNative(f"the coefficient {coef} of {m}")
     if decay:
-        if p or q:
+        if p or q or j:
             raise NotNative(f"{m}: the weights times other signals")
-        return float(coef), -1, -1
-    return float(coef), p, q
+        return float(coef), 0, -1, -1
+    return float(coef), j, p, q
 
 
 def term_tables(rule) -> tuple[Tensor, Tensor]:
-    """``(T, d)`` of a linear rule: ``T`` ``(R, 3, 4)`` float64, the coefficient of ``u_p v_q^T`` in each term
-    (:data:`NATIVE_U`, :data:`NATIVE_V`), and ``d`` ``(R,)``, the coefficient of ``W``; raises :class:`NotNative`
-    for a rule outside the kernel's vocabulary."""
+    """``(T, d)`` of a linear rule: ``T`` ``(R, 12, 3, 4)`` float64, the coefficient of ``g_j u_p v_q^T`` in each
+    term (:data:`NATIVE_G`, :data:`NATIVE_U`, :data:`NATIVE_V`), and ``d`` ``(R,)``, the coefficient of ``W``;
+    raises :class:`NotNative` for a rule outside the kernel's vocabulary."""
     from ..lang.signals import expand_derived
 
     if not rule.is_linear:
         raise NotNative(f"rule {rule.name!r} is not a weighted sum of terms")
-    T = torch.zeros(rule.n_params, len(NATIVE_U), len(NATIVE_V), dtype=torch.float64)
+    T = torch.zeros(rule.n_params, len(NATIVE_G), len(NATIVE_U), len(NATIVE_V), dtype=torch.float64)
     d = torch.zeros(rule.n_params, dtype=torch.float64)
     for r, term in enumerate(rule.terms):
         for m in sp.Add.make_args(sp.expand(expand_derived(term.expr))):
             if m == 0:
                 continue
-            c, p, q = _monomial(m)
+            c, j, p, q = _monomial(m)
             if p < 0:
                 d[r] += c
             else:
-                T[r, p, q] += c
+                T[r, j, p, q] += c
     return T, d
 
 
@@ -177,8 +203,9 @@ class _Kernel:
         err_lo = min(plan.err_layers, default=self.L) if need_err else self.L
         layer_cfg = []
         for T, d in self.tables:
-            use = (T != 0).any(0)
-            layer_cfg += [int(v) for v in use.flatten()] + [int(bool((d != 0).any())), int(bool(use[:, 3].any()))]
+            use = (T != 0).any(0)  # (12, 3, 4)
+            wtp = bool(use[:, :, 3].any() or use[11].any())  # the rule reads W^T post
+            layer_cfg += [int(v) for v in use.flatten()] + [int(bool((d != 0).any())), int(wtp)]
         self.snap_every = snap_every
         self.head = [self.L, self.n_steps, self.b, int(need_err), err_lo, snap_every, tracker.check_every]
         self.tail = sizes + layer_cfg
@@ -195,7 +222,8 @@ class _Kernel:
         return torch.tensor(self.head + [int(record)] + self.tail, dtype=torch.int32)
 
     def coefficients(self, params) -> tuple[Tensor, Tensor]:
-        """``C`` ``(B, L, 12)`` and ``a`` ``(B, L)`` from the layers' ``theta`` (differentiable)."""
+        """``C`` ``(B, L, 12 * 12)`` (per global factor, the 3 x 4 coefficients) and ``a`` ``(B, L)`` from the
+        layers' ``theta`` (differentiable)."""
         Cs, As = [], []
         for (T, d), theta in zip(self.tables, params):
             T, d = T.to(theta.dtype).flatten(1), d.to(theta.dtype)
