@@ -148,11 +148,22 @@ static real input_deriv(real x) { return -expm1(-(real)BETA * x); }
 
 /* ---- small linear algebra ------------------------------------------------------------------------------ */
 
-/* sum_j a_j b_j (vectorized: the order of the sum is the compiler's) */
-static real dot(const real *restrict a, const real *restrict b, long n) {
+#define LANES 16 /* independent partial sums of a reduction: vector registers that hide the adds' latency */
+
+static real lanes_sum(const real *acc) {
     real s = 0;
-#pragma omp simd reduction(+ : s)
-    for (long j = 0; j < n; j++) s += a[j] * b[j];
+    for (int k = 0; k < LANES; k++) s += acc[k];
+    return s;
+}
+
+/* sum_j a_j b_j over LANES partial sums */
+static real dot(const real *restrict a, const real *restrict b, long n) {
+    real acc[LANES] = {0};
+    long j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++) acc[k] += a[j + k] * b[j + k];
+    real s = lanes_sum(acc);
+    for (; j < n; j++) s += a[j] * b[j];
     return s;
 }
 
@@ -269,10 +280,13 @@ typedef struct {
     real g[NG], c[NC];
 } Coef;
 
-static real vsum(const real *v, int n) {
-    real s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < n; j++) s += v[j];
+static real vsum(const real *restrict v, int n) {
+    real acc[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++) acc[k] += v[j + k];
+    real s = lanes_sum(acc);
+    for (; j < n; j++) s += v[j];
     return s;
 }
 
@@ -454,9 +468,16 @@ static void g_row_pass(const real *restrict g, const Outer *o, int i, int m, int
         const real *restrict vt = o->vt[r];
         real *restrict hr = h + (long)r * n;
         const real ui = o->u[r] ? o->u[r][i] : (real)1;
-        real s0 = 0;
-#pragma omp simd reduction(+ : s0)
-        for (int j = 0; j < n; j++) {
+        real acc[LANES] = {0};
+        int j = 0;
+        for (; j + LANES <= n; j += LANES) {
+            for (int q = 0; q < LANES; q++) {
+                acc[q] += g[j + q] * vt[j + q];
+                hr[j + q] += ui * g[j + q];
+            }
+        }
+        real s0 = lanes_sum(acc);
+        for (; j < n; j++) {
             s0 += g[j] * vt[j];
             hr[j] += ui * g[j];
         }
@@ -541,8 +562,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                         if (!t.pq[l][p][q]) continue;
                         real acc = 0;
                         if (q == 0) {
-#pragma omp simd reduction(+ : acc)
-                            for (int j = 0; j < n; j++) acc += hr[j];
+                            acc = vsum(hr, n);
                         } else {
                             acc = dot(vv[l][q], hr, n);
                             const real cpq = c[NQ * p + q];
