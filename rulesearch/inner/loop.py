@@ -63,7 +63,7 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from ..networks.base import AdjointNetwork, LayeredNetwork
 from .adjoint import _SNAPSHOT_EVERY, _Adjoint, _fast_layers, _fast_params, _FastRun
-from .native import NATIVE_U, NATIVE_V, native_reason, run_native
+from .native import NATIVE_U, NATIVE_V, native_ready, native_reason, run_native
 from .plan import _make_plan
 from .step import _run_checkpointed, _step, _Tracker
 
@@ -341,6 +341,9 @@ def run_episodes(
             f"method='adjoint' needs compiled rules of the form dW = a W + U diag(c) V^T without derived states, "
             f"observers, modulators or plastic feedback; here: {why}. Use method='auto' or 'autograd'."
         )
+    if method == "auto" and lows is not None:  # the kernel where it applies and a compiler builds it
+        if not native_reason(net, plan, observe, modulator, fbs, x_train) and native_ready(net, dtype):
+            method = "native"
     if method == "native":
         why = native_reason(net, plan, observe, modulator, fbs, x_train)
         if why:

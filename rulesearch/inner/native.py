@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from .. import native
-from ..errors import ConfigError
+from ..errors import BackendUnavailableError, ConfigError
 
-__all__ = ["NATIVE_U", "NATIVE_V", "NATIVE_G", "NotNative", "term_tables", "native_reason", "run_native"]
+__all__ = ["NATIVE_U", "NATIVE_V", "NATIVE_G", "NotNative", "term_tables", "native_reason", "native_ready",
+           "run_native"]  # fmt: skip
 
 NATIVE_U = ("1", "post", "err")
 """The post vectors of the kernel's outer products, in its order."""
@@ -180,6 +181,27 @@ def _kernel(real: str, act: int, ce: bool, bp: bool, beta: float):
     return lib
 
 
+def _variant(net, dtype) -> tuple:
+    """The kernel's compile-time configuration for ``net`` in ``dtype``."""
+    real = "double" if dtype == torch.float64 else "float"
+    return real, _ACT[net.activation], net.loss == "ce", net.feedback == "bp", float(net.beta)
+
+
+@functools.lru_cache(maxsize=16)
+def _builds(variant: tuple) -> bool:
+    try:
+        _kernel(*variant)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def native_ready(net, dtype) -> bool:
+    """Whether the kernel for ``net`` in ``dtype`` is built or can be (a C compiler is there and the build succeeds;
+    tried once per process): what ``method="auto"`` asks before it takes the kernel."""
+    return native.available() and _builds(_variant(net, dtype))
+
+
 def _p(t: Tensor | None):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
@@ -195,8 +217,7 @@ class _Kernel:
         self.net, self.x, self.target, self.labels, self.tracker = net, x.contiguous(), target, labels, tracker
         self.b, self.n_steps, sizes = int(x.shape[0]), int(x.shape[1]), list(net.sizes)
         self.L, self.dtype = net.n_layers, x.dtype
-        self.lib = _kernel("double" if x.dtype == torch.float64 else "float", _ACT[net.activation],
-                           net.loss == "ce", net.feedback == "bp", float(net.beta))  # fmt: skip
+        self.lib = _kernel(*_variant(net, x.dtype))
         self.tables = [_tables(u.rule) for u in plan.updates]
         self.fbs = [f.contiguous() for f in fbs] if net.feedback == "fa" else [None] * self.L
         need_err = bool(plan.any_err)
