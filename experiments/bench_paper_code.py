@@ -8,11 +8,12 @@ online steps and 50 queries per episode), float32, one thread per process:
 
 * ``paper``: the paper code's ``MetaLearner.train`` (one episode per meta-step: data loading, 250 online steps,
   query loss, its meta statistics and logs, ``backward`` and Adam), timed per episode;
-* ``rulesearch B=1``: :class:`rulesearch.train.Trainer` ``step`` with one episode per meta-step;
-* ``rulesearch B=8``: eight episodes per meta-step (time per episode = meta-step time / 8).
+* ``rulesearch B=1 <method>``: :class:`rulesearch.train.Trainer` ``step`` with one episode per meta-step, the inner
+  loop run by ``--methods`` (``adjoint``: the torch fast path; ``native``: the C kernel);
+* ``rulesearch B=8 <method>``: eight episodes per meta-step (time per episode = meta-step time / 8).
 
 Each run is its own process (peak RSS per process, ``VmHWM``), and the rounds are interleaved (paper, ours B=1,
-ours B=8, then the reverse order, ...) so that a changing machine load affects both sides alike. A last process
+ours B=8, ..., then the reverse order, ...) so that a changing machine load affects both sides alike. A last process
 runs one episode through the paper's code and the same episode (its images, order, initial weights and feedback)
 through rulesearch's inner loop, and compares the query losses and meta-gradients: the check that both sides do
 the same work.
@@ -584,9 +585,10 @@ def main(argv=None) -> int:
                    "B > 1: rounded up to whole meta-steps, at least 2)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed episodes (meta-steps) at the start of a process")
     p.add_argument("--batches", default="1,8", help="rulesearch's episodes per meta-step, comma-separated")
-    p.add_argument("--methods", default="auto,native",
+    p.add_argument("--methods", default="adjoint,native",
                    help="rulesearch's inner-loop methods (run_episodes' method), comma-separated: a row per method "
-                   "and batch; 'auto' is the torch fast path, 'native' the C kernel")  # fmt: skip
+                   "and batch; 'adjoint' is the torch fast path, 'native' the C kernel ('auto' takes it where a C "
+                   "compiler is there)")  # fmt: skip
     p.add_argument("--M", type=int, default=5)
     p.add_argument("--K", type=int, default=50)
     p.add_argument("--Q", type=int, default=10)
@@ -623,7 +625,7 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-paper-code-"))
     batches = [int(b) for b in args.batches.split(",")]
     methods = args.methods.split(",")
-    ours = [(b, m, f"rulesearch B={b}" + ("" if m == "auto" else f" {m}")) for m in methods for b in batches]
+    ours = [(b, m, f"rulesearch B={b} {m}") for m in methods for b in batches]
     common = {"M": args.M, "K": args.K, "Q": args.Q, "seed": args.seed, "threads": args.threads,
               "paper_code": str(paper_root), "workdir": str(workdir), "data_dir": str(args.data_dir)}  # fmt: skip
     try:
