@@ -7,7 +7,8 @@ memory per episode ((child peak RSS - baseline) / B, the peak reset after the wa
 allocator peak), for
 
 * ``naive``: :func:`rulesearch.reference.seed_loop.seed_meta_gradient` (one episode at a time),
-* ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint),
+* ``fast``: :func:`rulesearch.inner.run_episodes` + ``backward`` (batched, in place, hand-written adjoint; with
+  ``--method native`` the C kernel),
 * ``floor``: the online steps alone, in place, under ``torch.no_grad`` (the forward-only floor),
 
 at B in {1, 8, 32}, with the fast/naive speed-up, fast/floor time ratio and fast/naive memory ratio. The fast/floor
@@ -113,7 +114,8 @@ def _child(cfg: dict) -> dict:
         theta = _theta(torch, rule, dtype, device, jitter=1e-4)
         ref = seed_meta_gradient(net, batch, rule, theta, seed=0, t=0, ks=range(cfg["B"]))
         leaf = theta.clone().requires_grad_(True)
-        res = run_episodes(net, batch, upd, leaf, seed=0, t=0, ks=range(cfg["B"]), metrics=False)
+        res = run_episodes(net, batch, upd, leaf, seed=0, t=0, ks=range(cfg["B"]), metrics=False,
+                           method=cfg["method"])  # fmt: skip
         res.loss.mean().backward()
         err = float((leaf.grad - ref.grad).norm() / ref.grad.norm())
         return {"rel_error": err, "grad_naive": ref.grad.tolist(), "grad_fast": leaf.grad.tolist()}
@@ -125,11 +127,12 @@ def _child(cfg: dict) -> dict:
     def run_fast(bt, grad=True):
         leaf = theta.clone().requires_grad_(grad)
         if grad:
-            res = run_episodes(net, bt, upd, leaf, seed=0, metrics=False, checkpoint_every=cfg["checkpoint_every"])
+            res = run_episodes(net, bt, upd, leaf, seed=0, metrics=False, checkpoint_every=cfg["checkpoint_every"],
+                               method=cfg["method"])  # fmt: skip
             res.loss.mean().backward()
         else:
             with torch.no_grad():
-                run_episodes(net, bt, upd, leaf, seed=0, metrics=False)
+                run_episodes(net, bt, upd, leaf, seed=0, metrics=False, method=cfg["method"])
 
     def run_naive(bt):
         seed_meta_gradient(net, bt, rule, theta, seed=0)
@@ -256,6 +259,9 @@ def main(argv=None) -> int:
         "interleaved fast + floor pairs for fast/floor (fastest of each); naive runs once",
     )
     p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--method", default="adjoint", choices=("adjoint", "native"),
+                   help="the fast and floor runs' inner loop: the torch fast path (default; the committed table) or "
+                   "the C kernel")  # fmt: skip
     p.add_argument("--check-B", type=int, default=2, help="episodes of the float64 agreement check")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--data", choices=("synthetic", "emnist"), default="synthetic")
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
     Q = args.Q if args.Q is not None else (1 if args.quick else 10)
     common = {
         "sizes": [784, 170, 130, 100, 70, 47], "M": 5, "K": K, "Q": Q, "threads": args.threads,
-        "device": args.device, "checkpoint_every": args.checkpoint_every, "data": args.data,
+        "device": args.device, "checkpoint_every": args.checkpoint_every, "data": args.data, "method": args.method,
         "emnist_path": os.path.abspath(args.emnist_path),
     }  # fmt: skip
     impls = args.impls.split(",")
