@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -32,3 +34,15 @@ def pytest_addoption(parser):
 def update_golden(request):
     """True when pytest runs with --update-golden: golden tests write their files instead of comparing."""
     return request.config.getoption("--update-golden")
+
+
+@pytest.fixture(scope="module")
+def native_cache(tmp_path_factory):
+    """A temporary kernel cache (``RULESEARCH_CACHE``) for a test module that builds native kernels."""
+    old = os.environ.get("RULESEARCH_CACHE")
+    os.environ["RULESEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["RULESEARCH_CACHE"]
+    else:
+        os.environ["RULESEARCH_CACHE"] = old

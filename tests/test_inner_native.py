@@ -48,15 +48,8 @@ NETS = (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cache(tmp_path_factory):
-    """Kernels built by these tests go to a temporary cache, not the user's."""
-    old = os.environ.get("RULESEARCH_CACHE")
-    os.environ["RULESEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["RULESEARCH_CACHE"]
-    else:
-        os.environ["RULESEARCH_CACHE"] = old
+def _cache(native_cache):
+    """Kernels built by these tests go to a temporary cache, not the user's (conftest's native_cache)."""
 
 
 @pytest.fixture(autouse=True, scope="module")

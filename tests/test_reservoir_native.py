@@ -5,7 +5,6 @@ determinism per seed; the kernel cache; and the errors of bad input. Skipped whe
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -29,15 +28,8 @@ SIGNALS = {"pre": "pre", "post": "post", "w": "synapse", "reward": "global", "lo
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cache(tmp_path_factory):
-    """Kernels built by these tests go to a temporary cache, not the user's."""
-    old = os.environ.get("RULESEARCH_CACHE")
-    os.environ["RULESEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["RULESEARCH_CACHE"]
-    else:
-        os.environ["RULESEARCH_CACHE"] = old
+def _cache(native_cache):
+    """Kernels built by these tests go to a temporary cache, not the user's (conftest's native_cache)."""
 
 
 def _c_update(rule: Rule):
