@@ -231,6 +231,24 @@ def test_whole_pool_equals_autograd(feedback):
     assert not bool(ref.diverged.any()) and bool((grads[0].abs() > 0).all())
 
 
+def test_a_rule_per_layer_equals_autograd():
+    """One rule and one theta per layer (a NetworkRule's compiled form): each layer gets its own tables."""
+    net, batch = Network(sizes=SIZES), _batch(n=20)
+    rules = [named_rule("bio"), pool.select(["F0", "F5", "F8"]), pool.select(["F0", "F3"])]
+    g = torch.Generator().manual_seed(3)
+    thetas = [0.01 * torch.randn(3, r.n_params, generator=g, dtype=F64) + 0.05 for r in rules]
+    ws, fbs = net.init_episodes(0, 0, range(3), dtype=F64)
+    out = {}
+    for method in ("autograd", "native"):
+        leaves = [t.clone().requires_grad_(True) for t in thetas]
+        res = run_episodes(net, batch, [compile_rule(r) for r in rules], leaves, ws, fbs, method=method)
+        out[method] = (res, torch.autograd.grad(res.loss.sum(), leaves))
+    (ref, g_ref), (res, g_nat) = out["autograd"], out["native"]
+    _close(res.loss, ref.loss, what="query loss")
+    for i, (a, b) in enumerate(zip(g_nat, g_ref)):
+        _close(a, b, what=f"theta gradient of layer {i}")
+
+
 # ---- 3. float32 ---------------------------------------------------------------------------------------------------
 
 
