@@ -29,7 +29,7 @@ typedef struct {
     int n[MAXL + 1];
     int use[MAXL][NG][NP][NQ], decay[MAXL], wtp[MAXL];
     int pq[MAXL][NP][NQ], up[MAXL][NP], gused[MAXL][NG]; /* derived: (p, q) used by some C_j; u_p used; g_j used */
-    long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1];
+    long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1], off_d[MAXL + 1];
     long S, wtot, wsize[MAXL], woff[MAXL];
     int nmax;
 } Net;
@@ -51,6 +51,7 @@ static int setup(Net *t, const int *cfg) {
     for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += t->n[i]; }
     for (int i = 0; i < L; i++) { t->off_back[i] = off; off += t->n[i]; }
     for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += t->n[i]; }
+    for (int i = 0; i < L; i++) { t->off_d[i] = off; off += t->n[i]; }
     t->S = off;
     t->wtot = 0;
     for (int l = 0; l < L; l++) {
@@ -249,18 +250,25 @@ static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, 
 
 /* ---- the step's vectors in the tape -------------------------------------------------------------------- */
 
+/* one step's vectors: y_i, z_i, e_i, the feedback products back_i and derivatives d_i of e_i = back_i d_i, W^T post
+ * per layer; x and (when e_0 is needed) dx = sigma'(x) of the input */
 typedef struct {
-    const real *x;
-    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1];
+    const real *x, *dx;
+    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1], *d[MAXL + 1];
 } Vecs;
 
-static void vecs_of(const Net *t, real *tp, const real *x, Vecs *s) {
+static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, Vecs *s) {
     s->x = x;
+    s->dx = dx;
     s->y[0] = (real *)x;
     s->z[0] = NULL;
     for (int i = 1; i <= t->L; i++) { s->y[i] = tp + t->off_y[i]; s->z[i] = tp + t->off_z[i]; }
     for (int i = 0; i <= t->L; i++) s->e[i] = tp + t->off_e[i];
-    for (int i = 0; i < t->L; i++) { s->back[i] = tp + t->off_back[i]; s->wtp[i] = tp + t->off_wtp[i]; }
+    for (int i = 0; i < t->L; i++) {
+        s->back[i] = tp + t->off_back[i];
+        s->wtp[i] = tp + t->off_wtp[i];
+        s->d[i] = tp + t->off_d[i];
+    }
 }
 
 /* the layer's u = (1, post, err) and v = (1, pre, pre_err, W^T post) */
@@ -363,19 +371,22 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
         for (int i = 0; i < t->n[L]; i++) eL[i] = s->y[L][i] - tgt[i];
         for (int i = L - 1; i >= t->err_lo; i--) {
             const int m = t->n[i + 1], n = t->n[i];
-            real *back = s->back[i], *e = s->e[i];
+            real *back = s->back[i], *e = s->e[i], *d = s->d[i];
             for (int j = 0; j < n; j++) back[j] = 0;
 #if BP
             vm_add(W[i], s->e[i + 1], back, m, n);
 #else
             vm_add(F[i], s->e[i + 1], back, m, n);
 #endif
-            if (i == 0) {
-                for (int j = 0; j < n; j++) e[j] = back[j] * input_deriv(s->x[j]);
+            if (i == 0 && s->dx) {
+                memcpy(d, s->dx, sizeof(real) * n);
+            } else if (i == 0) {
+                for (int j = 0; j < n; j++) d[j] = input_deriv(s->x[j]);
             } else {
                 const real *y = s->y[i];
-                for (int j = 0; j < n; j++) e[j] = back[j] * deriv(y[j]);
+                for (int j = 0; j < n; j++) d[j] = deriv(y[j]);
             }
+            for (int j = 0; j < n; j++) e[j] = back[j] * d[j];
         }
     }
     for (int l = 0; l < L; l++) {
@@ -398,7 +409,7 @@ static int n_checks(const Net *t) {
  * step's vectors go to tape (B x N x S) and W_s to snaps (B x ceil(N / snap_every) x wtot) for s = 0, snap, ...
  * Per step: loss, correctness (NaN without labels); per check step and layer: 1 where |W| exceeds bound or W or
  * the layer's errors are not finite. Returns 0, or 1 for a bad configuration, 2 when out of memory. */
-int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, const real *tgt,
+int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, const real *dx, const real *tgt,
                const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
                real *correct_out, uint8_t *bad_out) {
     Net t;
@@ -424,7 +435,7 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
                 for (int l = 0; l < L; l++) memcpy(dst + t.woff[l], W[l], sizeof(real) * t.wsize[l]);
             }
             Vecs v;
-            vecs_of(&t, tp, x + bs * t.n[0], &v);
+            vecs_of(&t, tp, x + bs * t.n[0], dx ? dx + bs * t.n[0] : NULL, &v);
             step_signals(&t, W, F, tgt + bs * t.n[L], labels ? (long)labels[bs] : -1, &v, s > 0 ? z1 : NULL,
                          loss_out + bs, correct_out + bs);
             for (int l = 0; l < L; l++) {
@@ -528,7 +539,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
         Coef kc[MAXL], kp[MAXL];
         const real *u[MAXL][NP], *vv[MAXL][NQ], *up[MAXL][NP], *vvp[MAXL][NQ];
         int cur = 0;
-        vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0], &v);
+        vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0], NULL, &v);
         for (int l = 0; l < L; l++) { /* the last step's factor products, from G = dL/dW_N */
             const int m = t.n[l + 1], n = t.n[l];
             layer_vectors(&t, &v, l, u[l], vv[l]);
@@ -631,10 +642,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 for (int i = t.err_lo; i < L; i++) {
                     const int m = t.n[i + 1], n = t.n[i];
                     real *g_back = gb[i];
-                    for (int j = 0; j < n; j++) {
-                        const real d = i == 0 ? input_deriv(v.x[j]) : deriv(v.y[i][j]);
-                        g_back[j] = ge[i][j] * d;
-                    }
+                    for (int j = 0; j < n; j++) g_back[j] = ge[i][j] * v.d[i][j];
 #if BP
                     const real *M = W[i];
 #else
@@ -667,7 +675,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
             }
             /* the step before's vectors and factors */
             if (s > 0) {
-                vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0], &vp);
+                vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0], NULL, &vp);
                 for (int l = 0; l < L; l++) {
                     layer_vectors(&t, &vp, l, up[l], vvp[l]);
                     coef_of(&t, &vp, l, Cb + l * NG * NC, &kp[l]);

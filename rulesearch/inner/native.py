@@ -176,7 +176,7 @@ def _kernel(real: str, act: int, ce: bool, bp: bool, beta: float):
     defs = f"typedef {real} real;\n" + "".join(f"#define {k} {v}\n" for k, v in defs.items())
     lib = native.load(defs + src, "inner")
     ptr = ctypes.c_void_p
-    lib.rs_forward.argtypes = [ptr, ctypes.c_double if real == "double" else ctypes.c_float] + [ptr] * 12
+    lib.rs_forward.argtypes = [ptr, ctypes.c_double if real == "double" else ctypes.c_float] + [ptr] * 13
     lib.rs_adjoint.argtypes = [ptr] * 12
     return lib
 
@@ -231,10 +231,12 @@ class _Kernel:
         self.head = [self.L, self.n_steps, self.b, int(need_err), err_lo, snap_every, tracker.check_every]
         self.tail = sizes + layer_cfg
         n = sizes
-        self.S = 2 * sum(n[1:]) + sum(n) + 2 * sum(n[:-1])
+        self.S = 2 * sum(n[1:]) + sum(n) + 3 * sum(n[:-1])  # y, z; e; back, W^T post, d (kernel.c's setup)
         self.n_snap = -(-self.n_steps // snap_every)
         self.wtot = sum(a * c for a, c in zip(n[1:], n[:-1]))
         self.checks = [s for s in range(self.n_steps) if tracker.is_check(s)]
+        # sigma'(x) of the input where e_0 is needed, computed here by torch's vectorized expm1 (as the torch paths do)
+        self.dx = net.input_derivative(self.x).contiguous() if need_err and err_lo == 0 else None
         t = target.contiguous()
         self.tgt = t if t.dtype == x.dtype else t.to(x.dtype)
         self.lab = None if labels is None else labels.to(torch.int64).contiguous()
@@ -262,8 +264,8 @@ class _Kernel:
         bad = torch.zeros(b, len(self.checks), self.L, dtype=torch.uint8)
         cfg = self.cfg(record)
         rc = self.lib.rs_forward(
-            _p(cfg), float(self.tracker.bound), _ptrs(ws), _ptrs(self.fbs), _p(self.x), _p(self.tgt), _p(self.lab),
-            _p(C), _p(A), _p(tape), _p(snaps), _p(loss), _p(correct), _p(bad),
+            _p(cfg), float(self.tracker.bound), _ptrs(ws), _ptrs(self.fbs), _p(self.x), _p(self.dx), _p(self.tgt),
+            _p(self.lab), _p(C), _p(A), _p(tape), _p(snaps), _p(loss), _p(correct), _p(bad),
         )  # fmt: skip
         _check_rc(rc)
         tr = self.tracker
