@@ -123,7 +123,8 @@ def test_device_recorded_and_missing_cuda_refused(tmp_path, monkeypatch):
     out = tmp_path / "a"
     result, text = invoke("discover", *TINY, "--episodes", 1, "--no-compare", "--device", "cpu", "--out", out)
     assert result.exit_code == 0, text
-    assert RunDir.open(out).manifest()["device"] == "cpu"
+    manifest = RunDir.open(out).manifest()
+    assert manifest["device"] == "cpu" and manifest["inner_loop"] in ("native", "adjoint")  # native: a C compiler
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     result, text = invoke("discover", *TINY, "--device", "cuda", "--out", tmp_path / "b")
     assert result.exit_code == 2 and "CUDA is not available" in text and "--device cpu" in text

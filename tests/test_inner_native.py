@@ -249,6 +249,22 @@ def test_a_rule_per_layer_equals_autograd():
         _close(a, b, what=f"theta gradient of layer {i}")
 
 
+def test_auto_takes_the_kernel_where_it_applies():
+    """``method="auto"`` runs the kernel for a rule of its vocabulary, the torch fast path for one outside it (a
+    squared signal) and autograd for a stateful rule; ``InnerResult.method`` says which ran."""
+    net, batch = Network(sizes=SIZES), _batch(n=6)
+    theta = torch.tensor([0.1, 0.0, 0.0], dtype=F64)
+    assert run_episodes(net, batch, compile_rule(BIO), theta, seed=0).method == "native"
+    assert run_episodes(net, batch, compile_rule(BIO), theta, seed=0, method="adjoint").method == "adjoint"
+    square = Rule([Term("P", -err * pre * post**2)], "square")
+    one = torch.tensor([0.1], dtype=F64)
+    assert run_episodes(net, batch, compile_rule(square), one, seed=0).method == "adjoint"
+    from rulesearch.lang.signals import trace
+
+    traced = Rule([Term("T", -err * trace(pre, tau=3))], "traced")
+    assert run_episodes(net, batch, compile_rule(traced), one, seed=0).method == "autograd"
+
+
 # ---- 3. float32 ---------------------------------------------------------------------------------------------------
 
 

@@ -102,6 +102,9 @@ class InnerResult:
         (0-based; ``e_0`` counts as layer 0) where divergence was first seen; ``-1`` if none.
     train_loss, train_accuracy : Tensor, shape (B, N), optional
         Per-step loss and correctness of the current training sample (before its update); ``curves=True``.
+    method : str
+        The path the steps took: ``"native"`` (the C kernel), ``"adjoint"`` (the torch fast path) or ``"autograd"``
+        (what ``method="auto"`` resolved to).
     """
 
     loss: Tensor
@@ -117,6 +120,7 @@ class InnerResult:
     diverged_layer: Tensor
     train_loss: Tensor | None = None
     train_accuracy: Tensor | None = None
+    method: str = ""
 
     @property
     def n_episodes(self) -> int:
@@ -141,7 +145,8 @@ class InnerResult:
         ]
         plain = ("loss", "accuracy", "angles", "angles_per_sample", "ew", "diverged", "diverged_step", "diverged_layer",
                  "train_loss", "train_accuracy")  # fmt: skip
-        return cls(**{f: cat(f) for f in plain}, weights=layers("weights"), feedback=layers("feedback"), states=states)
+        return cls(**{f: cat(f) for f in plain}, weights=layers("weights"), feedback=layers("feedback"), states=states,
+                   method=results[0].method)  # fmt: skip
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -356,6 +361,7 @@ def run_episodes(
             net, plan, ws, x_train, target_train, labels_train, fbs, tracker, checkpoint_every or _SNAPSHOT_EVERY
         )
     elif lows is not None:
+        method = "adjoint"
         run = _FastRun(
             net, plan, lows, x_train, target_train, labels_train, fbs, reward, tracker,
             checkpoint_every or _SNAPSHOT_EVERY,
@@ -368,11 +374,13 @@ def run_episodes(
             with torch.no_grad():
                 ws = run.forward(ws, record=False)
     elif checkpoint_every is not None and checkpoint_every < n_steps and torch.is_grad_enabled():
+        method = "autograd"
         ws, fbs, states = _run_checkpointed(
             net, plan, ws, fbs, x_train, target_train, labels_train, modulator, reward, observe, tracker,
             checkpoint_every,
         )  # fmt: skip
     else:
+        method = "autograd"
         for s in range(n_steps):
             label = None if labels_train is None else labels_train[:, s]
             ws, fbs, states, es, loss_s, correct_s = _step(
@@ -422,4 +430,5 @@ def run_episodes(
         diverged_layer=div_layer,
         train_loss=torch.stack(train_loss, dim=1) if curves else None,
         train_accuracy=torch.stack(train_acc, dim=1) if curves else None,
+        method=method,
     )

@@ -273,7 +273,7 @@ class RuleSearch:
             problem = Problem(cfg, rule, device)
             trainer = Trainer(problem, ranks, self.objective)
             state = trainer.fresh_state()
-            trainer.validate(state)
+            inner_loop = trainer.validate(state)
             rows: list[dict] = []
             try:  # the run directory stays locked until the fit ends, however it ends
                 if path is not None and trainer.rank == 0:
@@ -291,6 +291,7 @@ class RuleSearch:
                             "world_size": trainer.world_size,
                             "network_sizes": list(problem.net.sizes),  # from_run sizes the network without the data
                             "objective": repr(trainer.objective),
+                            "inner_loop": inner_loop,  # native (C kernel), adjoint (torch) or autograd
                         },
                     )
                     if self.resume:

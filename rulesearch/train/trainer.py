@@ -221,18 +221,19 @@ class Trainer:
             stop_step=torch.full((S,), -1, dtype=torch.long, device=dev),
         )
 
-    def validate(self, st: TrainState) -> None:
-        """Two online steps of one episode (no gradients): surfaces signal, shape and device errors before a run
-        directory is created."""
+    def validate(self, st: TrainState) -> str:
+        """Two online steps of one episode (no gradients): surfaces signal, shape, device and method errors before a
+        run directory is created. Returns the path the inner loop takes (``InnerResult.method``)."""
         p = self.p
         batch, weights, feedback = p.episodes(0, [0])
         small = (batch[0][:, :2], batch[1][:, :2], batch[2][:, :1], batch[3][:, :1])
         expanded = {k: v[:1].repeat_interleave(p.B, dim=0) for k, v in st.params.items()}
         with torch.no_grad():
-            run_episodes(
+            res = run_episodes(
                 p.net, small, p.update, p.learner.layer_params(expanded), weights, feedback, metrics=False,
-                raise_on_divergence=False, **p.learner.inner_kwargs(expanded),
+                raise_on_divergence=False, method=self.meta.method, **p.learner.inner_kwargs(expanded),
             )  # fmt: skip
+        return res.method
 
     def _inner(self, t: int, runs: list[int], params: dict[str, Tensor], grad: bool):
         """This rank's share of the episodes ``(run, k)`` of ``runs`` (all of them in a single process): the inner
