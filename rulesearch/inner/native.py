@@ -214,7 +214,7 @@ class _Kernel:
     """One inner loop's configuration, its kernel and its buffers."""
 
     def __init__(self, net, plan, x, target, labels, fbs, tracker, snap_every):
-        self.net, self.x, self.target, self.labels, self.tracker = net, x.contiguous(), target, labels, tracker
+        self.x, self.tracker = x.contiguous(), tracker
         self.b, self.n_steps, sizes = int(x.shape[0]), int(x.shape[1]), list(net.sizes)
         self.L, self.dtype = net.n_layers, x.dtype
         self.lib = _kernel(*_variant(net, x.dtype))
@@ -227,7 +227,6 @@ class _Kernel:
             use = (T != 0).any(0)  # (12, 3, 4)
             wtp = bool(use[:, :, 3].any() or use[11].any())  # the rule reads W^T post
             layer_cfg += [int(v) for v in use.flatten()] + [int(bool((d != 0).any())), int(wtp)]
-        self.snap_every = snap_every
         self.head = [self.L, self.n_steps, self.b, int(need_err), err_lo, snap_every, tracker.check_every]
         self.tail = sizes + layer_cfg
         n = sizes
