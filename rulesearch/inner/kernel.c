@@ -374,6 +374,7 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
             real *back = s->back[i], *e = s->e[i], *d = s->d[i];
             for (int j = 0; j < n; j++) back[j] = 0;
 #if BP
+            (void)F; /* backprop: the errors go back through W itself */
             vm_add(W[i], s->e[i + 1], back, m, n);
 #else
             vm_add(F[i], s->e[i + 1], back, m, n);
@@ -500,7 +501,7 @@ static void g_row_pass(const real *restrict g, const Outer *o, int i, int m, int
  * step by step, reset from the snapshots), G holds dL/dW_N on entry and dL/dW_0 on exit; dC (B x L x 3 x 4) and
  * dA (B x L) receive dL/dC and dL/da summed over the steps. Per step and layer, one pass over W (reversal, with
  * <G, W_s> and W_s dv3) and one over G (its update, with the factor products k, h of the step before). */
-int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, const real *tgt, const real *C,
+int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, const real *C,
                const real *A, real *tape, const real *snaps, real *dC, real *dA) {
     Net t;
     if (setup(&t, cfg)) return 1;
@@ -645,6 +646,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     for (int j = 0; j < n; j++) g_back[j] = ge[i][j] * v.d[i][j];
 #if BP
                     const real *M = W[i];
+                    (void)F;
 #else
                     const real *M = F[i];
 #endif
@@ -656,10 +658,10 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 }
                 for (int j = 0; j < t.n[L]; j++) gy[L][j] += ge[L][j];
             }
-            {
+            { /* the output map's VJP: softmax under CE, the identity under MSE */
                 const int m = t.n[L];
-                const real *y = v.y[L];
 #if CE
+                const real *y = v.y[L];
                 real d = 0;
                 for (int j = 0; j < m; j++) d += gy[L][j] * y[j];
                 for (int j = 0; j < m; j++) gz[L][j] += y[j] * (gy[L][j] - d);

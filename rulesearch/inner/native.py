@@ -177,7 +177,7 @@ def _kernel(real: str, act: int, ce: bool, bp: bool, beta: float):
     lib = native.load(defs + src, "inner")
     ptr = ctypes.c_void_p
     lib.rs_forward.argtypes = [ptr, ctypes.c_double if real == "double" else ctypes.c_float] + [ptr] * 13
-    lib.rs_adjoint.argtypes = [ptr] * 12
+    lib.rs_adjoint.argtypes = [ptr] * 11
     return lib
 
 
@@ -282,7 +282,7 @@ class _Kernel:
         dC, dA = torch.zeros_like(C), torch.zeros_like(A)
         cfg = self.cfg(True)  # held: the kernel reads it
         rc = self.lib.rs_adjoint(
-            _p(cfg), _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(self.tgt), _p(C), _p(A),
+            _p(cfg), _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(C), _p(A),
             _p(tape), _p(snaps), _p(dC), _p(dA),
         )  # fmt: skip
         _check_rc(rc)
