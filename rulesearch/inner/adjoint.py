@@ -17,6 +17,7 @@ from .matrices import (
     _coef_grad_of,
     _cotangents_needed,
     _dot,
+    _first_order_only,
     _leaf,
     _one_plus,
     _ReverseW,
@@ -306,11 +307,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "run_episodes' hand-written adjoint gives first-order meta-gradients only (no create_graph=True); "
-                "pass method='autograd' to differentiate through the meta-gradient."
-            )
+        _first_order_only("hand-written adjoint")
         run, n_params = ctx.run, ctx.n_params
         ctx.run = None
         if run is None:

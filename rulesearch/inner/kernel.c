@@ -145,7 +145,6 @@ static real deriv_backward(real ge, real gd, real back, real y) {
 #endif
 }
 
-static real input_deriv(real x) { return -expm1(-(real)BETA * x); }
 
 /* ---- small linear algebra ------------------------------------------------------------------------------ */
 
@@ -250,15 +249,14 @@ static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, 
 
 /* ---- the step's vectors in the tape -------------------------------------------------------------------- */
 
-/* one step's vectors: y_i, z_i, e_i, the feedback products back_i and derivatives d_i of e_i = back_i d_i, W^T post
- * per layer; x and (when e_0 is needed) dx = sigma'(x) of the input */
+/* one step's vectors: y_i (y_0 the input x), z_i, e_i, the feedback products back_i and derivatives d_i of
+ * e_i = back_i d_i, W^T post per layer; dx = sigma'(x) of the input when e_0 is needed */
 typedef struct {
-    const real *x, *dx;
+    const real *dx;
     real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1], *d[MAXL + 1];
 } Vecs;
 
 static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, Vecs *s) {
-    s->x = x;
     s->dx = dx;
     s->y[0] = (real *)x;
     s->z[0] = NULL;
@@ -379,10 +377,8 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
 #else
             vm_add(F[i], s->e[i + 1], back, m, n);
 #endif
-            if (i == 0 && s->dx) {
+            if (i == 0) { /* sigma' of the input, from the caller */
                 memcpy(d, s->dx, sizeof(real) * n);
-            } else if (i == 0) {
-                for (int j = 0; j < n; j++) d[j] = input_deriv(s->x[j]);
             } else {
                 const real *y = s->y[i];
                 for (int j = 0; j < n; j++) d[j] = deriv(y[j]);

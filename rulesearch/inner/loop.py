@@ -63,7 +63,7 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from ..networks.base import AdjointNetwork, LayeredNetwork
 from .adjoint import _SNAPSHOT_EVERY, _Adjoint, _fast_layers, _fast_params, _FastRun
-from .native import NATIVE_U, NATIVE_V, native_ready, native_reason, run_native
+from .native import NATIVE_G, NATIVE_U, NATIVE_V, native_ready, native_reason, run_native
 from .plan import _make_plan
 from .step import _run_checkpointed, _step, _Tracker
 
@@ -255,7 +255,8 @@ def run_episodes(
         ``diverged_layer``): the meta-trainer, evaluation and baselines skip or count diverged episodes.
     method : str
         How the steps run and how the meta-gradient is computed (all give the same values up to rounding):
-        ``"auto"`` (default) takes the fast path whenever it applies, else ``"autograd"``. ``"adjoint"`` (the
+        ``"auto"`` (default) takes ``"native"`` where it applies and a C compiler builds it, else the fast path
+        where it applies, else ``"autograd"``. ``"adjoint"`` (the
         fast path; a :class:`~rulesearch.errors.ConfigError` if it does not apply) needs compiled rules of the
         form ``dW = a W + U diag(c) V^T`` (every rule of the paper pool) and no derived states, observer,
         modulator or plastic feedback: the online steps then run in place (one fused ``baddbmm_`` per layer),
@@ -265,8 +266,9 @@ def run_episodes(
         loop (any update object). ``"native"``: the same steps and adjoint in one C kernel
         (:mod:`rulesearch.inner.native`, built with the system's C compiler on first use): feedforward
         :class:`~rulesearch.networks.Network` (fa or bp feedback) on the CPU, rules whose terms are numbers times
-        ``u v^T`` with ``u`` in ``(1, post, err)`` and ``v`` in ``(1, pre, pre_err, W^T post)``, or ``W`` (F0-F4 and
-        F9 of the pool, so F^bio); a :class:`~rulesearch.errors.ConfigError` names what does not fit, and
+        ``g u v^T`` with ``u`` in ``(1, post, err)``, ``v`` in ``(1, pre, pre_err, W^T post)`` and ``g`` 1, a
+        layer sum or mean, or a bilinear form (:data:`~rulesearch.inner.native.NATIVE_G`), or ``W`` (the whole
+        paper pool); a :class:`~rulesearch.errors.ConfigError` names what does not fit, and
         :class:`~rulesearch.errors.BackendUnavailableError` says when there is no compiler.
     checkpoint_every : int, optional
         Bound on meta-gradient memory. Autograd path: ``torch.utils.checkpoint`` over segments of this many
@@ -346,16 +348,16 @@ def run_episodes(
             f"method='adjoint' needs compiled rules of the form dW = a W + U diag(c) V^T without derived states, "
             f"observers, modulators or plastic feedback; here: {why}. Use method='auto' or 'autograd'."
         )
-    if method == "auto" and lows is not None:  # the kernel where it applies and a compiler builds it
-        if not native_reason(net, plan, observe, modulator, fbs, x_train) and native_ready(net, dtype):
+    if method == "native" or (method == "auto" and lows is not None):
+        why_not = native_reason(net, plan, observe, modulator, fbs, x_train)
+        if method == "auto" and not why_not and native_ready(net, dtype):  # the kernel where a compiler builds it
             method = "native"
     if method == "native":
-        why = native_reason(net, plan, observe, modulator, fbs, x_train)
-        if why:
+        if why_not:
             raise ConfigError(
                 f"method='native' runs feedforward Networks (fa or bp feedback) on the CPU with linear rules whose "
-                f"terms are numbers times u v^T (u in {NATIVE_U}, v in {NATIVE_V}) or W; here: {why}. Use "
-                f"method='auto'."
+                f"terms are numbers times g u v^T (u in {NATIVE_U}, v in {NATIVE_V}, g in {NATIVE_G}) or W; here: "
+                f"{why_not}. Use method='auto'."
             )
         ws = run_native(
             net, plan, ws, x_train, target_train, labels_train, fbs, tracker, checkpoint_every or _SNAPSHOT_EVERY

@@ -29,6 +29,15 @@ def _backward(outs: list, cots: list) -> None:
     torch.autograd.Variable._execution_engine.run_backward(tuple(outs), tuple(cots), False, False, (), True, True)
 
 
+def _first_order_only(what: str) -> None:
+    """Refuse a backward pass that would build a graph (``create_graph=True``): the adjoints are first-order."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"run_episodes' {what} gives first-order meta-gradients only (no create_graph=True); "
+            "pass method='autograd' to differentiate through the meta-gradient."
+        )
+
+
 def _leaf(t: Tensor | None) -> Tensor | None:
     """A contiguous leaf with ``t``'s value (and ``requires_grad``) for the step graphs to start at."""
     return None if t is None else t.detach().contiguous().requires_grad_(t.requires_grad)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import native
 from ..errors import BackendUnavailableError, ConfigError
+from .matrices import _first_order_only
 
 __all__ = ["NATIVE_U", "NATIVE_V", "NATIVE_G", "NotNative", "term_tables", "native_reason", "native_ready",
            "run_native"]  # fmt: skip
@@ -234,7 +235,7 @@ class _Kernel:
         self.n_snap = -(-self.n_steps // snap_every)
         self.wtot = sum(a * c for a, c in zip(n[1:], n[:-1]))
         self.checks = [s for s in range(self.n_steps) if tracker.is_check(s)]
-        # sigma'(x) of the input where e_0 is needed, computed here by torch's vectorized expm1 (as the torch paths do)
+        # sigma'(x) of the input where e_0 is needed (the kernel reads it), by the network's own map, as the torch paths
         self.dx = net.input_derivative(self.x).contiguous() if need_err and err_lo == 0 else None
         t = target.contiguous()
         self.tgt = t if t.dtype == x.dtype else t.to(x.dtype)
@@ -268,10 +269,9 @@ class _Kernel:
         )  # fmt: skip
         _check_rc(rc)
         tr = self.tracker
-        for s in range(N):
-            if tr.curves:
-                tr.train_loss.append(loss[:, s])
-                tr.train_acc.append(correct[:, s])
+        if tr.curves:
+            tr.train_loss.extend(loss.unbind(1))
+            tr.train_acc.extend(correct.unbind(1))
         for j, s in enumerate(self.checks):
             tr.record_bad(s, bad[:, j].bool())
         return tape, snaps
@@ -310,11 +310,7 @@ class _NativeEpisodes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "run_episodes' native adjoint gives first-order meta-gradients only (no create_graph=True); "
-                "pass method='autograd' to differentiate through the meta-gradient."
-            )
+        _first_order_only("native adjoint")
         if ctx.tape is None:
             raise RuntimeError("run_episodes' native adjoint was already used; backward through it only once.")
         C, A, *out = ctx.saved_tensors

@@ -291,8 +291,8 @@ class MetaConfig(Config):
         "auto",
         help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
         "'adjoint', 'autograd', or 'native' (steps and adjoint in one C kernel: feedforward networks on the CPU, "
-        "rules of outer products of post, err and pre, pre_err, W^T post, such as F^bio; see "
-        "rulesearch.inner.run_episodes).",
+        "rules of outer products of post, err and pre, pre_err, W^T post, times layer sums or bilinear forms, such "
+        "as the paper pool; 'auto' takes it where a C compiler builds it; see rulesearch.inner.run_episodes).",
         choices=("auto", "adjoint", "autograd", "native"),
     )
     chunk: int | None = option(
