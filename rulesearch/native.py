@@ -6,7 +6,10 @@ once into a shared library under the cache folder (``$RULESEARCH_CACHE/native``,
 process. Nothing is compiled at import; :func:`available` tells cheaply whether a compiler is there (``$CC``, else
 ``cc``, ``gcc`` or ``clang`` on the ``PATH``). The flags keep IEEE arithmetic (no ``-ffast-math``, no contraction
 of ``a * b + c`` into one rounding), so a kernel rounds as the straightforward C of its equations, except in loops
-marked ``#pragma omp simd reduction``, whose sums may be split into vector lanes.
+marked ``#pragma omp simd reduction``, whose sums may be split into vector lanes. A kernel whose rounding does not
+depend on the vector width (no such loops) may ask for the machine's wider vector unit (``load(..., simd=True)``:
+AVX2 on x86-64 CPUs that have it, :func:`simd_flags`); the cache key holds the flags, so a library built for one kind
+of CPU is never loaded on another.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,9 +26,23 @@ from pathlib import Path
 
 from .errors import BackendUnavailableError
 
-__all__ = ["available", "compiler", "cache_dir", "load", "FLAGS"]
+__all__ = ["available", "compiler", "cache_dir", "load", "simd_flags", "FLAGS"]
 
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd")
+
+
+@functools.cache
+def simd_flags() -> tuple[str, ...]:
+    """Flags for this machine's wider vector unit: ``("-mavx2",)`` on an x86-64 Linux CPU that lists ``avx2`` in
+    ``/proc/cpuinfo``, else none (the compiler's baseline, e.g. SSE2). ``RULESEARCH_NATIVE_SIMD=0`` turns it off."""
+    if os.environ.get("RULESEARCH_NATIVE_SIMD", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return ("-mavx2",) if "avx2" in flags else ()
 
 
 def compiler() -> str | None:
@@ -69,8 +87,12 @@ def _writable(folder: Path) -> Path:
     return fallback
 
 
-def load(source: str, name: str = "kernel") -> ctypes.CDLL:
+def load(source: str, name: str = "kernel", simd: bool = False) -> ctypes.CDLL:
     """Build ``source`` (C99) into a shared library, or reuse the one built before, and load it.
+
+    With ``simd``, the build adds :func:`simd_flags` (for kernels whose rounding does not depend on the vector width:
+    the inner-loop kernel's sums run over a fixed number of partial sums, so its results are the same bits with and
+    without).
 
     Libraries go to :func:`cache_dir`, or, where it cannot be written, to a folder of the user's under the system's
     temporary folder. A library is written under a temporary name and renamed into place, so processes building the
@@ -83,13 +105,14 @@ def load(source: str, name: str = "kernel") -> ctypes.CDLL:
             "No C compiler found (looked for $CC, cc, gcc, clang on the PATH): the native backend builds its kernels "
             "with one. Install gcc (Debian: apt install gcc) or use the torch backend."
         )
-    key = hashlib.sha256("\0".join((source, *FLAGS, _version(cc))).encode()).hexdigest()[:20]
+    flags = FLAGS + (simd_flags() if simd else ())
+    key = hashlib.sha256("\0".join((source, *flags, _version(cc))).encode()).hexdigest()[:20]
     out = _writable(cache_dir()) / f"{name}-{key}.so"
     if not out.exists():
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
             src.write_text(source)
-            res = subprocess.run([cc, *FLAGS, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True)
+            res = subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True)
             if res.returncode != 0:
                 raise BackendUnavailableError(
                     f"Building the native kernel {name!r} with {cc} failed:\n{res.stderr.strip()[-2000:]}\n"

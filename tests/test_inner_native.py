@@ -285,6 +285,38 @@ def test_float32_close_to_float64_and_deterministic():
     torch.testing.assert_close(g32[0], ga32[0], rtol=1e-4, atol=1e-4 * float(ga32[0].abs().max()))
 
 
+@pytest.mark.skipif(not native.simd_flags(), reason="no wider vector unit on this CPU (native.simd_flags() is empty)")
+def test_the_vector_width_does_not_change_a_bit(monkeypatch):
+    """The kernel built with native.simd_flags() (AVX2) and without (the compiler's baseline) gives the same bits: its
+    sums run over LANES partial sums whatever the width. Rows of 40 and 33 (two blocks of 16 and a remainder), every
+    outer product (u = 1, post, err), a decay, W^T post, backprop (the G pass's three update vectors)."""
+    from rulesearch.inner import native as inner_native
+
+    sizes = (40, 33, 18, 5)
+    net = Network(sizes=sizes, feedback="bp", activation="tanh", loss="ce")
+    rule = Rule([*named_rule("pool").terms, Term("U", pre)], "pool+U")
+    theta = 1e-3 * torch.randn(rule.n_params, generator=torch.Generator().manual_seed(1), dtype=F64)
+    batch = _batch(sizes, b=2, n=30)
+
+    def run():
+        inner_native._kernel.cache_clear()
+        native.simd_flags.cache_clear()
+        res, grads = _run("native", net, batch, rule, theta, wgrad=True, checkpoint_every=7)
+        return [res.loss.detach(), *grads, *(w.detach() for w in res.weights)]
+
+    wide = run()
+    monkeypatch.setenv("RULESEARCH_NATIVE_SIMD", "0")
+    assert native.simd_flags.__wrapped__() == ()
+    try:
+        base = run()
+    finally:
+        monkeypatch.undo()
+        inner_native._kernel.cache_clear()
+        native.simd_flags.cache_clear()
+    assert len(wide) == len(base) == 1 + 1 + 3 + 3
+    assert all(torch.equal(a, b) for a, b in zip(wide, base))
+
+
 # ---- 4. divergence -----------------------------------------------------------------------------------------------
 
 

@@ -214,37 +214,82 @@ static void outer_of(const Net *t, int l, const real *C, const real *const *u, c
     }
 }
 
-/* row i of W <- c W + s sum_k u_k Vt_k^T (u NULL: ones) */
-static void row_update(real *restrict w, const Outer *o, int i, real c, real s, int n) {
-    real a[NP];
+/* ---- one pass over a row ------------------------------------------------------------------------------------ */
+
+#if defined(__GNUC__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
+/* The passes over a weight row (or a row of G) in one loop, on constants NU, ND, NH that the callers' switches fix, so
+ * each combination compiles to its own loop:
+ *     w <- p (c w + sum_{t < NU} a_t x_t),   d_r = <w, y_r> (r < ND) over LANES partial sums, as dot,
+ *     h_r <- h_r + b_r w (r < NH),
+ * all of the updated row, which is read and written once. The sums keep the association of separate loops
+ * (c w + ((a_0 x_0 + a_1 x_1) + a_2 x_2)), and c = 1 or p = 1 multiply exactly, so the results are those bits. */
+INLINE void row_pass(real *restrict w, const int n, const int NU, const real c, const real p, const real *restrict x0,
+                     const real *restrict x1, const real *restrict x2, const real a0, const real a1, const real a2,
+                     const int ND, const real *restrict y0, const real *restrict y1, const real *restrict y2,
+                     real *restrict d, const int NH, real *restrict h0, real *restrict h1, real *restrict h2,
+                     const real b0, const real b1, const real b2) {
+    real c0[LANES] = {0}, c1[LANES] = {0}, c2[LANES] = {0};
+#define ROW_ELEM(J)                                                                                                   \
+    real v = c * w[J];                                                                                                \
+    if (NU == 1) v = v + a0 * x0[J];                                                                                  \
+    if (NU == 2) v = v + (a0 * x0[J] + a1 * x1[J]);                                                                   \
+    if (NU == 3) v = v + (a0 * x0[J] + a1 * x1[J] + a2 * x2[J]);                                                      \
+    v = v * p;                                                                                                        \
+    w[J] = v;                                                                                                         \
+    if (NH > 0) h0[J] += b0 * v;                                                                                      \
+    if (NH > 1) h1[J] += b1 * v;                                                                                      \
+    if (NH > 2) h2[J] += b2 * v;
+    int j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        for (int q = 0; q < LANES; q++) {
+            ROW_ELEM(j + q)
+            if (ND > 0) c0[q] += v * y0[j + q];
+            if (ND > 1) c1[q] += v * y1[j + q];
+            if (ND > 2) c2[q] += v * y2[j + q];
+        }
+    }
+    real s0 = ND > 0 ? lanes_sum(c0) : 0, s1 = ND > 1 ? lanes_sum(c1) : 0, s2 = ND > 2 ? lanes_sum(c2) : 0;
+    for (; j < n; j++) {
+        ROW_ELEM(j)
+        if (ND > 0) s0 += v * y0[j];
+        if (ND > 1) s1 += v * y1[j];
+        if (ND > 2) s2 += v * y2[j];
+    }
+#undef ROW_ELEM
+    if (ND > 0) d[0] = s0;
+    if (ND > 1) d[1] = s1;
+    if (ND > 2) d[2] = s2;
+}
+
+/* A row's update w <- p (c w + sum_k s u_k[i] Vt_k) by the outer products o (u NULL: ones), and its dots with y0, y1
+ * (nd of them): the forward's update (with the next step's W_0 x) and the adjoint's reversal. */
+static void row_update(real *restrict w, const Outer *o, int i, real c, real s, real p, int n, int nd,
+                       const real *y0, const real *y1, real *d) {
+    real a[NP] = {0};
     for (int k = 0; k < o->k; k++) a[k] = s * (o->u[k] ? o->u[k][i] : (real)1);
-    switch (o->k) {
-    case 0:
-        if (c != (real)1)
-            for (int j = 0; j < n; j++) w[j] = c * w[j];
+    const real *const *x = o->vt;
+#define RU(K, ND_)                                                                                                    \
+    case K * 3 + ND_:                                                                                                 \
+        row_pass(w, n, K, c, p, x[0], x[1], x[2], a[0], a[1], a[2], ND_, y0, y1, NULL, d, 0, NULL, NULL, NULL, 0, 0,  \
+                 0);                                                                                                  \
         break;
-    case 1: {
-        const real *restrict v0 = o->vt[0];
-        for (int j = 0; j < n; j++) w[j] = c * w[j] + a[0] * v0[j];
-    } break;
-    case 2: {
-        const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1];
-        for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j]);
-    } break;
-    default: {
-        const real *restrict v0 = o->vt[0], *restrict v1 = o->vt[1], *restrict v2 = o->vt[2];
-        for (int j = 0; j < n; j++) w[j] = c * w[j] + (a[0] * v0[j] + a[1] * v1[j] + a[2] * v2[j]);
+#define RU_K(K) RU(K, 0) RU(K, 1) RU(K, 2)
+    switch (o->k * 3 + nd) {
+        RU_K(0) RU_K(1) RU_K(2) RU_K(3)
     }
-    }
+#undef RU_K
+#undef RU
 }
 
 /* W <- c W + sum_k u_k Vt_k^T; with xn, also zn = W xn from the updated rows (the next step's first layer) */
 static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, const real *xn, real *zn) {
-    for (int i = 0; i < m; i++) {
-        real *w = W + (long)i * n;
-        row_update(w, o, i, c, (real)1, n);
-        if (xn) zn[i] = dot(w, xn, n);
-    }
+    for (int i = 0; i < m; i++)
+        row_update(W + (long)i * n, o, i, c, (real)1, (real)1, n, xn ? 1 : 0, xn, NULL, xn ? zn + i : NULL);
 }
 
 /* ---- the step's vectors in the tape -------------------------------------------------------------------- */
@@ -470,27 +515,25 @@ int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, 
 
 /* ---- adjoint ---------------------------------------------------------------------------------------------- */
 
-/* k_r = G Vt_r and h_r = G^T u_r of row i of G (h accumulates) */
-static void g_row_pass(const real *restrict g, const Outer *o, int i, int m, int n, real *k, real *h) {
-    for (int r = 0; r < o->k; r++) {
-        const real *restrict vt = o->vt[r];
-        real *restrict hr = h + (long)r * n;
-        const real ui = o->u[r] ? o->u[r][i] : (real)1;
-        real acc[LANES] = {0};
-        int j = 0;
-        for (; j + LANES <= n; j += LANES) {
-            for (int q = 0; q < LANES; q++) {
-                acc[q] += g[j + q] * vt[j + q];
-                hr[j + q] += ui * g[j + q];
-            }
-        }
-        real s0 = lanes_sum(acc);
-        for (; j < n; j++) {
-            s0 += g[j] * vt[j];
-            hr[j] += ui * g[j];
-        }
-        k[(long)r * m + i] = s0;
+/* Row i of G: g <- c g + sum_t a_t x_t (nu vectors), then, with the step before's outers o, k_r = g . Vt_r and
+ * h_r += u_r[i] g (h accumulates), in one pass */
+static void g_row(real *restrict g, int n, real c, int nu, const real *const *x, const real *a, const Outer *o, int i,
+                  int m, real *k, real *h) {
+    real b[NP] = {0}, d[NP];
+    for (int r = 0; r < o->k; r++) b[r] = o->u[r] ? o->u[r][i] : (real)1;
+    const real *const *vt = o->vt;
+#define GR(NU, K)                                                                                                     \
+    case NU * 4 + K:                                                                                                  \
+        row_pass(g, n, NU, c, 1, x[0], x[1], x[2], a[0], a[1], a[2], K, vt[0], vt[1], vt[2], d, K, h, h + n,          \
+                 h + 2L * n, b[0], b[1], b[2]);                                                                       \
+        break;
+#define GR_NU(NU) GR(NU, 0) GR(NU, 1) GR(NU, 2) GR(NU, 3)
+    switch (nu * 4 + o->k) {
+        GR_NU(0) GR_NU(1) GR_NU(2) GR_NU(3)
     }
+#undef GR_NU
+#undef GR
+    for (int r = 0; r < o->k; r++) k[(long)r * m + i] = d[r];
 }
 
 /* The meta-gradient by the adjoint of rs_forward's recorded run: W holds W_N on entry and W_0 on exit (reversed
@@ -532,7 +575,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
         const real *Cb = C + (long)b * L * NG * NC, *Ab = A + (long)b * L;
         real *dCb = dC + (long)b * L * NG * NC, *dAb = dA + (long)b * L;
         Vecs v, vp; /* this step's vectors and the step before's */
-        Outer o[MAXL], op[MAXL];
+        Outer o[MAXL], op[MAXL], o0 = {0}; /* o0: no outer products */
         Coef kc[MAXL], kp[MAXL];
         const real *u[MAXL][NP], *vv[MAXL][NQ], *up[MAXL][NP], *vvp[MAXL][NQ];
         int cur = 0;
@@ -543,7 +586,10 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
             coef_of(&t, &v, l, Cb + l * NG * NC, &kc[l]);
             outer_of(&t, l, kc[l].c, u[l], vv[l], Vt[l][cur], &o[l]);
             memset(H[l], 0, sizeof(real) * NP * n);
-            for (int i = 0; i < m; i++) g_row_pass(G[l] + (long)i * n, &o[l], i, m, n, K[l], H[l]);
+            {
+                const real *none[NP] = {0}, zero[NP] = {0};
+                for (int i = 0; i < m; i++) g_row(G[l] + (long)i * n, n, 1, 0, none, zero, &o[l], i, m, K[l], H[l]);
+            }
         }
         for (int s = N - 1; s >= 0; s--) {
             for (int i = 0; i <= L; i++) {
@@ -620,17 +666,18 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     ? snaps + ((long)b * nsnap + s / t.snap_every) * t.wtot + t.woff[l] : NULL;
                 const int undo = o[l].k > 0 || one_a != (real)1;
                 real da = 0;
+                const int nd = (t.decay[l] != 0) + (t.wtp[l] != 0);
                 for (int i = 0; i < m; i++) {
-                    real *w = W[l] + (long)i * n;
-                    if (snap) {
-                        memcpy(w, snap + (long)i * n, sizeof(real) * n);
-                    } else if (undo) {
-                        row_update(w, &o[l], i, (real)1, (real)-1, n);
-                        if (one_a != (real)1)
-                            for (int j = 0; j < n; j++) w[j] = w[j] * inv;
+                    real *w = W[l] + (long)i * n, *gi = G[l] + (long)i * n, d[2];
+                    const real *y0 = t.decay[l] ? gi : dv3[l], *y1 = dv3[l];
+                    if (snap) memcpy(w, snap + (long)i * n, sizeof(real) * n);
+                    if (snap || !undo) {
+                        if (nd) row_update(w, &o0, i, 1, 1, 1, n, nd, y0, y1, d);
+                    } else {
+                        row_update(w, &o[l], i, (real)1, (real)-1, inv, n, nd, y0, y1, d);
                     }
-                    if (t.decay[l]) da += dot(G[l] + (long)i * n, w, n);
-                    if (t.wtp[l]) gy[l + 1][i] += dot(w, dv3[l], n);
+                    if (t.decay[l]) da += d[0];
+                    if (t.wtp[l]) gy[l + 1][i] += d[nd - 1];
                 }
                 dAb[l] += da;
             }
@@ -689,21 +736,12 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 const int w3 = t.wtp[l];
                 const int bp = BP && t.need_err && l >= t.err_lo;
                 if (s > 0) memset(H[l], 0, sizeof(real) * NP * n);
+                const real *x[NP] = {yl, w3 ? d3 : gbl, gbl};
+                const int nu = 1 + w3 + bp;
                 for (int i = 0; i < m; i++) {
-                    real *restrict g = G[l] + (long)i * n;
-                    const real a0 = gz[l + 1][i];
-                    const real a1 = w3 ? v.y[l + 1][i] : (real)0;
-                    const real a2 = bp ? v.e[l + 1][i] : (real)0;
-                    if (w3 && bp) {
-                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a1 * d3[j] + a2 * gbl[j]);
-                    } else if (w3) {
-                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a1 * d3[j]);
-                    } else if (bp) {
-                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + (a0 * yl[j] + a2 * gbl[j]);
-                    } else {
-                        for (int j = 0; j < n; j++) g[j] = one_a * g[j] + a0 * yl[j];
-                    }
-                    if (s > 0) g_row_pass(g, &op[l], i, m, n, K[l], H[l]);
+                    const real a[NP] = {gz[l + 1][i], w3 ? v.y[l + 1][i] : bp ? v.e[l + 1][i] : (real)0,
+                                        bp ? v.e[l + 1][i] : (real)0};
+                    g_row(G[l] + (long)i * n, n, one_a, nu, x, a, s > 0 ? &op[l] : &o0, i, m, K[l], H[l]);
                 }
             }
             if (s > 0) {

@@ -175,7 +175,7 @@ def _kernel(real: str, act: int, ce: bool, bp: bool, beta: float):
     src = (Path(__file__).with_name("kernel.c")).read_text()
     defs = {"ACT": act, "CE": int(ce), "BP": int(bp), "BETA": repr(beta)}
     defs = f"typedef {real} real;\n" + "".join(f"#define {k} {v}\n" for k, v in defs.items())
-    lib = native.load(defs + src, "inner")
+    lib = native.load(defs + src, "inner", simd=True)
     ptr = ctypes.c_void_p
     lib.rs_forward.argtypes = [ptr, ctypes.c_double if real == "double" else ctypes.c_float] + [ptr] * 13
     lib.rs_adjoint.argtypes = [ptr] * 11
