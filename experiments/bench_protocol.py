@@ -3,8 +3,10 @@ classes x 400 images, 784-170-130-100-70-47, 5-way K=50 Q=10, feedback alignment
 ``bio`` and ``pool``, from a shorter run of the same configuration.
 
 Each setting runs ``rulesearch discover`` in a fresh process (or ``torchrun`` processes) for ``--steps`` meta-steps
-and reads the per-step wall times from its ``metrics.csv``; the protocol's time is start-up (process start to the
-first step) + 600 x the median step time after ``--warmup`` steps; the peak RSS is the largest process's. Settings:
+and reads the per-step wall times from its ``metrics.csv``; the protocol's time is the whole timed run (start-up,
+then the ``--steps`` steps with their one-time costs: a kernel's build, ``meta.term_scale``'s probe episode) + the
+600 - ``--steps`` steps left at the median step time after ``--warmup`` steps ('start-up' printed is process start to
+the first step); the peak RSS is the largest process's. Settings:
 one process with one thread ('1 thread'; the 20 episodes of a meta-step in inner loops of at most 8, ``meta.chunk``'s
 default on a CPU), the same with all 20 in one inner loop ('one group'), one process with all cores as threads, and
 data parallelism with ``torchrun`` (one process per core, one thread each; each process runs its block of the 20
@@ -102,9 +104,10 @@ def measure(
         shutil.rmtree(work, ignore_errors=True)
     step = statistics.median(secs[warmup:])
     startup = total - sum(secs)
+    protocol = total + (PROTOCOL_STEPS - len(secs)) * step  # all that was timed, then the steps left at the median
     core_s = step * (1 if setting in ("1 thread", "one group") else cores) / RUNS
     return {"setting": setting, "rule": rule, "method": method, "steps": len(secs), "s_per_step": step,
-            "startup_s": startup, "protocol_min": (startup + PROTOCOL_STEPS * step) / 60, "core_s_per_episode": core_s,
+            "startup_s": startup, "protocol_min": protocol / 60, "core_s_per_episode": core_s,
             "skipped": skipped, "peak_mib": peak}  # fmt: skip
 
 
