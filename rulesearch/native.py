@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 from .errors import BackendUnavailableError
@@ -92,7 +93,7 @@ def load(source: str, name: str = "kernel", simd: bool = False) -> ctypes.CDLL:
 
     With ``simd``, the build adds :func:`simd_flags` (for kernels whose rounding does not depend on the vector width:
     the inner-loop kernel's sums run over a fixed number of partial sums, so its results are the same bits with and
-    without).
+    without); where the compiler refuses them, a warning names the error and the baseline build is used.
 
     Libraries go to :func:`cache_dir`, or, where it cannot be written, to a folder of the user's under the system's
     temporary folder. A library is written under a temporary name and renamed into place, so processes building the
@@ -105,7 +106,18 @@ def load(source: str, name: str = "kernel", simd: bool = False) -> ctypes.CDLL:
             "No C compiler found (looked for $CC, cc, gcc, clang on the PATH): the native backend builds its kernels "
             "with one. Install gcc (Debian: apt install gcc) or use the torch backend."
         )
-    flags = FLAGS + (simd_flags() if simd else ())
+    if simd and simd_flags():
+        try:
+            return _build(source, name, cc, FLAGS + simd_flags())
+        except BackendUnavailableError as e:
+            wide = " ".join(simd_flags())
+            warnings.warn(f"{e}\nBuilding {name!r} without {wide} instead (the same results, slower).", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+    return _build(source, name, cc, FLAGS)
+
+
+def _build(source: str, name: str, cc: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """:func:`load` with these flags."""
     key = hashlib.sha256("\0".join((source, *flags, _version(cc))).encode()).hexdigest()[:20]
     out = _writable(cache_dir()) / f"{name}-{key}.so"
     if not out.exists():

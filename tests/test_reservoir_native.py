@@ -247,3 +247,25 @@ def test_kernel_cache_is_reused_and_build_errors_are_reported(monkeypatch, tmp_p
     blocked.write_text("not a folder")
     monkeypatch.setenv("RULESEARCH_CACHE", str(blocked))  # the cache cannot be made: a temporary folder instead
     assert native.load("int answer(void) { return 42; }", "answer").answer() == 42
+
+
+def test_simd_builds_are_kept_apart_and_fall_back(monkeypatch, tmp_path):
+    """load(simd=True) adds simd_flags() to the build and the cache key; a compiler that refuses them gets the
+    baseline build, with a warning; RULESEARCH_NATIVE_SIMD=0 and a CPU other than x86-64 give no flags."""
+    monkeypatch.setenv("RULESEARCH_CACHE", str(tmp_path))
+    src = "int wide(void) {\n#ifdef RS_WIDE\n    return 1;\n#else\n    return 0;\n#endif\n}\n"
+    monkeypatch.setattr(native, "simd_flags", lambda: ("-DRS_WIDE=1",))
+    assert native.load(src, "wide", simd=True).wide() == 1
+    assert native.load(src, "wide").wide() == 0
+    assert len(list((tmp_path / "native").glob("wide-*.so"))) == 2
+    monkeypatch.setattr(native, "simd_flags", lambda: ("-mno-such-vector-unit",))
+    with pytest.warns(RuntimeWarning, match="without -mno-such-vector-unit"):
+        assert native.load(src, "wide", simd=True).wide() == 0
+    monkeypatch.undo()
+    flags = native.simd_flags.__wrapped__
+    assert flags() in ((), ("-mavx2",))
+    monkeypatch.setenv("RULESEARCH_NATIVE_SIMD", "0")
+    assert flags() == ()
+    monkeypatch.delenv("RULESEARCH_NATIVE_SIMD")
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert flags() == ()
