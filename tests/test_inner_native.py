@@ -6,7 +6,6 @@ does not cover, term_tables, and one meta-step of the Trainer. Skipped where no 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -34,9 +33,9 @@ RTOL = 1e-10
 SIZES = (6, 5, 4, 3)
 BIO = named_rule("bio")
 
-# Every kernel (feedback, activation, loss, dtype) is a separate build (~1.5 s): the tests use these six networks, in
-# which each pair of values of two of the three options appears (a covering array of strength 2), in float64, and the
-# first in float32.
+# The kernel is one build per dtype (the network's feedback, activation and loss come with each call): the tests use
+# these six networks, in which each pair of values of two of the three options appears (a covering array of
+# strength 2), in float64, and the first in float32.
 NETS = (
     ("fa", "softplus", "ce"),
     ("bp", "softplus", "mse"),
@@ -61,12 +60,11 @@ def _one_thread():
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels(_cache, _one_thread):
-    """Build the kernels the tests use, in parallel; a failure is left for the tests to report."""
+    """Build the two kernels (float64, float32) in parallel; a failure is left for the tests to report."""
     update = compile_rule(BIO)
 
-    def build(spec):
-        (feedback, activation, loss_fn), dtype = spec
-        net = Network(sizes=(3, 2), feedback=feedback, activation=activation, loss=loss_fn)
+    def build(dtype):
+        net = Network(sizes=(3, 2))
         try:
             with torch.no_grad():
                 run_episodes(net, _batch((3, 2), b=1, n=1, nq=1, dtype=dtype), update, torch.zeros(3, dtype=dtype),
@@ -74,10 +72,9 @@ def _kernels(_cache, _one_thread):
         except Exception:
             pass
 
-    specs = [(n, F64) for n in NETS] + [(NETS[0], torch.float32)]
-    build(specs[0])  # the rule's tables, once
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
-        list(ex.map(build, specs[1:]))
+    term_tables(BIO)  # SymPy, once, before the threads
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(build, (F64, torch.float32)))
 
 
 def _batch(sizes=SIZES, b=3, n=24, nq=5, seed=0, dtype=F64):
@@ -377,13 +374,25 @@ def test_unsupported_networks_and_options_raise():
         run_episodes(Network(sizes=SIZES), batch, Plain(), torch.tensor(0.1, dtype=F64), seed=0, method="native")
 
 
-def test_no_compiler_raises(monkeypatch):
-    """Without a compiler the kernel cannot be built (a configuration no other test builds: nothing cached)."""
+def test_no_compiler_raises(monkeypatch, tmp_path):
+    """Without a compiler the kernel cannot be built (an empty kernel cache, the process's loaded kernels forgotten):
+    method="native" raises, and "auto" takes the torch path."""
+    from rulesearch.inner import native as inner_native
+
     monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("RULESEARCH_CACHE", str(tmp_path))
     net = Network(sizes=SIZES, activation="linear", loss="mse")
-    with pytest.raises(BackendUnavailableError, match="No C compiler"):
-        run_episodes(net, _batch(n=4), compile_rule(BIO), torch.tensor([0.1, 0.0, 0.0]).double(), seed=0,
-                     method="native")  # fmt: skip
+    theta = torch.tensor([0.1, 0.0, 0.0]).double()
+    inner_native._kernel.cache_clear()
+    inner_native._builds.cache_clear()
+    try:
+        with pytest.raises(BackendUnavailableError, match="No C compiler"):
+            run_episodes(net, _batch(n=4), compile_rule(BIO), theta, seed=0, method="native")
+        assert run_episodes(net, _batch(n=4), compile_rule(BIO), theta, seed=0).method == "adjoint"
+    finally:
+        monkeypatch.undo()
+        inner_native._kernel.cache_clear()
+        inner_native._builds.cache_clear()
 
 
 def test_term_tables():

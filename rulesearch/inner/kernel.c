@@ -1,7 +1,6 @@
 /* The online inner loop of a feedforward network and its adjoint, one C kernel per episode batch
- * (rulesearch.inner.native). Built with the flags of rulesearch.native; the defines are set by the caller:
- *   real, ACT (0 softplus, 1 tanh, 2 sigmoid, 3 linear), CE (1: softmax + cross-entropy, 0: identity + MSE),
- *   BP (1: errors through W^T, 0: through the stored feedback matrices), BETA (softplus sharpness).
+ * (rulesearch.inner.native). Built with the flags of rulesearch.native, once per `real` (float or double, a typedef
+ * the caller puts first); the network's activation, loss, feedback and softplus sharpness come with each call.
  *
  * Per layer l (weights W_l of shape n_{l+1} x n_l, row-major), the rule's step is
  *     W_l <- (1 + a) W_l + sum_p u_p Vt_p^T,   Vt_p = sum_q C[p][q] v_q,   C = sum_j g_j C_j,
@@ -22,10 +21,14 @@
 #define MAXL 32
 #define LAYER_INTS (NG * NC + 2)
 
-/* cfg: L, N, B, need_err, err_lo, snap_every, check_every, record, n_0..n_L, then per layer LAYER_INTS ints:
- * use[NG][3][4] (structural nonzeros of the C_j), decay, wtp (the rule reads W^T post). */
+/* cfg: L, N, B, need_err, err_lo, snap_every, check_every, record, act (0 softplus, 1 tanh, 2 sigmoid, 3 linear),
+ * ce (1: softmax + cross-entropy, 0: identity + MSE), bp (1: errors through W^T, 0: through the stored feedback
+ * matrices), n_0..n_L, then per layer LAYER_INTS ints: use[NG][3][4] (structural nonzeros of the C_j), decay, wtp (the
+ * rule reads W^T post). */
+#define HEAD 11
 typedef struct {
-    int L, N, B, need_err, err_lo, snap_every, check_every, record;
+    int L, N, B, need_err, err_lo, snap_every, check_every, record, act, ce, bp;
+    real beta; /* softplus sharpness */
     int n[MAXL + 1];
     int use[MAXL][NG][NP][NQ], decay[MAXL], wtp[MAXL];
     int pq[MAXL][NP][NQ], up[MAXL][NP], gused[MAXL][NG]; /* derived: (p, q) used by some C_j; u_p used; g_j used */
@@ -34,15 +37,16 @@ typedef struct {
     int nmax;
 } Net;
 
-static int setup(Net *t, const int *cfg) {
+static int setup(Net *t, const int *cfg, real beta) {
     t->L = cfg[0]; t->N = cfg[1]; t->B = cfg[2]; t->need_err = cfg[3]; t->err_lo = cfg[4];
     t->snap_every = cfg[5]; t->check_every = cfg[6]; t->record = cfg[7];
-    if (t->L < 1 || t->L > MAXL) return 1;
+    t->act = cfg[8]; t->ce = cfg[9]; t->bp = cfg[10]; t->beta = beta;
+    if (t->L < 1 || t->L > MAXL || t->act < 0 || t->act > 3) return 1;
     const int L = t->L;
-    const int *lay = cfg + 8 + L + 1;
+    const int *lay = cfg + HEAD + L + 1;
     t->nmax = 0;
     for (int i = 0; i <= L; i++) {
-        t->n[i] = cfg[8 + i];
+        t->n[i] = cfg[HEAD + i];
         if (t->n[i] > t->nmax) t->nmax = t->n[i];
     }
     long off = 0;
@@ -82,67 +86,50 @@ static int setup(Net *t, const int *cfg) {
 
 /* ---- elementwise maps (the network's activation, its derivative and their backward passes) ---------------- */
 
-static real act(real z) {
-#if ACT == 0
-    real bz = z * (real)BETA;
-    return bz > (real)20 ? z : log1p(exp(bz)) / (real)BETA;
-#elif ACT == 1
-    return tanh(z);
-#elif ACT == 2
-    return (real)1 / ((real)1 + exp(-z));
-#else
-    return z;
-#endif
+static real act(const Net *t, real z) {
+    switch (t->act) {
+    case 0: {
+        real bz = z * t->beta;
+        return bz > (real)20 ? z : log1p(exp(bz)) / t->beta;
+    }
+    case 1: return tanh(z);
+    case 2: return (real)1 / ((real)1 + exp(-z));
+    default: return z;
+    }
 }
 
 /* sigma'(z) from y = sigma(z) */
-static real deriv(real y) {
-#if ACT == 0
-    return -expm1(-(real)BETA * y);
-#elif ACT == 1
-    return (real)1 - y * y;
-#elif ACT == 2
-    return y * ((real)1 - y);
-#else
-    (void)y;
-    return (real)1;
-#endif
+static real deriv(const Net *t, real y) {
+    switch (t->act) {
+    case 0: return -expm1(-t->beta * y);
+    case 1: return (real)1 - y * y;
+    case 2: return y * ((real)1 - y);
+    default: return (real)1;
+    }
 }
 
 /* g sigma'(z) as autograd computes it */
-static real act_backward(real g, real y, real z) {
-#if ACT == 0
-    (void)y;
-    real bz = z * (real)BETA;
-    real ez = exp(bz);
-    return bz > (real)20 ? g : g * ez / (ez + (real)1);
-#elif ACT == 1
-    (void)z;
-    return g * ((real)1 - y * y);
-#elif ACT == 2
-    (void)z;
-    return g * (y * ((real)1 - y));
-#else
-    (void)y; (void)z;
-    return g;
-#endif
+static real act_backward(const Net *t, real g, real y, real z) {
+    switch (t->act) {
+    case 0: {
+        real bz = z * t->beta;
+        real ez = exp(bz);
+        return bz > (real)20 ? g : g * ez / (ez + (real)1);
+    }
+    case 1: return g * ((real)1 - y * y);
+    case 2: return g * (y * ((real)1 - y));
+    default: return g;
+    }
 }
 
 /* the VJP of e = back * sigma'(z) through sigma' (cotangent of y), given ge and gd = ge * d */
-static real deriv_backward(real ge, real gd, real back, real y) {
-#if ACT == 0
-    (void)y;
-    return (ge - gd) * back * (real)BETA;
-#elif ACT == 1
-    (void)gd;
-    return ge * back * y * (real)-2;
-#elif ACT == 2
-    (void)gd;
-    return ge * back * ((real)1 - (real)2 * y);
-#else
-    (void)ge; (void)gd; (void)back; (void)y;
-    return (real)0;
-#endif
+static real deriv_backward(const Net *t, real ge, real gd, real back, real y) {
+    switch (t->act) {
+    case 0: return (ge - gd) * back * t->beta;
+    case 1: return ge * back * y * (real)-2;
+    case 2: return ge * back * ((real)1 - (real)2 * y);
+    default: return (real)0;
+    }
 }
 
 
@@ -382,25 +369,25 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
             mv(W[l], s->y[l], s->z[l + 1], m, n);
         real *z = s->z[l + 1], *y = s->y[l + 1];
         if (l < L - 1) {
-            for (int i = 0; i < m; i++) y[i] = act(z[i]);
+            for (int i = 0; i < m; i++) y[i] = act(t, z[i]);
         }
     }
     {
         const int m = t->n[L];
         real *z = s->z[L], *y = s->y[L];
-#if CE
-        real mx = z[0];
-        for (int i = 1; i < m; i++) mx = z[i] > mx ? z[i] : mx;
-        real sum = 0;
-        for (int i = 0; i < m; i++) { y[i] = exp(z[i] - mx); sum += y[i]; }
-        real zt = 0;
-        for (int i = 0; i < m; i++) { y[i] = y[i] / sum; zt += z[i] * tgt[i]; }
-        *loss = (mx + log(sum)) - zt;
-#else
-        real acc = 0;
-        for (int i = 0; i < m; i++) { y[i] = z[i]; real d = y[i] - tgt[i]; acc += d * d; }
-        *loss = (real)0.5 * acc;
-#endif
+        if (t->ce) {
+            real mx = z[0];
+            for (int i = 1; i < m; i++) mx = z[i] > mx ? z[i] : mx;
+            real sum = 0;
+            for (int i = 0; i < m; i++) { y[i] = exp(z[i] - mx); sum += y[i]; }
+            real zt = 0;
+            for (int i = 0; i < m; i++) { y[i] = y[i] / sum; zt += z[i] * tgt[i]; }
+            *loss = (mx + log(sum)) - zt;
+        } else {
+            real acc = 0;
+            for (int i = 0; i < m; i++) { y[i] = z[i]; real d = y[i] - tgt[i]; acc += d * d; }
+            *loss = (real)0.5 * acc;
+        }
         if (label >= 0) {
             int am = 0;
             for (int i = 1; i < m; i++) if (y[i] > y[am]) am = i;
@@ -416,17 +403,12 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
             const int m = t->n[i + 1], n = t->n[i];
             real *back = s->back[i], *e = s->e[i], *d = s->d[i];
             for (int j = 0; j < n; j++) back[j] = 0;
-#if BP
-            (void)F; /* backprop: the errors go back through W itself */
-            vm_add(W[i], s->e[i + 1], back, m, n);
-#else
-            vm_add(F[i], s->e[i + 1], back, m, n);
-#endif
+            vm_add(t->bp ? W[i] : F[i], s->e[i + 1], back, m, n); /* backprop: the errors go back through W itself */
             if (i == 0) { /* sigma' of the input, from the caller */
                 memcpy(d, s->dx, sizeof(real) * n);
             } else {
                 const real *y = s->y[i];
-                for (int j = 0; j < n; j++) d[j] = deriv(y[j]);
+                for (int j = 0; j < n; j++) d[j] = deriv(t, y[j]);
             }
             for (int j = 0; j < n; j++) e[j] = back[j] * d[j];
         }
@@ -451,11 +433,11 @@ static int n_checks(const Net *t) {
  * step's vectors go to tape (B x N x S) and W_s to snaps (B x ceil(N / snap_every) x wtot) for s = 0, snap, ...
  * Per step: loss, correctness (NaN without labels); per check step and layer: 1 where |W| exceeds bound or W or
  * the layer's errors are not finite. Returns 0, or 1 for a bad configuration, 2 when out of memory. */
-int rs_forward(const int *cfg, real bound, real **Wp, real **Fp, const real *x, const real *dx, const real *tgt,
+int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, const real *x, const real *dx, const real *tgt,
                const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
                real *correct_out, uint8_t *bad_out) {
     Net t;
-    if (setup(&t, cfg)) return 1;
+    if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every, nchk = n_checks(&t);
     real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax + t.n[1]));
@@ -540,10 +522,10 @@ static void g_row(real *restrict g, int n, real c, int nu, const real *const *x,
  * step by step, reset from the snapshots), G holds dL/dW_N on entry and dL/dW_0 on exit; dC (B x L x 3 x 4) and
  * dA (B x L) receive dL/dC and dL/da summed over the steps. Per step and layer, one pass over W (reversal, with
  * <G, W_s> and W_s dv3) and one over G (its update, with the factor products k, h of the step before). */
-int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, const real *C,
+int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const real *x, const real *C,
                const real *A, real *tape, const real *snaps, real *dC, real *dA) {
     Net t;
-    if (setup(&t, cfg)) return 1;
+    if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N, nm = t.nmax;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every;
     /* per layer two Vt (3 n each: this step's and the one before), k (3 m), h (3 n), dv3 (n); per index gy, ge,
@@ -687,35 +669,30 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                     const int m = t.n[i + 1], n = t.n[i];
                     real *g_back = gb[i];
                     for (int j = 0; j < n; j++) g_back[j] = ge[i][j] * v.d[i][j];
-#if BP
-                    const real *M = W[i];
-                    (void)F;
-#else
-                    const real *M = F[i];
-#endif
+                    const real *M = t.bp ? W[i] : F[i];
                     for (int a = 0; a < m; a++) ge[i + 1][a] += dot(M + (long)a * n, g_back, n);
                     if (i > 0) {
                         for (int j = 0; j < n; j++)
-                            gy[i][j] += deriv_backward(ge[i][j], g_back[j], v.back[i][j], v.y[i][j]);
+                            gy[i][j] += deriv_backward(&t, ge[i][j], g_back[j], v.back[i][j], v.y[i][j]);
                     }
                 }
                 for (int j = 0; j < t.n[L]; j++) gy[L][j] += ge[L][j];
             }
             { /* the output map's VJP: softmax under CE, the identity under MSE */
                 const int m = t.n[L];
-#if CE
-                const real *y = v.y[L];
-                real d = 0;
-                for (int j = 0; j < m; j++) d += gy[L][j] * y[j];
-                for (int j = 0; j < m; j++) gz[L][j] += y[j] * (gy[L][j] - d);
-#else
-                for (int j = 0; j < m; j++) gz[L][j] += gy[L][j];
-#endif
+                if (t.ce) {
+                    const real *y = v.y[L];
+                    real d = 0;
+                    for (int j = 0; j < m; j++) d += gy[L][j] * y[j];
+                    for (int j = 0; j < m; j++) gz[L][j] += y[j] * (gy[L][j] - d);
+                } else {
+                    for (int j = 0; j < m; j++) gz[L][j] += gy[L][j];
+                }
             }
             for (int i = L; i >= 1; i--) {
                 const int m = t.n[i], n = t.n[i - 1];
                 if (i < L)
-                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(gy[i][j], v.y[i][j], v.z[i][j]);
+                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(&t, gy[i][j], v.y[i][j], v.z[i][j]);
                 if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
             }
             /* the step before's vectors and factors */
@@ -734,7 +711,7 @@ int rs_adjoint(const int *cfg, real **Wp, real **Fp, real **Gp, const real *x, c
                 const real one_a = t.decay[l] ? (real)1 + Ab[l] : (real)1;
                 const real *yl = v.y[l], *d3 = dv3[l], *gbl = gb[l];
                 const int w3 = t.wtp[l];
-                const int bp = BP && t.need_err && l >= t.err_lo;
+                const int bp = t.bp && t.need_err && l >= t.err_lo;
                 if (s > 0) memset(H[l], 0, sizeof(real) * NP * n);
                 const real *x[NP] = {yl, w3 ? d3 : gbl, gbl};
                 const int nu = 1 + w3 + bp;

@@ -350,7 +350,7 @@ def run_episodes(
         )
     if method == "native" or (method == "auto" and lows is not None):
         why_not = native_reason(net, plan, observe, modulator, fbs, x_train)
-        if method == "auto" and not why_not and native_ready(net, dtype):  # the kernel where a compiler builds it
+        if method == "auto" and not why_not and native_ready(dtype):  # the kernel where a compiler builds it
             method = "native"
     if method == "native":
         if why_not:

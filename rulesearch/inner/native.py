@@ -170,37 +170,36 @@ def _tables(rule):
 # ---- the kernel ------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _kernel(real: str, act: int, ce: bool, bp: bool, beta: float):
+@functools.lru_cache(maxsize=2)
+def _kernel(real: str):
+    """The kernel for ``real`` (``"float"`` or ``"double"``): one build per dtype; the network's activation, loss,
+    feedback and softplus sharpness come with each call."""
     src = (Path(__file__).with_name("kernel.c")).read_text()
-    defs = {"ACT": act, "CE": int(ce), "BP": int(bp), "BETA": repr(beta)}
-    defs = f"typedef {real} real;\n" + "".join(f"#define {k} {v}\n" for k, v in defs.items())
-    lib = native.load(defs + src, "inner", simd=True)
-    ptr = ctypes.c_void_p
-    lib.rs_forward.argtypes = [ptr, ctypes.c_double if real == "double" else ctypes.c_float] + [ptr] * 13
-    lib.rs_adjoint.argtypes = [ptr] * 11
+    lib = native.load(f"typedef {real} real;\n" + src, "inner", simd=True)
+    ptr, num = ctypes.c_void_p, ctypes.c_double if real == "double" else ctypes.c_float
+    lib.rs_forward.argtypes = [ptr, num, num] + [ptr] * 13
+    lib.rs_adjoint.argtypes = [ptr, num] + [ptr] * 10
     return lib
 
 
-def _variant(net, dtype) -> tuple:
-    """The kernel's compile-time configuration for ``net`` in ``dtype``."""
-    real = "double" if dtype == torch.float64 else "float"
-    return real, _ACT[net.activation], net.loss == "ce", net.feedback == "bp", float(net.beta)
+def _real(dtype) -> str:
+    """The C type of ``dtype``."""
+    return "double" if dtype == torch.float64 else "float"
 
 
-@functools.lru_cache(maxsize=16)
-def _builds(variant: tuple) -> bool:
+@functools.lru_cache(maxsize=2)
+def _builds(real: str) -> bool:
     try:
-        _kernel(*variant)
+        _kernel(real)
     except BackendUnavailableError:
         return False
     return True
 
 
-def native_ready(net, dtype) -> bool:
-    """Whether the kernel for ``net`` in ``dtype`` is built or can be (a C compiler is there and the build succeeds;
-    tried once per process): what ``method="auto"`` asks before it takes the kernel."""
-    return native.available() and _builds(_variant(net, dtype))
+def native_ready(dtype) -> bool:
+    """Whether the kernel for ``dtype`` is built or can be (a C compiler is there and the build succeeds;
+    tried once per process and dtype): what ``method="auto"`` asks before it takes the kernel."""
+    return native.available() and _builds(_real(dtype))
 
 
 def _p(t: Tensor | None):
@@ -218,7 +217,7 @@ class _Kernel:
         self.x, self.tracker = x.contiguous(), tracker
         self.b, self.n_steps, sizes = int(x.shape[0]), int(x.shape[1]), list(net.sizes)
         self.L, self.dtype = net.n_layers, x.dtype
-        self.lib = _kernel(*_variant(net, x.dtype))
+        self.lib = _kernel(_real(x.dtype))
         self.tables = [_tables(u.rule) for u in plan.updates]
         self.fbs = [f.contiguous() for f in fbs] if net.feedback == "fa" else [None] * self.L
         need_err = bool(plan.any_err)
@@ -229,6 +228,8 @@ class _Kernel:
             wtp = bool(use[:, :, 3].any() or use[11].any())  # the rule reads W^T post
             layer_cfg += [int(v) for v in use.flatten()] + [int(bool((d != 0).any())), int(wtp)]
         self.head = [self.L, self.n_steps, self.b, int(need_err), err_lo, snap_every, tracker.check_every]
+        self.net_ints = [_ACT[net.activation], int(net.loss == "ce"), int(net.feedback == "bp")]
+        self.beta = float(net.beta)
         self.tail = sizes + layer_cfg
         n = sizes
         self.S = 2 * sum(n[1:]) + sum(n) + 3 * sum(n[:-1])  # y, z; e; back, W^T post, d (kernel.c's setup)
@@ -242,7 +243,7 @@ class _Kernel:
         self.lab = None if labels is None else labels.to(torch.int64).contiguous()
 
     def cfg(self, record: bool) -> Tensor:
-        return torch.tensor(self.head + [int(record)] + self.tail, dtype=torch.int32)
+        return torch.tensor(self.head + [int(record)] + self.net_ints + self.tail, dtype=torch.int32)
 
     def coefficients(self, params) -> tuple[Tensor, Tensor]:
         """``C`` ``(B, L, 12 * 12)`` (per global factor, the 3 x 4 coefficients) and ``a`` ``(B, L)`` from the
@@ -264,8 +265,8 @@ class _Kernel:
         bad = torch.zeros(b, len(self.checks), self.L, dtype=torch.uint8)
         cfg = self.cfg(record)
         rc = self.lib.rs_forward(
-            _p(cfg), float(self.tracker.bound), _ptrs(ws), _ptrs(self.fbs), _p(self.x), _p(self.dx), _p(self.tgt),
-            _p(self.lab), _p(C), _p(A), _p(tape), _p(snaps), _p(loss), _p(correct), _p(bad),
+            _p(cfg), self.beta, float(self.tracker.bound), _ptrs(ws), _ptrs(self.fbs), _p(self.x), _p(self.dx),
+            _p(self.tgt), _p(self.lab), _p(C), _p(A), _p(tape), _p(snaps), _p(loss), _p(correct), _p(bad),
         )  # fmt: skip
         _check_rc(rc)
         tr = self.tracker
@@ -282,7 +283,7 @@ class _Kernel:
         dC, dA = torch.zeros_like(C), torch.zeros_like(A)
         cfg = self.cfg(True)  # held: the kernel reads it
         rc = self.lib.rs_adjoint(
-            _p(cfg), _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(C), _p(A),
+            _p(cfg), self.beta, _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(C), _p(A),
             _p(tape), _p(snaps), _p(dC), _p(dA),
         )  # fmt: skip
         _check_rc(rc)
