@@ -32,7 +32,7 @@ typedef struct {
     int n[MAXL + 1];
     int use[MAXL][NG][NP][NQ], decay[MAXL], wtp[MAXL];
     int pq[MAXL][NP][NQ], up[MAXL][NP], gused[MAXL][NG]; /* derived: (p, q) used by some C_j; u_p used; g_j used */
-    long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1], off_d[MAXL + 1];
+    long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1];
     long S, wtot, wsize[MAXL], woff[MAXL];
     int nmax;
 } Net;
@@ -53,9 +53,8 @@ static int setup(Net *t, const int *cfg, real beta) {
     for (int i = 1; i <= L; i++) { t->off_y[i] = off; off += t->n[i]; }
     for (int i = 1; i <= L; i++) { t->off_z[i] = off; off += t->n[i]; }
     for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += t->n[i]; }
-    for (int i = 0; i < L; i++) { t->off_back[i] = off; off += t->n[i]; }
+    for (int i = 1; i < L; i++) { t->off_back[i] = off; off += t->n[i]; } /* back_0: never read back */
     for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += t->n[i]; }
-    for (int i = 0; i < L; i++) { t->off_d[i] = off; off += t->n[i]; }
     t->S = off;
     t->wtot = 0;
     for (int l = 0; l < L; l++) {
@@ -281,25 +280,27 @@ static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, 
 
 /* ---- the step's vectors in the tape -------------------------------------------------------------------- */
 
-/* one step's vectors: y_i (y_0 the input x), z_i, e_i, the feedback products back_i and derivatives d_i of
- * e_i = back_i d_i, W^T post per layer; dx = sigma'(x) of the input when e_0 is needed */
+/* one step's vectors: y_i (y_0 the input x), z_i, e_i, the feedback products back_i of e_i = back_i sigma'_i (back_0
+ * in the caller's scratch, NULL in the adjoint, which does not read it), W^T post per layer; dx = sigma'(x) of the
+ * input when e_0 is needed */
 typedef struct {
     const real *dx;
-    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1], *d[MAXL + 1];
+    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1];
 } Vecs;
 
-static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, Vecs *s) {
+static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, real *back0, Vecs *s) {
     s->dx = dx;
     s->y[0] = (real *)x;
     s->z[0] = NULL;
     for (int i = 1; i <= t->L; i++) { s->y[i] = tp + t->off_y[i]; s->z[i] = tp + t->off_z[i]; }
     for (int i = 0; i <= t->L; i++) s->e[i] = tp + t->off_e[i];
-    for (int i = 0; i < t->L; i++) {
-        s->back[i] = tp + t->off_back[i];
-        s->wtp[i] = tp + t->off_wtp[i];
-        s->d[i] = tp + t->off_d[i];
-    }
+    s->back[0] = back0;
+    for (int i = 1; i < t->L; i++) s->back[i] = tp + t->off_back[i];
+    for (int i = 0; i < t->L; i++) s->wtp[i] = tp + t->off_wtp[i];
 }
+
+/* sigma'_i: of the input (from the caller) for i = 0, else from y_i */
+static real dsig(const Net *t, const Vecs *s, int i, int j) { return i == 0 ? s->dx[j] : deriv(t, s->y[i][j]); }
 
 /* the layer's u = (1, post, err) and v = (1, pre, pre_err, W^T post) */
 static void layer_vectors(const Net *t, const Vecs *s, int l, const real *u[NP], const real *v[NQ]) {
@@ -401,16 +402,10 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
         for (int i = 0; i < t->n[L]; i++) eL[i] = s->y[L][i] - tgt[i];
         for (int i = L - 1; i >= t->err_lo; i--) {
             const int m = t->n[i + 1], n = t->n[i];
-            real *back = s->back[i], *e = s->e[i], *d = s->d[i];
+            real *back = s->back[i], *e = s->e[i];
             for (int j = 0; j < n; j++) back[j] = 0;
             vm_add(t->bp ? W[i] : F[i], s->e[i + 1], back, m, n); /* backprop: the errors go back through W itself */
-            if (i == 0) { /* sigma' of the input, from the caller */
-                memcpy(d, s->dx, sizeof(real) * n);
-            } else {
-                const real *y = s->y[i];
-                for (int j = 0; j < n; j++) d[j] = deriv(t, y[j]);
-            }
-            for (int j = 0; j < n; j++) e[j] = back[j] * d[j];
+            for (int j = 0; j < n; j++) e[j] = back[j] * dsig(t, s, i, j);
         }
     }
     for (int l = 0; l < L; l++) {
@@ -440,9 +435,10 @@ int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, cons
     if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every, nchk = n_checks(&t);
-    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax + t.n[1]));
+    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax + t.n[1] + t.n[0]));
     if (!scratch) return 2;
     real *Vt = scratch + t.S, *z1 = Vt + (long)NP * t.nmax; /* z1: the next step's W_0 x, from the update's pass */
+    real *back0 = z1 + t.n[1];
     for (int b = 0; b < t.B; b++) {
         real *W[MAXL], *F[MAXL];
         for (int l = 0; l < L; l++) {
@@ -459,7 +455,7 @@ int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, cons
                 for (int l = 0; l < L; l++) memcpy(dst + t.woff[l], W[l], sizeof(real) * t.wsize[l]);
             }
             Vecs v;
-            vecs_of(&t, tp, x + bs * t.n[0], dx ? dx + bs * t.n[0] : NULL, &v);
+            vecs_of(&t, tp, x + bs * t.n[0], dx ? dx + bs * t.n[0] : NULL, back0, &v);
             step_signals(&t, W, F, tgt + bs * t.n[L], labels ? (long)labels[bs] : -1, &v, s > 0 ? z1 : NULL,
                          loss_out + bs, correct_out + bs);
             for (int l = 0; l < L; l++) {
@@ -522,8 +518,8 @@ static void g_row(real *restrict g, int n, real c, int nu, const real *const *x,
  * step by step, reset from the snapshots), G holds dL/dW_N on entry and dL/dW_0 on exit; dC (B x L x 3 x 4) and
  * dA (B x L) receive dL/dC and dL/da summed over the steps. Per step and layer, one pass over W (reversal, with
  * <G, W_s> and W_s dv3) and one over G (its update, with the factor products k, h of the step before). */
-int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const real *x, const real *C,
-               const real *A, real *tape, const real *snaps, real *dC, real *dA) {
+int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const real *x, const real *dx,
+               const real *C, const real *A, real *tape, const real *snaps, real *dC, real *dA) {
     Net t;
     if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N, nm = t.nmax;
@@ -561,7 +557,8 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
         Coef kc[MAXL], kp[MAXL];
         const real *u[MAXL][NP], *vv[MAXL][NQ], *up[MAXL][NP], *vvp[MAXL][NQ];
         int cur = 0;
-        vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0], NULL, &v);
+        vecs_of(&t, tape + ((long)b * N + N - 1) * t.S, x + ((long)b * N + N - 1) * t.n[0],
+                dx ? dx + ((long)b * N + N - 1) * t.n[0] : NULL, NULL, &v);
         for (int l = 0; l < L; l++) { /* the last step's factor products, from G = dL/dW_N */
             const int m = t.n[l + 1], n = t.n[l];
             layer_vectors(&t, &v, l, u[l], vv[l]);
@@ -668,7 +665,7 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
                 for (int i = t.err_lo; i < L; i++) {
                     const int m = t.n[i + 1], n = t.n[i];
                     real *g_back = gb[i];
-                    for (int j = 0; j < n; j++) g_back[j] = ge[i][j] * v.d[i][j];
+                    for (int j = 0; j < n; j++) g_back[j] = ge[i][j] * dsig(&t, &v, i, j);
                     const real *M = t.bp ? W[i] : F[i];
                     for (int a = 0; a < m; a++) ge[i + 1][a] += dot(M + (long)a * n, g_back, n);
                     if (i > 0) {
@@ -697,7 +694,8 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
             }
             /* the step before's vectors and factors */
             if (s > 0) {
-                vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0], NULL, &vp);
+                vecs_of(&t, tape + ((long)b * N + s - 1) * t.S, x + ((long)b * N + s - 1) * t.n[0],
+                        dx ? dx + ((long)b * N + s - 1) * t.n[0] : NULL, NULL, &vp);
                 for (int l = 0; l < L; l++) {
                     layer_vectors(&t, &vp, l, up[l], vvp[l]);
                     coef_of(&t, &vp, l, Cb + l * NG * NC, &kp[l]);

@@ -178,7 +178,7 @@ def _kernel(real: str):
     lib = native.load(f"typedef {real} real;\n" + src, "inner", simd=True)
     ptr, num = ctypes.c_void_p, ctypes.c_double if real == "double" else ctypes.c_float
     lib.rs_forward.argtypes = [ptr, num, num] + [ptr] * 13
-    lib.rs_adjoint.argtypes = [ptr, num] + [ptr] * 10
+    lib.rs_adjoint.argtypes = [ptr, num] + [ptr] * 11
     return lib
 
 
@@ -232,7 +232,7 @@ class _Kernel:
         self.beta = float(net.beta)
         self.tail = sizes + layer_cfg
         n = sizes
-        self.S = 2 * sum(n[1:]) + sum(n) + 3 * sum(n[:-1])  # y, z; e; back, W^T post, d (kernel.c's setup)
+        self.S = 2 * sum(n[1:]) + sum(n) + sum(n[1:-1]) + sum(n[:-1])  # y, z; e; back_1..; W^T post (kernel.c)
         self.n_snap = -(-self.n_steps // snap_every)
         self.wtot = sum(a * c for a, c in zip(n[1:], n[:-1]))
         self.checks = [s for s in range(self.n_steps) if tracker.is_check(s)]
@@ -283,7 +283,7 @@ class _Kernel:
         dC, dA = torch.zeros_like(C), torch.zeros_like(A)
         cfg = self.cfg(True)  # held: the kernel reads it
         rc = self.lib.rs_adjoint(
-            _p(cfg), self.beta, _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(C), _p(A),
+            _p(cfg), self.beta, _ptrs(ws), _ptrs(self.fbs), _ptrs(G), _p(self.x), _p(self.dx), _p(C), _p(A),
             _p(tape), _p(snaps), _p(dC), _p(dA),
         )  # fmt: skip
         _check_rc(rc)
