@@ -83,6 +83,16 @@ static int setup(Net *t, const int *cfg, real beta) {
     return 0;
 }
 
+/* The numbers in one step's record (S) and in one weight snapshot (wtot), for the caller's buffers; returns 1 for a
+ * bad configuration. */
+int rs_sizes(const int *cfg, long *out) {
+    Net t;
+    if (setup(&t, cfg, 1)) return 1;
+    out[0] = t.S;
+    out[1] = t.wtot;
+    return 0;
+}
+
 /* ---- elementwise maps (the network's activation, its derivative and their backward passes) ---------------- */
 
 static real act(const Net *t, real z) {
@@ -428,8 +438,8 @@ static int n_checks(const Net *t) {
  * step's vectors go to tape (B x N x S) and W_s to snaps (B x ceil(N / snap_every) x wtot) for s = 0, snap, ...
  * Per step: loss, correctness (NaN without labels); per check step and layer: 1 where |W| exceeds bound or W or
  * the layer's errors are not finite. Returns 0, or 1 for a bad configuration, 2 when out of memory. */
-int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, const real *x, const real *dx, const real *tgt,
-               const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
+int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, const real *x, const real *dx,
+               const real *tgt, const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
                real *correct_out, uint8_t *bad_out) {
     Net t;
     if (setup(&t, cfg, beta)) return 1;

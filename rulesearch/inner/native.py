@@ -179,6 +179,7 @@ def _kernel(real: str):
     ptr, num = ctypes.c_void_p, ctypes.c_double if real == "double" else ctypes.c_float
     lib.rs_forward.argtypes = [ptr, num, num] + [ptr] * 13
     lib.rs_adjoint.argtypes = [ptr, num] + [ptr] * 11
+    lib.rs_sizes.argtypes = [ptr, ptr]
     return lib
 
 
@@ -231,10 +232,10 @@ class _Kernel:
         self.net_ints = [_ACT[net.activation], int(net.loss == "ce"), int(net.feedback == "bp")]
         self.beta = float(net.beta)
         self.tail = sizes + layer_cfg
-        n = sizes
-        self.S = 2 * sum(n[1:]) + sum(n) + sum(n[1:-1]) + sum(n[:-1])  # y, z; e; back_1..; W^T post (kernel.c)
+        cfg, out = self.cfg(False), (ctypes.c_long * 2)()  # cfg held: the kernel reads it
+        _check_rc(self.lib.rs_sizes(_p(cfg), out))
+        self.S, self.wtot = out  # the numbers in one step's record and in one weight snapshot
         self.n_snap = -(-self.n_steps // snap_every)
-        self.wtot = sum(a * c for a, c in zip(n[1:], n[:-1]))
         self.checks = [s for s in range(self.n_steps) if tracker.is_check(s)]
         # sigma'(x) of the input where e_0 is needed (the kernel reads it), by the network's own map, as the torch paths
         self.dx = net.input_derivative(self.x).contiguous() if need_err and err_lo == 0 else None
@@ -292,7 +293,8 @@ class _Kernel:
 
 def _check_rc(rc: int) -> None:
     if rc == 1:
-        raise ConfigError(f"The native inner-loop kernel refused its configuration (more than {_MAX_LAYERS} layers).")
+        raise ConfigError(f"The native inner-loop kernel refused its configuration (1 to {_MAX_LAYERS} layers and one "
+                          f"of the activations {sorted(_ACT)}).")  # fmt: skip
     if rc == 2:
         raise MemoryError("The native inner-loop kernel could not allocate its work space.")
 
