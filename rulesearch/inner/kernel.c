@@ -26,6 +26,18 @@
  * matrices), n_0..n_L, then per layer LAYER_INTS ints: use[NG][3][4] (structural nonzeros of the C_j), decay, wtp (the
  * rule reads W^T post). */
 #define HEAD 11
+
+/* Every vector of the tape and the work space starts a 64-byte line: its length is rounded up to ALIGN reals (a
+ * vector load or store that splits a line costs two). Addresses only: the arithmetic is the same. */
+#define ALIGN ((long)(64 / sizeof(real)))
+static long padded(long n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+
+/* n zeroed reals on a 64-byte line; *raw is what free takes */
+static real *alloc_lines(long n, void **raw) {
+    char *p = calloc((size_t)n * sizeof(real) + 64, 1);
+    *raw = p;
+    return p ? (real *)(p + (64 - (uintptr_t)p % 64) % 64) : NULL;
+}
 typedef struct {
     int L, N, B, need_err, err_lo, snap_every, check_every, record, act, ce, bp;
     real beta; /* softplus sharpness */
@@ -50,11 +62,11 @@ static int setup(Net *t, const int *cfg, real beta) {
         if (t->n[i] > t->nmax) t->nmax = t->n[i];
     }
     long off = 0;
-    for (int i = 1; i <= L; i++) { t->off_y[i] = off; off += t->n[i]; }
-    for (int i = 1; i <= L; i++) { t->off_z[i] = off; off += t->n[i]; }
-    for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += t->n[i]; }
-    for (int i = 1; i < L; i++) { t->off_back[i] = off; off += t->n[i]; } /* back_0: never read back */
-    for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += t->n[i]; }
+    for (int i = 1; i <= L; i++) { t->off_y[i] = off; off += padded(t->n[i]); }
+    for (int i = 1; i <= L; i++) { t->off_z[i] = off; off += padded(t->n[i]); }
+    for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += padded(t->n[i]); }
+    for (int i = 1; i < L; i++) { t->off_back[i] = off; off += padded(t->n[i]); } /* back_0: never read back */
+    for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += padded(t->n[i]); }
     t->S = off;
     t->wtot = 0;
     for (int l = 0; l < L; l++) {
@@ -168,9 +180,16 @@ static void mv(const real *restrict W, const real *restrict v, real *restrict ou
     for (int i = 0; i < m; i++) out[i] = dot(W + (long)i * n, v, n);
 }
 
-/* out += W^T u (W: m x n) */
+/* out += W^T u (W: m x n), four rows per pass over out: out_j + u_i w_ij, then + u_{i+1} w_{i+1,j}, ..., the order of
+ * a row at a time */
 static void vm_add(const real *restrict W, const real *restrict u, real *restrict out, int m, int n) {
-    for (int i = 0; i < m; i++) {
+    int i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const real u0 = u[i], u1 = u[i + 1], u2 = u[i + 2], u3 = u[i + 3];
+        const real *restrict w0 = W + (long)i * n, *restrict w1 = w0 + n, *restrict w2 = w1 + n, *restrict w3 = w2 + n;
+        for (int j = 0; j < n; j++) out[j] = (((out[j] + u0 * w0[j]) + u1 * w1[j]) + u2 * w2[j]) + u3 * w3[j];
+    }
+    for (; i < m; i++) {
         const real ui = u[i];
         const real *restrict w = W + (long)i * n;
         for (int j = 0; j < n; j++) out[j] += ui * w[j];
@@ -185,14 +204,14 @@ typedef struct {
     const real *vt[NP];        /* their Vt_p */
 } Outer;
 
-/* the layer's active (u_p, Vt_p) from the step's vectors; Vt (NP x n_pre) is written */
+/* the layer's active (u_p, Vt_p) from the step's vectors; Vt (NP rows of padded(n_pre)) is written */
 static void outer_of(const Net *t, int l, const real *C, const real *const *u, const real *const *v, real *Vt,
                      Outer *o) {
     const int n = t->n[l];
     o->k = 0;
     for (int p = 0; p < NP; p++) {
         if (!t->up[l][p]) continue;
-        real *restrict r = Vt + (long)p * n;
+        real *restrict r = Vt + p * padded(n);
         for (int j = 0; j < n; j++) r[j] = 0;
         for (int q = 0; q < NQ; q++) {
             if (!t->pq[l][p][q]) continue;
@@ -445,10 +464,11 @@ int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, cons
     if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every, nchk = n_checks(&t);
-    real *scratch = malloc(sizeof(real) * (t.S + (long)NP * t.nmax + t.n[1] + t.n[0]));
+    void *raw;
+    real *scratch = alloc_lines(t.S + NP * padded(t.nmax) + padded(t.n[1]) + padded(t.n[0]), &raw);
     if (!scratch) return 2;
-    real *Vt = scratch + t.S, *z1 = Vt + (long)NP * t.nmax; /* z1: the next step's W_0 x, from the update's pass */
-    real *back0 = z1 + t.n[1];
+    real *Vt = scratch + t.S, *z1 = Vt + NP * padded(t.nmax); /* z1: the next step's W_0 x, from the update's pass */
+    real *back0 = z1 + padded(t.n[1]);
     for (int b = 0; b < t.B; b++) {
         real *W[MAXL], *F[MAXL];
         for (int l = 0; l < L; l++) {
@@ -497,23 +517,24 @@ int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, cons
             }
         }
     }
-    free(scratch);
+    free(raw);
     return 0;
 }
 
 /* ---- adjoint ---------------------------------------------------------------------------------------------- */
 
 /* Row i of G: g <- c g + sum_t a_t x_t (nu vectors), then, with the step before's outers o, k_r = g . Vt_r and
- * h_r += u_r[i] g (h accumulates), in one pass */
+ * h_r += u_r[i] g (h: NP rows of padded(n), accumulating), in one pass */
 static void g_row(real *restrict g, int n, real c, int nu, const real *const *x, const real *a, const Outer *o, int i,
                   int m, real *k, real *h) {
     real b[NP] = {0}, d[NP];
+    const long hs = padded(n);
     for (int r = 0; r < o->k; r++) b[r] = o->u[r] ? o->u[r][i] : (real)1;
     const real *const *vt = o->vt;
 #define GR(NU, K)                                                                                                     \
     case NU * 4 + K:                                                                                                  \
-        row_pass(g, n, NU, c, 1, x[0], x[1], x[2], a[0], a[1], a[2], K, vt[0], vt[1], vt[2], d, K, h, h + n,          \
-                 h + 2L * n, b[0], b[1], b[2]);                                                                       \
+        row_pass(g, n, NU, c, 1, x[0], x[1], x[2], a[0], a[1], a[2], K, vt[0], vt[1], vt[2], d, K, h, h + hs,         \
+                 h + 2 * hs, b[0], b[1], b[2]);                                                                       \
         break;
 #define GR_NU(NU) GR(NU, 0) GR(NU, 1) GR(NU, 2) GR(NU, 3)
     switch (nu * 4 + o->k) {
@@ -537,21 +558,23 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
     /* per layer two Vt (3 n each: this step's and the one before), k (3 m), h (3 n), dv3 (n); per index gy, ge,
      * gz, gback */
     long need = 0;
-    for (int l = 0; l < L; l++) need += 2L * NP * t.n[l] + (long)NP * t.n[l + 1] + (long)NP * t.n[l] + t.n[l];
-    need += 4L * (L + 1) * nm;
-    real *work = calloc(need, sizeof(real));
+    for (int l = 0; l < L; l++) need += 3 * NP * padded(t.n[l]) + padded(NP * t.n[l + 1]) + padded(t.n[l]);
+    need += 4 * (L + 1) * padded(nm);
+    void *raw;
+    real *work = alloc_lines(need, &raw);
     if (!work) return 2;
     real *Vt[MAXL][2], *K[MAXL], *H[MAXL], *dv3[MAXL], *gy[MAXL + 1], *ge[MAXL + 1], *gz[MAXL + 1], *gb[MAXL + 1];
     {
         real *p = work;
         for (int l = 0; l < L; l++) {
-            Vt[l][0] = p; p += (long)NP * t.n[l];
-            Vt[l][1] = p; p += (long)NP * t.n[l];
-            K[l] = p; p += (long)NP * t.n[l + 1];
-            H[l] = p; p += (long)NP * t.n[l];
-            dv3[l] = p; p += t.n[l];
+            Vt[l][0] = p; p += NP * padded(t.n[l]);
+            Vt[l][1] = p; p += NP * padded(t.n[l]);
+            K[l] = p; p += padded(NP * t.n[l + 1]);
+            H[l] = p; p += NP * padded(t.n[l]);
+            dv3[l] = p; p += padded(t.n[l]);
         }
-        for (int i = 0; i <= L; i++) { gy[i] = p; p += nm; ge[i] = p; p += nm; gz[i] = p; p += nm; gb[i] = p; p += nm; }
+        const long sv = padded(nm);
+        for (int i = 0; i <= L; i++) { gy[i] = p; p += sv; ge[i] = p; p += sv; gz[i] = p; p += sv; gb[i] = p; p += sv; }
     }
     for (int b = 0; b < t.B; b++) {
         real *W[MAXL], *F[MAXL], *G[MAXL];
@@ -574,7 +597,7 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
             layer_vectors(&t, &v, l, u[l], vv[l]);
             coef_of(&t, &v, l, Cb + l * NG * NC, &kc[l]);
             outer_of(&t, l, kc[l].c, u[l], vv[l], Vt[l][cur], &o[l]);
-            memset(H[l], 0, sizeof(real) * NP * n);
+            memset(H[l], 0, sizeof(real) * NP * padded(n));
             {
                 const real *none[NP] = {0}, zero[NP] = {0};
                 for (int i = 0; i < m; i++) g_row(G[l] + (long)i * n, n, 1, 0, none, zero, &o[l], i, m, K[l], H[l]);
@@ -596,7 +619,7 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
                 int r = 0;
                 for (int p = 0; p < NP; p++) {
                     if (!t.up[l][p]) continue;
-                    const real *kr = K[l] + (long)r * m, *hr = H[l] + (long)r * n;
+                    const real *kr = K[l] + (long)r * m, *hr = H[l] + r * padded(n);
                     if (p == 1)
                         for (int i = 0; i < m; i++) gy[l + 1][i] += kr[i];
                     if (p == 2)
@@ -720,7 +743,7 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
                 const real *yl = v.y[l], *d3 = dv3[l], *gbl = gb[l];
                 const int w3 = t.wtp[l];
                 const int bp = t.bp && t.need_err && l >= t.err_lo;
-                if (s > 0) memset(H[l], 0, sizeof(real) * NP * n);
+                if (s > 0) memset(H[l], 0, sizeof(real) * NP * padded(n));
                 const real *x[NP] = {yl, w3 ? d3 : gbl, gbl};
                 const int nu = 1 + w3 + bp;
                 for (int i = 0; i < m; i++) {
@@ -741,6 +764,6 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
             }
         }
     }
-    free(work);
+    free(raw);
     return 0;
 }
