@@ -45,6 +45,8 @@ typedef struct {
     int use[MAXL][NG][NP][NQ], decay[MAXL], wtp[MAXL];
     int pq[MAXL][NP][NQ], up[MAXL][NP], gused[MAXL][NG]; /* derived: (p, q) used by some C_j; u_p used; g_j used */
     long off_y[MAXL + 1], off_z[MAXL + 1], off_e[MAXL + 1], off_back[MAXL + 1], off_wtp[MAXL + 1];
+    int keep_d[MAXL + 1], keep_ez[MAXL + 1]; /* the record keeps sigma'_i, exp(beta z_i) (softplus' hidden layers) */
+    long off_d[MAXL + 1], off_ez[MAXL + 1];
     long S, wtot, wsize[MAXL], woff[MAXL];
     int nmax;
 } Net;
@@ -67,6 +69,16 @@ static int setup(Net *t, const int *cfg, real beta) {
     for (int i = 0; i <= L; i++) { t->off_e[i] = off; off += padded(t->n[i]); }
     for (int i = 1; i < L; i++) { t->off_back[i] = off; off += padded(t->n[i]); } /* back_0: never read back */
     for (int i = 0; i < L; i++) { t->off_wtp[i] = off; off += padded(t->n[i]); }
+    /* softplus: the forward's transcendentals that the adjoint needs again, sigma'_i (where the errors are) and
+     * exp(beta z_i), are kept; the other activations recompute them from y */
+    for (int i = 0; i <= L; i++) {
+        t->keep_d[i] = t->act == 0 && t->need_err && i >= 1 && i < L && i >= t->err_lo;
+        t->off_d[i] = off;
+        off += t->keep_d[i] ? padded(t->n[i]) : 0;
+        t->keep_ez[i] = t->act == 0 && i >= 1 && i < L;
+        t->off_ez[i] = off;
+        off += t->keep_ez[i] ? padded(t->n[i]) : 0;
+    }
     t->S = off;
     t->wtot = 0;
     for (int l = 0; l < L; l++) {
@@ -107,11 +119,15 @@ int rs_sizes(const int *cfg, long *out) {
 
 /* ---- elementwise maps (the network's activation, its derivative and their backward passes) ---------------- */
 
-static real act(const Net *t, real z) {
+/* sigma(z); softplus also gives exp(beta z) to *ez (when ez and beta z <= 20) */
+static real act(const Net *t, real z, real *ez) {
     switch (t->act) {
     case 0: {
         real bz = z * t->beta;
-        return bz > (real)20 ? z : log1p(exp(bz)) / t->beta;
+        if (bz > (real)20) return z;
+        const double e = exp(bz);
+        if (ez) *ez = (real)e;
+        return log1p(e) / t->beta;
     }
     case 1: return tanh(z);
     case 2: return (real)1 / ((real)1 + exp(-z));
@@ -129,13 +145,14 @@ static real deriv(const Net *t, real y) {
     }
 }
 
-/* g sigma'(z) as autograd computes it */
-static real act_backward(const Net *t, real g, real y, real z) {
+/* g sigma'(z) as autograd computes it; ez: exp(beta z) as the forward kept it, or NULL */
+static real act_backward(const Net *t, real g, real y, real z, const real *ez) {
     switch (t->act) {
     case 0: {
         real bz = z * t->beta;
-        real ez = exp(bz);
-        return bz > (real)20 ? g : g * ez / (ez + (real)1);
+        if (bz > (real)20) return g;
+        real e = ez ? *ez : (real)exp(bz);
+        return g * e / (e + (real)1);
     }
     case 1: return g * ((real)1 - y * y);
     case 2: return g * (y * ((real)1 - y));
@@ -310,11 +327,11 @@ static void apply_outer(real *restrict W, const Outer *o, real c, int m, int n, 
 /* ---- the step's vectors in the tape -------------------------------------------------------------------- */
 
 /* one step's vectors: y_i (y_0 the input x), z_i, e_i, the feedback products back_i of e_i = back_i sigma'_i (back_0
- * in the caller's scratch, NULL in the adjoint, which does not read it), W^T post per layer; dx = sigma'(x) of the
- * input when e_0 is needed */
+ * in the caller's scratch, NULL in the adjoint, which does not read it), W^T post per layer, the kept sigma'_i and
+ * exp(beta z_i) (NULL where not kept); dx = sigma'(x) of the input when e_0 is needed */
 typedef struct {
     const real *dx;
-    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1];
+    real *y[MAXL + 1], *z[MAXL + 1], *e[MAXL + 1], *back[MAXL + 1], *wtp[MAXL + 1], *d[MAXL + 1], *ez[MAXL + 1];
 } Vecs;
 
 static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, real *back0, Vecs *s) {
@@ -326,10 +343,16 @@ static void vecs_of(const Net *t, real *tp, const real *x, const real *dx, real 
     s->back[0] = back0;
     for (int i = 1; i < t->L; i++) s->back[i] = tp + t->off_back[i];
     for (int i = 0; i < t->L; i++) s->wtp[i] = tp + t->off_wtp[i];
+    for (int i = 0; i <= t->L; i++) {
+        s->d[i] = t->keep_d[i] ? tp + t->off_d[i] : NULL;
+        s->ez[i] = t->keep_ez[i] ? tp + t->off_ez[i] : NULL;
+    }
 }
 
-/* sigma'_i: of the input (from the caller) for i = 0, else from y_i */
-static real dsig(const Net *t, const Vecs *s, int i, int j) { return i == 0 ? s->dx[j] : deriv(t, s->y[i][j]); }
+/* sigma'_i: of the input (from the caller) for i = 0, else as kept, else from y_i */
+static real dsig(const Net *t, const Vecs *s, int i, int j) {
+    return i == 0 ? s->dx[j] : s->d[i] ? s->d[i][j] : deriv(t, s->y[i][j]);
+}
 
 /* the layer's u = (1, post, err) and v = (1, pre, pre_err, W^T post) */
 static void layer_vectors(const Net *t, const Vecs *s, int l, const real *u[NP], const real *v[NQ]) {
@@ -399,7 +422,8 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
             mv(W[l], s->y[l], s->z[l + 1], m, n);
         real *z = s->z[l + 1], *y = s->y[l + 1];
         if (l < L - 1) {
-            for (int i = 0; i < m; i++) y[i] = act(t, z[i]);
+            real *ez = s->ez[l + 1];
+            for (int i = 0; i < m; i++) y[i] = act(t, z[i], ez ? ez + i : NULL);
         }
     }
     {
@@ -434,7 +458,12 @@ static void step_signals(const Net *t, real *const *W, real *const *F, const rea
             real *back = s->back[i], *e = s->e[i];
             for (int j = 0; j < n; j++) back[j] = 0;
             vm_add(t->bp ? W[i] : F[i], s->e[i + 1], back, m, n); /* backprop: the errors go back through W itself */
-            for (int j = 0; j < n; j++) e[j] = back[j] * dsig(t, s, i, j);
+            real *d = s->d[i]; /* computed here, kept for the adjoint where the record has room */
+            for (int j = 0; j < n; j++) {
+                const real dj = i == 0 ? s->dx[j] : deriv(t, s->y[i][j]);
+                if (d) d[j] = dj;
+                e[j] = back[j] * dj;
+            }
         }
     }
     for (int l = 0; l < L; l++) {
@@ -722,7 +751,7 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
             for (int i = L; i >= 1; i--) {
                 const int m = t.n[i], n = t.n[i - 1];
                 if (i < L)
-                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(&t, gy[i][j], v.y[i][j], v.z[i][j]);
+                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(&t, gy[i][j], v.y[i][j], v.z[i][j], v.ez[i] ? v.ez[i] + j : NULL);
                 if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
             }
             /* the step before's vectors and factors */
