@@ -174,8 +174,13 @@ def _tables(rule):
 def _kernel(real: str):
     """The kernel for ``real`` (``"float"`` or ``"double"``): one build per dtype; the network's activation, loss,
     feedback and softplus sharpness come with each call."""
-    src = (Path(__file__).with_name("kernel.c")).read_text()
-    lib = native.load(f"typedef {real} real;\n" + src, "inner", simd=True)
+    return build_kernel((Path(__file__).with_name("kernel.c")).read_text(), real)
+
+
+def build_kernel(src: str, real: str, name: str = "inner"):
+    """The library of a kernel source (``kernel.c``'s text, e.g. of another commit for a benchmark) for ``real``,
+    with its entry points' argument types."""
+    lib = native.load(f"typedef {real} real;\n" + src, name, simd=True)
     ptr, num = ctypes.c_void_p, ctypes.c_double if real == "double" else ctypes.c_float
     lib.rs_forward.argtypes = [ptr, num, num] + [ptr] * 13
     lib.rs_adjoint.argtypes = [ptr, num] + [ptr] * 11
