@@ -70,10 +70,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     head_name = args.head or "working tree"
-    libs = {
-        args.base: native_inner.build_kernel(kernel_source(args.base), "float", "ab_base"),
-        head_name: native_inner.build_kernel(kernel_source(args.head), "float", "ab_head"),
-    }
+    revisions = {args.base: args.base, head_name: args.head}
+    libs = {v: native_inner.build_kernel(kernel_source(rev), "float") for v, rev in revisions.items()}
     cfg = {"M": 5, "K": 50, "Q": 10, "data": "synthetic", "sizes": SIZES}
     batch = _make_batch(cfg, torch, torch.float32, "cpu", args.B)
     net = Network(sizes=tuple(SIZES), feedback="fa")
