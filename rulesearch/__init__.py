@@ -17,40 +17,19 @@ from .errors import (
     SignalError,
     UnsupportedNodeError,
 )
-from .lang.export import latex_table
-from .lang.grammar import Grammar
-from .lang.pools import PAPER_POOL, bio, ehebb, f0, named_rule, oja, pool
-from .lang.rule import NetworkRule, Pool, Rule, Term
-from .lang.signals import (
-    Constant,
-    Signal,
-    bcm_threshold,
-    bilinear,
-    derived,
-    err,
-    fb,
-    layer_mean,
-    layer_sum,
-    loss,
-    mod,
-    post,
-    pre,
-    pre_err,
-    reward,
-    reward_baseline,
-    sanger,
-    state,
-    trace,
-    w,
-    wT,
-    wv,
-)
 
 __version__ = "0.1.0"
 
-# The compiler and the learning side (networks, tasks, inner loop, meta-training) are imported when first used:
-# ``import rulesearch`` for writing rules loads SymPy but not torch or pandas.
+# Every name is imported from its submodule when first used: ``import rulesearch`` loads neither SymPy nor torch (the
+# command line's ``--help`` stays quick); the rule language (``post``, ``Rule``, ...) loads SymPy, the compiler and
+# the learning side (networks, tasks, inner loop, meta-training) torch.
 _LAZY = {
+    **dict.fromkeys(("Signal", "Constant", "pre", "post", "err", "pre_err", "w", "fb", "mod", "reward", "loss",
+                     "derived", "state", "trace", "bcm_threshold", "reward_baseline", "wT", "wv", "layer_sum",
+                     "layer_mean", "bilinear", "sanger"), "lang.signals"),
+    **dict.fromkeys(("Term", "Rule", "Pool", "NetworkRule"), "lang.rule"),
+    **dict.fromkeys(("PAPER_POOL", "pool", "f0", "ehebb", "oja", "bio", "named_rule"), "lang.pools"),
+    "Grammar": "lang.grammar", "latex_table": "lang.export",
     "compile_rule": "compile", "CompiledRule": "compile", "RuleModule": "compile",
     "RuleSearch": "train", "discover": "train", "DiscoverConfig": "train", "MetaConfig": "train",
     "TaskConfig": "train", "NetworkConfig": "train", "NeuralConfig": "train", "Problem": "train", "Trainer": "train",

@@ -1,35 +1,37 @@
 """Symbolic distillation: learned updates to compact formulas, verified in the loop.
 
-The backends (numpy, SymPy) are imported with the package, so that they are registered in :data:`BACKENDS`; the
-sampling and the pipeline (torch, pandas) are imported when first used, which keeps the command line quick.
+Every name is imported when first used, which keeps the command line quick (its ``distill`` verb lives in
+:mod:`.cli`): the backends (numpy, SymPy) register themselves in :data:`BACKENDS` as their modules are imported,
+which reading ``BACKENDS``, a backend class or :func:`get_backend` does; the sampling and the pipeline (torch,
+pandas) are imported with their names.
 """
 
 from .._lazy import lazy_exports
-from .base import (
-    BACKENDS,
-    Candidate,
-    DistillBackend,
-    DistillDataError,
-    clean_formula,
-    evaluate_expr,
-    expr_complexity,
-    formula_to_rule,
-    get_backend,
-)
-from .operon import OperonBackend
-from .pysr import PySRBackend, pysr_status
-from .sparse import SparseBackend
 
+_BACKEND_MODULES = {"OperonBackend": "operon", "PySRBackend": "pysr", "pysr_status": "pysr", "SparseBackend": "sparse"}
 _LAZY = {
+    **dict.fromkeys(
+        ("BACKENDS", "Candidate", "DistillBackend", "DistillDataError", "clean_formula", "evaluate_expr",
+         "expr_complexity", "formula_to_rule", "get_backend"), "base"
+    ),
+    **_BACKEND_MODULES,
     **dict.fromkeys(
         ("DistillResult", "Progress", "distill", "distill_run", "distill_update", "library_for"), "pipeline"
     ),
     **dict.fromkeys(("FunctionUpdate", "add_noise", "is_recovered", "reduce_identities", "same_terms"), "recovery"),
     **dict.fromkeys(("collect_samples", "load_samples", "save_samples"), "samples"),
-}
+}  # fmt: skip
 
 
-__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
+_getattr, __dir__ = lazy_exports(__name__, globals(), _LAZY)
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # the registry fills as the backends' modules are imported
+        from .base import builtin_backends
+
+        builtin_backends()
+    return _getattr(name)
 
 
 __all__ = [

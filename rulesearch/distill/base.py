@@ -40,6 +40,7 @@ from ..lang.signals import BASE_SIGNALS, OPERATORS, Constant, Signal, expand_der
 
 __all__ = [
     "BACKENDS",
+    "builtin_backends",
     "Candidate",
     "DistillBackend",
     "DistillDataError",
@@ -285,7 +286,15 @@ def _uses_signals(exprs) -> bool:
 
 
 BACKENDS: dict[str, type] = {}
-"""Backend classes by name (``sparse``, ``operon``, ``pysr``); filled as the backend modules are imported."""
+"""Backend classes by name (``sparse``, ``operon``, ``pysr``); filled as the backend modules are imported
+(:func:`builtin_backends`)."""
+
+
+def builtin_backends() -> dict[str, type]:
+    """:data:`BACKENDS`, with the package's own backends imported (each registers itself)."""
+    from . import operon, pysr, sparse  # noqa: F401
+
+    return BACKENDS
 
 
 def get_backend(backend="sparse", **params) -> DistillBackend:
@@ -296,7 +305,7 @@ def get_backend(backend="sparse", **params) -> DistillBackend:
         return backend
     if isinstance(backend, type) and issubclass(backend, DistillBackend):
         return backend(**params)
-    cls = BACKENDS.get(str(backend).lower())
+    cls = builtin_backends().get(str(backend).lower())
     if cls is None:
         import difflib
 
