@@ -8,13 +8,12 @@ pandas) are imported with their names.
 
 from .._lazy import lazy_exports
 
-_BACKEND_MODULES = {"OperonBackend": "operon", "PySRBackend": "pysr", "pysr_status": "pysr", "SparseBackend": "sparse"}
 _LAZY = {
     **dict.fromkeys(
         ("BACKENDS", "Candidate", "DistillBackend", "DistillDataError", "clean_formula", "evaluate_expr",
          "expr_complexity", "formula_to_rule", "get_backend"), "base"
     ),
-    **_BACKEND_MODULES,
+    "OperonBackend": "operon", "PySRBackend": "pysr", "pysr_status": "pysr", "SparseBackend": "sparse",
     **dict.fromkeys(
         ("DistillResult", "Progress", "distill", "distill_run", "distill_update", "library_for"), "pipeline"
     ),

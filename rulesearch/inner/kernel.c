@@ -145,15 +145,10 @@ static real deriv(const Net *t, real y) {
     }
 }
 
-/* g sigma'(z) as autograd computes it; ez: exp(beta z) as the forward kept it, or NULL */
-static real act_backward(const Net *t, real g, real y, real z, const real *ez) {
+/* g sigma'(z) as autograd computes it; ez: exp(beta z) as the forward kept it (softplus; unused otherwise) */
+static real act_backward(const Net *t, real g, real y, real z, real ez) {
     switch (t->act) {
-    case 0: {
-        real bz = z * t->beta;
-        if (bz > (real)20) return g;
-        real e = ez ? *ez : (real)exp(bz);
-        return g * e / (e + (real)1);
-    }
+    case 0: return z * t->beta > (real)20 ? g : g * ez / (ez + (real)1);
     case 1: return g * ((real)1 - y * y);
     case 2: return g * (y * ((real)1 - y));
     default: return g;
@@ -487,8 +482,8 @@ static int n_checks(const Net *t) {
  * Per step: loss, correctness (NaN without labels); per check step and layer: 1 where |W| exceeds bound or W or
  * the layer's errors are not finite. Returns 0, or 1 for a bad configuration, 2 when out of memory. */
 int rs_forward(const int *cfg, real beta, real bound, real **Wp, real **Fp, const real *x, const real *dx,
-               const real *tgt, const int64_t *labels, const real *C, const real *A, real *tape, real *snaps, real *loss_out,
-               real *correct_out, uint8_t *bad_out) {
+               const real *tgt, const int64_t *labels, const real *C, const real *A, real *tape, real *snaps,
+               real *loss_out, real *correct_out, uint8_t *bad_out) {
     Net t;
     if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N;
@@ -584,8 +579,8 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
     if (setup(&t, cfg, beta)) return 1;
     const int L = t.L, N = t.N, nm = t.nmax;
     const int nsnap = (N + t.snap_every - 1) / t.snap_every;
-    /* per layer two Vt (3 n each: this step's and the one before), k (3 m), h (3 n), dv3 (n); per index gy, ge,
-     * gz, gback */
+    /* per layer two Vt (3 rows of padded(n) each: this step's and the one before), k (3 m), h (3 rows), dv3 (n);
+     * per index gy, ge, gz, gback; every vector on a line */
     long need = 0;
     for (int l = 0; l < L; l++) need += 3 * NP * padded(t.n[l]) + padded(NP * t.n[l + 1]) + padded(t.n[l]);
     need += 4 * (L + 1) * padded(nm);
@@ -751,7 +746,8 @@ int rs_adjoint(const int *cfg, real beta, real **Wp, real **Fp, real **Gp, const
             for (int i = L; i >= 1; i--) {
                 const int m = t.n[i], n = t.n[i - 1];
                 if (i < L)
-                    for (int j = 0; j < m; j++) gz[i][j] += act_backward(&t, gy[i][j], v.y[i][j], v.z[i][j], v.ez[i] ? v.ez[i] + j : NULL);
+                    for (int j = 0; j < m; j++)
+                        gz[i][j] += act_backward(&t, gy[i][j], v.y[i][j], v.z[i][j], v.ez[i] ? v.ez[i][j] : 0);
                 if (i > 1) vm_add(W[i - 1], gz[i], gy[i - 1], m, n);
             }
             /* the step before's vectors and factors */

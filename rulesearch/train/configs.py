@@ -289,7 +289,8 @@ class MetaConfig(Config):
     check_every: int = option(25, help="Check for divergence every this many inner steps.")
     method: str = option(
         "auto",
-        help="How the inner loop computes the meta-gradient: 'auto' (the fast adjoint path when the rule allows it), "
+        help="How the inner loop computes the meta-gradient: 'auto' (the C kernel or else the fast adjoint path where "
+        "they apply, else autograd), "
         "'adjoint', 'autograd', or 'native' (steps and adjoint in one C kernel: feedforward networks on the CPU, "
         "rules of outer products of post, err and pre, pre_err, W^T post, times layer sums or bilinear forms, such "
         "as the paper pool; 'auto' takes it where a C compiler builds it; see rulesearch.inner.run_episodes).",
